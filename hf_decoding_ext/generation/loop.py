@@ -1,0 +1,247 @@
+"""Shared machinery for decoding loops passed to ``generate(custom_generate=...)``.
+
+transformers 5 calls a ``custom_generate`` callable after its usual input preparation, with the signature of
+``GenerationMixin._sample``::
+
+    loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+         streamer=None, **model_kwargs)
+
+where ``logits_processor`` and ``stopping_criteria`` already hold everything the ``generate()`` flags asked for
+(temperature, top-k/top-p, eos, max_new_tokens, ...), and ``model_kwargs`` holds the attention mask and the cache.
+:class:`DecodingLoop` turns that call into a :class:`GenerationState`, which every loop in this library uses to
+run forwards with a KV cache (with left padding), branch and roll back the cache for lookahead, append tokens
+with eos/stopping/streamer handling, and build the ``generate()``-style return value.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+
+class GenerationState:
+    """Mutable state of one decoding run: sequences, attention mask, KV cache, finished rows, recorded scores.
+
+    The cache is kept *lazy*: it holds keys/values for a prefix of ``input_ids`` and :meth:`forward` feeds whatever
+    suffix is not yet cached (plus optional extra tokens). Rows that finished (eos or a stopping criterion) keep
+    receiving the pad token, exactly as in ``generate()``.
+    """
+
+    def __init__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer=None,
+                 model_kwargs: dict[str, Any] | None = None):
+        model_kwargs = model_kwargs or {}
+        self.model = model
+        self.input_ids = input_ids
+        self.prompt_length = input_ids.shape[1]
+        self.logits_processor = logits_processor
+        self.stopping_criteria = stopping_criteria
+        self.generation_config = generation_config
+        self.streamer = streamer
+        mask = model_kwargs.get("attention_mask")
+        self.attention_mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
+        cache = model_kwargs.get("past_key_values")
+        self.cache = cache if cache is not None else DynamicCache(config=model.config)
+        self.pad_token_id = generation_config._pad_token_tensor
+        if self.pad_token_id is None and generation_config.pad_token_id is not None:
+            self.pad_token_id = torch.tensor(generation_config.pad_token_id, device=input_ids.device)
+        self.has_eos_criterion = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.return_dict = bool(generation_config.return_dict_in_generate)
+        self.scores: list[torch.Tensor] | None = [] if (self.return_dict and generation_config.output_scores) else None
+        self.logits: list[torch.Tensor] | None = [] if (self.return_dict and generation_config.output_logits) else None
+        self.do_sample = bool(generation_config.do_sample)
+        self.stats: dict[str, Any] = {"forwards": 0}
+
+    # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.unfinished.any())
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """Generated tokens so far, ``(batch, n_new)``."""
+        return self.input_ids[:, self.prompt_length:]
+
+    # ----------------------------------------------------------------------------------------------- forwards
+    def position_ids(self, mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, extra_ids: torch.Tensor | None = None, *, keep: bool = True, cache=None,
+                input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int | None = 1, output_hidden_states: bool = False, inputs_embeds=None):
+        """Run the model on the uncached suffix of the sequences, plus ``extra_ids`` (``(batch, k)``) if given.
+
+        Args:
+            extra_ids: tokens to feed after ``input_ids`` (lookahead); they are not appended to the state.
+            keep: keep the keys/values of ``extra_ids`` in the cache. With ``keep=False`` the cache is cropped back
+                to the end of ``input_ids`` after the forward (the committed prefix stays cached).
+            cache, input_ids, attention_mask: run on another branch (e.g. a repeated cache for several trials)
+                instead of the state's own.
+            logits_to_keep: number of trailing positions whose logits are computed (``None`` or 0: all).
+            output_hidden_states: also return hidden states.
+            inputs_embeds: embeddings to feed instead of the uncached token ids (same length as the suffix).
+
+        Returns:
+            The model output; ``logits`` are float32.
+        """
+        cache = self.cache if cache is None else cache
+        ids = self.input_ids if input_ids is None else input_ids
+        mask = self.attention_mask if attention_mask is None else attention_mask
+        cached = cache.get_seq_length()
+        new = ids[:, cached:]
+        if extra_ids is not None:
+            new = torch.cat([new, extra_ids.to(ids.device)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(extra_ids.shape)], dim=1)
+        if new.shape[1] == 0 and inputs_embeds is None:
+            raise RuntimeError("nothing to feed: the cache already covers the whole sequence")
+        positions = self.position_ids(mask)[:, cached:]
+        kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                      output_hidden_states=output_hidden_states, return_dict=True)
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = new
+        out = self.model(**kwargs)
+        self.stats["forwards"] += 1
+        out.logits = out.logits.float()
+        if not keep and extra_ids is not None:
+            cache.crop(-extra_ids.shape[1])
+        return out
+
+    def next_token_logits(self, output_hidden_states: bool = False):
+        """Raw float32 logits for the next token ``(batch, vocab)`` (and the model output)."""
+        out = self.forward(output_hidden_states=output_hidden_states)
+        return out.logits[:, -1, :], out
+
+    def process(self, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the caller's logits processors (temperature, top-k, this library's processors, ...)."""
+        return self.logits_processor(self.input_ids if input_ids is None else input_ids, logits)
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Pick the next token from processed scores: multinomial if ``do_sample`` else argmax. ``(batch,)``."""
+        if self.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return scores.argmax(dim=-1)
+
+    # ----------------------------------------------------------------------------------------------- appending
+    def record(self, scores: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> None:
+        """Keep per-step scores/logits for ``return_dict_in_generate`` outputs when they were requested."""
+        if self.scores is not None and scores is not None:
+            self.scores.append(scores)
+        if self.logits is not None and logits is not None:
+            self.logits.append(logits)
+
+    def append(self, tokens: torch.Tensor) -> int:
+        """Append tokens ``(batch,)`` or ``(batch, k)``, one position at a time, honouring the stopping criteria.
+
+        Finished rows receive the pad token. Appending stops early when every row is finished (eos, max length or a
+        custom criterion), so ``max_new_tokens`` is exact and an accepted run is truncated at eos.
+
+        Returns:
+            the number of positions appended.
+        """
+        if tokens.dim() == 1:
+            tokens = tokens[:, None]
+        appended = 0
+        for j in range(tokens.shape[1]):
+            if self.done:
+                break
+            tok = tokens[:, j].to(self.device)
+            if self.has_eos_criterion and self.pad_token_id is not None:
+                tok = torch.where(self.unfinished, tok, self.pad_token_id.to(tok.dtype))
+            self.input_ids = torch.cat([self.input_ids, tok[:, None]], dim=1)
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.batch_size, 1))],
+                                            dim=1)
+            scores = tuple(self.scores) if self.scores else None
+            self.unfinished = self.unfinished & ~self.stopping_criteria(self.input_ids, scores)
+            if self.streamer is not None:
+                self.streamer.put(tok.cpu())
+            appended += 1
+        return appended
+
+    def truncate_cache(self) -> None:
+        """Drop cached positions beyond ``input_ids`` (after a lookahead that kept its tokens)."""
+        extra = self.cache.get_seq_length() - self.input_ids.shape[1]
+        if extra > 0:
+            self.cache.crop(-extra)
+
+    # ----------------------------------------------------------------------------------------------- output
+    def finish(self, **extra_outputs):
+        """End the streamer and return what ``generate()`` returns (tensor or ``GenerateDecoderOnlyOutput``)."""
+        if self.streamer is not None:
+            self.streamer.end()
+        if not self.return_dict:
+            return self.input_ids
+        out = GenerateDecoderOnlyOutput(
+            sequences=self.input_ids,
+            scores=tuple(self.scores) if self.scores is not None else None,
+            logits=tuple(self.logits) if self.logits is not None else None,
+            past_key_values=self.cache,
+        )
+        for k, v in extra_outputs.items():
+            out[k] = v
+        return out
+
+
+def clone_cache(cache):
+    """Independent copy of a KV cache (for branching)."""
+    return copy.deepcopy(cache)
+
+
+def repeat_cache(cache, repeats: int):
+    """Copy of ``cache`` with every batch row repeated ``repeats`` times (row-major, like ``repeat_interleave``)."""
+    new = copy.deepcopy(cache)
+    new.batch_repeat_interleave(repeats)
+    return new
+
+
+class DecodingLoop:
+    """Base class of the library's ``custom_generate`` loops.
+
+    Subclasses implement :meth:`run` (mutating a :class:`GenerationState` until ``state.done``) and may set
+    ``supports_batch = False`` to refuse batch > 1 with a clear error. Constructor arguments are the method's
+    hyper-parameters; per-run state lives in the :class:`GenerationState`, so one instance can be reused.
+    """
+
+    supports_batch: bool = True
+    supports_sampling: bool = True
+    supports_greedy: bool = True
+
+    def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                 streamer=None, **model_kwargs):
+        name = type(self).__name__
+        if synced_gpus:
+            raise ValueError(f"{name} does not support synced_gpus")
+        if model.config.is_encoder_decoder:
+            raise ValueError(f"{name} supports decoder-only models only")
+        if input_ids.shape[0] > 1 and not self.supports_batch:
+            raise ValueError(f"{name} supports batch size 1 only; got a batch of {input_ids.shape[0]}. "
+                             "Call generate() once per prompt.")
+        if generation_config.num_beams and generation_config.num_beams > 1:
+            raise ValueError(f"{name} is its own search; num_beams > 1 is not supported")
+        if generation_config.do_sample and not self.supports_sampling:
+            raise ValueError(f"{name} is a deterministic search; call generate() with do_sample=False")
+        if not generation_config.do_sample and not self.supports_greedy:
+            raise ValueError(f"{name} samples; call generate() with do_sample=True")
+        state = GenerationState(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                                model_kwargs)
+        extra = self.run(state) or {}
+        return state.finish(**extra)
+
+    def run(self, state: GenerationState):  # pragma: no cover - abstract
+        """Decode until ``state.done``; may return extra fields for the ``return_dict_in_generate`` output."""
+        raise NotImplementedError

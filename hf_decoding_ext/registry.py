@@ -1,0 +1,154 @@
+"""The one registry of decoding methods.
+
+Every method the library ships is listed here once, with its paper, family, component kind and status. The CLI
+(``hf-decoding-ext list`` / ``generate``), the docs table (``python -m hf_decoding_ext.registry --markdown``) and the
+parametrised tests all read this list. A method is ``done`` only when a test shows the paper's core property on the
+real default model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("processor", "stopping_criterion", "candidate_generator", "decoding_loop")
+STATUSES = ("done", "experimental")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered decoding method.
+
+    Attributes:
+        name: CLI name, e.g. ``"mirostat-v2"``.
+        title: the paper's title.
+        arxiv: the paper's arXiv id.
+        family: method family (``"sampling"``, ``"speculative"``, ...).
+        kind: one of :data:`KINDS`: how the method plugs into ``generate()``.
+        target: ``"module:Class"`` of the component.
+        lossless: whether the output equals the base decoding (greedy or the model's distribution).
+        needs_training: whether the method needs trained weights or a fitted artefact beyond the base model.
+        status: ``"done"`` (core property tested on the real model) or ``"experimental"``.
+        do_sample: whether ``generate()`` should sample (``True``) or be greedy by default for this method.
+        defaults: default constructor parameters used by the CLI.
+        summary: one line describing the method.
+    """
+
+    name: str
+    title: str
+    arxiv: str
+    family: str
+    kind: str
+    target: str
+    lossless: bool
+    needs_training: bool
+    status: str
+    do_sample: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"{self.name}: status must be one of {STATUSES}, got {self.status!r}")
+
+    def load(self):
+        """Import and return the component class (or factory)."""
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def factory(self):
+        """The callable that builds the component: ``Class.for_model`` when defined, else the class."""
+        cls = self.load()
+        return getattr(cls, "for_model", cls)
+
+    def parameters(self) -> list[str]:
+        """Names of the user-settable constructor parameters."""
+        skip = {"self", "model", "tokenizer", "args", "kwargs"}
+        sig = inspect.signature(self.factory())
+        return [p for p in sig.parameters if p not in skip and sig.parameters[p].kind not in (
+            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+
+    def build(self, model=None, tokenizer=None, **params):
+        """Instantiate the component, raising a clear ``ValueError`` on unknown parameters."""
+        valid = self.parameters()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"Unknown parameter(s) {unknown} for method {self.name!r}; valid parameters: {valid or 'none'}"
+            )
+        kwargs = {**self.defaults, **params}
+        fac = self.factory()
+        sig = inspect.signature(fac).parameters
+        if "model" in sig:
+            kwargs["model"] = model
+        if "tokenizer" in sig:
+            kwargs["tokenizer"] = tokenizer
+        return fac(**kwargs)
+
+
+def _m(**kw) -> MethodSpec:
+    return MethodSpec(**kw)
+
+
+# fmt: off
+METHODS: list[MethodSpec] = [
+]
+# fmt: on
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method (used by extensions); names must be unique."""
+    if any(m.name == spec.name for m in METHODS):
+        raise ValueError(f"method {spec.name!r} is already registered")
+    METHODS.append(spec)
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name; unknown names raise a ``ValueError`` listing the valid ones."""
+    for m in METHODS:
+        if m.name == name:
+            return m
+    raise ValueError(f"Unknown method {name!r}; registered methods: {', '.join(m.name for m in METHODS)}")
+
+
+def list_methods(family: str | None = None, status: str | None = None) -> list[MethodSpec]:
+    return [m for m in METHODS if (family is None or m.family == family) and (status is None or m.status == status)]
+
+
+COLUMNS = ("name", "family", "kind", "lossless", "needs_training", "status", "arxiv", "title")
+
+
+def table_rows(methods=None) -> list[list[str]]:
+    rows = []
+    for m in methods if methods is not None else METHODS:
+        rows.append([m.name, m.family, m.kind, "yes" if m.lossless else "no", "yes" if m.needs_training else "no",
+                     m.status, m.arxiv, m.title])
+    return rows
+
+
+def format_table(methods=None) -> str:
+    rows = [list(COLUMNS)] + table_rows(methods)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(methods=None) -> str:
+    rows = table_rows(methods)
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        r = r[:6] + [f"[{r[6]}](https://arxiv.org/abs/{r[6]})", r[7]]
+        out.append("| " + " | ".join(r) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(markdown_table() if "--markdown" in sys.argv else format_table())
