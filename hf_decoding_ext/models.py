@@ -50,15 +50,17 @@ def default_model_path() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
-    gguf = default_gguf_path()
+    gguf_path = default_gguf_path()
     try:
         import gguf  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise RuntimeError("Converting the default model needs the 'gguf' package: pip install gguf") from err
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
     model.hf_quantizer = None  # weights are de-quantised: save them as a plain checkpoint
     tmp = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
     try:
