@@ -1,0 +1,36 @@
+"""Turn a registered method into ``generate()`` keyword arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
+from .registry import MethodSpec, get_method
+
+
+def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, **params) -> dict[str, Any]:
+    """Build the method's component and return the ``generate()`` kwargs that plug it in.
+
+    Processors go to ``logits_processor``, stopping criteria to ``stopping_criteria``, decoding loops to
+    ``custom_generate`` and candidate generators to ``custom_generate`` through their own loop; ``do_sample`` is the
+    method's default generation mode.
+
+    Example:
+        >>> from hf_decoding_ext.api import method_generate_kwargs
+        >>> kwargs = method_generate_kwargs("mirostat-v2", tau=3.0)  # doctest: +SKIP
+        >>> model.generate(**inputs, max_new_tokens=64, **kwargs)  # doctest: +SKIP
+    """
+    spec = get_method(method) if isinstance(method, str) else method
+    component = spec.build(model=model, tokenizer=tokenizer, **params)
+    kwargs: dict[str, Any] = {"do_sample": spec.do_sample}
+    if spec.kind == "processor":
+        kwargs["logits_processor"] = LogitsProcessorList([component])
+    elif spec.kind == "stopping_criterion":
+        kwargs["stopping_criteria"] = StoppingCriteriaList([component])
+    else:
+        kwargs["custom_generate"] = component
+    if not spec.do_sample:
+        # greedy methods: neutralise sampling defaults a model's generation_config may carry
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    return kwargs
