@@ -30,7 +30,11 @@ def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None,
         kwargs["stopping_criteria"] = StoppingCriteriaList([component])
     else:
         kwargs["custom_generate"] = component
-    if not spec.do_sample:
+    if spec.do_sample:
+        # generate() applies top_k=50 by default when sampling; a sampling method does its own truncation, so the
+        # default is switched off here (pass top_k=... to generate() yourself to combine them deliberately)
+        kwargs["top_k"] = 0
+    else:
         # greedy methods: neutralise sampling defaults a model's generation_config may carry
         kwargs.update(temperature=None, top_k=None, top_p=None)
     return kwargs

@@ -16,6 +16,7 @@ with eos/stopping/streamer handling, and build the ``generate()``-style return v
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -209,6 +210,31 @@ def repeat_cache(cache, repeats: int):
     return new
 
 
+def _streamer_from_generate_call(loop) -> Any:
+    """The ``streamer`` given to the ``generate()`` call that invoked ``loop``.
+
+    transformers 5.x drops ``streamer`` from the arguments it forwards to a callable ``custom_generate`` (it keeps only
+    the callable's *extra* parameters), although ``generate()`` itself already streamed the prompt. To keep
+    ``streamer=`` working for our loops, look it up in the calling ``generate()`` frame.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "generate" and frame.f_locals.get("custom_generate") is loop:
+            return frame.f_locals.get("streamer")
+    return None
+
+
+def select_cache(cache, indices: torch.Tensor):
+    """Copy of ``cache`` holding only the batch rows ``indices`` (``(n,)`` long; rows may repeat), for branching a
+    subset of rows, e.g. ``select_cache(cache, rows.repeat_interleave(k))`` for ``k`` lookahead candidates per row."""
+    new = copy.deepcopy(cache)
+    new.batch_select_indices(indices.to(torch.long))
+    return new
+
+
 class DecodingLoop:
     """Base class of the library's ``custom_generate`` loops.
 
@@ -237,6 +263,8 @@ class DecodingLoop:
             raise ValueError(f"{name} is a deterministic search; call generate() with do_sample=False")
         if not generation_config.do_sample and not self.supports_greedy:
             raise ValueError(f"{name} samples; call generate() with do_sample=True")
+        if streamer is None:
+            streamer = _streamer_from_generate_call(self)
         state = GenerationState(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
                                 model_kwargs)
         extra = self.run(state) or {}

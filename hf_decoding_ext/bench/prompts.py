@@ -1,0 +1,76 @@
+"""The packaged benchmark prompt set (``hf_decoding_ext/data/prompts/benchmark.jsonl``).
+
+Six categories, chosen so that speed methods meet both outputs that copy from the input (summarisation and RAG
+questions over Python standard-library docstrings, where prompt lookup and other copy-based drafters shine) and
+outputs that do not (open questions, chat, arithmetic word problems, translation). Every line is a JSON object::
+
+    {"id": "rag_qa-001", "category": "rag_qa", "prompt": "...", "answer": "the first mapping",
+     "source": "stdlib_docs.jsonl:collections.ChainMap"}
+
+``prompt`` is a string (one user turn) or, for ``multi_turn_chat``, a list of ``{"role", "content"}`` messages
+ending with a user turn; ``answer`` is present for ``math_reasoning`` (a number) and ``rag_qa`` (a string found in
+the context). See ``data/prompts/SOURCES.md`` for provenance.
+
+Example:
+    >>> from hf_decoding_ext.bench.prompts import load_prompts
+    >>> prompts = load_prompts(categories=["qa", "rag_qa"], per_category=2)
+    >>> [p["id"] for p in prompts]
+    ['qa-001', 'qa-002', 'rag_qa-001', 'rag_qa-002']
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+CATEGORIES: tuple[str, ...] = (
+    "multi_turn_chat",
+    "translation",
+    "summarization",
+    "qa",
+    "math_reasoning",
+    "rag_qa",
+)
+"""The prompt categories, in the order results and plots list them."""
+
+_FILE = ("data", "prompts", "benchmark.jsonl")
+
+
+def _read_all() -> list[dict]:
+    path = files("hf_decoding_ext").joinpath(*_FILE)
+    rows = []
+    with path.open("r", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def load_prompts(categories=None, per_category: int | None = None) -> list[dict]:
+    """Load the benchmark prompts, grouped by category in :data:`CATEGORIES` order.
+
+    Args:
+        categories: a category name or an iterable of names (default: all six). Unknown names raise ``ValueError``.
+        per_category: keep only the first ``per_category`` prompts of each category (default: all).
+
+    Returns:
+        a list of dicts with keys ``id``, ``category``, ``prompt``, ``source`` and, where defined, ``answer``.
+    """
+    if categories is None:
+        wanted = list(CATEGORIES)
+    else:
+        wanted = [categories] if isinstance(categories, str) else list(categories)
+        unknown = [c for c in wanted if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"Unknown categories {unknown}; valid categories: {', '.join(CATEGORIES)}")
+    if per_category is not None and (not isinstance(per_category, int) or per_category < 1):
+        raise ValueError(f"per_category must be a positive integer or None, got {per_category!r}")
+    rows = _read_all()
+    out = []
+    for cat in CATEGORIES:
+        if cat not in wanted:
+            continue
+        items = [r for r in rows if r["category"] == cat]
+        out.extend(items if per_category is None else items[:per_category])
+    return out

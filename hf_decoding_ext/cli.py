@@ -1,0 +1,132 @@
+"""Command line: ``hf-decoding-ext list | generate | bench``.
+
+Examples::
+
+    hf-decoding-ext list
+    hf-decoding-ext generate --method mirostat-v2 --param tau=3.0 --prompt "Tell me about the sea."
+    hf-decoding-ext bench --family sampling --per-category 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``k=v`` strings; values are Python literals when they parse as such, else strings."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        try:
+            params[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[key] = value
+    return params
+
+
+def _cmd_list(args) -> int:
+    from .registry import format_table, list_methods, markdown_table
+
+    methods = list_methods(family=args.family)
+    print(markdown_table(methods) if args.markdown else format_table(methods))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .api import method_generate_kwargs
+    from .models import encode_prompts, load_model
+    from .registry import get_method
+
+    spec = get_method(args.method)  # clear error listing valid methods
+    params = parse_params(args.param)
+    unknown = sorted(set(params) - set(spec.parameters()))
+    if unknown:  # fail before loading the model
+        raise ValueError(f"Unknown parameter(s) {unknown} for method {spec.name!r}; "
+                         f"valid parameters: {spec.parameters() or 'none'}")
+    model, tokenizer = load_model(args.model, device=args.device)
+    gen_kwargs = method_generate_kwargs(spec, model=model, tokenizer=tokenizer, **params)
+    if args.sample is not None:
+        gen_kwargs["do_sample"] = args.sample
+    if args.temperature is not None:
+        gen_kwargs["temperature"] = args.temperature
+    enc = encode_prompts(tokenizer, args.prompt, chat=False if args.no_chat else None, device=model.device)
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    out = model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer, tokenizer=tokenizer,
+                         **gen_kwargs)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    if streamer is None:
+        for row in sequences:
+            print(tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            if len(sequences) > 1:
+                print("-" * 40)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run as bench_run
+
+    kwargs = dict(model_name=args.model, max_new_tokens=args.max_new_tokens, per_category=args.per_category,
+                  out_dir=args.out)
+    if args.family:
+        bench_run.run_family(args.family, methods=args.methods, **kwargs)
+    else:
+        raise ValueError("bench: give --family (e.g. --family sampling)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-decoding-ext", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("list", help="print the registry of methods")
+    pl.add_argument("--family", help="only this family")
+    pl.add_argument("--markdown", action="store_true", help="Markdown table (docs)")
+    pl.set_defaults(func=_cmd_list)
+
+    pg = sub.add_parser("generate", help="generate with a registered method")
+    pg.add_argument("--method", required=True, help="registered method name (see `list`)")
+    pg.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    pg.add_argument("--prompt", required=True)
+    pg.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    pg.add_argument("--device", default=None)
+    pg.add_argument("--max-new-tokens", type=int, default=128)
+    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--temperature", type=float, default=None)
+    pg.add_argument("--sample", dest="sample", action="store_true", default=None, help="force do_sample=True")
+    pg.add_argument("--greedy", dest="sample", action="store_false", help="force do_sample=False")
+    pg.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    pg.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    pg.set_defaults(func=_cmd_generate)
+
+    pb = sub.add_parser("bench", help="run the benchmark harness")
+    pb.add_argument("--family", default=None, help="benchmark every registered method of this family")
+    pb.add_argument("--methods", nargs="*", default=None, help="restrict to these method names")
+    pb.add_argument("--model", default=None)
+    pb.add_argument("--max-new-tokens", type=int, default=128)
+    pb.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
+    pb.add_argument("--out", default="results")
+    pb.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Momentum decoding (Lan et al., 2022) as a ``LogitsProcessor`` for greedy ``generate()``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+
+def _table(values: dict[int, float]) -> Callable[[int], float]:
+    return lambda d: values.get(d, math.inf)
+
+
+RESISTANCE_FUNCTIONS: dict[str, Callable[[int], float]] = {
+    # R(d) = d: the table the authors' code lists for GPT2-XL (their English open-ended experiments).
+    "linear": lambda d: float(d),
+    # the authors' "N-gram blocking" table: only 4-gram revisits are resisted, longer ones are blocked.
+    "blocking": _table({1: 0.0, 2: 0.0, 3: 0.0, 4: 5.0}),
+    # the ablation resistance functions of the paper (written so that alpha=0.2 gives the intended scale)
+    "constant": lambda d: 2.0,
+    "log": lambda d: math.log(1 + d, 6) / 0.2,
+    "exp": lambda d: 1.5**d / 2,
+}
+"""Named resistance functions ``R(d)`` of the circle depth ``d >= 1`` (``R(0) = 0`` always)."""
+
+
+class MomentumLogitsProcessor(LogitsProcessor):
+    r"""
+    [`LogitsProcessor`] implementing *momentum decoding* from "Momentum Decoding: Open-ended Text Generation As Graph
+    Exploration" (Lan, Su, Liu, Huang and Mao, 2022, arXiv:2212.02175). Use it with greedy decoding
+    (``do_sample=False``).
+
+    Generation is viewed as the exploration of a directed graph whose nodes are the tokens already in the sequence
+    (prompt included) and whose edges join consecutive tokens. Degeneration (repetition) is a walk round a circular
+    loop of this graph. At each step the ``top_k`` candidates (by model score) are rescored as
+
+    .. math::
+
+        x_t = \arg\max_{v \in V^{(k)}} \; p_\theta(v \mid x_{<t}) - \alpha \, R(d(v)),
+
+    where ``d(v)`` is the *depth of the circle* that emitting ``v`` would close: ``0`` when ``v`` is a new node, else
+    the length (capped at ``ngram_size``) of the longest n-gram ending with ``v`` (i.e. the last ``d - 1`` tokens
+    followed by ``v``) that already occurs in the sequence. ``R`` is the resistance function (``R(0) = 0``). New nodes
+    are thus explored greedily, while the model may return to existing nodes with a momentum downgraded by ``R``.
+
+    The processor returns ``p - alpha * R(d)`` on the ``top_k`` candidates and ``-inf`` elsewhere, so the argmax of its
+    output is the momentum-decoding choice. The output is a score, not a log-probability: put this processor last and
+    do not sample from it. An infinite resistance (blocking) is capped at a large finite value so that, when every
+    candidate is blocked, the most probable one is still chosen (as in the authors' code, which takes the first
+    maximum).
+
+    The graph is implicit in ``input_ids`` and recomputed at every step with ``ngram_size - 1`` vectorised comparisons
+    over the history (no Python loop over positions, no state), so batches, reordered beams and new generations need
+    no reset. Left padding is ignored: when ``pad_token_id`` is set, the leading run of pad tokens of each row is not
+    part of the graph (a genuine prompt that starts with the pad token would lose those leading tokens too).
+
+    Defaults follow the paper and the authors' code: ``top_k=5``, ``alpha=0.2``, circle depth up to 5 (their
+    ``max_length``), and the resistance ``R(d) = d``, the table given in the authors' code for GPT2-XL. The code also
+    contains other tables (an "n-gram blocking" one, and the ``constant``/``log``/``exp`` functions of the paper's
+    ablation); they are available by name in :data:`RESISTANCE_FUNCTIONS`, and any callable ``R(d)`` or sequence
+    ``[R(1), ..., R(ngram_size)]`` is accepted.
+
+    Args:
+        top_k (`int`, *optional*, defaults to 5):
+            Number of candidates (by score) considered at each step.
+        alpha (`float`, *optional*, defaults to 0.2):
+            Weight of the resistance term (in probability units).
+        resistance (`str`, callable or sequence, *optional*, defaults to `"linear"`):
+            The resistance function ``R(d)`` for ``d = 1 .. ngram_size``.
+        ngram_size (`int`, *optional*, defaults to 5):
+            Maximum circle depth (longest repeated n-gram looked for).
+        pad_token_id (`int`, *optional*):
+            Id of the left-padding token, whose leading run in each row is ignored.
+
+    Examples:
+
+    ```python
+    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.processors.momentum import MomentumLogitsProcessor
+    >>> model, tokenizer = load_model()  # doctest: +SKIP
+    >>> inputs = encode_prompts(tokenizer, ["Write a story about a lighthouse keeper."])  # doctest: +SKIP
+    >>> processor = MomentumLogitsProcessor(top_k=5, alpha=0.2, pad_token_id=tokenizer.pad_token_id)
+    >>> out = model.generate(**inputs, logits_processor=[processor], do_sample=False, max_new_tokens=64)  # doctest: +SKIP
+    ```
+    """
+
+    _BLOCKED = 1.0e4  # stands for an infinite resistance
+
+    def __init__(
+        self,
+        top_k: int = 5,
+        alpha: float = 0.2,
+        resistance: str | Callable[[int], float] | Sequence[float] = "linear",
+        ngram_size: int = 5,
+        pad_token_id: int | None = None,
+    ):
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"`alpha` must be a finite non-negative number, got {alpha!r}")
+        if isinstance(ngram_size, bool) or not isinstance(ngram_size, int) or ngram_size < 1:
+            raise ValueError(f"`ngram_size` must be a positive integer, got {ngram_size!r}")
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+            raise ValueError(f"`pad_token_id` must be an integer or None, got {pad_token_id!r}")
+        if isinstance(resistance, str):
+            if resistance not in RESISTANCE_FUNCTIONS:
+                raise ValueError(
+                    f"Unknown resistance {resistance!r}; choose one of {sorted(RESISTANCE_FUNCTIONS)}, a callable "
+                    "R(depth) or a sequence [R(1), ..., R(ngram_size)]"
+                )
+            fn = RESISTANCE_FUNCTIONS[resistance]
+            values = [fn(d) for d in range(1, ngram_size + 1)]
+        elif callable(resistance):
+            values = [float(resistance(d)) for d in range(1, ngram_size + 1)]
+        elif isinstance(resistance, Sequence):
+            if len(resistance) != ngram_size:
+                raise ValueError(
+                    f"a resistance table needs one value per depth 1..ngram_size ({ngram_size}), got {len(resistance)}"
+                )
+            values = [float(v) for v in resistance]
+        else:
+            raise ValueError(f"`resistance` must be a name, a callable or a sequence, got {type(resistance).__name__}")
+        if any(math.isnan(v) or v < 0 for v in values):
+            raise ValueError(f"resistance values must be non-negative, got {values}")
+        self.top_k = top_k
+        self.alpha = float(alpha)
+        self.ngram_size = ngram_size
+        self.pad_token_id = pad_token_id
+        # table indexed by depth 0..ngram_size; infinite resistance becomes a large finite penalty
+        self._resistance = torch.tensor([0.0] + [min(v, self._BLOCKED) for v in values], dtype=torch.float32)
+
+    @classmethod
+    def for_model(
+        cls,
+        model=None,
+        tokenizer=None,
+        top_k: int = 5,
+        alpha: float = 0.2,
+        resistance: str = "linear",
+        ngram_size: int = 5,
+    ) -> MomentumLogitsProcessor:
+        """Build the processor with the padding token taken from the tokenizer (or the model's generation config)."""
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None and model is not None:
+            gen_cfg = getattr(model, "generation_config", None)
+            pad = getattr(gen_cfg, "pad_token_id", None)
+            if isinstance(pad, (list, tuple)):
+                pad = pad[0] if pad else None
+        return cls(top_k=top_k, alpha=alpha, resistance=resistance, ngram_size=ngram_size, pad_token_id=pad)
+
+    def circle_depth(self, input_ids: torch.LongTensor, candidates: torch.LongTensor) -> torch.LongTensor:
+        """Depth ``d`` of the circle each candidate would close, ``(batch, n_candidates)``; 0 for a new node."""
+        batch, length = input_ids.shape
+        if length == 0:
+            return torch.zeros_like(candidates)
+        if self.pad_token_id is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        else:  # the leading run of pad tokens (left padding) is not part of the graph
+            valid = (input_ids != self.pad_token_id).int().cummax(dim=1).values.bool()
+        # suffix[:, j] = length (<= n - 1) of the common suffix of input_ids[:, :j] and input_ids (the current end),
+        # i.e. how many of the tokens before position j repeat the last tokens of the sequence.
+        suffix = torch.zeros_like(input_ids)
+        running = valid.clone()
+        for t in range(min(self.ngram_size - 1, length)):
+            # compare input_ids[:, j - 1 - t] with input_ids[:, length - 1 - t] for every j
+            shifted = torch.zeros_like(input_ids)
+            shifted_valid = torch.zeros_like(valid)
+            if t + 1 < length:
+                shifted[:, t + 1:] = input_ids[:, : length - t - 1]
+                shifted_valid[:, t + 1:] = valid[:, : length - t - 1]
+            end_tok = input_ids[:, length - 1 - t: length - t]
+            end_ok = valid[:, length - 1 - t: length - t]
+            running = running & shifted_valid & end_ok & (shifted == end_tok)
+            suffix += running.long()
+        hits = (input_ids.unsqueeze(1) == candidates.unsqueeze(2)) & valid.unsqueeze(1)  # (batch, k, length)
+        depth = torch.where(hits, suffix.unsqueeze(1) + 1, torch.zeros((), dtype=suffix.dtype, device=suffix.device))
+        return depth.amax(dim=-1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        k = min(self.top_k, scores.shape[-1])
+        probs = torch.softmax(scores.float(), dim=-1)
+        top_scores, top_ids = torch.topk(scores, k, dim=-1)
+        depth = self.circle_depth(input_ids.to(scores.device), top_ids)
+        resistance = self._resistance.to(scores.device)[depth]
+        momentum = probs.gather(-1, top_ids) - self.alpha * resistance
+        # candidates already excluded by an earlier processor stay excluded
+        momentum = momentum.masked_fill(torch.isneginf(top_scores), -math.inf)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter(-1, top_ids, momentum.to(scores.dtype))
