@@ -1,0 +1,62 @@
+"""The drafter interface of the speculative engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tree import DraftTree
+
+
+@dataclass
+class Draft:
+    """What a drafter proposes for one step: a tree to verify and optional side nodes.
+
+    Side nodes (``side_tokens`` with their own ``side_allowed`` pattern and ``side_depth`` offsets) are fed in the
+    same verification forward and their logits are handed back to the drafter, but they are never accepted
+    (Lookahead Decoding's Jacobi window).
+    """
+
+    tree: DraftTree
+    side_tokens: torch.Tensor | None = None
+    side_allowed: torch.Tensor | None = None
+    side_depth: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class VerifyResult:
+    """What the engine hands back to the drafter after verification.
+
+    ``tree_logits`` are raw target logits ``(1 + n, vocab)`` at the root and at every tree node; ``side_logits``
+    ``(m, vocab)`` at the side nodes; ``accepted`` the accepted node indices; ``tokens`` the tokens appended
+    (accepted draft tokens then the bonus token).
+    """
+
+    draft: Draft
+    tree_logits: torch.Tensor
+    side_logits: torch.Tensor | None
+    accepted: list[int]
+    tokens: list[int]
+
+
+class Drafter:
+    """Base class of drafters.
+
+    ``begin(state)`` is called once at the start of every ``generate()`` call, ``propose(state)`` before each
+    verification, ``observe(state, result)`` after it. Per-generation state must be reset in ``begin``; state
+    meant to persist across prompts (e.g. Token Recycling's adjacency matrix) stays until ``reset()``.
+    """
+
+    def begin(self, state) -> None:
+        pass
+
+    def propose(self, state) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, state, result: VerifyResult) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass

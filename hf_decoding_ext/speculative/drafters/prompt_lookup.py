@@ -1,0 +1,66 @@
+"""Prompt-lookup n-gram drafter (training-free)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Draft, Drafter
+from ..tree import DraftTree
+
+
+class PromptLookupDrafter(Drafter):
+    """Draft the continuation of the most recent earlier occurrence of the sequence's last n-gram.
+
+    Prompt lookup decoding (Saxena, 2023, https://github.com/apoorvumang/prompt-lookup-decoding), the method behind
+    transformers' ``prompt_lookup_num_tokens``; it has no paper, so the registry cites the speculative-decoding paper
+    it accelerates (Leviathan et al., "Fast Inference from Transformers via Speculative Decoding", arXiv 2211.17192).
+    The last ``n`` tokens (``n`` from ``max_ngram`` down to ``min_ngram``) are searched in the prompt and the text
+    generated so far; the ``num_tokens`` tokens that followed the match are proposed as a chain. Unlike transformers,
+    the most recent match is preferred (transformers takes the first); with ``max_ngram=2, num_tokens=10`` the
+    drafts otherwise follow the same rule. Drafts stop before an eos token.
+
+    Args:
+        num_tokens: draft length (transformers' ``prompt_lookup_num_tokens``; default 10).
+        max_ngram: longest n-gram to match (transformers' ``max_matching_ngram_size``; default 2).
+        min_ngram: shortest n-gram to match (default 1).
+
+    Example:
+        >>> from hf_decoding_ext.speculative import SpeculativeDecoding
+        >>> from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+        >>> loop = SpeculativeDecoding(PromptLookupDrafter(num_tokens=10))
+        >>> out = model.generate(**inputs, max_new_tokens=128, custom_generate=loop)  # doctest: +SKIP
+    """
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 2, min_ngram: int = 1):
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.num_tokens = num_tokens
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self._eos: set[int] = set()
+
+    def begin(self, state) -> None:
+        eos = state.generation_config.eos_token_id
+        self._eos = set([eos] if isinstance(eos, int) else (eos or []))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Continuation ``(<= num_tokens,)`` of the latest match of the trailing n-gram in 1D ``ids``."""
+        length = ids.shape[0]
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            windows = ids.unfold(0, n, 1)[:-1]  # exclude the trailing n-gram itself
+            hits = (windows == ids[-n:]).all(dim=1).nonzero().flatten()
+            for start in reversed(hits.tolist()):
+                cont = ids[start + n: start + n + self.num_tokens]
+                if cont.numel():
+                    return cont
+        return ids.new_zeros(0)
+
+    def propose(self, state) -> Draft:
+        cont = self.lookup(state.input_ids[0])
+        if self._eos and cont.numel():
+            stop = [i for i, t in enumerate(cont.tolist()) if t in self._eos]
+            if stop:
+                cont = cont[: stop[0]]
+        return Draft(DraftTree.chain(cont.cpu()))

@@ -1,0 +1,161 @@
+"""The speculative-decoding verification engine (``custom_generate`` loop).
+
+One engine serves every accelerator: a drafter proposes a chain or token tree (plus optional side nodes), the target
+model verifies everything in **one** forward over the uncached committed tokens and the tree with a 4D tree mask and
+explicit position ids, an acceptance rule picks the accepted path and a bonus token, and the KV cache is compacted to
+the accepted path (no accepted token is run twice).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..generation.loop import DecodingLoop, GenerationState
+from .acceptance import AcceptanceRule, resolve_rule
+from .drafters.base import Draft, Drafter, VerifyResult
+from .kv import check_compactable, keep_positions
+from .tree import DraftTree, VerifyBlock, build_verify_inputs
+
+
+@dataclass
+class StepStats:
+    """Statistics of one engine step: tokens appended (accepted + bonus), draft and verify seconds."""
+
+    draft_size: int
+    accepted: int
+    appended: int
+    draft_time: float
+    verify_time: float
+    total_time: float
+
+
+class SpeculativeDecoding(DecodingLoop):
+    """Speculative decoding with tree verification, for any drafter of this library.
+
+    Use it as ``model.generate(..., custom_generate=SpeculativeDecoding(drafter))``. With ``do_sample=False`` and
+    the default rule the output is token-identical to plain greedy ``generate()`` (fp32); with ``do_sample=True``
+    speculative sampling keeps the target distribution. The caller's logits processors (temperature, top-k/p,
+    repetition penalty, ...) are applied at verification exactly as in plain decoding; eos, stopping criteria,
+    streamers and ``max_new_tokens`` are honoured inside an accepted run.
+
+    Args:
+        drafter: a :class:`~hf_decoding_ext.speculative.drafters.base.Drafter`.
+        acceptance: ``"auto"`` (greedy or speculative sampling following ``do_sample``), ``"greedy"``,
+            ``"speculative"``, ``"typical"`` (lossy) or an :class:`AcceptanceRule`.
+        max_draft_nodes: cap on tree nodes per step (``None``: the drafter's own size).
+        seed: seed of the acceptance rule's random draws (``None``: torch's global generator).
+
+    Per-step :class:`StepStats` of the last call are in ``self.last_stats`` (and in the output's ``spec_stats``
+    with ``return_dict_in_generate=True``). Batch size 1 only (a clear error otherwise).
+
+    Example:
+        >>> from hf_decoding_ext.speculative import SpeculativeDecoding
+        >>> from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+        >>> out = model.generate(**inputs, max_new_tokens=64, do_sample=False,
+        ...                      custom_generate=SpeculativeDecoding(PromptLookupDrafter()))  # doctest: +SKIP
+    """
+
+    supports_batch = False
+
+    def __init__(self, drafter: Drafter, acceptance: str | AcceptanceRule = "auto",
+                 max_draft_nodes: int | None = None, seed: int | None = None):
+        if not isinstance(drafter, Drafter):
+            raise ValueError(f"drafter must be a Drafter, got {type(drafter).__name__}")
+        if max_draft_nodes is not None and max_draft_nodes < 0:
+            raise ValueError("max_draft_nodes must be >= 0")
+        self.drafter = drafter
+        self.acceptance = acceptance
+        self.max_draft_nodes = max_draft_nodes
+        self.seed = seed
+        self.last_stats: list[StepStats] = []
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _scores_fn(self, state: GenerationState, tree: DraftTree, tree_logits: torch.Tensor):
+        """Lazy processed scores at the root (-1) and tree nodes, with the path appended to ``input_ids``."""
+        processors = state.logits_processor
+        memo: dict[int, torch.Tensor] = {}
+        if len(processors) == 0:
+            return lambda node: tree_logits[node + 1]
+
+        def scores_at(node: int) -> torch.Tensor:
+            if node not in memo:
+                path = tree.path_to(node) if node >= 0 else []
+                ids = state.input_ids
+                if path:
+                    ids = torch.cat([ids, tree.tokens[path].to(ids.device)[None]], dim=1)
+                memo[node] = processors(ids, tree_logits[node + 1][None].clone())[0]
+            return memo[node]
+
+        return scores_at
+
+    def verify(self, state: GenerationState, draft: Draft):
+        """One target forward over the uncached committed tokens, the tree and side nodes."""
+        block = VerifyBlock.from_tree(draft.tree)
+        if draft.side_tokens is not None and draft.side_tokens.numel():
+            block = block.extend(draft.side_tokens, draft.side_allowed, draft.side_depth)
+        cache_len = state.cache.get_seq_length()
+        committed = state.input_ids[:, cache_len:]
+        ids, mask, pos = build_verify_inputs(committed, state.attention_mask, cache_len, block,
+                                             dtype=state.model.dtype)
+        s = committed.shape[1]
+        out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
+                          use_cache=True, logits_to_keep=block.tokens.shape[0] + 1, return_dict=True)
+        state.stats["forwards"] += 1
+        logits = out.logits[0].float()  # (n_block + 1, vocab): root (last committed) then block nodes
+        n_tree = len(draft.tree)
+        tree_logits = logits[: n_tree + 1]
+        side_logits = logits[n_tree + 1:] if logits.shape[0] > n_tree + 1 else None
+        return tree_logits, side_logits, cache_len + s
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self, state: GenerationState):
+        check_compactable(state.cache)
+        rule = resolve_rule(self.acceptance, state.do_sample)
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.last_stats = []
+        self.drafter.begin(state)
+        while not state.done:
+            t0 = time.perf_counter()
+            draft = self.drafter.propose(state)
+            if self.max_draft_nodes is not None and len(draft.tree) > self.max_draft_nodes:
+                draft.tree = draft.tree.truncate(self.max_draft_nodes)
+            t1 = time.perf_counter()
+            tree_logits, side_logits, committed_len = self.verify(state, draft)
+            tree = draft.tree
+            accepted, bonus = rule.accept(tree, self._scores_fn(state, tree, tree_logits), generator)
+            keep_positions(state.cache, committed_len, torch.tensor(accepted, dtype=torch.long))
+            tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
+            t2 = time.perf_counter()
+            self.drafter.observe(state, VerifyResult(draft, tree_logits, side_logits, accepted, tokens))
+            if state.scores is not None or state.logits is not None:
+                scores_at = self._scores_fn(state, tree, tree_logits)
+                for node in ([-1] + accepted)[: max(0, state.generation_config.max_length - state.input_ids.shape[1])]:
+                    state.record(scores_at(node)[None], tree_logits[node + 1][None])
+            appended = state.append(torch.tensor([tokens], device=state.device))
+            self.last_stats.append(StepStats(len(tree), len(accepted), appended, t1 - t0, t2 - t1,
+                                             time.perf_counter() - t0))
+        state.truncate_cache()
+        return {"spec_stats": self.last_stats} if state.return_dict else None
+
+    # ------------------------------------------------------------------------------------------------ summaries
+    def summary(self) -> dict:
+        """Aggregates of the last call: steps, tokens per target forward, mean accepted draft length, times."""
+        st = self.last_stats
+        if not st:
+            return {}
+        tokens = sum(s.appended for s in st)
+        return {
+            "steps": len(st),
+            "tokens": tokens,
+            "tokens_per_forward": tokens / len(st),
+            "mean_accepted": sum(s.accepted for s in st) / len(st),
+            "mean_draft_size": sum(s.draft_size for s in st) / len(st),
+            "draft_time": sum(s.draft_time for s in st),
+            "verify_time": sum(s.verify_time for s in st),
+            "total_time": sum(s.total_time for s in st),
+        }

@@ -1,0 +1,176 @@
+"""Draft trees, tree attention masks and position ids (shared by every accelerator).
+
+A draft is a token tree rooted at the last committed token: node ``i`` holds ``tokens[i]`` and its parent index
+``parents[i]`` (``-1`` for a child of the root), with parents listed before children. A chain is the tree whose
+``parents`` are ``[-1, 0, 1, ...]``. Verifying a tree needs one forward over the uncached committed tokens plus the
+tree nodes, where each node attends to the committed prefix, its ancestors and itself (a 4D additive mask) and sits
+at position ``last_committed_position + depth``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class DraftTree:
+    """A token tree to verify.
+
+    Args:
+        tokens: ``(n,)`` draft token ids.
+        parents: ``(n,)`` parent index of each node, ``-1`` for children of the root; ``parents[i] < i``.
+        draft_probs: optional ``(n, vocab)`` distributions the drafter sampled each node's token from (the
+            distribution at the node's parent). ``None`` means a deterministic draft (treated as one-hot by the
+            speculative-sampling rule, which keeps it lossless).
+
+    Example:
+        >>> import torch
+        >>> from hf_decoding_ext.speculative.tree import DraftTree
+        >>> tree = DraftTree(torch.tensor([5, 6, 7]), [-1, -1, 0])  # root -> 5 -> 7, root -> 6
+        >>> tree.depth.tolist(), tree.paths()
+        ([1, 1, 2], [[0, 2], [1]])
+    """
+
+    def __init__(self, tokens: torch.Tensor, parents, draft_probs: torch.Tensor | None = None):
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        parents = torch.as_tensor(parents, dtype=torch.long).reshape(-1)
+        if tokens.shape != parents.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and parents {tuple(parents.shape)} differ in length")
+        n = tokens.shape[0]
+        if n and bool(((parents >= torch.arange(n)) | (parents < -1)).any()):
+            raise ValueError("every parent index must be -1 or smaller than its child's index")
+        if draft_probs is not None and draft_probs.shape[0] != n:
+            raise ValueError("draft_probs must have one row per node")
+        self.tokens = tokens
+        self.parents = parents
+        self.draft_probs = draft_probs
+        plist = parents.tolist()
+        depth = []
+        for p in plist:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        self.depth = torch.tensor(depth, dtype=torch.long)
+        self._children: dict[int, list[int]] = {}
+        for i, p in enumerate(plist):
+            self._children.setdefault(p, []).append(i)
+        self._plist = plist
+
+    @classmethod
+    def chain(cls, tokens, draft_probs: torch.Tensor | None = None) -> DraftTree:
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        return cls(tokens, torch.arange(tokens.shape[0]) - 1, draft_probs)
+
+    @classmethod
+    def empty(cls) -> DraftTree:
+        return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+    @classmethod
+    def from_sequences(cls, sequences) -> DraftTree:
+        """Merge token sequences (drafts continuing the root) into a trie, sharing common prefixes."""
+        tokens, parents, index = [], [], {}
+        for seq in sequences:
+            parent = -1
+            for tok in (int(t) for t in seq):
+                key = (parent, tok)
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(parent)
+                parent = index[key]
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def children(self, node: int) -> list[int]:
+        """Children of ``node`` (``-1`` = root), in index order."""
+        return self._children.get(node, [])
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root's first child down to ``node``."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self._plist[node]
+        return path[::-1]
+
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf node paths."""
+        return [self.path_to(i) for i in range(len(self)) if not self.children(i)]
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """``(n, n)`` bool: ``[i, j]`` is true when ``j`` is ``i`` or an ancestor of ``i``."""
+        n = len(self)
+        allowed = torch.eye(n, dtype=torch.bool)
+        for i, p in enumerate(self._plist):
+            if p >= 0:
+                allowed[i] |= allowed[p]
+        return allowed
+
+    def truncate(self, max_nodes: int) -> DraftTree:
+        """The first ``max_nodes`` nodes (still a valid tree since parents precede children)."""
+        if max_nodes >= len(self):
+            return self
+        probs = None if self.draft_probs is None else self.draft_probs[:max_nodes]
+        return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes], probs)
+
+
+@dataclass
+class VerifyBlock:
+    """Tokens fed in one verification forward after the committed prefix.
+
+    ``allowed[i, j]``: node ``i`` may attend to block node ``j``; ``depth[i]``: position offset after the last
+    committed token. The draft tree's nodes come first; drafters may append side nodes (e.g. Lookahead Decoding's
+    Jacobi window) that are verified in the same forward but never accepted.
+    """
+
+    tokens: torch.Tensor
+    allowed: torch.Tensor
+    depth: torch.Tensor
+
+    @classmethod
+    def from_tree(cls, tree: DraftTree) -> VerifyBlock:
+        return cls(tree.tokens, tree.ancestor_mask(), tree.depth)
+
+    def extend(self, tokens: torch.Tensor, allowed: torch.Tensor, depth: torch.Tensor) -> VerifyBlock:
+        """Append side nodes that attend only among themselves (and to the committed prefix)."""
+        n, m = self.tokens.shape[0], tokens.shape[0]
+        full = torch.zeros(n + m, n + m, dtype=torch.bool)
+        full[:n, :n] = self.allowed
+        full[n:, n:] = allowed
+        return VerifyBlock(torch.cat([self.tokens, tokens.long()]), full, torch.cat([self.depth, depth.long()]))
+
+
+def build_verify_inputs(committed: torch.Tensor, committed_mask: torch.Tensor, cache_length: int, block: VerifyBlock,
+                        dtype: torch.dtype = torch.float32):
+    """Inputs of one verification forward for a single sequence.
+
+    Args:
+        committed: ``(1, s)`` committed tokens not yet in the cache (usually the last accepted token).
+        committed_mask: ``(1, cache_length + s)`` 2D padding mask of the committed sequence.
+        cache_length: number of cached positions.
+        block: tree (and side) nodes.
+        dtype: dtype of the additive mask (the model's dtype).
+
+    Returns:
+        ``input_ids (1, s + n)``, additive ``attention_mask (1, 1, s + n, cache_length + s + n)`` and
+        ``position_ids (1, s + n)``.
+    """
+    device = committed.device
+    s, n = committed.shape[1], block.tokens.shape[0]
+    total = cache_length + s + n
+    allowed = torch.zeros(s + n, total, dtype=torch.bool, device=device)
+    valid = committed_mask[0].bool()
+    # committed rows: causal over the committed prefix
+    causal = torch.tril(torch.ones(s, cache_length + s, dtype=torch.bool, device=device), diagonal=cache_length)
+    allowed[:s, : cache_length + s] = causal & valid[None, :]
+    # block rows: the whole committed prefix, then the block pattern
+    allowed[s:, : cache_length + s] = valid[None, :]
+    allowed[s:, cache_length + s:] = block.allowed.to(device)
+    mask = torch.zeros(1, 1, s + n, total, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
+    positions_committed = (committed_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_length:]
+    last = positions_committed[0, -1] if s else (committed_mask.long().sum() - 1)
+    positions = torch.cat([positions_committed[0], last + block.depth.to(device)])[None]
+    input_ids = torch.cat([committed[0], block.tokens.to(device)])[None]
+    return input_ids, mask, positions
