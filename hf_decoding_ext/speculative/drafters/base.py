@@ -31,7 +31,9 @@ class VerifyResult:
 
     ``tree_logits`` are raw target logits ``(1 + n, vocab)`` at the root and at every tree node; ``side_logits``
     ``(m, vocab)`` at the side nodes; ``accepted`` the accepted node indices; ``tokens`` the tokens appended
-    (accepted draft tokens then the bonus token).
+    (accepted draft tokens then the bonus token); ``committed_logits`` ``(s - 1, vocab)`` at the uncached committed
+    tokens before the root (e.g. the prompt at the first step), only for drafters with
+    ``wants_committed_logits = True``.
     """
 
     draft: Draft
@@ -39,6 +41,7 @@ class VerifyResult:
     side_logits: torch.Tensor | None
     accepted: list[int]
     tokens: list[int]
+    committed_logits: torch.Tensor | None = None
 
 
 class Drafter:
@@ -48,6 +51,8 @@ class Drafter:
     verification, ``observe(state, result)`` after it. Per-generation state must be reset in ``begin``; state
     meant to persist across prompts (e.g. Token Recycling's adjacency matrix) stays until ``reset()``.
     """
+
+    wants_committed_logits: bool = False
 
     def begin(self, state) -> None:
         pass

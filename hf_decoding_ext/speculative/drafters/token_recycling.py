@@ -1,0 +1,121 @@
+"""Token Recycling: candidate tokens from past verifications, stored in an adjacency matrix, drafted as a tree."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Draft, Drafter, VerifyResult
+from ..tree import DraftTree
+
+# The paper's default static tree (template "2.2.2", 80 nodes over 6 levels), written as the number of children of
+# each node, a node being the path of candidate ranks from the root. Child ``i`` of a node holding token ``t`` is
+# ``M[t, i]``, the i-th best candidate recorded after ``t``.
+PAPER_TREE_CHILDREN: dict[tuple[int, ...], int] = {
+    (): 8,
+    (0,): 8, (1,): 4, (2,): 3, (3,): 2, (4,): 1, (5,): 1, (6,): 1, (7,): 1,
+    (0, 0): 8, (0, 1): 3, (0, 2): 2, (0, 3): 1, (0, 4): 1, (0, 5): 1, (0, 6): 1, (0, 7): 1,
+    (1, 0): 2, (1, 1): 1, (2, 0): 1, (3, 0): 1, (4, 0): 1, (5, 0): 1,
+    (0, 0, 0): 5, (0, 0, 1): 2, (0, 0, 2): 1, (0, 0, 3): 1, (0, 0, 4): 1, (0, 1, 0): 1, (0, 2, 0): 1,
+    (1, 0, 0): 1, (2, 0, 0): 1, (3, 0, 0): 1,
+    (0, 0, 0, 0): 3, (0, 0, 0, 1): 1, (0, 0, 0, 2): 1, (0, 0, 1, 0): 1, (0, 1, 0, 0): 1, (1, 0, 0, 0): 1,
+    (0, 0, 0, 0, 0): 2, (0, 0, 0, 1, 0): 1,
+}
+
+
+def expand_template(children: dict[tuple[int, ...], int]) -> list[tuple[int, ...]]:
+    """Breadth-first list of node paths (parents before children) of a ``{path: n_children}`` template."""
+    nodes, frontier = [], [()]
+    while frontier:
+        nxt = []
+        for path in frontier:
+            for i in range(children.get(path, 0)):
+                nodes.append(path + (i,))
+                nxt.append(path + (i,))
+        frontier = nxt
+    return nodes
+
+
+class TokenRecyclingDrafter(Drafter):
+    """Token Recycling (Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large Language Models
+    with Token Recycling", arXiv 2408.08696).
+
+    An adjacency matrix ``M (vocab, k)`` stores, for every token, the top-``k`` candidate next tokens that the target
+    model produced the last time that token was an input. Each step a static tree is filled breadth-first from the
+    last committed token (child ``i`` of a node holding ``t`` is ``M[t, i]``), verified by the engine's tree
+    attention, and the target's top-``k`` at *every* verified position (root, draft nodes and uncached prompt
+    tokens) overwrite the rows of ``M``. ``M`` persists across prompts (the paper's "hot start"); ``reset()``
+    empties it. Nodes whose row of ``M`` is still empty are pruned from the tree.
+
+    Args:
+        k: candidates per token (the paper's top-k, default 8).
+        tree: ``{path: n_children}`` template; default the paper's 80-node tree "2.2.2".
+        max_depth: optional cap on tree depth (smaller trees verify faster on CPU).
+
+    Example:
+        >>> from hf_decoding_ext.speculative import SpeculativeDecoding
+        >>> from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingDrafter
+        >>> loop = SpeculativeDecoding(TokenRecyclingDrafter())
+        >>> out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)  # doctest: +SKIP
+    """
+
+    wants_committed_logits = True
+
+    def __init__(self, k: int = 8, tree: dict[tuple[int, ...], int] | None = None, max_depth: int | None = None):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        tree = PAPER_TREE_CHILDREN if tree is None else tree
+        paths = expand_template(tree)
+        if max_depth is not None:
+            if max_depth < 1:
+                raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+            paths = [p for p in paths if len(p) <= max_depth]
+        if any(i >= k for p in paths for i in p):
+            raise ValueError(f"the tree template uses candidate ranks >= k={k}")
+        self.k = k
+        index = {p: i for i, p in enumerate(paths)}
+        self._parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in paths], dtype=torch.long)
+        self._ranks = torch.tensor([p[-1] for p in paths], dtype=torch.long)
+        self._depths = [len(p) for p in paths]
+        self._levels = []
+        for d in sorted(set(self._depths)):
+            idx = torch.tensor([i for i, dd in enumerate(self._depths) if dd == d], dtype=torch.long)
+            self._levels.append((idx, self._parents[idx], self._ranks[idx]))
+        self.adjacency: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self._depths)
+
+    def reset(self) -> None:
+        self.adjacency = None
+
+    def begin(self, state) -> None:
+        vocab = state.model.get_output_embeddings().weight.shape[0]
+        if self.adjacency is None or self.adjacency.shape[0] != vocab:
+            self.adjacency = torch.full((vocab, self.k), -1, dtype=torch.long)
+
+    def propose(self, state) -> Draft:
+        root = state.input_ids[0, -1].cpu()
+        tokens = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        adj = self.adjacency
+        for idx, parents, ranks in self._levels:  # level by level: a node's token is its parent's ranked candidate
+            src = root.expand(idx.shape) if int(parents[0]) < 0 else tokens[parents]
+            tokens[idx] = torch.where(src >= 0, adj[src.clamp(min=0), ranks], -1)
+        keep = tokens >= 0
+        if bool(keep.all()):
+            return Draft(DraftTree(tokens, self._parents))
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        parents = self._parents[keep]
+        parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
+        return Draft(DraftTree(tokens[keep], parents))
+
+    def observe(self, state, result: VerifyResult) -> None:
+        tree = result.draft.tree
+        inputs = torch.cat([state.input_ids[0, -1:].cpu(), tree.tokens])
+        logits = result.tree_logits
+        if result.committed_logits is not None and result.committed_logits.shape[0]:
+            c = result.committed_logits.shape[0]
+            inputs = torch.cat([state.input_ids[0, -1 - c:-1].cpu(), inputs])
+            logits = torch.cat([result.committed_logits, logits])
+        top = logits.topk(self.k, dim=-1).indices.cpu()
+        self.adjacency[inputs] = top
