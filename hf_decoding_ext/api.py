@@ -14,7 +14,7 @@ def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None,
 
     Processors go to ``logits_processor``, stopping criteria to ``stopping_criteria``, decoding loops to
     ``custom_generate`` and candidate generators to ``custom_generate`` through their own loop; ``do_sample`` is the
-    method's default generation mode.
+    method's default generation mode. Candidate generators (drafters) are wrapped in the speculative engine.
 
     Example:
         >>> from hf_decoding_ext.api import method_generate_kwargs
@@ -28,6 +28,10 @@ def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None,
         kwargs["logits_processor"] = LogitsProcessorList([component])
     elif spec.kind == "stopping_criterion":
         kwargs["stopping_criteria"] = StoppingCriteriaList([component])
+    elif spec.kind == "candidate_generator":
+        from .speculative import SpeculativeDecoding
+
+        kwargs["custom_generate"] = SpeculativeDecoding(component)
     else:
         kwargs["custom_generate"] = component
     if spec.do_sample:

@@ -6,6 +6,7 @@ import pytest
 from transformers import LogitsProcessor, StoppingCriteria
 
 from hf_decoding_ext.generation.loop import DecodingLoop
+from hf_decoding_ext.speculative.drafters.base import Drafter
 from hf_decoding_ext.registry import KINDS, METHODS, MethodSpec, format_table, get_method, markdown_table
 
 TESTS = Path(__file__).parent
@@ -29,7 +30,7 @@ def test_issue_2_methods_registered_as_done():
 def test_component_matches_kind_and_is_documented(spec: MethodSpec):
     cls = spec.load()
     expected = {"processor": LogitsProcessor, "stopping_criterion": StoppingCriteria,
-                "decoding_loop": DecodingLoop}.get(spec.kind)
+                "decoding_loop": DecodingLoop, "candidate_generator": Drafter}.get(spec.kind)
     if expected is not None:
         assert issubclass(cls, expected), f"{spec.target} is not a {expected.__name__}"
     doc = cls.__doc__ or ""
