@@ -96,6 +96,17 @@ def _m(**kw) -> MethodSpec:
 
 # fmt: off
 METHODS: list[MethodSpec] = [
+    # ---------------------------------------------------------------------------------------------- sampling
+    _m(name="superposed", title="Superposed Decoding: Multiple Generations from a Single Autoregressive Inference Pass",
+       arxiv="2405.18400", family="sampling", kind="decoding_loop",
+       target="hf_decoding_ext.loops.superposed:SuperposedDecoding", lossless=False, needs_training=False,
+       status="done", do_sample=False,
+       summary="k drafts from one pass: superposed draft embeddings as input, n-gram-interpolated pruning to top k"),
+    _m(name="ips", title="Fine-grained Conversational Decoding via Isotropic and Proximal Search",
+       arxiv="2310.08130", family="sampling", kind="decoding_loop",
+       target="hf_decoding_ext.loops.ips:IsotropicProximalSearch", lossless=False, needs_training=False,
+       status="done", do_sample=False,
+       summary="dialogue decoding: confidence + proximity of response tokens - similarity to context utterances"),
 ]
 # fmt: on
 
