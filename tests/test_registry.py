@@ -60,3 +60,8 @@ def test_unknown_parameter_lists_valid_ones():
     spec = METHODS[0]
     with pytest.raises(ValueError, match="valid parameters"):
         spec.build(no_such_parameter=1)
+
+
+def test_readme_table_is_generated_from_the_registry():
+    readme = (TESTS.parent / "README.md").read_text()
+    assert markdown_table() in readme, "run: python scripts/update_readme_table.py"
