@@ -107,6 +107,28 @@ METHODS: list[MethodSpec] = [
        target="hf_decoding_ext.loops.ips:IsotropicProximalSearch", lossless=False, needs_training=False,
        status="done", do_sample=False,
        summary="dialogue decoding: confidence + proximity of response tokens - similarity to context utterances"),
+    # ------------------------------------------------------------------------------------------- speculative
+    # (issue 3 in progress: lossless tests pass; speed benchmark pending, hence "experimental")
+    _m(name="prompt-lookup", title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.prompt_lookup:PromptLookupDrafter", lossless=True,
+       needs_training=False, status="experimental",
+       summary="n-gram lookup in the prompt and output so far (prompt lookup decoding), verified by the engine"),
+    _m(name="token-recycling", title="Turning Trash into Treasure: Accelerating Inference of Large Language Models "
+       "with Token Recycling", arxiv="2408.08696", family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.token_recycling:TokenRecyclingDrafter", lossless=True,
+       needs_training=False, status="experimental",
+       summary="adjacency matrix of recycled top-k candidates, static 80-node draft tree"),
+    _m(name="lookahead", title="Break the Sequential Dependency of LLM Inference Using Lookahead Decoding",
+       arxiv="2402.02057", family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.lookahead:LookaheadDrafter", lossless=True,
+       needs_training=False, status="experimental",
+       summary="2D Jacobi lookahead window collects n-grams; matching n-grams verified in the same forward"),
+    _m(name="jacobi", title="Accelerating Transformer Inference for Translation via Parallel Decoding",
+       arxiv="2305.10427", family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.jacobi:JacobiDrafter", lossless=True,
+       needs_training=False, status="experimental",
+       summary="GS-Jacobi fixed-point iteration over blocks of guessed tokens, verified as a chain"),
 ]
 # fmt: on
 
