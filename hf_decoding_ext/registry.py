@@ -97,6 +97,21 @@ def _m(**kw) -> MethodSpec:
 # fmt: off
 METHODS: list[MethodSpec] = [
     # ---------------------------------------------------------------------------------------------- sampling
+    _m(name="mirostat-v1", title="Mirostat: A Neural Text Decoding Algorithm that Directly Controls Perplexity",
+       arxiv="2007.14966", family="sampling", kind="processor",
+       target="hf_decoding_ext.processors.mirostat:MirostatV1LogitsProcessor", lossless=False, needs_training=False,
+       status="done", do_sample=True, defaults={"tau": 3.0, "eta": 0.1},
+       summary="Zipf-estimated top-k with a feedback loop keeping the observed surprise at tau bits"),
+    _m(name="mirostat-v2", title="Mirostat: A Neural Text Decoding Algorithm that Directly Controls Perplexity",
+       arxiv="2007.14966", family="sampling", kind="processor",
+       target="hf_decoding_ext.processors.mirostat:MirostatV2LogitsProcessor", lossless=False, needs_training=False,
+       status="done", do_sample=True, defaults={"tau": 3.0, "eta": 0.1},
+       summary="keep tokens with surprise <= mu; mu adapts so the observed surprise converges to tau bits"),
+    _m(name="adaptive-top-k", title="Foundations of Top-k Decoding For Language Models", arxiv="2505.19371",
+       family="sampling", kind="processor",
+       target="hf_decoding_ext.processors.adaptive_topk:AdaptiveTopKLogitsProcessor", lossless=False,
+       needs_training=False, status="done", do_sample=True, defaults={"lam": 0.01},
+       summary="l0-penalised Bregman decoder: per-step k by binary search on a convex objective; KL = top-k"),
     _m(name="superposed", title="Superposed Decoding: Multiple Generations from a Single Autoregressive Inference Pass",
        arxiv="2405.18400", family="sampling", kind="decoding_loop",
        target="hf_decoding_ext.loops.superposed:SuperposedDecoding", lossless=False, needs_training=False,
