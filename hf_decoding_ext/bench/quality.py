@@ -19,7 +19,6 @@ distribution** (teacher-forced, no logits processors, temperature 1):
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import re
 import sys
@@ -38,10 +37,9 @@ from .speed import (
     describe_kwargs,
     encode_prompt,
     eos_token_ids,
-    machine_info,
     model_device,
-    model_display_name,
     pad_token_id,
+    result_header,
     resolve_method,
 )
 
@@ -211,12 +209,7 @@ def benchmark_quality(model, tokenizer, methods: Mapping[str, MethodLike], promp
         }
     rows = [{k: v for k, v in r.items() if k not in ("token_ids", "surprises")} for r in full_rows]
     return {
-        "kind": "quality",
-        "tag": tag,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_display_name(model, model_name),
-        "dtype": str(next(model.parameters()).dtype),
-        "machine": machine_info(device),
+        **result_header("quality", tag, model, model_name, device),
         "settings": {
             "max_new_tokens": max_new_tokens,
             "seed": seed,

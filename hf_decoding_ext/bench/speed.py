@@ -169,6 +169,18 @@ def model_display_name(model, model_name: str | None = None) -> str:
     return path or type(model).__name__
 
 
+def result_header(kind: str, tag: str, model, model_name: str | None, device=None) -> dict[str, Any]:
+    """Common head of every results JSON: kind, tag, time, model, dtype and machine."""
+    return {
+        "kind": kind,
+        "tag": tag,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_display_name(model, model_name),
+        "dtype": str(next(model.parameters()).dtype),
+        "machine": machine_info(device),
+    }
+
+
 def machine_info(device=None) -> dict[str, Any]:
     """Machine and library versions recorded with every result file."""
     import transformers
@@ -436,12 +448,7 @@ def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts
 
     summary = summarise(rows, BASELINE)
     return {
-        "kind": "speed",
-        "tag": tag,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_display_name(model, model_name),
-        "dtype": str(next(model.parameters()).dtype),
-        "machine": machine_info(device),
+        **result_header("speed", tag, model, model_name, device),
         "settings": {
             "max_new_tokens": max_new_tokens,
             "warmup_prompts": min(warmup, len(prompts)),

@@ -15,6 +15,7 @@ with eos/stopping/streamer handling, and build the ``generate()``-style return v
 
 from __future__ import annotations
 
+import abc
 import copy
 import sys
 from typing import Any
@@ -235,7 +236,7 @@ def select_cache(cache, indices: torch.Tensor):
     return new
 
 
-class DecodingLoop:
+class DecodingLoop(abc.ABC):
     """Base class of the library's ``custom_generate`` loops.
 
     Subclasses implement :meth:`run` (mutating a :class:`GenerationState` until ``state.done``) and may set
@@ -270,6 +271,6 @@ class DecodingLoop:
         extra = self.run(state) or {}
         return state.finish(**extra)
 
-    def run(self, state: GenerationState):  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def run(self, state: GenerationState):
         """Decode until ``state.done``; may return extra fields for the ``return_dict_in_generate`` output."""
-        raise NotImplementedError

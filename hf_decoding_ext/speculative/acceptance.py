@@ -19,6 +19,7 @@ by subclassing :class:`AcceptanceRule`.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -28,14 +29,15 @@ from .tree import DraftTree
 ScoresAt = Callable[[int], torch.Tensor]
 
 
-class AcceptanceRule:
+class AcceptanceRule(abc.ABC):
     """Base class. ``accept(tree, scores_at, generator)`` returns ``(accepted_nodes, bonus_token)``."""
 
     lossless: bool = True
 
+    @abc.abstractmethod
     def accept(self, tree: DraftTree, scores_at: ScoresAt,
                generator: torch.Generator | None = None) -> tuple[list[int], int]:
-        raise NotImplementedError
+        """Accepted node indices and the bonus token."""
 
 
 class GreedyAcceptance(AcceptanceRule):

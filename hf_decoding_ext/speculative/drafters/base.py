@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,7 @@ class VerifyResult:
     committed_logits: torch.Tensor | None = None
 
 
-class Drafter:
+class Drafter(abc.ABC):
     """Base class of drafters.
 
     ``begin(state)`` is called once at the start of every ``generate()`` call, ``propose(state)`` before each
@@ -57,8 +58,9 @@ class Drafter:
     def begin(self, state) -> None:
         pass
 
+    @abc.abstractmethod
     def propose(self, state) -> Draft:
-        raise NotImplementedError
+        """The draft to verify next."""
 
     def observe(self, state, result: VerifyResult) -> None:
         pass
