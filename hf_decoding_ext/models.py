@@ -135,3 +135,38 @@ def encode_prompts(tokenizer, prompts, chat: bool | None = None, device=None):
     if device is not None:
         enc = enc.to(device)
     return enc
+
+
+def truncated_model(model, num_layers: int):
+    """A causal LM made of the embeddings, first ``num_layers`` decoder layers, final norm and LM head of ``model``.
+
+    The weights are shared with ``model`` (no copy). It shares the tokenizer, so it can serve as a (weak, untrained)
+    draft model where no second model of the same family is available, e.g. in tests and demonstrations of
+    draft-model speculative decoding. Needs a model whose decoder layers are ``model.model.layers`` (Llama-style).
+
+    Example:
+        >>> from hf_decoding_ext.models import truncated_model
+        >>> draft = truncated_model(model, 4)  # doctest: +SKIP
+    """
+    import copy
+    import re
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"truncated_model needs decoder layers at model.model.layers; {type(model).__name__} has none")
+    total = len(layers)
+    if not 1 <= num_layers < total:
+        raise ValueError(f"num_layers must be in [1, {total - 1}] for this {total}-layer model, got {num_layers}")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types)[:num_layers]
+    small = type(model)(cfg).to(device=model.device, dtype=model.dtype)
+    pattern = re.compile(r"(^|\.)layers\.(\d+)\.")
+    state = {k: v for k, v in model.state_dict().items()
+             if not ((m := pattern.search(k)) and int(m.group(2)) >= num_layers)}
+    small.load_state_dict(state, assign=True, strict=True)
+    if getattr(cfg, "tie_word_embeddings", False):
+        small.tie_weights()
+    small.generation_config = copy.deepcopy(model.generation_config)
+    return small.eval()

@@ -152,17 +152,27 @@ METHODS: list[MethodSpec] = [
        "with Token Recycling", arxiv="2408.08696", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.token_recycling:TokenRecyclingDrafter", lossless=True,
        needs_training=False, status="experimental",
-       summary="adjacency matrix of recycled top-k candidates, static 80-node draft tree"),
+       summary="adjacency matrix of recycled top-k candidates, static draft tree (the paper's 80 nodes; its 16 "
+               "most-accepted nodes on CPU)"),
     _m(name="lookahead", title="Break the Sequential Dependency of LLM Inference Using Lookahead Decoding",
        arxiv="2402.02057", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.lookahead:LookaheadDrafter", lossless=True,
        needs_training=False, status="experimental",
-       summary="2D Jacobi lookahead window collects n-grams; matching n-grams verified in the same forward"),
+       defaults={"window_size": 4, "ngram_size": 4, "max_guesses": 3, "pool_from_prompt": True},
+       summary="2D Jacobi lookahead window collects n-grams; matching n-grams verified in the same forward "
+               "(registry defaults W=4, N=4, G=3 + prompt n-grams, sized for CPU; the paper's GPU setting is "
+               "W=15, N=5, G=15)"),
     _m(name="jacobi", title="Accelerating Transformer Inference for Translation via Parallel Decoding",
        arxiv="2305.10427", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.jacobi:JacobiDrafter", lossless=True,
        needs_training=False, status="experimental",
        summary="GS-Jacobi fixed-point iteration over blocks of guessed tokens, verified as a chain"),
+    _m(name="draft-model", title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.draft_model:DraftModelDrafter", lossless=True,
+       needs_training=False, status="experimental", defaults={"assistant": "self:4"},
+       summary="a small causal LM sharing the tokenizer drafts a chain (assisted generation); default assistant: "
+               "the target's first 4 layers"),
 ]
 # fmt: on
 

@@ -191,7 +191,8 @@ def _write(res: dict, out_dir, tag: str, plot: bool, kind: str) -> dict:
 
 
 def family_methods(family: str, model=None, tokenizer=None, params: Mapping[str, Mapping[str, Any]] | None = None,
-                   status: str | None = None, names: Sequence[str] | None = None) -> dict[str, MethodLike]:
+                   status: str | None = None, names: Sequence[str] | None = None,
+                   reuse: bool = False) -> dict[str, MethodLike]:
     """``{name: factory}`` for the registered methods of ``family`` (default params, overridable).
 
     Args:
@@ -201,7 +202,8 @@ def family_methods(family: str, model=None, tokenizer=None, params: Mapping[str,
         names: only these methods (unknown names raise ``ValueError``).
 
     Each factory builds a fresh component with :func:`hf_decoding_ext.api.method_generate_kwargs` before every
-    run (components may keep per-run state).
+    run (components may keep per-run state), or, with ``reuse=True``, builds it once and returns the same kwargs
+    every time (drafters whose state is meant to persist across prompts, e.g. Token Recycling's hot start).
     """
     from ..api import method_generate_kwargs
     from ..registry import list_methods
@@ -225,11 +227,37 @@ def family_methods(family: str, model=None, tokenizer=None, params: Mapping[str,
             raise ValueError(f"Unknown parameter(s) {bad} for method {spec.name!r}; valid parameters: "
                              f"{spec.parameters() or 'none'}")
 
-        def factory(spec=spec, p=p):
-            return method_generate_kwargs(spec, model, tokenizer, **p)
+        built: dict[str, Any] = {}
+
+        def factory(spec=spec, p=p, built=built):
+            if not reuse:
+                return method_generate_kwargs(spec, model, tokenizer, **p)
+            if "kwargs" not in built:
+                built["kwargs"] = method_generate_kwargs(spec, model, tokenizer, **p)
+            return built["kwargs"]
 
         factory.__name__ = f"method_generate_kwargs({spec.name!r}{''.join(f', {k}={v!r}' for k, v in p.items())})"
         out[spec.name] = factory
+    return out
+
+
+TRANSFORMERS_PROMPT_LOOKUP = {"prompt_lookup_num_tokens": 10, "do_sample": False}
+
+
+def speculative_baselines(chosen: Mapping[str, MethodLike]) -> dict[str, MethodLike]:
+    """transformers' built-ins nearest to the benchmarked drafters: prompt lookup (always) and assisted generation
+    with the very assistant of ``draft-model`` (when it is benchmarked)."""
+    out: dict[str, MethodLike] = {"transformers-prompt-lookup": dict(TRANSFORMERS_PROMPT_LOOKUP)}
+    if "draft-model" in chosen:
+        ours = chosen["draft-model"]
+
+        def assisted():
+            kwargs = ours() if callable(ours) else ours
+            drafter = kwargs["custom_generate"].drafter
+            return {"assistant_model": drafter.assistant_model, "do_sample": False}
+
+        assisted.__name__ = "assistant_model=<draft-model's assistant>"
+        out["transformers-assisted"] = assisted
     return out
 
 
@@ -252,8 +280,14 @@ def run_family(
     speed: bool = True,
     status: str | None = None,
     progress: bool = True,
+    extra_methods: Mapping[str, MethodLike] | None = None,
 ) -> dict[str, Any]:
     """Benchmark the registered methods of ``family``: speed vs greedy, and quality for the sampling family.
+
+    For the ``"speculative"`` family each drafter is built once and reused across prompts (state such as Token
+    Recycling's matrix persists, as in the papers), and transformers' nearest built-ins are timed in the same
+    interleaved run: ``transformers-prompt-lookup`` (``prompt_lookup_num_tokens=10``) and, when ``draft-model`` is
+    benchmarked, ``transformers-assisted`` (``assistant_model=`` the same assistant).
 
     Writes ``<family>_speed.json``/``.png`` and, when ``quality`` (default: only for ``family == "sampling"``),
     ``<family>_quality.json``/``.png`` under ``out_dir``. For the sampling family, greedy and ancestral sampling are
@@ -270,6 +304,8 @@ def run_family(
             what the CLI's ``--model`` passes).
         status: only methods of this status (``"done"``/``"experimental"``; default: all).
         quality, speed: which benchmarks to run.
+        extra_methods: further ``{name: method}`` entries timed in the same speed run (e.g. a composition of
+            drafters), after the registered ones.
         (other arguments as for :func:`run_speed`)
 
     Returns:
@@ -278,7 +314,7 @@ def run_family(
     if model is None and model_name is not None:
         model = model_name
     model, tokenizer, name = _model_and_tokenizer(model, tokenizer)
-    chosen = family_methods(family, model, tokenizer, params, status, methods)
+    chosen = family_methods(family, model, tokenizer, params, status, methods, reuse=family == "speculative")
     rows = select_prompts(prompts, categories, per_category)
     if quality is None:
         quality = family == "sampling"
@@ -289,7 +325,10 @@ def run_family(
                                      references=("greedy", "ancestral") if family == "sampling" else ("greedy",))
     if speed:
         speed_methods: dict[str, MethodLike] = {"ancestral": ANCESTRAL_KWARGS} if family == "sampling" else {}
+        if family == "speculative":
+            speed_methods.update(speculative_baselines(chosen))
         speed_methods.update(chosen)
+        speed_methods.update(extra_methods or {})
         out["speed"] = run_speed(speed_methods, model, tokenizer, rows, max_new_tokens=max_new_tokens,
                                  warmup=warmup, seed=seed, out_dir=out_dir, tag=f"{family}_speed", progress=progress,
                                  model_name=name)

@@ -214,24 +214,40 @@ def machine_info(device=None) -> dict[str, Any]:
 
 
 class ForwardCounter:
-    """Counts calls of ``model.forward`` with a forward hook (use as a context manager)."""
+    """Counts and times calls of ``model.forward`` with forward hooks (use as a context manager).
+
+    ``count`` is the number of calls and ``seconds`` the wall time spent inside them (synchronised on CUDA), so
+    ``1 - seconds / wall`` of a run is the share of time spent outside the model's forwards (decoding-loop overhead).
+    """
 
     def __init__(self, model):
         self.model = model
+        self.device = model_device(model)
         self.count = 0
-        self._handle = None
+        self.seconds = 0.0
+        self._start = None
+        self._handles = []
+
+    def _pre_hook(self, module, args):
+        _sync(self.device)
+        self._start = time.perf_counter()
 
     def _hook(self, module, args, output):
         self.count += 1
+        if self._start is not None:
+            _sync(self.device)
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
 
     def __enter__(self):
-        self._handle = self.model.register_forward_hook(self._hook)
+        self._handles = [self.model.register_forward_pre_hook(self._pre_hook),
+                         self.model.register_forward_hook(self._hook)]
         return self
 
     def __exit__(self, *exc):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 class PeakMemory:
@@ -317,6 +333,8 @@ def generate_once(model, enc, gen_kwargs: Mapping[str, Any], max_new_tokens: int
         "tokens_per_s": n / wall if wall > 0 else float("nan"),
         "forwards": counter.count,
         "tokens_per_forward": n / counter.count if counter.count else float("nan"),
+        "forward_s": counter.seconds,
+        "overhead_frac": 1.0 - counter.seconds / wall if wall > 0 else float("nan"),
         "peak_mem_mb": mem.peak_mb if track_memory else None,
         "peak_mem_kind": mem.kind if track_memory else None,
         "token_ids": new,
@@ -339,6 +357,7 @@ def summarise(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
         tok = sum(r["new_tokens"] for r in sel)
         wall = sum(r["wall_s"] for r in sel)
         fwd = sum(r["forwards"] for r in sel)
+        fwd_s = sum(r.get("forward_s", float("nan")) for r in sel)
         base = [base_by_prompt[r["prompt_id"]] for r in sel if r["prompt_id"] in base_by_prompt]
         btok = sum(r["new_tokens"] for r in base)
         bwall = sum(r["wall_s"] for r in base)
@@ -356,6 +375,7 @@ def summarise(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
             "speed_ratio_mean_per_prompt": sum(per_prompt) / len(per_prompt) if per_prompt else float("nan"),
             "forwards": fwd,
             "tokens_per_forward": _ratio(tok, fwd),
+            "overhead_frac": 1.0 - _ratio(fwd_s, wall),
             "peak_mem_mb": max(mems) if mems else None,
             "match_baseline_rate": (sum(bool(r.get("matches_baseline")) for r in sel) / len(sel)) if base else None,
         }
@@ -462,6 +482,8 @@ def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts
             "new_tokens": "generated tokens up to and including the first eos",
             "forwards": "calls of the target model's forward (forward hook); tokens_per_forward = new_tokens / "
                         "forwards",
+            "overhead_frac": "share of wall time spent outside the target model's forwards (decoding loop, "
+                             "drafting, acceptance; a draft model's forwards count here too)",
             "peak_mem": rows[0].get("peak_mem_kind"),
         },
         "baseline": BASELINE,

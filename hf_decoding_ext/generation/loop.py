@@ -57,6 +57,7 @@ class GenerationState:
         self.logits: list[torch.Tensor] | None = [] if (self.return_dict and generation_config.output_logits) else None
         self.do_sample = bool(generation_config.do_sample)
         self.stats: dict[str, Any] = {"forwards": 0}
+        self.assistant_model = None  # generate(assistant_model=...), set by DecodingLoop
 
     # ----------------------------------------------------------------------------------------------- properties
     @property
@@ -211,21 +212,23 @@ def repeat_cache(cache, repeats: int):
     return new
 
 
-def _streamer_from_generate_call(loop) -> Any:
-    """The ``streamer`` given to the ``generate()`` call that invoked ``loop``.
+def _generate_call_locals(loop) -> dict[str, Any]:
+    """The local variables of the ``generate()`` call that invoked ``loop`` (``{}`` when not called from one).
 
-    transformers 5.x drops ``streamer`` from the arguments it forwards to a callable ``custom_generate`` (it keeps only
-    the callable's *extra* parameters), although ``generate()`` itself already streamed the prompt. To keep
-    ``streamer=`` working for our loops, look it up in the calling ``generate()`` frame.
+    transformers 5.x forwards to a callable ``custom_generate`` only the arguments of ``GenerationMixin._sample`` plus
+    the callable's *extra* keyword arguments found in ``**kwargs``; ``streamer`` (although ``generate()`` already
+    streamed the prompt) and ``assistant_model`` (an explicit ``generate()`` parameter) are dropped. To keep
+    ``streamer=`` and ``assistant_model=`` working for our loops, they are looked up in the calling ``generate()``
+    frame.
     """
     frame = sys._getframe(1)
     for _ in range(8):
         frame = frame.f_back
         if frame is None:
-            return None
+            return {}
         if frame.f_code.co_name == "generate" and frame.f_locals.get("custom_generate") is loop:
-            return frame.f_locals.get("streamer")
-    return None
+            return frame.f_locals
+    return {}
 
 
 def select_cache(cache, indices: torch.Tensor):
@@ -247,6 +250,7 @@ class DecodingLoop(abc.ABC):
     supports_batch: bool = True
     supports_sampling: bool = True
     supports_greedy: bool = True
+    accepts_assistant_model: bool = False
 
     def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                  streamer=None, **model_kwargs):
@@ -264,10 +268,15 @@ class DecodingLoop(abc.ABC):
             raise ValueError(f"{name} is a deterministic search; call generate() with do_sample=False")
         if not generation_config.do_sample and not self.supports_greedy:
             raise ValueError(f"{name} samples; call generate() with do_sample=True")
+        caller = _generate_call_locals(self)
         if streamer is None:
-            streamer = _streamer_from_generate_call(self)
+            streamer = caller.get("streamer")
+        assistant_model = caller.get("assistant_model")
+        if assistant_model is not None and not self.accepts_assistant_model:
+            raise ValueError(f"{name} does not use an assistant model; drop assistant_model= from generate()")
         state = GenerationState(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
                                 model_kwargs)
+        state.assistant_model = assistant_model
         extra = self.run(state) or {}
         return state.finish(**extra)
 

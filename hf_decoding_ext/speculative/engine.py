@@ -42,7 +42,9 @@ class SpeculativeDecoding(DecodingLoop):
     streamers and ``max_new_tokens`` are honoured inside an accepted run.
 
     Args:
-        drafter: a :class:`~hf_decoding_ext.speculative.drafters.base.Drafter`.
+        drafter: a :class:`~hf_decoding_ext.speculative.drafters.base.Drafter`; ``None``: a
+            :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelDrafter` over the model passed as
+            ``generate(..., assistant_model=...)`` (assisted generation through this engine).
         acceptance: ``"auto"`` (greedy or speculative sampling following ``do_sample``), ``"greedy"``,
             ``"speculative"``, ``"typical"`` (lossy) or an :class:`AcceptanceRule`.
         max_draft_nodes: cap on tree nodes per step (``None``: the drafter's own size).
@@ -59,9 +61,14 @@ class SpeculativeDecoding(DecodingLoop):
     """
 
     supports_batch = False
+    accepts_assistant_model = True
 
-    def __init__(self, drafter: Drafter, acceptance: str | AcceptanceRule = "auto",
+    def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
                  max_draft_nodes: int | None = None, seed: int | None = None):
+        if drafter is None:
+            from .drafters.draft_model import DraftModelDrafter
+
+            drafter = DraftModelDrafter()
         if not isinstance(drafter, Drafter):
             raise ValueError(f"drafter must be a Drafter, got {type(drafter).__name__}")
         if max_draft_nodes is not None and max_draft_nodes < 0:
@@ -116,6 +123,9 @@ class SpeculativeDecoding(DecodingLoop):
 
     # ------------------------------------------------------------------------------------------------ loop
     def run(self, state: GenerationState):
+        if state.assistant_model is not None and not self.drafter.uses_assistant_model:
+            raise ValueError(f"{type(self.drafter).__name__} does not use an assistant model; drop assistant_model= "
+                             "or use SpeculativeDecoding() / DraftModelDrafter()")
         check_compactable(state.cache)
         rule = resolve_rule(self.acceptance, state.do_sample)
         generator = None

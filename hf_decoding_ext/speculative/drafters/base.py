@@ -54,6 +54,7 @@ class Drafter(abc.ABC):
     """
 
     wants_committed_logits: bool = False
+    uses_assistant_model: bool = False  # whether generate(assistant_model=...) feeds this drafter
 
     def begin(self, state) -> None:
         pass

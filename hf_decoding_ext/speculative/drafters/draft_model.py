@@ -9,6 +9,9 @@ from .base import Draft, Drafter
 from ..tree import DraftTree
 
 
+_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+
+
 class DraftModelDrafter(Drafter):
     """Chain drafts from a small model (speculative decoding as in Leviathan et al., arXiv 2211.17192).
 
@@ -20,35 +23,99 @@ class DraftModelDrafter(Drafter):
     speculative-sampling rule.
 
     Args:
-        assistant_model: the draft model; its vocabulary must match the target's.
-        num_tokens: maximum draft length (transformers' ``num_assistant_tokens``, default 20).
-        confidence_threshold: stop drafting when the draft's top probability is below it (transformers'
-            ``assistant_confidence_threshold``, default 0.4; 0 disables).
+        assistant_model: the draft model; its vocabulary must match the target's. ``None``: the model passed as
+            ``generate(..., assistant_model=...)``.
+        num_tokens: maximum draft length (``None``: the assistant's ``generation_config.num_assistant_tokens``,
+            transformers' default 20).
+        confidence_threshold: stop drafting when the draft's top probability is below it (``None``: the
+            assistant's ``generation_config.assistant_confidence_threshold``, transformers' default 0.4; 0
+            disables).
+        schedule: transformers' ``num_assistant_tokens_schedule``: ``"constant"``, ``"heuristic"`` (draft length +2
+            after a fully accepted draft, -1 otherwise, carried over to the next ``generate()`` call) or
+            ``"heuristic_transient"`` (the same, restarting every call); ``None``: the assistant's generation config
+            (default ``"constant"``).
+
+    Deviation: when scikit-learn is installed transformers also re-fits ``assistant_confidence_threshold`` online
+    from an ROC curve; this drafter keeps the threshold fixed (equal to transformers without scikit-learn).
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
         >>> from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
-        >>> loop = SpeculativeDecoding(DraftModelDrafter(small_model))
-        >>> out = model.generate(**inputs, max_new_tokens=64, custom_generate=loop)  # doctest: +SKIP
+        >>> loop = SpeculativeDecoding(DraftModelDrafter())
+        >>> out = model.generate(**inputs, max_new_tokens=64, assistant_model=small_model,
+        ...                      custom_generate=loop)  # doctest: +SKIP
     """
 
-    def __init__(self, assistant_model, num_tokens: int = 20, confidence_threshold: float = 0.4):
-        if num_tokens < 1:
+    uses_assistant_model = True
+
+    def __init__(self, assistant_model=None, num_tokens: int | None = None,
+                 confidence_threshold: float | None = None, schedule: str | None = None):
+        if schedule not in (None, *_SCHEDULES):
+            raise ValueError(f"schedule must be None or one of {_SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
+        if num_tokens is not None and num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-        if not 0 <= confidence_threshold < 1:
+        if confidence_threshold is not None and not 0 <= confidence_threshold < 1:
             raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
-        self.assistant = assistant_model
+        self.assistant_model = assistant_model
         self.num_tokens = num_tokens
         self.confidence_threshold = confidence_threshold
+        self.assistant = assistant_model
         self._cache = None
         self._cached_ids: torch.Tensor | None = None
 
+    @classmethod
+    def for_model(cls, model=None, tokenizer=None, assistant: str = "self:4", num_tokens: int | None = None,
+                  confidence_threshold: float | None = None, schedule: str | None = None) -> "DraftModelDrafter":
+        """Registry/CLI factory. ``assistant`` is a model name or path (loaded with
+        :func:`~hf_decoding_ext.models.load_model`, same device and dtype as the target) or ``"self:N"``: the target's
+        first ``N`` layers with its final norm and LM head (:func:`~hf_decoding_ext.models.truncated_model`), a weak
+        untrained drafter for demonstrations where no smaller model of the same family is at hand (the default,
+        ``"self:4"``, since the embedded default model has no smaller sibling on this machine)."""
+        from ...models import load_model, truncated_model
+
+        if not isinstance(assistant, str) or not assistant:
+            raise ValueError("assistant must be a model name/path or 'self:N'")
+        if assistant.startswith("self:"):
+            if model is None:
+                raise ValueError("assistant='self:N' needs the target model")
+            try:
+                n = int(assistant.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"assistant='self:N' needs an integer N, got {assistant!r}") from None
+            draft = truncated_model(model, n)
+        else:
+            draft, _ = load_model(assistant)
+            if model is not None:
+                draft = draft.to(device=model.device, dtype=model.dtype)
+        return cls(draft, num_tokens=num_tokens, confidence_threshold=confidence_threshold, schedule=schedule)
+
     def begin(self, state) -> None:
+        given = getattr(state, "assistant_model", None)
+        if self.assistant_model is not None and given is not None and given is not self.assistant_model:
+            raise ValueError("DraftModelDrafter got two different assistant models (its own and generate()'s)")
+        self.assistant = self.assistant_model if self.assistant_model is not None else given
+        if self.assistant is None:
+            raise ValueError("DraftModelDrafter needs an assistant model: DraftModelDrafter(small_model) or "
+                             "generate(..., assistant_model=small_model)")
         target_vocab = state.model.get_output_embeddings().weight.shape[0]
         draft_vocab = self.assistant.get_output_embeddings().weight.shape[0]
         if target_vocab != draft_vocab:
             raise ValueError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's "
                              f"({target_vocab}); a draft model must share the target's tokenizer")
+        cfg = getattr(self.assistant, "generation_config", None)
+        self._num_tokens = self.num_tokens if self.num_tokens is not None else int(
+            getattr(cfg, "num_assistant_tokens", None) or 20)
+        threshold = self.confidence_threshold
+        if threshold is None:
+            threshold = getattr(cfg, "assistant_confidence_threshold", None)
+        self._threshold = 0.4 if threshold is None else float(threshold)
+        schedule = self.schedule or getattr(cfg, "num_assistant_tokens_schedule", None) or "constant"
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"unsupported num_assistant_tokens_schedule {schedule!r} (one of {_SCHEDULES})")
+        if schedule == "heuristic" and getattr(self, "_carried", None) is not None:
+            self._num_tokens = self._carried
+        self._schedule = schedule
         self._cache = DynamicCache(config=self.assistant.config)
         self._cached_ids = state.input_ids.new_zeros((1, 0))
 
@@ -70,7 +137,7 @@ class DraftModelDrafter(Drafter):
         tokens, probs = [], []
         room = state.generation_config.max_length - ids.shape[1] - 1
         cur_ids, cur_mask = ids, mask
-        for _ in range(max(0, min(self.num_tokens, room))):
+        for _ in range(max(0, min(self._num_tokens, room))):
             cached = self._cache.get_seq_length()
             new = cur_ids[:, cached:]
             pos = (cur_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cached:]
@@ -88,8 +155,20 @@ class DraftModelDrafter(Drafter):
             tokens.append(int(tok))
             cur_ids = torch.cat([cur_ids, tok[:, None]], dim=1)
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones((1, 1))], dim=1)
-            if not state.do_sample and float(p[0, tok]) < self.confidence_threshold:
+            if not state.do_sample and float(p[0, tok]) < self._threshold:
                 break
         self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
         draft_probs = torch.stack(probs) if probs else None
         return Draft(DraftTree.chain(torch.tensor(tokens, dtype=torch.long), draft_probs))
+
+    def observe(self, state, result) -> None:
+        if self._schedule in ("heuristic", "heuristic_transient"):
+            n = len(result.draft.tree)
+            if n and len(result.accepted) == n:
+                self._num_tokens += 2
+            else:
+                self._num_tokens = max(1, self._num_tokens - 1)
+            self._carried = self._num_tokens if self._schedule == "heuristic" else None
+
+    def reset(self) -> None:
+        self._carried = None

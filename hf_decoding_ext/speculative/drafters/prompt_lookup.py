@@ -15,14 +15,16 @@ class PromptLookupDrafter(Drafter):
     transformers' ``prompt_lookup_num_tokens``; it has no paper, so the registry cites the speculative-decoding paper
     it accelerates (Leviathan et al., "Fast Inference from Transformers via Speculative Decoding", arXiv 2211.17192).
     The last ``n`` tokens (``n`` from ``max_ngram`` down to ``min_ngram``) are searched in the prompt and the text
-    generated so far; the ``num_tokens`` tokens that followed the match are proposed as a chain. Unlike transformers,
-    the most recent match is preferred (transformers takes the first); with ``max_ngram=2, num_tokens=10`` the
-    drafts otherwise follow the same rule. Drafts stop before an eos token.
+    generated so far; the ``num_tokens`` tokens that followed the match are proposed as a chain, stopping before an
+    eos token. ``match="first"`` takes the earliest occurrence, exactly as transformers does (same drafts, hence the
+    same number of target forwards, tested); the default ``"last"`` takes the most recent one, which follows the
+    text being generated more closely.
 
     Args:
         num_tokens: draft length (transformers' ``prompt_lookup_num_tokens``; default 10).
         max_ngram: longest n-gram to match (transformers' ``max_matching_ngram_size``; default 2).
         min_ngram: shortest n-gram to match (default 1).
+        match: ``"last"`` (most recent occurrence, default) or ``"first"`` (earliest, transformers' choice).
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -31,7 +33,10 @@ class PromptLookupDrafter(Drafter):
         >>> out = model.generate(**inputs, max_new_tokens=128, custom_generate=loop)  # doctest: +SKIP
     """
 
-    def __init__(self, num_tokens: int = 10, max_ngram: int = 2, min_ngram: int = 1):
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 2, min_ngram: int = 1, match: str = "last"):
+        if match not in ("first", "last"):
+            raise ValueError(f"match must be 'first' or 'last', got {match!r}")
+        self.match = match
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         if not 1 <= min_ngram <= max_ngram:
@@ -46,12 +51,13 @@ class PromptLookupDrafter(Drafter):
         self._eos = set([eos] if isinstance(eos, int) else (eos or []))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Continuation ``(<= num_tokens,)`` of the latest match of the trailing n-gram in 1D ``ids``."""
+        """Continuation ``(<= num_tokens,)`` of the last (or first) match of the trailing n-gram in 1D ``ids``."""
         length = ids.shape[0]
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             windows = ids.unfold(0, n, 1)[:-1]  # exclude the trailing n-gram itself
             hits = (windows == ids[-n:]).all(dim=1).nonzero().flatten()
-            for start in reversed(hits.tolist()):
+            hits = hits.tolist()
+            for start in (reversed(hits) if self.match == "last" else hits):
                 cont = ids[start + n: start + n + self.num_tokens]
                 if cont.numel():
                     return cont

@@ -1,0 +1,115 @@
+"""Several drafters verified together: their trees merged into one trie, one target forward per step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Draft, Drafter, VerifyResult
+from ..tree import DraftTree
+
+
+class MergedDrafter(Drafter):
+    """Union of the drafts of several drafters, verified in one forward (engine machinery, not a paper's method).
+
+    Every step each drafter proposes its tree; the trees are merged into a trie (shared prefixes verified once) and,
+    when ``max_nodes`` is set, cut to that many nodes taking the drafters' nodes in turn (first drafter first), so
+    each keeps its own top nodes. After verification every drafter observes the result restricted to its own nodes:
+    its tree's logits, the part of the accepted path its tree contains and, for the one drafter that may use side
+    nodes (Lookahead Decoding's window), the side logits. Deterministic drafts only (greedy or speculative sampling
+    with one-hot drafts), so the engine's acceptance stays lossless.
+
+    Args:
+        drafters: the drafters to merge (at least one; at most one with side nodes; none that samples its drafts).
+        max_nodes: cap on the merged tree (``None``: no cap).
+
+    Example:
+        >>> from hf_decoding_ext.speculative import SpeculativeDecoding
+        >>> from hf_decoding_ext.speculative.drafters.merged import MergedDrafter
+        >>> from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+        >>> from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingDrafter
+        >>> loop = SpeculativeDecoding(MergedDrafter([PromptLookupDrafter(), TokenRecyclingDrafter()]))
+        >>> out = model.generate(**inputs, max_new_tokens=128, custom_generate=loop)  # doctest: +SKIP
+    """
+
+    def __init__(self, drafters: Sequence[Drafter], max_nodes: int | None = None):
+        drafters = list(drafters)
+        if not drafters or not all(isinstance(d, Drafter) for d in drafters):
+            raise ValueError("MergedDrafter needs a non-empty list of Drafter instances")
+        if any(d.uses_assistant_model for d in drafters):
+            raise ValueError("MergedDrafter does not take draft-model drafters (their drafts are sampled)")
+        if max_nodes is not None and max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        self.drafters = drafters
+        self.max_nodes = max_nodes
+        self.wants_committed_logits = any(d.wants_committed_logits for d in drafters)
+        self._maps: list[list[int]] = []
+        self._drafts: list[Draft] = []
+
+    def reset(self) -> None:
+        for d in self.drafters:
+            d.reset()
+
+    def begin(self, state) -> None:
+        for d in self.drafters:
+            d.begin(state)
+
+    def propose(self, state) -> Draft:
+        drafts = [d.propose(state) for d in self.drafters]
+        sides = [i for i, d in enumerate(drafts) if d.side_tokens is not None and d.side_tokens.numel()]
+        if len(sides) > 1:
+            raise ValueError("at most one merged drafter may use side nodes")
+        if any(d.tree.draft_probs is not None for d in drafts):
+            raise ValueError("MergedDrafter needs deterministic drafts (no draft_probs)")
+        tokens: list[int] = []
+        parents: list[int] = []
+        index: dict[tuple[int, int], int] = {}
+        maps: list[list[int]] = [[-1] * len(d.tree) for d in drafts]
+        cursors = [0] * len(drafts)
+        cap = self.max_nodes if self.max_nodes is not None else sum(len(d.tree) for d in drafts)
+        # round-robin over the drafters, each contributing its nodes in order (parents before children)
+        while len(tokens) < cap and any(c < len(d.tree) for c, d in zip(cursors, drafts)):
+            for j, d in enumerate(drafts):
+                if cursors[j] >= len(d.tree) or len(tokens) >= cap:
+                    continue
+                i = cursors[j]
+                cursors[j] += 1
+                p = int(d.tree.parents[i])
+                parent = -1 if p < 0 else maps[j][p]
+                if p >= 0 and parent < 0:  # parent was cut: so are its descendants
+                    continue
+                key = (parent, int(d.tree.tokens[i]))
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(key[1])
+                    parents.append(parent)
+                maps[j][i] = index[key]
+        self._maps, self._drafts = maps, drafts
+        tree = DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+        if sides:
+            s = drafts[sides[0]]
+            return Draft(tree, s.side_tokens, s.side_allowed, s.side_depth)
+        return Draft(tree)
+
+    def observe(self, state, result: VerifyResult) -> None:
+        for j, (drafter, draft) in enumerate(zip(self.drafters, self._drafts)):
+            own = self._maps[j]
+            kept = [i for i, m in enumerate(own) if m >= 0]
+            if len(kept) < len(own):  # nodes cut by max_nodes: the drafter sees the kept subtree
+                remap = {old: new for new, old in enumerate(kept)}
+                parents = [remap.get(int(draft.tree.parents[i]), -1) for i in kept]
+                draft = Draft(DraftTree(draft.tree.tokens[kept], torch.tensor(parents, dtype=torch.long)),
+                              draft.side_tokens, draft.side_allowed, draft.side_depth, draft.info)
+            merged_nodes = [own[i] for i in kept]
+            rows = torch.tensor([0] + [m + 1 for m in merged_nodes], dtype=torch.long)
+            position = {m: k for k, m in enumerate(merged_nodes)}
+            accepted = []
+            for node in result.accepted:  # the accepted path's prefix that lies in this drafter's tree
+                if node not in position:
+                    break
+                accepted.append(position[node])
+            has_side = draft.side_tokens is not None and draft.side_tokens.numel()
+            drafter.observe(state, VerifyResult(draft, result.tree_logits[rows],
+                                                result.side_logits if has_side else None, accepted,
+                                                result.tokens, result.committed_logits))

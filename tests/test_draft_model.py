@@ -1,0 +1,134 @@
+"""Draft-model drafter: ``assistant_model=`` routing and parity with transformers' assisted generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_decoding_ext.bench.speed import ForwardCounter
+from hf_decoding_ext.models import encode_prompts, truncated_model
+from hf_decoding_ext.speculative import SpeculativeDecoding
+from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+
+
+def _assisted_pair(model, assistant, ids, max_new_tokens, **kw):
+    """(transformers output, its target forwards, our output, our target forwards, our loop)."""
+    with ForwardCounter(model) as c_hf:
+        hf = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=assistant, **kw)
+    loop = SpeculativeDecoding()
+    with ForwardCounter(model) as c_ours:
+        ours = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=assistant,
+                              custom_generate=loop, **kw)
+    return hf, c_hf.count, ours, c_ours.count, loop
+
+
+def test_truncated_model_is_early_exit_with_shared_weights(tiny_llama):
+    small = truncated_model(tiny_llama, 1)
+    assert small.config.num_hidden_layers == 1 and len(small.model.layers) == 1
+    assert small.model.embed_tokens.weight.data_ptr() == tiny_llama.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = tiny_llama(ids, output_hidden_states=True).hidden_states[1]
+        expected = tiny_llama.lm_head(tiny_llama.model.norm(hidden))
+        torch.testing.assert_close(small(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_layers"):
+        truncated_model(tiny_llama, 2)
+
+
+def test_truncated_model_refuses_models_without_llama_layers(tiny_gpt2):
+    with pytest.raises(ValueError, match="model.model.layers"):
+        truncated_model(tiny_gpt2, 1)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "heuristic_transient"])
+def test_parity_with_transformers_assisted_generation_tiny(tiny_llama, schedule):
+    assistant = truncated_model(tiny_llama, 1)
+    assistant.generation_config.num_assistant_tokens = 3
+    assistant.generation_config.num_assistant_tokens_schedule = schedule
+    assistant.generation_config.assistant_confidence_threshold = 0.0
+    for seed in range(3):
+        ids = torch.randint(3, 20, (1, 12), generator=torch.Generator().manual_seed(seed))
+        greedy = tiny_llama.generate(ids, max_new_tokens=40, do_sample=False)
+        hf, n_hf, ours, n_ours, loop = _assisted_pair(tiny_llama, assistant, ids, 40)
+        assert torch.equal(ours, greedy) and torch.equal(hf, greedy)
+        assert n_ours == n_hf  # same drafts, same acceptance: the same number of target forwards
+        sizes = [s.draft_size for s in loop.last_stats]
+        assert sizes[0] == 3
+        if schedule == "constant":
+            assert all(s <= 3 for s in sizes)
+
+
+def test_heuristic_schedule_carries_over_between_calls(tiny_llama):
+    drafter = DraftModelDrafter(truncated_model(tiny_llama, 1), num_tokens=3, confidence_threshold=0.0,
+                                schedule="heuristic")
+    loop = SpeculativeDecoding(drafter)
+    ids = torch.randint(3, 20, (1, 12), generator=torch.Generator().manual_seed(0))
+    tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
+    carried = drafter._num_tokens
+    tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
+    assert loop.last_stats[0].draft_size == min(carried, 20 - 1)
+    drafter.reset()
+    tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
+    assert loop.last_stats[0].draft_size == 3
+
+
+def test_assistant_model_routing_and_errors(tiny_llama, tiny_gpt2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assistant = truncated_model(tiny_llama, 1)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    greedy = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False)
+    # generate(assistant_model=...) feeds SpeculativeDecoding() and DraftModelDrafter() without a model of its own
+    for loop in (SpeculativeDecoding(), SpeculativeDecoding(DraftModelDrafter())):
+        out = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant,
+                                  custom_generate=loop)
+        assert torch.equal(out, greedy) and loop.drafter.assistant is assistant
+    with pytest.raises(ValueError, match="needs an assistant model"):
+        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=SpeculativeDecoding())
+    with pytest.raises(ValueError, match="does not use an assistant model"):
+        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, assistant_model=assistant,
+                            custom_generate=SpeculativeDecoding(PromptLookupDrafter()))
+    with pytest.raises(ValueError, match="two different assistant models"):
+        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, assistant_model=truncated_model(tiny_llama, 1),
+                            custom_generate=SpeculativeDecoding(DraftModelDrafter(assistant)))
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    with pytest.raises(ValueError, match="vocabulary"):
+        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False,
+                            custom_generate=SpeculativeDecoding(DraftModelDrafter(other)))
+    # a decoding loop that has no use for an assistant refuses it instead of ignoring it
+    from hf_decoding_ext.generation.loop import DecodingLoop
+
+    class Greedy(DecodingLoop):
+        def run(self, state):
+            while not state.done:
+                logits, _ = state.next_token_logits()
+                state.append(state.select(state.process(logits))[:, None])
+
+    assert torch.equal(tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=Greedy()), greedy)
+    with pytest.raises(ValueError, match="does not use an assistant model"):
+        tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, assistant_model=assistant,
+                            custom_generate=Greedy())
+    for bad in ({"num_tokens": 0}, {"confidence_threshold": 1.0}, {"schedule": "fast"}):
+        with pytest.raises(ValueError):
+            DraftModelDrafter(assistant, **bad)
+
+
+@pytest.mark.real_model
+def test_parity_with_transformers_assisted_generation_real_model(smollm):
+    """Same output and the same number of target forwards as transformers' assisted generation (its defaults: 20
+    draft tokens, constant schedule, confidence threshold 0.4), with the default model's first 4 layers as the
+    assistant."""
+    from hf_decoding_ext.bench.prompts import load_prompts
+
+    model, tokenizer = smollm
+    assistant = truncated_model(model, 4)
+    for row in load_prompts(categories=["summarization", "qa", "translation"], per_category=1):
+        enc = encode_prompts(tokenizer, row["prompt"])
+        greedy = model.generate(**enc, max_new_tokens=48, do_sample=False)
+        hf, n_hf, ours, n_ours, loop = _assisted_pair(model, assistant, enc["input_ids"], 48,
+                                                      attention_mask=enc["attention_mask"])
+        assert torch.equal(ours, greedy) and torch.equal(hf, greedy), row["id"]
+        assert n_ours == n_hf, (row["id"], n_ours, n_hf)
+        assert sum(s.accepted for s in loop.last_stats) > 0
