@@ -146,18 +146,18 @@ METHODS: list[MethodSpec] = [
     _m(name="prompt-lookup", title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.prompt_lookup:PromptLookupDrafter", lossless=True,
-       needs_training=False, status="experimental",
+       needs_training=False, status="done",
        summary="n-gram lookup in the prompt and output so far (prompt lookup decoding), verified by the engine"),
     _m(name="token-recycling", title="Turning Trash into Treasure: Accelerating Inference of Large Language Models "
        "with Token Recycling", arxiv="2408.08696", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.token_recycling:TokenRecyclingDrafter", lossless=True,
-       needs_training=False, status="experimental",
+       needs_training=False, status="done",
        summary="adjacency matrix of recycled top-k candidates, static draft tree (the paper's 80 nodes; its 16 "
                "most-accepted nodes on CPU)"),
     _m(name="lookahead", title="Break the Sequential Dependency of LLM Inference Using Lookahead Decoding",
        arxiv="2402.02057", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.lookahead:LookaheadDrafter", lossless=True,
-       needs_training=False, status="experimental",
+       needs_training=False, status="done",
        defaults={"window_size": 4, "ngram_size": 4, "max_guesses": 3, "pool_from_prompt": True},
        summary="2D Jacobi lookahead window collects n-grams; matching n-grams verified in the same forward "
                "(registry defaults W=4, N=4, G=3 + prompt n-grams, sized for CPU; the paper's GPU setting is "
@@ -165,12 +165,12 @@ METHODS: list[MethodSpec] = [
     _m(name="jacobi", title="Accelerating Transformer Inference for Translation via Parallel Decoding",
        arxiv="2305.10427", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.jacobi:JacobiDrafter", lossless=True,
-       needs_training=False, status="experimental",
+       needs_training=False, status="done",
        summary="GS-Jacobi fixed-point iteration over blocks of guessed tokens, verified as a chain"),
     _m(name="draft-model", title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.draft_model:DraftModelDrafter", lossless=True,
-       needs_training=False, status="experimental", defaults={"assistant": "self:4"},
+       needs_training=False, status="done", defaults={"assistant": "self:4"},
        summary="a small causal LM sharing the tokenizer drafts a chain (assisted generation); default assistant: "
                "the target's first 4 layers"),
 ]

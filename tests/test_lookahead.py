@@ -6,7 +6,6 @@ import torch
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.lookahead import LookaheadDrafter, lookahead_pattern
 
-from _speculative_real import run_speculative
 
 
 def _reference_mask(level_sizes):
@@ -94,14 +93,3 @@ def test_keep_pool_and_pool_from_prompt(tiny_llama):
     assert all(set(v) <= set(d.pool[k]) for k, v in before.items())
     d.reset()
     assert d.pool == {}
-
-
-@pytest.mark.real_model
-def test_lossless_and_fewer_forwards_on_real_model(smollm):
-    model, tokenizer = smollm
-    # the README's (N, W, G) = (5, 7, 7) keeps CPU time low; the paper's (5, 15, 15) behaves alike
-    results = run_speculative(model, tokenizer,
-                              lambda: SpeculativeDecoding(LookaheadDrafter(window_size=7, ngram_size=5)))
-    assert all(same for same, _ in results.values()), results
-    mean_tpf = sum(t for _, t in results.values()) / len(results)
-    assert mean_tpf > 1.2, results

@@ -19,6 +19,9 @@ from hf_decoding_ext.registry import METHODS
 N_PROMPTS = 20
 MAX_NEW_TOKENS = 128
 DRAFTERS = [m for m in METHODS if m.family == "speculative" and m.kind == "candidate_generator"]
+# the class each registered drafter must build (a new drafter must be added here, and so to this test)
+EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "TokenRecyclingDrafter",
+                  "lookahead": "LookaheadDrafter", "jacobi": "JacobiDrafter", "draft-model": "DraftModelDrafter"}
 
 
 def _prompts():
@@ -53,6 +56,7 @@ def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs
     model, tokenizer = smollm
     kwargs = method_generate_kwargs(spec, model=model, tokenizer=tokenizer)
     loop = kwargs["custom_generate"]
+    assert type(loop.drafter).__name__ == EXPECTED_CLASS[spec.name]
     assert kwargs["do_sample"] is False
     mismatches, tokens, forwards, accepted = [], 0, 0, 0
     with torch.inference_mode():

@@ -9,6 +9,7 @@ from .base import Draft, Drafter
 from ..tree import DraftTree
 
 
+SELF_ASSISTANT_TOKENS = 3
 _SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
@@ -71,7 +72,9 @@ class DraftModelDrafter(Drafter):
         :func:`~hf_decoding_ext.models.load_model`, same device and dtype as the target) or ``"self:N"``: the target's
         first ``N`` layers with its final norm and LM head (:func:`~hf_decoding_ext.models.truncated_model`), a weak
         untrained drafter for demonstrations where no smaller model of the same family is at hand (the default,
-        ``"self:4"``, since the embedded default model has no smaller sibling on this machine)."""
+        ``"self:4"``, since the embedded default model has no smaller sibling on this machine). Such an assistant's
+        ``generation_config.num_assistant_tokens`` is set to :data:`SELF_ASSISTANT_TOKENS` (3): its confident but
+        often wrong early-exit guesses make transformers' default of 20 draft tokens mostly wasted work."""
         from ...models import load_model, truncated_model
 
         if not isinstance(assistant, str) or not assistant:
@@ -84,6 +87,8 @@ class DraftModelDrafter(Drafter):
             except ValueError:
                 raise ValueError(f"assistant='self:N' needs an integer N, got {assistant!r}") from None
             draft = truncated_model(model, n)
+            # an untrained early exit is a weak drafter: short drafts (transformers reads the same setting)
+            draft.generation_config.num_assistant_tokens = SELF_ASSISTANT_TOKENS
         else:
             draft, _ = load_model(assistant)
             if model is not None:
