@@ -2,8 +2,9 @@
 benchmark prompts x 128 new tokens, is token-identical to plain greedy ``generate()`` (fp32, CPU).
 
 The drafters run exactly as the registry/CLI builds them (``method_generate_kwargs``), one instance reused across the
-prompts (so Token Recycling's adjacency matrix and Lookahead's pool persist, as in the benchmark). Transformers' own
-prompt lookup and assisted generation are checked for parity on the same prompts' first tokens.
+prompts (so Token Recycling's adjacency matrix and Lookahead's pool persist, as in the benchmark). Parity with
+transformers' prompt lookup and assisted generation is tested in ``test_prompt_lookup.py`` and
+``test_draft_model.py``.
 """
 
 from __future__ import annotations
@@ -72,13 +73,3 @@ def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs
     assert tokens == sum(r.shape[1] - e["input_ids"].shape[1] for _, e, r in greedy_refs)
     # the drafts are used: some draft tokens are accepted, so fewer target forwards than tokens
     assert accepted > 0 and tokens / forwards > 1.0, (spec.name, tokens, forwards)
-
-
-@pytest.mark.real_model
-def test_transformers_prompt_lookup_parity(smollm, greedy_refs):
-    """transformers' own prompt lookup is lossless on the same prompts too (the benchmark's baseline)."""
-    model, _ = smollm
-    with torch.inference_mode():
-        for row, enc, ref in greedy_refs[:6]:
-            out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=10)
-            assert torch.equal(out, ref), row["id"]

@@ -67,7 +67,7 @@ def plot_speed(results: dict[str, Any], path: str | Path, metric: str = "speed_r
     s = results["settings"]
     ax.set_title(f"{results.get('model', '')}: speed vs greedy ({s['n_prompts']} prompts, "
                  f"{s['max_new_tokens']} new tokens, {results['machine'].get('device', '')})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
