@@ -318,3 +318,10 @@ def test_speculative_engine_calls_at_tree_nodes(tiny_llama):
                                custom_generate=SpeculativeDecoding(DraftModelDrafter(truncated_model(tiny_llama, 1))),
                                **kw)
     assert torch.equal(plain, spec)
+
+
+def test_base_mechanism_needs_a_combination():
+    from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor
+
+    with pytest.raises(ValueError, match="needs a combination"):
+        ContrastiveContextProcessor(second_input_ids=torch.tensor([[3, 4]]))

@@ -184,6 +184,9 @@ class ContrastiveContextProcessor(LogitsProcessor):
             self.space = space
         if combine is not None and not callable(combine):
             raise ValueError("`combine` must be a callable combine(main, second) -> scores")
+        if combine is None and type(self).combine is ContrastiveContextProcessor.combine:
+            raise ValueError(f"{type(self).__name__} needs a combination: pass combine=... or subclass it and "
+                             "override combine()")
         self._combine_fn = combine
         self.model = model
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
@@ -349,8 +352,6 @@ class ContrastiveContextProcessor(LogitsProcessor):
     # ------------------------------------------------------------------------------------------------ combination
     def combine(self, main: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """The paper's formula on ``(batch, vocab)`` float32 tensors (in :attr:`space`); override in subclasses."""
-        if self._combine_fn is None:
-            raise NotImplementedError(f"{type(self).__name__} has no combination: pass combine= or subclass it")
         return self._combine_fn(main, second)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
