@@ -320,8 +320,8 @@ def test_speculative_engine_calls_at_tree_nodes(tiny_llama):
     assert torch.equal(plain, spec)
 
 
-def test_base_mechanism_needs_a_combination():
+def test_base_mechanism_needs_a_combination(tiny_llama):
     from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor
 
     with pytest.raises(ValueError, match="needs a combination"):
-        ContrastiveContextProcessor(second_input_ids=torch.tensor([[3, 4]]))
+        ContrastiveContextProcessor(tiny_llama, second_input_ids=torch.tensor([[3, 4]]))
