@@ -34,6 +34,8 @@ class MethodSpec:
         do_sample: whether ``generate()`` should sample (``True``) or be greedy by default for this method.
         defaults: default constructor parameters used by the CLI.
         summary: one line describing the method.
+        example: parameters for a demonstration run with the prompt "Name a fruit." (the CLI test and docs), for
+            methods that need per-prompt inputs such as a second-view prompt; empty when none are needed.
     """
 
     name: str
@@ -48,6 +50,7 @@ class MethodSpec:
     do_sample: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    example: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -173,6 +176,44 @@ METHODS: list[MethodSpec] = [
        needs_training=False, status="done", defaults={"assistant": "self:4"},
        summary="a small causal LM sharing the tokenizer drafts a chain (assisted generation); default assistant: "
                "the target's first 4 layers"),
+    # ------------------------------------------------------------------------------------------- contrastive
+    _m(name="cad", title="Context-aware Decoding Reduces Hallucination in Query-focused Summarization",
+       arxiv="2312.14335", family="contrastive", kind="processor",
+       target="hf_decoding_ext.contrastive.cad:ContextAwareDecodingProcessor", lossless=False,
+       needs_training=False, status="done", defaults={"alpha": 0.5},
+       example={"no_context_prompts": "Name something."},
+       summary="context-aware decoding (Shi et al. 2023): (1+a) logit(y|c,x) - a logit(y|x), second view without "
+               "the context"),
+    _m(name="cfg", title="Guiding Image Captioning Models Toward More Specific Captions", arxiv="2307.16686",
+       family="contrastive", kind="processor",
+       target="hf_decoding_ext.contrastive.cfg:ClassifierFreeGuidanceProcessor", lossless=False,
+       needs_training=False, status="done", defaults={"gamma": 2.0},
+       summary="classifier-free guidance: log p(y) + gamma (log p(y|x) - log p(y)), any conditional text prompt"),
+    _m(name="instructive", title="Distort, Distract, Decode: Instruction-Tuned Model Can Refine its Response from "
+       "Noisy Instructions", arxiv="2311.00233", family="contrastive", kind="processor",
+       target="hf_decoding_ext.contrastive.instructive:InstructiveDecodingProcessor", lossless=False,
+       needs_training=False, status="done", defaults={"epsilon": 0.3, "variant": "opposite"},
+       example={"task_inputs": "Name a fruit."},
+       summary="instructive decoding: z - eps * z(noisy 'opposite' instruction)"),
+    _m(name="lqcd", title="Towards Analyzing and Mitigating Sycophancy in Large Vision-Language Models",
+       arxiv="2408.11261", family="contrastive", kind="processor",
+       target="hf_decoding_ext.contrastive.leading_query:LeadingQueryContrastiveProcessor", lossless=False,
+       needs_training=False, status="done", defaults={"alpha": 1.0, "beta": 0.1},
+       example={"leading_prompts": "Name a fruit. It is a carrot, right?"},
+       summary="leading-query contrastive decoding: neutral-query logits contrasted with the leading query's, "
+               "within the plausible head"),
+    _m(name="contrastive-decoding", title="Contrastive Decoding: Open-ended Text Generation as Optimization",
+       arxiv="2210.15097", family="contrastive", kind="processor",
+       target="hf_decoding_ext.contrastive.contrastive_decoding:ContrastiveDecodingProcessor", lossless=False,
+       needs_training=False, status="done",
+       defaults={"amateur": "self:4", "alpha": 0.1, "amateur_temperature": 0.5},
+       summary="expert minus amateur log-probabilities over the expert's plausible head (default amateur: the "
+               "expert's first 4 layers)"),
+    _m(name="dola", title="DoLa: Decoding by Contrasting Layers Improves Factuality in Large Language Models",
+       arxiv="2309.03883", family="contrastive", kind="decoding_loop", target="hf_decoding_ext.contrastive.dola:DoLa",
+       lossless=False, needs_training=False, status="experimental",
+       defaults={"dola_layers": "high", "alpha": 0.1, "repetition_penalty": 1.2},
+       summary="final layer minus the dynamically chosen (max-JSD) premature layer, plausibility constraint"),
 ]
 # fmt: on
 

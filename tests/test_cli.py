@@ -33,6 +33,7 @@ def test_unknown_method_and_parameter_are_clear_errors(capsys):
 @pytest.mark.real_model
 @pytest.mark.parametrize("spec", METHODS, ids=lambda m: m.name)
 def test_generate_every_method_on_default_model(spec, capsys, smollm):
-    rc = main(["generate", "--method", spec.name, "--prompt", "Name a fruit.", "--max-new-tokens", "8"])
+    params = [f"--param={k}={v}" for k, v in spec.example.items()]
+    rc = main(["generate", "--method", spec.name, "--prompt", "Name a fruit.", "--max-new-tokens", "8", *params])
     assert rc == 0
     assert capsys.readouterr().out.strip()

@@ -13,6 +13,7 @@ TESTS = Path(__file__).parent
 ISSUE_2_METHODS = {"mirostat-v1", "mirostat-v2", "momentum", "adaptive-top-k", "knn-lm", "adadec", "cautious-ntp",
                    "superposed", "ips"}
 ISSUE_3_METHODS = {"prompt-lookup", "token-recycling", "lookahead", "jacobi", "draft-model"}
+ISSUE_4_METHODS = {"cad", "cfg", "instructive", "lqcd", "contrastive-decoding"}
 
 
 def test_names_unique_and_fields_valid():
@@ -22,9 +23,10 @@ def test_names_unique_and_fields_valid():
         assert m.kind in KINDS and m.title and m.family and m.arxiv.replace(".", "").isdigit()
 
 
-def test_issue_2_and_3_methods_registered_as_done():
+def test_issue_2_3_and_4_methods_registered_as_done():
     done = {m.name for m in METHODS if m.status == "done"}
-    assert ISSUE_2_METHODS | ISSUE_3_METHODS <= done
+    assert ISSUE_2_METHODS | ISSUE_3_METHODS | ISSUE_4_METHODS <= done
+    assert {m.name for m in METHODS if m.family == "contrastive"} >= ISSUE_4_METHODS
     assert {m.name for m in METHODS if m.family == "speculative" and m.lossless} >= ISSUE_3_METHODS
 
 
@@ -39,6 +41,7 @@ def test_component_matches_kind_and_is_documented(spec: MethodSpec):
     assert spec.arxiv in doc, f"{spec.target} docstring does not cite arXiv {spec.arxiv}"
     assert ">>>" in doc, f"{spec.target} docstring has no example"
     assert set(spec.defaults) <= set(spec.parameters())
+    assert set(spec.example) <= set(spec.parameters())
 
 
 @pytest.mark.parametrize("spec", [m for m in METHODS if m.status == "done"], ids=lambda m: m.name)

@@ -19,6 +19,7 @@ from .context import ContrastiveContextProcessor, encode_second_view, pad_left
 from .contrastive_decoding import ContrastiveDecodingProcessor, contrastive_decoding_scores
 from .instructive import InstructiveDecodingProcessor, instructive_scores, noisy_instruction_prompt
 from .leading_query import LeadingQueryContrastiveProcessor, lqcd_scores
+from .speculative_contrastive import SpeculativeContrastiveDecoding, scd_scores
 
 __all__ = [
     "ContrastiveContextProcessor",
@@ -27,6 +28,8 @@ __all__ = [
     "InstructiveDecodingProcessor",
     "LeadingQueryContrastiveProcessor",
     "ContrastiveDecodingProcessor",
+    "SpeculativeContrastiveDecoding",
+    "scd_scores",
     "cad_scores",
     "cfg_scores",
     "instructive_scores",

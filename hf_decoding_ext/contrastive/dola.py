@@ -351,3 +351,44 @@ class DoLa(DecodingLoop):
             state.append(tokens)
         state.stats["premature_layer_counts"] = counts
         return {"premature_layers": trace}
+
+
+# --------------------------------------------------------------------------------------------- scoring (MC tasks)
+RELATIVE_TOP_VALUE = -1000.0
+"""Score given to tokens outside ``V_head`` when DoLa scores a given text (the reference code's
+``relative_top_value``), so that log-likelihoods of given continuations stay finite."""
+
+
+def dola_scorer(model, dola_layers: str | Sequence[int] = "high", alpha: float = 0.1, final_norm: bool = True,
+                divergence: str = "js"):
+    """DoLa as a scoring function for likelihood-based multiple choice (the paper's TruthfulQA-MC / FACTOR setting).
+
+    Returns ``score_fn(input_ids (1, T)) -> (T, vocab)``: at every position, the log-softmax of DoLa's contrast
+    ``log q_N - log q_M`` with the premature layer ``M`` chosen per position by the divergence (as in generation);
+    tokens outside the plausibility head get :data:`RELATIVE_TOP_VALUE` before the log-softmax (the reference code's
+    ``relative_top_value = -1000``) instead of ``-inf``. Called with ``first=k`` it scores positions ``k..T-1``
+    only (``supports_first``). Use it with
+    :func:`hf_decoding_ext.contrastive.eval.evaluate_multiple_choice`.
+
+    Example:
+        >>> from hf_decoding_ext.contrastive.dola import dola_scorer
+        >>> from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice, load_factual_mc
+        >>> acc = evaluate_multiple_choice(load_factual_mc(), tokenizer, dola_scorer(model))  # doctest: +SKIP
+    """
+    loop = DoLa(dola_layers=dola_layers, alpha=alpha, final_norm=final_norm, divergence=divergence)
+    layers = loop.candidate_layers(model)
+    head = lm_head_module(model)
+    norm = final_norm_module(model) if final_norm else None
+
+    @torch.no_grad()
+    def score(input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+        device = next(model.parameters()).device
+        out = model(input_ids=input_ids.to(device), use_cache=False, output_hidden_states=True, return_dict=True)
+        final = out.logits[0, first:].float()  # (T - first, vocab): positions play the role of batch rows
+        premature = torch.stack([early_exit_logits(out.hidden_states[j][0, first:], head, norm) for j in layers])
+        scores, _, _ = dola_scores(final, premature, layers, loop.alpha, loop.divergence)
+        scores = scores.masked_fill(torch.isinf(scores), RELATIVE_TOP_VALUE)
+        return torch.log_softmax(scores, dim=-1)
+
+    score.supports_first = True
+    return score

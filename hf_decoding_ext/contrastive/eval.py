@@ -156,7 +156,9 @@ def check_instruction(response: str, check: dict) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ multiple choice
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
-"""``score_fn(input_ids (1, T)) -> (T, vocab)`` next-token log-probabilities at every position."""
+"""``score_fn(input_ids (1, T)) -> (T, vocab)`` next-token log-probabilities at every position. A scoring function
+with the attribute ``supports_first = True`` is called as ``score_fn(input_ids, first=k)`` and returns only the rows
+of positions ``k..T-1`` (``(T - k, vocab)``), which saves work when only a continuation is scored."""
 
 
 def model_scorer(model) -> ScoreFn:
@@ -176,12 +178,14 @@ def continuation_logprob(score_fn: ScoreFn, prompt_ids: Sequence[int], continuat
     if len(prompt_ids) == 0 or len(continuation_ids) == 0:
         raise ValueError("prompt and continuation must both be non-empty")
     ids = torch.tensor([list(prompt_ids) + list(continuation_ids)], dtype=torch.long)
-    log_probs = score_fn(ids)
-    if log_probs.dim() != 2 or log_probs.shape[0] != ids.shape[1]:
-        raise ValueError(f"score_fn must return (T, vocab) log-probabilities, got {tuple(log_probs.shape)}")
     start = len(prompt_ids)
+    first = start - 1 if getattr(score_fn, "supports_first", False) else 0
+    log_probs = score_fn(ids, first=first) if first else score_fn(ids)
+    if log_probs.dim() != 2 or log_probs.shape[0] != ids.shape[1] - first:
+        raise ValueError(f"score_fn must return ({ids.shape[1] - first}, vocab) log-probabilities, got "
+                         f"{tuple(log_probs.shape)}")
     targets = ids[0, start:].to(log_probs.device)
-    picked = log_probs[start - 1:-1].gather(-1, targets[:, None])[:, 0]
+    picked = log_probs[start - 1 - first:-1].gather(-1, targets[:, None])[:, 0]
     return float(picked.sum()), int(targets.numel())
 
 

@@ -80,9 +80,20 @@ class LOL(DecodingLoop):
     Deviations and unknowns (the paper's method section could only be read through secondary summaries here; its code
     was "coming soon" and is not public):
 
-    * the amateur needs training (fine-tuning on hallucinated data); none is shipped: pass one (e.g. ICD's
-      ``HillZhang/untruthful_llama2_7b`` for Llama-2-7B-chat). Any causal LM with the same vocabulary works, e.g. a
-      smaller model of the family, but that is contrastive decoding with an untrained amateur, not LOL's amateur.
+    * the amateur: :meth:`for_model` defaults to ``amateur="induced"``, the hallucination-induced amateur shipped for
+      the default model SmolLM2-135M-Instruct (:mod:`hf_decoding_ext.contrastive.induced_amateur`,
+      ``hf_decoding_ext/data/induced_amateur``). It was trained here, for this library: only the top 2 of the 30
+      decoder layers were fine-tuned (everything else is shared with the original model and frozen), on this
+      project's own set of short factual questions paired with false answers of the same relation
+      (``hallucination_train.jsonl``, chat format, loss on the answer only). ICD instead fine-tuned the full model (or
+      LoRA adapters) of a 7B chat model on hallucinated data derived from HaluEval, and LOL used ICD's amateur; so
+      this amateur is far smaller, trained on different (much less) data, and only untruthful in a narrow,
+      short-answer sense. On the held-out factual multiple-choice set it is clearly less truthful than the original
+      (see its ``config.json`` / the model card ``model_cards/induced-amateur-smollm2-135m.md``). For other models
+      pass your own amateur (e.g. ICD's ``HillZhang/untruthful_llama2_7b`` for Llama-2-7B-chat), or train one with
+      :func:`~hf_decoding_ext.contrastive.induced_amateur.train_induced_amateur`. Any causal LM with the same
+      vocabulary works, e.g. a smaller model of the family, but that is contrastive decoding with an untrained
+      amateur, not LOL's amateur.
     * the defaults ``lam = lam_lower = omega = 1`` (ICD's unit-weight contrast ``log p_theta - log p_theta*``, with
       equal weight for the lower-layer term) and ``lower_layer = N // 2`` are this library's choices; the paper's
       tuned values could not be verified.
@@ -105,8 +116,7 @@ class LOL(DecodingLoop):
         >>> from hf_decoding_ext.models import load_model, encode_prompts
         >>> from hf_decoding_ext.contrastive.lol import LOL
         >>> model, tokenizer = load_model()  # doctest: +SKIP
-        >>> amateur, _ = load_model("path/to/hallucination-induced-amateur")  # doctest: +SKIP
-        >>> loop = LOL.for_model(model, tokenizer, amateur=amateur)  # doctest: +SKIP
+        >>> loop = LOL.for_model(model, tokenizer)  # the shipped induced amateur  # doctest: +SKIP
         >>> inputs = encode_prompts(tokenizer, "What happens if you crack your knuckles a lot?")  # doctest: +SKIP
         >>> out = model.generate(**inputs, custom_generate=loop, do_sample=False, max_new_tokens=48)  # doctest: +SKIP
     """
@@ -138,15 +148,29 @@ class LOL(DecodingLoop):
         self._check_lower(num_hidden_layers(amateur_model))
 
     @classmethod
-    def for_model(cls, model=None, tokenizer=None, amateur=None, lower_layer: int | None = None, lam: float = 1.0,
-                  lam_lower: float = 1.0, omega: float = 1.0, alpha: float = 0.1,
+    def for_model(cls, model=None, tokenizer=None, amateur="induced", lower_layer: int | None = None,
+                  lam: float = 1.0, lam_lower: float = 1.0, omega: float = 1.0, alpha: float = 0.1,
                   instruction: str | None = DEFAULT_INSTRUCTION, final_norm: bool = True) -> "LOL":
-        """Build the loop: ``amateur`` is a model or a name/path for :func:`hf_decoding_ext.models.load_model`;
-        ``instruction`` (text, ``None`` or ``""`` for none) is tokenised with ``tokenizer`` (no special tokens)."""
+        """Build the loop.
+
+        ``amateur``: ``"induced"`` (default) for the hallucination-induced amateur shipped for SmolLM2-135M-Instruct,
+        built from ``model`` with :func:`~hf_decoding_ext.contrastive.induced_amateur.load_induced_amateur` (a
+        ``ValueError`` when ``model`` is not that model); ``"induced:<folder>"`` for another checkpoint saved by
+        :func:`~hf_decoding_ext.contrastive.induced_amateur.save_induced_amateur`; a model; or a name/path for
+        :func:`hf_decoding_ext.models.load_model`. ``instruction`` (text, ``None`` or ``""`` for none) is tokenised
+        with ``tokenizer`` (no special tokens).
+        """
         if amateur is None:
-            raise ValueError("LOL needs an amateur model: pass amateur=<model or Hub id/path> (a model fine-tuned on "
-                             "hallucinated data, as in ICD); none is shipped with this library")
-        if isinstance(amateur, str):
+            raise ValueError("LOL needs an amateur model: use amateur='induced' (the default: the amateur shipped for "
+                             "SmolLM2-135M-Instruct) or pass a model or Hub id/path (a model fine-tuned on "
+                             "hallucinated data, as in ICD)")
+        if isinstance(amateur, str) and (amateur == "induced" or amateur.startswith("induced:")):
+            if model is None:
+                raise ValueError("amateur='induced' builds the amateur from the model: pass the model")
+            from .induced_amateur import load_induced_amateur
+
+            amateur = load_induced_amateur(model, amateur.partition(":")[2] or None)
+        elif isinstance(amateur, str):
             from ..models import load_model
 
             amateur = load_model(amateur)[0]
@@ -223,3 +247,60 @@ class LOL(DecodingLoop):
             state.append(state.select(scores))
         state.stats["lower_layer"] = lower
         return None
+
+
+# --------------------------------------------------------------------------------------------- scoring (MC tasks)
+OUTSIDE_HEAD_VALUE = -1000.0
+"""Fused score given to tokens outside the plausibility set when LOL scores a given text (instead of ``-inf``), so
+that log-likelihoods of any continuation stay finite (as DoLa's reference code does with ``relative_top_value``)."""
+
+
+def lol_scorer(loop: LOL, model):
+    """LOL's fused contrast as a scoring function for likelihood-based multiple choice.
+
+    Returns ``score_fn(input_ids (1, T)) -> (T, vocab)``: at every position, the log-softmax of :func:`lol_scores`
+    (final-layer contrast + ``omega`` times the lower-layer contrast, with ``loop``'s weights, lower layer and
+    plausibility threshold). One full forward of each model with ``output_hidden_states`` and no cache; the original
+    model reads ``loop.instruction_ids + input_ids`` (its positions are offset by the instruction's length, as in
+    generation), the amateur reads ``input_ids``. Tokens outside the plausibility set get
+    :data:`OUTSIDE_HEAD_VALUE` before the log-softmax instead of ``-inf``, so scores stay finite (a token outside the
+    set costs about 1000 nats). The caller's logits processors of generation are not applied. At the last position
+    the argmax is the first token greedy LOL generates from ``input_ids``. Called with ``first=k`` it returns the rows
+    of positions ``k..T-1`` only (``supports_first``, see :data:`hf_decoding_ext.contrastive.eval.ScoreFn`).
+
+    Example:
+        >>> from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice, load_factual_mc
+        >>> loop = LOL.for_model(model, tokenizer)  # doctest: +SKIP
+        >>> acc = evaluate_multiple_choice(load_factual_mc(), tokenizer, lol_scorer(loop, model))  # doctest: +SKIP
+    """
+    amateur = loop.amateur_model
+    lower = loop.resolve_lower_layer(model)
+    head_o, head_a = lm_head_module(model), lm_head_module(amateur)
+    norm_o = final_norm_module(model) if loop.final_norm else None
+    norm_a = final_norm_module(amateur) if loop.final_norm else None
+
+    @torch.no_grad()
+    def score(input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"lol_scorer scores one sequence (1, T) at a time, got {tuple(input_ids.shape)}")
+        device = next(model.parameters()).device
+        ids = input_ids.to(device)
+        k = 0
+        if loop.instruction_ids is not None:
+            k = loop.instruction_ids.numel()
+            ids = torch.cat([loop.instruction_ids.to(device)[None], ids], dim=1)
+        out_o = model(input_ids=ids, use_cache=False, output_hidden_states=True, return_dict=True)
+        dev_a = next(amateur.parameters()).device
+        out_a = amateur(input_ids=input_ids.to(dev_a), use_cache=False, output_hidden_states=True, return_dict=True)
+        final_o = out_o.logits[0, k + first:].float()
+        final_a = out_a.logits[0, first:].float().to(device)
+        if final_a.shape[-1] != final_o.shape[-1]:
+            raise ValueError(f"the amateur's vocabulary ({final_a.shape[-1]}) differs from the model's "
+                             f"({final_o.shape[-1]}); LOL needs models sharing one tokenizer")
+        lower_o = early_exit_logits(out_o.hidden_states[lower][0, k + first:], head_o, norm_o)
+        lower_a = early_exit_logits(out_a.hidden_states[lower][0, first:], head_a, norm_a).to(device)
+        fused = lol_scores(final_o, final_a, lower_o, lower_a, loop.lam, loop.lam_lower, loop.omega, loop.alpha)
+        return torch.log_softmax(fused.masked_fill(torch.isinf(fused), OUTSIDE_HEAD_VALUE), dim=-1)
+
+    score.supports_first = True
+    return score

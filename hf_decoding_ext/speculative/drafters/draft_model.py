@@ -35,6 +35,12 @@ class DraftModelDrafter(Drafter):
             after a fully accepted draft, -1 otherwise, carried over to the next ``generate()`` call) or
             ``"heuristic_transient"`` (the same, restarting every call); ``None``: the assistant's generation config
             (default ``"constant"``).
+        keep_logits: keep the draft model's raw float32 logits at the root and at every drafted node but the last
+            in ``Draft.info["assistant_logits"]`` (``(n, vocab)``, row ``k`` = the distribution after tree node
+            ``k - 1``, row 0 at the root, aligned with the engine's ``tree_logits``; an empty draft still gets the
+            root row). Used by speculative contrastive decoding.
+        extra_step: also run the draft model on the last drafted token (one more forward), so the kept logits
+            cover every node, ``(n + 1, vocab)``; implies ``keep_logits``.
 
     Deviation: when scikit-learn is installed transformers also re-fits ``assistant_confidence_threshold`` online
     from an ROC curve; this drafter keeps the threshold fixed (equal to transformers without scikit-learn).
@@ -50,7 +56,8 @@ class DraftModelDrafter(Drafter):
     uses_assistant_model = True
 
     def __init__(self, assistant_model=None, num_tokens: int | None = None,
-                 confidence_threshold: float | None = None, schedule: str | None = None):
+                 confidence_threshold: float | None = None, schedule: str | None = None,
+                 keep_logits: bool = False, extra_step: bool = False):
         if schedule not in (None, *_SCHEDULES):
             raise ValueError(f"schedule must be None or one of {_SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
@@ -61,6 +68,8 @@ class DraftModelDrafter(Drafter):
         self.assistant_model = assistant_model
         self.num_tokens = num_tokens
         self.confidence_threshold = confidence_threshold
+        self.keep_logits = bool(keep_logits) or bool(extra_step)
+        self.extra_step = bool(extra_step)
         self.assistant = assistant_model
         self._cache = None
         self._cached_ids: torch.Tensor | None = None
@@ -134,22 +143,28 @@ class DraftModelDrafter(Drafter):
             self._cache.crop(-extra)
         self._cached_ids = ids[:, :common]
 
+    def _step(self, cur_ids: torch.Tensor, cur_mask: torch.Tensor) -> torch.Tensor:
+        """One draft-model forward over the uncached suffix of ``cur_ids``: raw float32 next-token logits (1, V)."""
+        device = self.assistant.device
+        cached = self._cache.get_seq_length()
+        new = cur_ids[:, cached:]
+        pos = (cur_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cached:]
+        out = self.assistant(input_ids=new.to(device), attention_mask=cur_mask.to(device),
+                             position_ids=pos.to(device), past_key_values=self._cache, use_cache=True,
+                             logits_to_keep=1, return_dict=True)
+        return out.logits[:, -1].float().to(cur_ids.device)
+
     def propose(self, state) -> Draft:
         ids = state.input_ids
         mask = state.attention_mask
         self._sync(ids)
-        device = self.assistant.device
-        tokens, probs = [], []
+        tokens, probs, kept = [], [], []
         room = state.generation_config.max_length - ids.shape[1] - 1
         cur_ids, cur_mask = ids, mask
         for _ in range(max(0, min(self._num_tokens, room))):
-            cached = self._cache.get_seq_length()
-            new = cur_ids[:, cached:]
-            pos = (cur_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cached:]
-            out = self.assistant(input_ids=new.to(device), attention_mask=cur_mask.to(device),
-                                 position_ids=pos.to(device), past_key_values=self._cache, use_cache=True,
-                                 logits_to_keep=1, return_dict=True)
-            logits = out.logits[:, -1].float().to(ids.device)
+            logits = self._step(cur_ids, cur_mask)
+            if self.keep_logits:
+                kept.append(logits[0])
             scores = state.process(logits, cur_ids)
             p = torch.softmax(scores, dim=-1)
             if state.do_sample:
@@ -162,9 +177,14 @@ class DraftModelDrafter(Drafter):
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones((1, 1))], dim=1)
             if not state.do_sample and float(p[0, tok]) < self._threshold:
                 break
+        if self.keep_logits and (self.extra_step or not tokens):
+            kept.append(self._step(cur_ids, cur_mask)[0])  # after the last drafted token (or at the root)
         self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
         draft_probs = torch.stack(probs) if probs else None
-        return Draft(DraftTree.chain(torch.tensor(tokens, dtype=torch.long), draft_probs))
+        draft = Draft(DraftTree.chain(torch.tensor(tokens, dtype=torch.long), draft_probs))
+        if self.keep_logits:
+            draft.info["assistant_logits"] = torch.stack(kept)
+        return draft
 
     def observe(self, state, result) -> None:
         if self._schedule in ("heuristic", "heuristic_transient"):
