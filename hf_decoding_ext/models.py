@@ -170,3 +170,32 @@ def truncated_model(model, num_layers: int):
         small.tie_weights()
     small.generation_config = copy.deepcopy(model.generation_config)
     return small.eval()
+
+
+def resolve_amateur(model, amateur, role: str = "amateur"):
+    """A second (smaller) model given as an object, a name/path or ``"self:N"``.
+
+    A name or path is loaded with :func:`load_model` and moved to ``model``'s device and dtype; ``"self:N"`` is
+    ``truncated_model(model, N)`` (the first ``N`` layers, weights shared); a model object is returned as is.
+    ``role`` names the argument in error messages.
+
+    Example:
+        >>> from hf_decoding_ext.models import resolve_amateur
+        >>> small = resolve_amateur(model, "self:4")  # doctest: +SKIP
+    """
+    if not isinstance(amateur, str):
+        return amateur
+    if amateur.startswith("self:"):
+        if model is None:
+            raise ValueError(f"{role}='self:N' needs the main model")
+        try:
+            n = int(amateur.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"{role}='self:N' needs an integer N, got {amateur!r}") from None
+        return truncated_model(model, n)
+    if not amateur:
+        raise ValueError(f"{role} must be a model, a model name/path or 'self:N'")
+    loaded, _ = load_model(amateur)
+    if model is not None:
+        loaded = loaded.to(device=model.device, dtype=model.dtype)
+    return loaded

@@ -107,21 +107,9 @@ class ContrastiveDecodingProcessor(ContrastiveContextProcessor):
         :func:`~hf_decoding_ext.models.load_model` on the expert's device and dtype) or ``"self:N"``: the expert's
         first ``N`` layers with its final norm and head (:func:`~hf_decoding_ext.models.truncated_model`), a weak
         stand-in where no smaller model of the same family is available (the default, ``"self:4"``)."""
-        from ..models import load_model, truncated_model
+        from ..models import resolve_amateur
 
-        if isinstance(amateur, str):
-            if amateur.startswith("self:"):
-                if model is None:
-                    raise ValueError("amateur='self:N' needs the expert model")
-                try:
-                    n = int(amateur.split(":", 1)[1])
-                except ValueError:
-                    raise ValueError(f"amateur='self:N' needs an integer N, got {amateur!r}") from None
-                amateur = truncated_model(model, n)
-            else:
-                amateur, _ = load_model(amateur)
-                if model is not None:
-                    amateur = amateur.to(device=model.device, dtype=model.dtype)
+        amateur = resolve_amateur(model, amateur)
         if amateur is None:
             raise ValueError("contrastive decoding needs an amateur model")
         pad = None
