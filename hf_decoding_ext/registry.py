@@ -211,9 +211,22 @@ METHODS: list[MethodSpec] = [
                "expert's first 4 layers)"),
     _m(name="dola", title="DoLa: Decoding by Contrasting Layers Improves Factuality in Large Language Models",
        arxiv="2309.03883", family="contrastive", kind="decoding_loop", target="hf_decoding_ext.contrastive.dola:DoLa",
-       lossless=False, needs_training=False, status="experimental",
+       lossless=False, needs_training=False, status="done",
        defaults={"dola_layers": "high", "alpha": 0.1, "repetition_penalty": 1.2},
        summary="final layer minus the dynamically chosen (max-JSD) premature layer, plausibility constraint"),
+    _m(name="lol", title="Lower Layer Matters: Alleviating Hallucination via Multi-Layer Fusion Contrastive Decoding "
+       "with Truthfulness Refocused", arxiv="2408.08769", family="contrastive", kind="decoding_loop",
+       target="hf_decoding_ext.contrastive.lol:LOL", lossless=False, needs_training=True, status="done",
+       defaults={"amateur": "induced", "lam": 1.0, "lam_lower": 1.0, "omega": 1.0, "alpha": 0.1},
+       summary="final-layer and lower-layer contrast with a hallucination-induced amateur (shipped for the default "
+               "model), fused; truthfulness-refocusing instruction"),
+    _m(name="speculative-contrastive", title="Speculative Contrastive Decoding", arxiv="2311.08981",
+       family="contrastive", kind="decoding_loop",
+       target="hf_decoding_ext.contrastive.speculative_contrastive:SpeculativeContrastiveDecoding", lossless=False,
+       needs_training=False, status="done",
+       defaults={"amateur": "self:4", "beta": 0.5, "alpha": 0.1, "num_tokens": 4},
+       summary="the amateur drafts, the expert verifies against the contrastive target (same output distribution "
+               "as contrastive decoding)"),
 ]
 # fmt: on
 

@@ -13,7 +13,7 @@ TESTS = Path(__file__).parent
 ISSUE_2_METHODS = {"mirostat-v1", "mirostat-v2", "momentum", "adaptive-top-k", "knn-lm", "adadec", "cautious-ntp",
                    "superposed", "ips"}
 ISSUE_3_METHODS = {"prompt-lookup", "token-recycling", "lookahead", "jacobi", "draft-model"}
-ISSUE_4_METHODS = {"cad", "cfg", "instructive", "lqcd", "contrastive-decoding"}
+ISSUE_4_METHODS = {"cad", "cfg", "instructive", "lqcd", "contrastive-decoding", "dola", "lol", "speculative-contrastive"}
 
 
 def test_names_unique_and_fields_valid():

@@ -231,6 +231,11 @@ class DoLa(DecodingLoop):
     * batches: the reference code averaged the divergence over the batch and used one premature layer for all rows;
       here each row picks its own.
 
+    Measured on SmolLM2-135M-Instruct (this library's 58-question factual multiple-choice set, DoLa scoring of each
+    choice as in the paper's TruthfulQA-MC protocol, ``results/contrastive_quality.json``): plain 0.379, DoLa
+    ``"high"`` 0.293, ``"low"`` 0.293. A 135M model's layer contrast does not help factuality here; the paper's gains
+    are on 7B-65B LLaMA models.
+
     Inspection: after a run, ``self.last_premature_layers`` holds, per generated step, the list of chosen layers (one
     per row); with ``return_dict_in_generate=True`` the output also has a ``premature_layers`` field (same list) and
     ``output_logits=True`` records the final-layer logits, ``output_scores=True`` the processed contrast scores.
