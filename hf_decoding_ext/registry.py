@@ -227,6 +227,61 @@ METHODS: list[MethodSpec] = [
        defaults={"amateur": "self:4", "beta": 0.5, "alpha": 0.1, "num_tokens": 4},
        summary="the amateur drafts, the expert verifies against the contrastive target (same output distribution "
                "as contrastive decoding)"),
+    # ---- constrained and structured generation (issue 5)
+    _m(name="json-schema", title="Generating Structured Outputs from Language Models: Benchmark and Studies",
+       arxiv="2501.10868", family="structured", kind="processor",
+       target="hf_decoding_ext.structured.constrained:JsonSchemaLogitsProcessor", lossless=False,
+       needs_training=False, status="done", defaults={"schema": True},
+       example={"schema": {"type": "object", "properties": {"fruit": {"type": "string", "maxLength": 12}},
+                           "required": ["fruit"], "additionalProperties": False}},
+       summary="JSON-schema constrained decoding with llguidance token masks (regex and Lark grammars via "
+               "GrammarConstrainedLogitsProcessor); one matcher per row, rollback for speculative decoding"),
+    _m(name="asap", title="Grammar-Aligned Decoding", arxiv="2405.21047", family="structured",
+       kind="decoding_loop", target="hf_decoding_ext.structured.grammar_aligned:GrammarAlignedSampling",
+       lossless=False, needs_training=False, status="done", do_sample=True, defaults={},
+       example={"grammar": "(apple|banana|cherry)"},
+       summary="ASAp: grammar-constrained sampling that learns expected future grammaticality from earlier samples "
+               "and converges to the model's distribution conditioned on the grammar"),
+    _m(name="awrs", title="Fast Controlled Generation from Language Models with Adaptive Weighted Rejection Sampling",
+       arxiv="2504.05410", family="structured", kind="decoding_loop",
+       target="hf_decoding_ext.structured.awrs:AdaptiveWeightedRejectionSampling", lossless=False,
+       needs_training=False, status="done", do_sample=True, defaults={"constraint": "no-letter-e"},
+       summary="adaptive rejection sampling without replacement: the constraint (predicate or grammar) is evaluated "
+               "only on drawn tokens, with unbiased importance weights of the local normaliser"),
+    _m(name="monitor-guided", title="Guiding Language Models of Code with Global Context using Monitors",
+       arxiv="2306.10763", family="structured", kind="processor",
+       target="hf_decoding_ext.structured.monitor_guided:MonitorGuidedLogitsProcessor", lossless=False,
+       needs_training=False, status="done", defaults={},
+       summary="dereference monitor over jedi: after `obj.` only tokens spelling a member of obj's inferred type "
+               "(other repository files as global context); inactive elsewhere"),
+    _m(name="exact-extractive", title="How Optimal is Greedy Decoding for Extractive Question Answering?",
+       arxiv="2108.05857", family="structured", kind="decoding_loop",
+       target="hf_decoding_ext.structured.exact_extractive:ExactExtractiveDecoding", lossless=False,
+       needs_training=False, status="done", defaults={"nodes_per_forward": 16},
+       example={"context": "Apples, bananas and cherries are fruits."},
+       summary="exact-extract: the most probable span of a context, by exact best-first branch and bound over the "
+               "trie of spans (tree-attention forwards on the prompt's KV cache)"),
+    _m(name="extractive-span", title="How Optimal is Greedy Decoding for Extractive Question Answering?",
+       arxiv="2108.05857", family="structured", kind="processor",
+       target="hf_decoding_ext.structured.exact_extractive:ExtractiveSpanLogitsProcessor", lossless=False,
+       needs_training=False, status="done", defaults={},
+       example={"context": "Apples, bananas and cherries are fruits."},
+       summary="extractive constraint: only tokens extending a span of the context, eos after at least one token"),
+    _m(name="sketch-guided",
+       title="Sketch-Guided Constrained Decoding for Boosting Blackbox Large Language Models without Logit Access",
+       arxiv="2401.09967", family="structured", kind="decoding_loop",
+       target="hf_decoding_ext.structured.sketch_guided:SketchGuidedDecoding", lossless=False,
+       needs_training=False, status="done", defaults={},
+       example={"sketch": "Apples are a fruit.", "regex": "(apple|banana|cherry)"},
+       summary="a local model refines a blackbox LLM's unconstrained sketch into a grammar-valid output: few-shot "
+               "prompt (input, sketch) -> output, decoded under llguidance constraints"),
+    _m(name="lexical-dba",
+       title="Fast Lexically Constrained Decoding with Dynamic Beam Allocation for Neural Machine Translation",
+       arxiv="1804.06609", family="structured", kind="decoding_loop",
+       target="hf_decoding_ext.structured.lexical_dba:DynamicBeamAllocation", lossless=False,
+       needs_training=False, status="done", defaults={"num_beams": 4}, example={"constraints": ["banana"]},
+       summary="beam search whose every output contains given phrases: constraint candidates, beam split into banks "
+               "by constraint tokens met (dynamic beam allocation); eos only once all are met"),
 ]
 # fmt: on
 

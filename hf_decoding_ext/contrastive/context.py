@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from ..utils.rows import is_new_prompt
+
 SPACES = ("logits", "log_probs")
 
 
@@ -245,12 +247,7 @@ class ContrastiveContextProcessor(LogitsProcessor):
         return None if self._prompt is None else int(self._prompt.shape[1])
 
     def _needs_reset(self, input_ids: torch.Tensor) -> bool:
-        if self._prompt is None:
-            return True
-        b, length = self._prompt.shape
-        if input_ids.shape[0] != b or input_ids.shape[1] < length:
-            return True
-        return not torch.equal(input_ids[:, :length], self._prompt.to(input_ids.device))
+        return is_new_prompt(self._prompt, input_ids)
 
     def _second_prompt_for(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = input_ids.shape[0]

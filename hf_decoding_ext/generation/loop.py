@@ -248,6 +248,7 @@ class DecodingLoop(abc.ABC):
     """
 
     supports_batch: bool = True
+    supports_beams: bool = False  # True for loops that are themselves a beam search (accept generate(num_beams=k))
     supports_sampling: bool = True
     supports_greedy: bool = True
     accepts_assistant_model: bool = False
@@ -262,7 +263,7 @@ class DecodingLoop(abc.ABC):
         if input_ids.shape[0] > 1 and not self.supports_batch:
             raise ValueError(f"{name} supports batch size 1 only; got a batch of {input_ids.shape[0]}. "
                              "Call generate() once per prompt.")
-        if generation_config.num_beams and generation_config.num_beams > 1:
+        if generation_config.num_beams and generation_config.num_beams > 1 and not self.supports_beams:
             raise ValueError(f"{name} is its own search; num_beams > 1 is not supported")
         if generation_config.do_sample and not self.supports_sampling:
             raise ValueError(f"{name} is a deterministic search; call generate() with do_sample=False")

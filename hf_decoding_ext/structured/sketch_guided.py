@@ -1,0 +1,480 @@
+"""Sketch-guided constrained decoding (SGCD): a local model refines a blackbox LLM's unconstrained "sketch" into an
+output that satisfies a grammar, by grammar-constrained decoding conditioned on the task input and the sketch.
+
+Also here: the refinement prompt builder (:func:`build_refinement_prompt`), the task input recovered from a
+chat-formatted prompt (:func:`task_input_from_prompt`), and closed information extraction helpers for the shipped
+toy set ``data/sketch_cie.jsonl`` (:func:`load_sketch_cie`, :func:`triplet_grammar`, :func:`format_triplets`,
+:func:`parse_triplets`, :func:`parse_sketch_triplets`, :func:`triplet_f1`).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..generation.loop import DecodingLoop, GenerationState
+from ..utils.rows import broadcast_rows
+from .constrained import GrammarConstrainedLogitsProcessor
+from .grammar import Grammar, as_grammar, choices as choices_grammar, compile_grammar, eos_ids_of
+
+DEFAULT_INSTRUCTION = (
+    "You are given an input and a draft answer (a sketch) written by another model. The draft may use other names "
+    "than the required ones, miss facts or add wrong ones. Write the correct final answer for the input in the "
+    "required format, using the draft as a guide."
+)
+"""Task description placed before the demonstrations (the paper's prompt opens with one, e.g. "you will be provided
+with a draft ... Your task is to correct the annotations")."""
+
+_SENTINEL = "\u2063SGCD-TASK-INPUT\u2063"
+_ANSWER = "\u2063SGCD-ANSWER\u2063"
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def _check_text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_demonstrations(demonstrations) -> list[dict[str, str]]:
+    if demonstrations is None:
+        return []
+    if isinstance(demonstrations, (str, Mapping)) or not isinstance(demonstrations, Sequence):
+        raise ValueError("demonstrations must be a list of {'input', 'sketch', 'output'} dicts")
+    out = []
+    for i, d in enumerate(demonstrations):
+        if not isinstance(d, Mapping) or not all(isinstance(d.get(k), str) for k in ("input", "sketch", "output")):
+            raise ValueError(f"demonstration {i} must be a dict with string 'input', 'sketch' and 'output' fields")
+        out.append({k: d[k] for k in ("input", "sketch", "output")})
+    return out
+
+
+def _user_turn(task_input: str, sketch: str | None) -> str:
+    return f"Input: {task_input}" if sketch is None else f"Input: {task_input}\nSketch: {sketch}"
+
+
+def _uses_chat(tokenizer, chat: bool | None) -> bool:
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat and not has_template:
+        raise ValueError("chat=True but the tokenizer has no chat template")
+    return has_template if chat is None else bool(chat)
+
+
+def build_refinement_prompt(tokenizer, task_input: str, sketch: str | None, demonstrations=None,
+                            instruction: str | None = DEFAULT_INSTRUCTION, chat: bool | None = None) -> str:
+    """The constrained decoder's prompt text: instruction, few-shot demonstrations ``(input, sketch) -> output``,
+    then the task input and its sketch (the output is left for the constrained decoder).
+
+    With a chat template (``chat=None`` uses it when the tokenizer has one) every demonstration is a user turn
+    ``"Input: ...\\nSketch: ..."`` answered by an assistant turn holding its output, the instruction opens the first
+    user turn, and the prompt ends with the generation prompt of the assistant. Without one, the same blocks are
+    written one after the other, each ending with ``"Output:\\n"`` and the demonstration's output.
+    ``sketch=None`` leaves the sketch out everywhere: the plain few-shot constrained-decoding prompt (the paper's
+    "constrained decoding without sketch" baseline), for comparisons.
+
+    Example:
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> print(build_refinement_prompt(tokenizer, "Ottawa is the capital of Canada.", "(Ottawa, capital city of,"
+        ...       " Canada)", chat=False, instruction=None))  # doctest: +SKIP
+        Input: Ottawa is the capital of Canada.
+        Sketch: (Ottawa, capital city of, Canada)
+        Output:
+        <BLANKLINE>
+    """
+    _check_text("task_input", task_input)
+    if sketch is not None:
+        _check_text("sketch", sketch)
+    if instruction is not None:
+        _check_text("instruction", instruction)
+    demos = _check_demonstrations(demonstrations)
+    use_sketch = sketch is not None
+    turns = [(_user_turn(d["input"], d["sketch"] if use_sketch else None), d["output"]) for d in demos]
+    turns.append((_user_turn(task_input, sketch), None))
+    if _uses_chat(tokenizer, chat):
+        messages = []
+        for i, (user, answer) in enumerate(turns):
+            if i == 0 and instruction:
+                user = f"{instruction}\n\n{user}"
+            messages.append({"role": "user", "content": user})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    blocks = [f"{user}\nOutput:\n" + (answer if answer is not None else "") for user, answer in turns]
+    text = "\n\n".join(blocks)
+    return f"{instruction}\n\n{text}" if instruction else text
+
+
+def _chat_frame(tokenizer) -> tuple[str, str, str] | None:
+    """``(prefix, user_header, suffix)`` of the chat template: what precedes the only user message, what precedes a
+    user message after an assistant turn, and what follows the last user message (the generation prompt)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        one = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                            add_generation_prompt=True)
+        two = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": _ANSWER},
+                                             {"role": "user", "content": _SENTINEL}], tokenize=False,
+                                            add_generation_prompt=True)
+    except Exception:  # templates may refuse some conversations; then no chat framing is recognised
+        return None
+    if one.count(_SENTINEL) != 1 or two.count(_SENTINEL) != 1 or two.count(_ANSWER) != 1:
+        return None
+    prefix, suffix = one.split(_SENTINEL)
+    header = two.split(_SENTINEL)[0].split(_ANSWER)[1]
+    return prefix, header, suffix
+
+
+def task_input_from_prompt(tokenizer, prompt_ids) -> str:
+    """The task input (the last user message) of a prompt, given as token ids without padding.
+
+    For a chat-formatted prompt the text of the last user turn is cut out of the decoded prompt using the
+    tokenizer's chat template; otherwise the decoded prompt (special tokens dropped) is returned, stripped. Pass
+    ``task_input=`` to :class:`SketchGuidedDecoding` instead when the prompt holds more than the task input.
+    """
+    ids = [int(t) for t in prompt_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    frame = _chat_frame(tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    if frame is not None:
+        prefix, header, suffix = frame
+        body = text
+        if bos and body.startswith(bos) and not prefix.startswith(bos):
+            body = body[len(bos):]
+        if body.endswith(suffix):
+            if header and header in body:  # a user turn after other turns: the last one
+                return body[body.rfind(header) + len(header):len(body) - len(suffix)]
+            if body.startswith(prefix):
+                return body[len(prefix):len(body) - len(suffix)]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+class SketchGuidedDecoding(DecodingLoop):
+    r"""
+    Sketch-guided constrained decoding (SGCD), from "Sketch-Guided Constrained Decoding for Boosting Blackbox Large
+    Language Models without Logit Access" (Geng, Döner, Wendler, Josifoski and West, ACL 2024, arXiv 2401.09967).
+
+    A blackbox LLM, whose logits are not available, first writes an unconstrained answer, the *sketch*. The local
+    model (the one ``generate()`` runs) then writes the final output under the constraint (a JSON schema, a regular
+    expression, a Lark/GBNF grammar or a list of choices), conditioned on the task input and the sketch: it is
+    prompted with an instruction, few-shot demonstrations ``(input, sketch) -> output`` and the task input with its
+    sketch (:func:`build_refinement_prompt`), and decoded with
+    :class:`~hf_decoding_ext.structured.constrained.GrammarConstrainedLogitsProcessor` (llguidance token masks).
+    Every complete output is a sentence of the grammar; the sketch supplies what the small model would not find on
+    its own (entities, facts, structure), the grammar what the blackbox model does not respect (names of a fixed
+    inventory, the output format).
+
+    The task input of each row is taken from the prompt given to ``generate()`` (the last user message of a
+    chat-formatted prompt, see :func:`task_input_from_prompt`) unless ``task_input=`` is given. The refinement prompt
+    is internal: the returned sequences are the caller's prompt followed by the refined output, as for any
+    ``generate()`` call. Greedy or sampling follow ``generate()`` (``do_sample``, temperature, top-k/top-p and the
+    caller's own processors are applied after the grammar mask); ``max_new_tokens``, eos, stopping criteria and a
+    ``streamer`` are honoured. Batches are supported: the refinement prompts share their instruction and
+    demonstrations, which are run once and whose keys/values are copied to every row (each row's own part follows
+    after padding). If ``max_new_tokens`` ends a row before the grammar is complete, its output is only a valid
+    prefix: check ``grammar_complete``.
+
+    Args:
+        tokenizer: the model's fast Hugging Face tokenizer (used for the prompts and by the grammar engine).
+        grammar: a :class:`~hf_decoding_ext.structured.grammar.Grammar` or a JSON-schema dict; or exactly one of
+        json_schema, regex, lark, choices: the constraint as a JSON schema (dict or JSON text), a regular expression,
+            a Lark (or GBNF) grammar, or a list of allowed outputs.
+        sketch: the blackbox model's answer: one string for every row, or a list with one per batch row.
+        sketcher: instead of ``sketch``, the blackbox itself: any callable ``task_input_text -> sketch_text`` (for
+            example a function sending the text, with its own few-shot prompt, to a chat-completion API and returning
+            the reply). It is called once per row at the start of every ``generate()`` call, with the row's task
+            input; it must return a string.
+        demonstrations: few-shot examples, a list of ``{"input", "sketch", "output"}`` dicts (outputs in the
+            constraint's format; the paper uses a few).
+        instruction: task description placed before the demonstrations (default :data:`DEFAULT_INSTRUCTION`;
+            ``None`` for none).
+        task_input: the task input text (one string, or one per row) instead of the one read from the prompt.
+        chat: apply the tokenizer's chat template to the refinement prompt (default: when it has one).
+        eos_token_id: eos id(s) the grammar may end with (default: ``generate()``'s, else the model's, else the
+            tokenizer's; :meth:`for_model` takes the model's generation config).
+        vocab_size: width of the model's logits (default: the model's vocabulary, at least ``len(tokenizer)``).
+
+    Returns (with ``return_dict_in_generate=True``) also ``sketches`` (the sketch of each row),
+    ``refinement_prompts`` (the texts the constrained decoder was run on) and ``grammar_complete`` (``(batch,)``
+    bool tensor: the output is a complete sentence of the grammar); the same is kept in :attr:`last_result`.
+    ``past_key_values`` in that output is the (unused) cache of the caller's prompt, not the refinement cache.
+
+    Deviations: the paper constrains closed information extraction with a trie of entity / relation names and
+    constituency parsing with a context-free grammar (transformers-CFG); here any llguidance constraint, e.g.
+    :func:`triplet_grammar` for the triplet task. Its prompt is one plain-text block (input and sketch joined by a
+    separator, then the output, between quote delimiters); here a chat conversation for instruct models
+    (demonstrations as turns) or labelled plain-text blocks. The paper also runs the constrained decoder with beam
+    search; here greedy search or sampling, as ``generate()`` asks (``num_beams > 1`` is refused).
+
+    Example:
+        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.structured.sketch_guided import SketchGuidedDecoding
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+        >>> loop = SketchGuidedDecoding.for_model(model, tokenizer, sketch="Apples are a fruit.",
+        ...                                       choices=["apple", "banana", "cherry"])  # doctest: +SKIP
+        >>> inputs = encode_prompts(tokenizer, "Name a fruit.")  # doctest: +SKIP
+        >>> out = model.generate(**inputs, custom_generate=loop, do_sample=False, max_new_tokens=8)  # doctest: +SKIP
+        >>> tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)  # doctest: +SKIP
+        'apple'
+    """
+
+    def __init__(self, tokenizer, grammar: Grammar | dict | None = None, *, json_schema=None, regex=None,
+                 lark=None, choices=None, sketch: str | Sequence[str] | None = None,
+                 sketcher: Callable[[str], str] | None = None, demonstrations=None,
+                 instruction: str | None = DEFAULT_INSTRUCTION, task_input: str | Sequence[str] | None = None,
+                 chat: bool | None = None, eos_token_id=None, vocab_size: int | None = None):
+        if tokenizer is None:
+            raise ValueError("SketchGuidedDecoding needs the model's tokenizer")
+        if choices is not None:
+            if any(g is not None for g in (grammar, json_schema, regex, lark)):
+                raise ValueError("give exactly one constraint: grammar=, json_schema=, regex=, lark= or choices=")
+            if isinstance(choices, str):
+                raise ValueError("choices must be a list of strings (use regex= for a pattern)")
+            self.grammar = choices_grammar(choices)
+        else:
+            try:
+                self.grammar = as_grammar(grammar, json_schema_=json_schema, regex_=regex, lark_=lark)
+            except ValueError as err:
+                raise ValueError(f"{err} (or choices=)") from None
+        if (sketch is None) == (sketcher is None):
+            raise ValueError("give exactly one of sketch= (the blackbox model's answer, one per row) or sketcher= "
+                             "(a callable task_input -> sketch)")
+        if sketcher is not None and not callable(sketcher):
+            raise ValueError(f"sketcher must be a callable task_input -> sketch, got {type(sketcher).__name__}")
+        self.sketches = self._texts("sketch", sketch)
+        self.sketcher = sketcher
+        self.task_inputs = self._texts("task_input", task_input)
+        self.demonstrations = _check_demonstrations(demonstrations)
+        if instruction is not None:
+            _check_text("instruction", instruction)
+        self.instruction = instruction
+        _uses_chat(tokenizer, chat)  # chat=True without a template: a clear error now
+        self.chat = chat
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        if vocab_size is not None and vocab_size < len(tokenizer):
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        self.vocab_size = vocab_size
+        # validate and compile now, so that a bad grammar fails before any generation
+        compile_grammar(tokenizer, self.grammar, eos_ids_of(None, tokenizer, eos_token_id),
+                        vocab_size or len(tokenizer))
+        self.last_result: dict[str, Any] | None = None
+
+    @classmethod
+    def for_model(cls, model=None, tokenizer=None, sketch=None, sketcher=None, grammar=None, json_schema=None,
+                  regex=None, lark=None, choices=None, demonstrations=None,
+                  instruction: str | None = DEFAULT_INSTRUCTION, task_input=None,
+                  chat: bool | None = None) -> SketchGuidedDecoding:
+        """Build for ``model``: eos ids from its generation config, mask width from its vocabulary size."""
+        if tokenizer is None:
+            raise ValueError("SketchGuidedDecoding.for_model needs the model's tokenizer")
+        eos, vocab = None, None
+        if model is not None:
+            eos = list(eos_ids_of(model, tokenizer))
+            n = getattr(model.config, "vocab_size", None)
+            vocab = max(int(n), len(tokenizer)) if n is not None else None
+        return cls(tokenizer, grammar, json_schema=json_schema, regex=regex, lark=lark, choices=choices,
+                   sketch=sketch, sketcher=sketcher, demonstrations=demonstrations, instruction=instruction,
+                   task_input=task_input, chat=chat, eos_token_id=eos, vocab_size=vocab)
+
+    @staticmethod
+    def _texts(name: str, value) -> list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, Sequence) or not value or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a string or a non-empty list of strings (one per batch row)")
+        return list(value)
+
+    @staticmethod
+    def _per_row(name: str, values: list[str], batch: int) -> list[str]:
+        return broadcast_rows(name, values, batch)
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def task_inputs_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+        """The task input of each row: ``task_input=`` if given, else read from the (left-padded) prompt."""
+        batch = input_ids.shape[0]
+        if self.task_inputs is not None:
+            return self._per_row("task_input", self.task_inputs, batch)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return [task_input_from_prompt(self.tokenizer, row[m.bool()].tolist()) for row, m in zip(input_ids, mask)]
+
+    def sketches_for(self, task_inputs: list[str]) -> list[str]:
+        """The sketch of each row: the given ones, or the sketcher's answer for each task input."""
+        if self.sketches is not None:
+            return self._per_row("sketch", self.sketches, len(task_inputs))
+        out = []
+        for text in task_inputs:
+            sketch = self.sketcher(text)
+            if not isinstance(sketch, str):
+                raise ValueError(f"the sketcher must return a string, got {type(sketch).__name__}")
+            out.append(sketch)
+        return out
+
+    def refinement_prompt(self, task_input: str, sketch: str) -> str:
+        """The constrained decoder's prompt for one row (see :func:`build_refinement_prompt`)."""
+        return build_refinement_prompt(self.tokenizer, task_input, sketch, self.demonstrations, self.instruction,
+                                       self.chat)
+
+    def _encode(self, texts: list[str], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token ids and attention mask of the refinement prompts, and the length of their shared token prefix.
+
+        The instruction and demonstrations are the same in every row: the rows are laid out as
+        ``[shared prefix | padding | own suffix]`` so that the prefix can be run once (padding sits between the
+        prefix and the suffix; positions follow the attention mask). Without a shared prefix this is plain left
+        padding (shared length 0)."""
+        special = not _uses_chat(self.tokenizer, self.chat)  # a rendered chat template already has its specials
+        rows = [list(self.tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("a refinement prompt is empty")
+        shared = min(len(r) for r in rows) - 1  # every row keeps at least one token of its own
+        for r in rows[1:]:
+            k = 0
+            while k < shared and r[k] == rows[0][k]:
+                k += 1
+            shared = k
+        if len(rows) == 1:
+            shared = 0
+        width = shared + max(len(r) - shared for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            own = r[shared:]
+            ids[i, :shared] = torch.tensor(r[:shared], dtype=torch.long)
+            mask[i, :shared] = 1
+            ids[i, width - len(own):] = torch.tensor(own, dtype=torch.long)
+            mask[i, width - len(own):] = 1
+        return ids, mask, shared
+
+    def _eos_ids(self, state: GenerationState) -> tuple[int, ...]:
+        if self.eos_token_id is not None:
+            return eos_ids_of(None, self.tokenizer, self.eos_token_id)
+        eos = getattr(state.generation_config, "_eos_token_tensor", None)
+        if eos is not None:
+            return tuple(sorted({int(e) for e in eos.flatten().tolist()}))
+        return eos_ids_of(state.model, self.tokenizer)
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def run(self, state: GenerationState):
+        batch = state.batch_size
+        task_inputs = self.task_inputs_of(state.input_ids, state.attention_mask)
+        sketches = self.sketches_for(task_inputs)
+        prompts = [self.refinement_prompt(t, s) for t, s in zip(task_inputs, sketches)]
+        pad = state.pad_token_id
+        pad_id = int(pad) if pad is not None else (self.tokenizer.pad_token_id or 0)
+        ids, mask, shared = self._encode(prompts, pad_id)
+        ids, mask = ids.to(state.device), mask.to(state.device)
+
+        model_vocab = getattr(state.model.config, "vocab_size", None)
+        vocab = self.vocab_size or max(int(model_vocab or 0), len(self.tokenizer))
+        constraint = GrammarConstrainedLogitsProcessor(self.tokenizer, self.grammar,
+                                                       eos_token_id=list(self._eos_ids(state)), vocab_size=vocab)
+        cache = DynamicCache(config=state.model.config)
+        if shared > 0:  # run the shared instruction + demonstrations once, then copy its keys/values to every row
+            state.forward(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared], cache=cache)
+            cache.batch_repeat_interleave(batch)
+        while not state.done:
+            out = state.forward(input_ids=ids, attention_mask=mask, cache=cache)
+            logits = out.logits[:, -1, :]
+            scores = constraint(state.input_ids, logits)  # grammar mask first, then the caller's processors
+            scores = state.process(scores)
+            state.record(scores, logits)
+            if state.append(state.select(scores)) == 0:
+                break
+            ids = torch.cat([ids, state.input_ids[:, -1:]], dim=1)
+            mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+        constraint(state.input_ids, torch.zeros(batch, vocab, device=state.device))  # sync with the final tokens
+        complete = torch.tensor([constraint.is_complete(r) for r in range(batch)], dtype=torch.bool)
+        result = {"sketches": sketches, "refinement_prompts": prompts, "grammar_complete": complete}
+        self.last_result = result
+        return dict(result)
+
+
+# ------------------------------------------------------------------------------------------------ closed IE helpers
+_TRIPLET = re.compile(r"\[s\] (.+?) \[r\] (.+?) \[o\] (.+?) \[e\]")
+_SKETCH_TRIPLET = re.compile(r"\(\s*([^,()\n]+?)\s*,\s*([^,()\n]+?)\s*,\s*([^()\n]+?)\s*\)")
+
+
+def _lark_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def triplet_grammar(entities: Sequence[str], relations: Sequence[str], max_triplets: int = 4) -> Grammar:
+    """Lark grammar of closed information extraction outputs over a fixed inventory, in the paper's markup:
+    ``[s] subject [r] relation [o] object [e]``, one to ``max_triplets`` triplets separated by spaces, subjects and
+    objects from ``entities``, relations from ``relations``."""
+    from .grammar import lark
+
+    if not entities or not relations:
+        raise ValueError("triplet_grammar needs non-empty entity and relation inventories")
+    if not isinstance(max_triplets, int) or max_triplets < 1:
+        raise ValueError(f"max_triplets must be an integer >= 1, got {max_triplets!r}")
+    for name in (*entities, *relations):
+        if not isinstance(name, str) or not name.strip() or "[" in name or "\n" in name:
+            raise ValueError(f"inventory names must be non-empty one-line strings without '[': {name!r}")
+    ent = " | ".join(_lark_literal(e) for e in dict.fromkeys(entities))
+    rel = " | ".join(_lark_literal(r) for r in dict.fromkeys(relations))
+    more = f'(" " triplet){{0,{max_triplets - 1}}}' if max_triplets > 1 else ""
+    return lark(f"start: triplet {more}\n"
+                'triplet: "[s] " entity " [r] " relation " [o] " entity " [e]"\n'
+                f"entity: {ent}\nrelation: {rel}\n")
+
+
+def format_triplets(triplets: Sequence[Sequence[str]]) -> str:
+    """``[s] s [r] r [o] o [e] [s] ...``: the output format of :func:`triplet_grammar`."""
+    return " ".join(f"[s] {s} [r] {r} [o] {o} [e]" for s, r, o in triplets)
+
+
+def parse_triplets(text: str) -> list[tuple[str, str, str]]:
+    """The triplets of a ``[s] .. [r] .. [o] .. [e]`` string."""
+    return [tuple(m) for m in _TRIPLET.findall(text)]
+
+
+def parse_sketch_triplets(text: str) -> list[tuple[str, str, str]]:
+    """Naive reading of a free-text sketch: every ``(subject, relation, object)`` in it, names taken as written
+    (the sketch does not know the inventory, so most names do not match it)."""
+    return [tuple(m) for m in _SKETCH_TRIPLET.findall(text)]
+
+
+def triplet_f1(predicted: Sequence[Sequence[Sequence[str]]], gold: Sequence[Sequence[Sequence[str]]]
+               ) -> dict[str, float]:
+    """Micro precision / recall / F1 of exact-match triplet sets (one list of triplets per example)."""
+    if len(predicted) != len(gold):
+        raise ValueError(f"{len(predicted)} predictions for {len(gold)} gold examples")
+    tp = n_pred = n_gold = 0
+    for p, g in zip(predicted, gold):
+        ps, gs = {tuple(t) for t in p}, {tuple(t) for t in g}
+        tp += len(ps & gs)
+        n_pred += len(ps)
+        n_gold += len(gs)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def load_sketch_cie() -> dict[str, Any]:
+    """The shipped closed-IE toy set (``data/sketch_cie.jsonl``, written for this library, sketches hand-written to
+    imitate a larger LLM's loose answer): ``{"relations", "entities", "demos", "tests"}``; demos and tests are dicts
+    with ``text``, ``sketch`` and ``triplets`` (gold ``[subject, relation, object]`` lists)."""
+    path = importlib.resources.files("hf_decoding_ext") / "data" / "sketch_cie.jsonl"
+    out: dict[str, Any] = {"relations": [], "entities": [], "demos": [], "tests": []}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row["kind"] == "inventory":
+                out["relations"], out["entities"] = row["relations"], row["entities"]
+            else:
+                out[row["kind"] + "s"].append(row)
+    return out
