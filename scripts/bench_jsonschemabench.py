@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-subset", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--unconstrained-max-new-tokens", type=int, default=128)
+    ap.add_argument("--shots", type=int, default=0, help="demonstrations in the prompt (0-2)")
     ap.add_argument("--mask-limit", type=int, default=0, help="MaskBench cases per subset (0: all)")
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
                            "flexible whitespace for the mask tests (instances serialised by json.dumps)",
                            "validator": "jsonschema Draft202012Validator (formats not asserted, as in Draft 2020-12)",
                            "prompt": "system: 'You need to generate a JSON object that matches the schema below.'; "
-                                     "user: the schema as JSON"}}
+                                     "then `shots` demonstrations (user: schema, assistant: instance); "
+                                     "user: the schema as JSON", "shots": args.shots}}
     with open(out / "jsonschemabench.log", "w") as log:
         t0 = time.perf_counter()
         masks = run_mask_tests(tokenizer, load_maskbench(limit=args.mask_limit or None), progress=False)
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
             entries = load_schemas(limit=args.per_subset)
             result["generation"] = run_generation(model, tokenizer, entries, args.max_new_tokens, progress=False,
                                                   log=log,
-                                                  unconstrained_max_new_tokens=args.unconstrained_max_new_tokens)
+                                                  unconstrained_max_new_tokens=args.unconstrained_max_new_tokens,
+                                                  shots=args.shots)
             log.write(json.dumps(result["generation"]["metrics"], indent=1) + "\n")
     write_json(result, out / "jsonschemabench.json")
     if "generation" in result:

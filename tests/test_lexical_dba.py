@@ -14,16 +14,6 @@ from hf_decoding_ext.structured.lexical_dba import (ConstraintState, DynamicBeam
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module on one CPU thread (restored afterwards): on the shared 2-core machine, two threads made the
-    real-model generations 7-16x slower than one under load (measured: 156 s vs 13 s for the first real test)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def contains(seq, phrase) -> bool:
     """``phrase`` occurs in ``seq`` as a contiguous run of tokens."""
     seq, phrase = list(seq), list(phrase)

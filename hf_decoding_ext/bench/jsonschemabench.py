@@ -153,12 +153,29 @@ def summarise_masks(res: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def schema_prompt(tokenizer, schema: dict, device=None):
-    """The benchmark's prompt (system instruction + the schema), chat-formatted for the default model."""
+DEMONSTRATIONS = [
+    ({"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+      "required": ["city", "population"]},
+     {"city": "Lyon", "population": 522000}),
+    ({"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}},
+                                       "active": {"type": "boolean"}}, "required": ["tags"]},
+     {"tags": ["red", "blue"], "active": True}),
+]
+"""Two short schema -> instance demonstrations (written for this library) used by the few-shot prompt."""
+
+
+def schema_prompt(tokenizer, schema: dict, device=None, shots: int = 0):
+    """The benchmark's prompt, chat-formatted for the default model: the system instruction, ``shots`` (0-2)
+    demonstrations as user/assistant turns (:data:`DEMONSTRATIONS`, short instances), then the schema."""
     from ..models import encode_prompts
 
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": json.dumps(schema)}]
+    if not 0 <= shots <= len(DEMONSTRATIONS):
+        raise ValueError(f"shots must be in [0, {len(DEMONSTRATIONS)}]")
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for demo_schema, demo_instance in DEMONSTRATIONS[:shots]:
+        messages += [{"role": "user", "content": json.dumps(demo_schema)},
+                     {"role": "assistant", "content": json.dumps(demo_instance)}]
+    messages.append({"role": "user", "content": json.dumps(schema)})
     return encode_prompts(tokenizer, [messages], device=device)
 
 
@@ -179,14 +196,16 @@ def validate_output(text: str, schema: dict) -> tuple[bool, str]:
     return True, ""
 
 
-def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 384, constrained: bool = True) -> dict:
-    """One greedy generation for ``schema``; with ``constrained`` the JSON-schema processor is used.
+def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 384, constrained: bool = True,
+                        shots: int = 0) -> dict:
+    """One greedy generation for ``schema`` (``shots`` demonstrations in the prompt); with ``constrained`` the
+    JSON-schema processor is used.
 
     Returns ``{"text", "tokens", "seconds", "mask_seconds", "compile_seconds", "complete"}``.
     """
     from ..structured.constrained import JsonSchemaLogitsProcessor
 
-    inputs = schema_prompt(tokenizer, schema, device=model.device)
+    inputs = schema_prompt(tokenizer, schema, device=model.device, shots=shots)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     proc = None
     compile_seconds = 0.0
@@ -210,7 +229,8 @@ def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 38
 
 
 def run_generation(model, tokenizer, entries: list[dict], max_new_tokens: int = 384, unconstrained: bool = True,
-                   progress: bool = True, log=None, unconstrained_max_new_tokens: int = 128) -> dict:
+                   progress: bool = True, log=None, unconstrained_max_new_tokens: int = 128,
+                   shots: int = 0) -> dict:
     """Constrained (and, interleaved, unconstrained) greedy generation over ``entries``; per-schema rows and
     per-subset metrics. ``log``: optional file-like object receiving one line per schema. The unconstrained runs
     (validity of free generation and the time per token baseline) stop at ``unconstrained_max_new_tokens``."""
@@ -237,7 +257,8 @@ def run_generation(model, tokenizer, entries: list[dict], max_new_tokens: int = 
             runs.reverse()  # interleave the order
         for kind in runs:
             budget = max_new_tokens if kind == "constrained" else unconstrained_max_new_tokens
-            r = generate_for_schema(model, tokenizer, e["schema"], budget, constrained=kind == "constrained")
+            r = generate_for_schema(model, tokenizer, e["schema"], budget, constrained=kind == "constrained",
+                                    shots=shots)
             ok, reason = validate_output(r["text"], e["schema"])
             row[kind] = {**{k: r[k] for k in ("tokens", "seconds", "mask_seconds", "complete")}, "valid": ok,
                          "reason": reason, "text": r["text"][:2000]}
