@@ -1,6 +1,6 @@
 """Copy the JSONSchemaBench sample from the shared reference folder into the package (run once, at development time).
 
-    python scripts/import_jsonschemabench.py [--source ../shared/data/jsonschemabench]
+    python scripts/import_jsonschemabench.py --source <folder of the JSONSchemaBench sample>
 
 Writes ``hf_decoding_ext/data/jsonschemabench/{schemas,maskbench}.jsonl.gz`` (compact JSON, one record per line) and
 copies the provenance note. The package never reads the shared folder at run or test time.
@@ -19,7 +19,7 @@ OUT = Path(__file__).resolve().parents[1] / "hf_decoding_ext" / "data" / "jsonsc
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"))
+    ap.add_argument("--source", required=True, help="folder with data/<subset>/*.json and maskbench/data/*.json")
     args = ap.parse_args(argv)
     src = Path(args.source)
     OUT.mkdir(parents=True, exist_ok=True)
