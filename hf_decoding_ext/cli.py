@@ -5,6 +5,7 @@ Examples::
     hf-decoding-ext list
     hf-decoding-ext generate --method mirostat-v2 --param tau=3.0 --prompt "Tell me about the sea."
     hf-decoding-ext bench --family sampling --per-category 5
+    hf-decoding-ext train medusa --base smollm2-135m-instruct --out heads/medusa --steps 2000 --log train.log
 """
 
 from __future__ import annotations
@@ -83,6 +84,20 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .training.pipeline import run_training
+
+    train_options = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                            checkpoint_every=args.checkpoint_every).items() if v is not None}
+    head = run_training(args.kind, base=args.base, out=args.out, prompts=args.prompts,
+                        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                        draft_vocab_size=args.draft_vocab_size or None, work_dir=args.work_dir, log_file=args.log,
+                        head_options=parse_params(args.head_param), **train_options)
+    print(f"saved {type(head).__name__} to {args.out}; held-out top-1 per depth: "
+          f"{head.config.training.get('heldout_top1')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-decoding-ext", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
     pb.add_argument("--out", default="results")
     pb.set_defaults(func=_cmd_bench)
+
+    pt = sub.add_parser("train", help="self-distil and train a draft head (medusa, hydra, mlp-speculator, eagle)")
+    pt.add_argument("kind", help="head kind")
+    pt.add_argument("--base", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
+    pt.add_argument("--out", required=True, help="output folder of the trained head")
+    pt.add_argument("--prompts", type=int, default=None, help="distillation prompts per category (default: all 200)")
+    pt.add_argument("--max-new-tokens", type=int, default=256, help="response length of the base model")
+    pt.add_argument("--gen-batch-size", type=int, default=16)
+    pt.add_argument("--draft-vocab-size", type=int, default=8192, help="0: full vocabulary")
+    pt.add_argument("--steps", type=int, default=None)
+    pt.add_argument("--batch-size", type=int, default=None)
+    pt.add_argument("--lr", type=float, default=None)
+    pt.add_argument("--checkpoint-every", type=int, default=None)
+    pt.add_argument("--head-param", action="append", metavar="KEY=VALUE", help="head config option (repeatable)")
+    pt.add_argument("--work-dir", default=None, help="cache of responses and features")
+    pt.add_argument("--log", default=None, help="progress log file")
+    pt.set_defaults(func=_cmd_train)
     return p
 
 

@@ -34,6 +34,7 @@ CATEGORIES: tuple[str, ...] = (
 """The prompt categories, in the order results and plots list them."""
 
 _FILE = ("data", "prompts", "benchmark.jsonl")
+_DISTILL_FILE = ("data", "prompts", "distill.jsonl")
 
 
 def _read_all() -> list[dict]:
@@ -73,4 +74,49 @@ def load_prompts(categories=None, per_category: int | None = None) -> list[dict]
             continue
         items = [r for r in rows if r["category"] == cat]
         out.extend(items if per_category is None else items[:per_category])
+    return out
+
+
+def load_distill_prompts(categories=None, limit: int | None = None) -> list[dict]:
+    """Load the self-distillation prompt set (``hf_decoding_ext/data/prompts/distill.jsonl``), grouped by category.
+
+    About 1200 prompts (200 per category, the same six categories and row format as the benchmark set) on which the
+    base model's own responses are generated to train draft heads (Medusa, EAGLE, ...). The set is disjoint from the
+    benchmark prompts: no user turn and no standard-library docstring is shared with ``benchmark.jsonl`` /
+    ``stdlib_docs.jsonl``. It is built by ``scripts/build_distill_prompts.py``; see ``data/prompts/SOURCES.md``.
+
+    Args:
+        categories: a category name or an iterable of names (default: all six, in :data:`CATEGORIES` order).
+            Unknown names raise ``ValueError``.
+        limit: keep only the first ``limit`` prompts *of each category* (default: all).
+
+    Returns:
+        a list of dicts with keys ``id`` (e.g. ``"distill-qa-0001"``), ``category``, ``prompt`` (a string, or for
+        ``multi_turn_chat`` a list of ``{"role", "content"}`` messages ending with a user turn), ``source`` and, for
+        ``math_reasoning``, ``answer``.
+
+    Example:
+        >>> from hf_decoding_ext.bench.prompts import load_distill_prompts
+        >>> prompts = load_distill_prompts(categories=["qa", "math_reasoning"], limit=2)
+        >>> [p["id"] for p in prompts]
+        ['distill-qa-0001', 'distill-qa-0002', 'distill-math_reasoning-0001', 'distill-math_reasoning-0002']
+    """
+    if categories is None:
+        wanted = list(CATEGORIES)
+    else:
+        wanted = [categories] if isinstance(categories, str) else list(categories)
+        unknown = [c for c in wanted if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"Unknown categories {unknown}; valid categories: {', '.join(CATEGORIES)}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    path = files("hf_decoding_ext").joinpath(*_DISTILL_FILE)
+    with path.open("r", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for cat in CATEGORIES:
+        if cat not in wanted:
+            continue
+        items = [r for r in rows if r["category"] == cat]
+        out.extend(items if limit is None else items[:limit])
     return out

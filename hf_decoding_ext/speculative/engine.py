@@ -110,16 +110,20 @@ class SpeculativeDecoding(DecodingLoop):
         s = committed.shape[1]
         n_block = block.tokens.shape[0]
         keep = n_block + s if self.drafter.wants_committed_logits else n_block + 1
+        want_hidden = self.drafter.wants_hidden_states
         out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
-                          use_cache=True, logits_to_keep=keep, return_dict=True)
+                          use_cache=True, logits_to_keep=keep, return_dict=True,
+                          **({"output_hidden_states": True} if want_hidden else {}))
         state.stats["forwards"] += 1
+        # last-layer features (after the final norm: the lm_head's input) at the committed tokens and block nodes
+        hidden = out.hidden_states[-1][0] if want_hidden else None
         logits = out.logits[0].float()  # (..., vocab): [committed before the root], root, block nodes
         committed_logits = logits[: keep - n_block - 1]
         logits = logits[keep - n_block - 1:]
         n_tree = len(draft.tree)
         tree_logits = logits[: n_tree + 1]
         side_logits = logits[n_tree + 1:] if logits.shape[0] > n_tree + 1 else None
-        return tree_logits, side_logits, committed_logits, cache_len + s
+        return tree_logits, side_logits, committed_logits, cache_len + s, hidden
 
     # ------------------------------------------------------------------------------------------------ loop
     def run(self, state: GenerationState):
@@ -139,14 +143,14 @@ class SpeculativeDecoding(DecodingLoop):
             if self.max_draft_nodes is not None and len(draft.tree) > self.max_draft_nodes:
                 draft.tree = draft.tree.truncate(self.max_draft_nodes)
             t1 = time.perf_counter()
-            tree_logits, side_logits, committed_logits, committed_len = self.verify(state, draft)
+            tree_logits, side_logits, committed_logits, committed_len, hidden = self.verify(state, draft)
             tree = draft.tree
             accepted, bonus = rule.accept(tree, self._scores_fn(state, tree, tree_logits), generator)
             keep_positions(state.cache, committed_len, torch.tensor(accepted, dtype=torch.long))
             tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
             t2 = time.perf_counter()
             self.drafter.observe(state, VerifyResult(draft, tree_logits, side_logits, accepted, tokens,
-                                                      committed_logits))
+                                                      committed_logits, hidden))
             if state.scores is not None or state.logits is not None:
                 scores_at = self._scores_fn(state, tree, tree_logits)
                 for node in ([-1] + accepted)[: max(0, state.generation_config.max_length - state.input_ids.shape[1])]:

@@ -174,3 +174,83 @@ def build_verify_inputs(committed: torch.Tensor, committed_mask: torch.Tensor, c
     positions = torch.cat([positions_committed[0], last + block.depth.to(device)])[None]
     input_ids = torch.cat([committed[0], block.tokens.to(device)])[None]
     return input_ids, mask, positions
+
+
+# ---------------------------------------------------------------------------------------------- choice trees
+def normalize_choices(choices) -> list[tuple[int, ...]]:
+    """Validate a tree given as candidate-rank paths (Medusa's ``medusa_choices``) and sort it so that parents come
+    before children: ``[(0,), (1,), (0, 0)]`` = the top-2 candidates at depth 1 and the top candidate after the first.
+    Every prefix of a path must itself be a path of the tree."""
+    out = sorted({tuple(int(i) for i in c) for c in choices}, key=lambda c: (len(c), c))
+    present = set(out)
+    for c in out:
+        if not c or min(c) < 0:
+            raise ValueError(f"tree choices must be non-empty paths of ranks >= 0, got {c}")
+        if len(c) > 1 and c[:-1] not in present:
+            raise ValueError(f"tree choice {c} lacks its parent {c[:-1]}")
+    return out
+
+
+def choices_from_accuracies(accuracies, num_nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
+    """The ``num_nodes`` tree paths with the highest expected acceptance, from measured per-depth accuracies.
+
+    ``accuracies[d][i]`` is the probability that the rank-``i`` candidate at depth ``d + 1`` is accepted given an
+    accepted prefix; a path's value is the product of its ranks' accuracies (the probability the whole path is
+    accepted), and the expected number of accepted tokens of a tree is the sum of its paths' values. The greedy pick
+    of the best paths (Medusa's sparse-tree construction) keeps the tree prefix-closed because extending a path never
+    raises its value.
+
+    Example:
+        >>> choices_from_accuracies([[0.6, 0.2], [0.5, 0.1]], num_nodes=3)
+        [(0,), (1,), (0, 0)]
+    """
+    import heapq
+
+    depth = len(accuracies) if max_depth is None else min(max_depth, len(accuracies))
+    if num_nodes < 1 or depth < 1:
+        raise ValueError("num_nodes and the number of depths must be >= 1")
+    heap = [(-float(accuracies[0][i]), (i,)) for i in range(len(accuracies[0]))]
+    heapq.heapify(heap)
+    picked: list[tuple[int, ...]] = []
+    while heap and len(picked) < num_nodes:
+        neg, path = heapq.heappop(heap)
+        picked.append(path)
+        if len(path) < depth:
+            for i, a in enumerate(accuracies[len(path)]):
+                heapq.heappush(heap, (neg * float(a), path + (i,)))
+    return normalize_choices(picked)
+
+
+def build_choice_tree(choices, topk_fn, on_level=None) -> DraftTree:
+    """Fill a tree of rank paths depth by depth.
+
+    ``topk_fn(depth, parents, k)`` returns ``(len(parents), k)`` ranked candidate token ids for the children of the
+    given node indices (``-1`` = the root) at ``depth`` (1-based); it is called once per depth with every parent of
+    that depth, so conditioned heads (Hydra, EAGLE) batch their forward. Node ``i`` of the result is
+    ``choices[i]`` (sorted by :func:`normalize_choices`).
+    """
+    choices = normalize_choices(choices)
+    index: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    start = 0
+    while start < len(choices):
+        depth = len(choices[start])
+        end = start
+        while end < len(choices) and len(choices[end]) == depth:
+            end += 1
+        level = choices[start:end]
+        parent_keys = list(dict.fromkeys(c[:-1] for c in level))
+        parent_nodes = [index[p] if p else -1 for p in parent_keys]
+        k = max(c[-1] for c in level) + 1
+        cand = topk_fn(depth, parent_nodes, k)
+        row = {p: r for r, p in enumerate(parent_keys)}
+        first = len(tokens)
+        for c in level:
+            index[c] = len(tokens)
+            tokens.append(int(cand[row[c[:-1]], c[-1]]))
+            parents.append(index[c[:-1]] if c[:-1] else -1)
+        if on_level is not None:
+            on_level(depth, list(range(first, len(tokens))), parents[first:], tokens[first:])
+        start = end
+    return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))

@@ -34,7 +34,9 @@ class VerifyResult:
     ``(m, vocab)`` at the side nodes; ``accepted`` the accepted node indices; ``tokens`` the tokens appended
     (accepted draft tokens then the bonus token); ``committed_logits`` ``(s - 1, vocab)`` at the uncached committed
     tokens before the root (e.g. the prompt at the first step), only for drafters with
-    ``wants_committed_logits = True``.
+    ``wants_committed_logits = True``; ``hidden_states`` ``(s + n_block, hidden)`` the target's last-layer features
+    (after the final norm, i.e. the lm_head's input) at the uncached committed tokens then the block nodes, only for
+    drafters with ``wants_hidden_states = True`` (feature-conditioned heads such as Medusa or EAGLE).
     """
 
     draft: Draft
@@ -43,6 +45,7 @@ class VerifyResult:
     accepted: list[int]
     tokens: list[int]
     committed_logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
 
 
 class Drafter(abc.ABC):
@@ -54,6 +57,7 @@ class Drafter(abc.ABC):
     """
 
     wants_committed_logits: bool = False
+    wants_hidden_states: bool = False  # the engine hands the target's last-layer features to observe()
     uses_assistant_model: bool = False  # whether generate(assistant_model=...) feeds this drafter
 
     def begin(self, state) -> None:

@@ -1,0 +1,151 @@
+"""Shared drafter machinery for trained heads that read the target model's features (Medusa, Hydra, MLP
+speculator, EAGLE-style drafters).
+
+The engine hands the drafter the target's last-layer features of every verified position; the drafter keeps the
+features of the committed sequence (all but the last, not yet verified token). At each step the head drafts from
+the feature ``h_j`` of the last verified position ``j`` and the known next token ``x_{j+1}`` (the previous step's
+bonus token, the root of the draft tree): depth ``d`` of the tree holds candidates for ``x_{j+1+d}``. The tree's
+shape is a list of candidate-rank paths (Medusa's "choices"), by default derived from the head's measured
+accuracies (:func:`~hf_decoding_ext.speculative.tree.choices_from_accuracies`), filled depth by depth so that
+conditioned heads batch all parents of a depth in one call.
+"""
+
+from __future__ import annotations
+
+import abc
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from ..tree import DraftTree, build_choice_tree, choices_from_accuracies, normalize_choices
+from .base import Draft, Drafter, VerifyResult
+
+SHIPPED = {
+    "medusa": "smollm2-135m-instruct-medusa",
+    "hydra": "smollm2-135m-instruct-hydra",
+    "mlp-speculator": "smollm2-135m-instruct-mlp-speculator",
+    "eagle": "smollm2-135m-instruct-eagle-fspad",
+}
+"""Checkpoints shipped in the package (``hf_decoding_ext/data/heads/<name>``), trained on SmolLM2-135M-Instruct."""
+
+DEFAULT_MAX_NODES = 16
+"""Default tree size: on CPU a forward over more than ~20 new tokens costs markedly more (see Token Recycling's
+``CPU_MAX_NODES``); on a GPU larger trees pay."""
+
+
+def shipped_head_path(kind: str) -> Path:
+    """Folder of the checkpoint shipped for ``kind`` (``"medusa"``, ``"hydra"``, ``"mlp-speculator"``,
+    ``"eagle"``)."""
+    if kind not in SHIPPED:
+        raise ValueError(f"no shipped head of kind {kind!r}; known: {sorted(SHIPPED)}")
+    return Path(str(files("hf_decoding_ext").joinpath("data", "heads", SHIPPED[kind])))
+
+
+def load_head(head, head_class, kind: str, **from_pretrained_kwargs):
+    """A head object from an instance, ``None``/``"shipped"`` (the packaged checkpoint), a local folder or a Hub
+    id (through the Hugging Face cache; offline once cached)."""
+    if isinstance(head, head_class):
+        return head
+    if head is None or head == "shipped":
+        path = shipped_head_path(kind)
+        if not (path / "config.json").exists():
+            raise ValueError(f"the shipped {kind} checkpoint is missing at {path}")
+        return head_class.from_pretrained(str(path), **from_pretrained_kwargs)
+    if isinstance(head, (str, Path)):
+        return head_class.from_pretrained(str(head), **from_pretrained_kwargs)
+    raise ValueError(f"head must be a {head_class.__name__}, a path, a Hub id or 'shipped', got "
+                     f"{type(head).__name__}")
+
+
+class FeatureHeadDrafter(Drafter):
+    """Base class of drafters driven by a trained head over the target's features.
+
+    Subclasses implement :meth:`prepare` (per-step work from the last feature and root token) and :meth:`topk`
+    (ranked candidates for the children of given tree nodes). ``tree_choices`` overrides the head's default tree;
+    ``max_nodes`` trims the default tree (derived from the head's measured accuracies) to that many nodes.
+    """
+
+    wants_hidden_states = True
+
+    def __init__(self, head, tree_choices=None, max_nodes: int | None = DEFAULT_MAX_NODES):
+        if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int)
+                                      or max_nodes < 1):
+            raise ValueError(f"max_nodes must be a positive integer or None, got {max_nodes!r}")
+        self.head = head
+        self.head.eval()
+        self.max_nodes = max_nodes
+        self.choices = self._resolve_choices(tree_choices)
+        self.last_feature: torch.Tensor | None = None
+        self._model_id = None
+
+    # ------------------------------------------------------------------------------------------------ tree shape
+    @property
+    def max_depth(self) -> int:
+        return self.head.depth
+
+    def _resolve_choices(self, tree_choices):
+        if tree_choices is not None:
+            choices = normalize_choices(tree_choices)
+        else:
+            acc = self.head.config.head_accuracies
+            if acc:
+                n = self.max_nodes or len(self.head.config.tree_choices or []) or DEFAULT_MAX_NODES
+                choices = choices_from_accuracies(acc, n, max_depth=self.max_depth)
+            elif self.head.config.tree_choices:
+                choices = normalize_choices(self.head.config.tree_choices)
+            else:  # an untrained head: a chain with a few alternatives at the first depths
+                prior = [[0.6 * 0.4 ** i for i in range(4)] for _ in range(self.max_depth)]
+                choices = choices_from_accuracies(prior, self.max_nodes or DEFAULT_MAX_NODES,
+                                                  max_depth=self.max_depth)
+        if self.max_nodes is not None and tree_choices is None:
+            choices = choices[: self.max_nodes]
+        deepest = max(len(c) for c in choices)
+        if deepest > self.max_depth:
+            raise ValueError(f"tree choices reach depth {deepest}, the head drafts {self.max_depth} tokens")
+        return choices
+
+    # ------------------------------------------------------------------------------------------------ engine hooks
+    def begin(self, state) -> None:
+        if self._model_id != id(state.model) or not self.head.attached:
+            self.head.attach(state.model)
+            self._model_id = id(state.model)
+        self.last_feature = None
+        self.reset_sequence(state)
+
+    def reset_sequence(self, state) -> None:
+        """Per-generation state of subclasses."""
+
+    def observe(self, state, result: VerifyResult) -> None:
+        hidden = result.hidden_states
+        side = 0 if result.draft.side_tokens is None else result.draft.side_tokens.numel()
+        s = hidden.shape[0] - len(result.draft.tree) - side  # uncached committed tokens, then the block
+        parts = [hidden[:s]]
+        if result.accepted:
+            parts.append(hidden[s + torch.tensor(result.accepted, device=hidden.device)])
+        feats = torch.cat(parts)
+        self.on_features(state, feats, result)
+        self.last_feature = feats[-1]
+
+    def on_features(self, state, features: torch.Tensor, result: VerifyResult) -> None:
+        """Features ``(m, hidden)`` of the positions newly verified and kept (committed tokens, accepted nodes)."""
+
+    def propose(self, state) -> Draft:
+        if self.last_feature is None:  # first step: the prompt has not been through the target yet
+            return Draft(DraftTree.empty())
+        with torch.inference_mode():
+            self.prepare(state, self.last_feature, state.input_ids[0, -1])
+            tree = build_choice_tree(self.choices, self.topk, self.on_level)
+        return Draft(tree)
+
+    @abc.abstractmethod
+    def prepare(self, state, feature: torch.Tensor, root_token: torch.Tensor) -> None:
+        """Per-step work before the tree is filled: ``feature`` is ``h_j`` ``(hidden,)``, ``root_token`` is
+        ``x_{j+1}``."""
+
+    def on_level(self, depth: int, nodes: list[int], parents: list[int], tokens: list[int]) -> None:
+        """Called after each depth of the tree is filled (node indices, their parents and tokens)."""
+
+    @abc.abstractmethod
+    def topk(self, depth: int, parents: list[int], k: int) -> torch.Tensor:
+        """``(len(parents), k)`` ranked candidate token ids for the children of ``parents`` (``-1`` = root)."""

@@ -1,0 +1,293 @@
+"""EAGLE-style feature-level drafter trained with FSPAD.
+
+EAGLE (Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty", arXiv 2401.15077): one
+decoder layer autoregresses over the target's features. At position ``p`` its input is the target feature ``f_p``
+fused with the embedding of the *next* token ``x_{p+1}`` (the shifted token resolves the feature's uncertainty about
+which token was sampled); it outputs a predicted feature ``f^_{p+1}``, and the base model's lm_head turns that into a
+distribution over ``x_{p+2}``. Drafting continues on the drafter's own predicted features.
+
+FSPAD (Gui et al., "Boosting Lossless Speculative Decoding via Feature Sampling and Partial Alignment
+Distillation", arXiv 2408.15562) adds two components, implemented here from the paper's description:
+
+- **Feature sampling**: before the fusion layer the feature is "sampled" with the token embedding in a higher
+  dimensional space: ``s = W_d((W_f f) * (W_e e))`` (expansion ``fs_expansion``), an embedding-dependent selection
+  of feature components, added to the feature (``f + s``) so that an untrained sampler (``W_d = 0``) is EAGLE's
+  input exactly.
+- **Partial alignment distillation**: the predicted feature ``f^`` is aligned to the target's feature (Smooth-L1,
+  the autoregressive path), while the logits are read through a small residual adapter ``g(f^)`` and distilled from
+  the target's tokens (cross-entropy), so logit confidence no longer fights exact feature alignment.
+
+Deviations: the full FSPAD text was not available offline; the two components follow the abstract's description
+(the exact parametrisation of the sampler and of the partial alignment is this library's reading). The decoder layer
+is a standard Llama layer (with its input norm), the geometry of the base model's layers, so the drafter exports to
+vLLM's ``speculators`` format (:mod:`hf_decoding_ext.speculative.heads.speculators_export`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from .base import DraftHeadConfig, DraftHeadModel, ResBlock
+
+_LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "rms_norm_eps", "max_position_embeddings", "hidden_act")
+
+
+class EagleDrafterConfig(DraftHeadConfig):
+    """Configuration of :class:`EagleDrafterModel`.
+
+    Args:
+        layer_config: keyword arguments of the Llama decoder layer (``hidden_size``, ``intermediate_size``,
+            ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps``, ``rope_theta``,
+            ``max_position_embeddings``); by default copied from the base model (:meth:`from_base_config`).
+        num_draft_tokens: tree depth (tokens drafted after the root).
+        feature_sampling: FSPAD's feature sampling (``False``: plain EAGLE fusion).
+        fs_expansion: width multiplier of the sampling space.
+        partial_alignment: FSPAD's partial alignment (logits through an adapter); ``False``: EAGLE's logits straight
+            from the predicted feature.
+        cls_weight: weight of the token cross-entropy against the feature regression (EAGLE: 0.1).
+        feature_noise: half-width of the uniform noise added to input features in training, relative to the
+            features' RMS (EAGLE's data augmentation: U(-0.1, 0.1)).
+    """
+
+    model_type = "hf_decoding_ext_eagle"
+
+    def __init__(self, layer_config: dict | None = None, num_draft_tokens: int = 6, feature_sampling: bool = True,
+                 fs_expansion: int = 1, partial_alignment: bool = True, cls_weight: float = 0.1,
+                 feature_noise: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        if num_draft_tokens < 1 or fs_expansion < 1:
+            raise ValueError("num_draft_tokens and fs_expansion must be >= 1")
+        self.layer_config = dict(layer_config or {})
+        self.num_draft_tokens = num_draft_tokens
+        self.feature_sampling = feature_sampling
+        self.fs_expansion = fs_expansion
+        self.partial_alignment = partial_alignment
+        self.cls_weight = cls_weight
+        self.feature_noise = feature_noise
+
+    def from_base_config(self, base_config) -> None:
+        """Copy the decoder-layer geometry of the base model."""
+        d = base_config.to_dict()
+        layer = {k: d[k] for k in _LAYER_KEYS if d.get(k) is not None}
+        layer["hidden_size"] = self.hidden_size
+        rope = d.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        if theta is not None:
+            layer["rope_theta"] = float(theta)
+        self.layer_config = {**layer, **self.layer_config}
+
+    def llama_config(self) -> LlamaConfig:
+        lc = dict(self.layer_config)
+        lc.setdefault("hidden_size", self.hidden_size)
+        lc.setdefault("intermediate_size", 4 * self.hidden_size)
+        lc.setdefault("num_attention_heads", max(1, self.hidden_size // 64))
+        theta = lc.pop("rope_theta", 10000.0)
+        cfg = LlamaConfig(vocab_size=self.vocab_size, num_hidden_layers=1,
+                          rope_parameters={"rope_type": "default", "rope_theta": theta}, **lc)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+class EagleDrafterModel(DraftHeadModel):
+    """EAGLE-style one-layer feature drafter with FSPAD's feature sampling and partial alignment (module docstring).
+
+    ``forward(features, input_ids, position_ids, attention_mask, cache)`` maps the target features ``f_p``
+    ``(B, T, H)`` and next tokens ``x_{p+1}`` ``(B, T)`` to predicted features ``f^_{p+1}`` ``(B, T, H)``;
+    :meth:`logits_from` turns predicted features into draft-vocabulary logits.
+
+    Example:
+        >>> from hf_decoding_ext.speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
+        >>> cfg = EagleDrafterConfig(hidden_size=576, vocab_size=49152)
+        >>> cfg.from_base_config(model.config)  # doctest: +SKIP
+        >>> drafter = EagleDrafterModel(cfg).attach(model)  # doctest: +SKIP
+    """
+
+    config_class = EagleDrafterConfig
+
+    def __init__(self, config: EagleDrafterConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        lc = config.llama_config()
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        if config.feature_sampling:
+            w = config.fs_expansion * h
+            self.fs_feature = nn.Linear(h, w, bias=False)
+            self.fs_embed = nn.Linear(h, w, bias=False)
+            self.fs_out = nn.Linear(w, h, bias=False)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(lc, layer_idx=0)])
+        self.rotary_emb = LlamaRotaryEmbedding(lc)
+        if config.partial_alignment:
+            self.logit_adapter = ResBlock(h)
+        self._blocks: list[tuple[int, int]] = []
+        self.post_init()
+        with torch.no_grad():  # start as plain EAGLE: no sampling term, identity adapter
+            if config.feature_sampling:
+                self.fs_out.weight.zero_()
+            if config.partial_alignment:
+                self.logit_adapter.linear.weight.zero_()
+                self.logit_adapter.linear.bias.zero_()
+
+    @property
+    def depth(self) -> int:
+        return self.config.num_draft_tokens
+
+    def fuse(self, features: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        if self.config.feature_sampling:
+            features = features + self.fs_out(self.fs_feature(features) * self.fs_embed(embeds))
+        return self.fc(torch.cat([embeds, features], dim=-1))
+
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, cache=None) -> torch.Tensor:
+        """Predicted features ``(B, T, H)``; ``attention_mask`` is additive ``(B, 1, T, past + T)``."""
+        x = self.fuse(features.to(self.dtype), self.embed(input_ids).to(self.dtype))
+        pos = self.rotary_emb(x, position_ids)
+        for layer in self.layers:
+            x = layer(x, attention_mask=attention_mask.to(x.dtype), position_ids=position_ids, cache=cache,
+                      use_cache=cache is not None, position_embeddings=pos)
+        return x
+
+    def logits_from(self, predicted: torch.Tensor) -> torch.Tensor:
+        if self.config.partial_alignment:
+            predicted = self.logit_adapter(predicted)
+        return self.draft_logits(predicted)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.layers[0].self_attn.config)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def train_batches(self, seqs, batch_size: int, seed: int = 0, max_length: int = 512):
+        """Endless random batches of whole sequences (right-padded, cut to the last ``max_length`` tokens)."""
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(len(seqs), generator=g).tolist()
+            for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
+                yield self._collate([seqs[j] for j in perm[i:i + batch_size]], max_length)
+
+    def eval_batches(self, seqs, batch_size: int, max_length: int = 512):
+        per = max(1, batch_size // 128)
+        for i in range(0, len(seqs), per):
+            yield self._collate(seqs[i:i + per], max_length)
+
+    def _collate(self, seqs, max_length: int) -> dict:
+        cut = []
+        for s in seqs:
+            n = s.input_ids.shape[0]
+            start = max(0, n - max_length)
+            cut.append((s.input_ids[start:], s.hidden[start:], max(0, s.response_start - start)))
+        width = max(ids.shape[0] for ids, _, _ in cut)
+        b = len(cut)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        hid = torch.zeros(b, width, self.config.hidden_size, dtype=torch.float16)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        resp = torch.zeros(b, width, dtype=torch.bool)
+        for i, (x, h, r) in enumerate(cut):
+            n = x.shape[0]
+            ids[i, :n], hid[i, :n], valid[i, :n] = x, h, True
+            resp[i, r:n] = True
+        return {"input_ids": ids.to(self.device), "hidden": hid.to(self.device), "valid": valid.to(self.device),
+                "response": resp.to(self.device)}
+
+    def _causal_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        t = valid.shape[1]
+        allowed = torch.tril(torch.ones(t, t, dtype=torch.bool, device=valid.device))[None] & valid[:, None, :]
+        allowed = allowed | torch.eye(t, dtype=torch.bool, device=valid.device)[None]  # padded rows: no NaN
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=valid.device)
+        return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+
+    def _teacher_forced(self, batch: dict, noise: bool):
+        ids, hid, valid = batch["input_ids"], batch["hidden"].to(self.dtype), batch["valid"]
+        feats = hid[:, :-1]
+        if noise and self.config.feature_noise:
+            rms = feats.pow(2).mean(-1, keepdim=True).sqrt()
+            feats = feats + (torch.rand_like(feats) * 2 - 1) * self.config.feature_noise * rms
+        inp_valid = valid[:, 1:]
+        pos = torch.arange(feats.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        pred = self(feats, ids[:, 1:], pos, self._causal_mask(inp_valid))  # pred[:, p] ~ f_{p+1}
+        return pred
+
+    def training_loss(self, batch: dict, t2d: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """FSPAD / EAGLE loss: Smooth-L1 of ``f^_{p+1}`` to ``f_{p+1}`` plus ``cls_weight`` x cross-entropy of the
+        logits against ``x_{p+2}``, on positions whose targets are response tokens (the base model's own output)."""
+        pred = self._teacher_forced(batch, noise=True)
+        ids, hid, valid, resp = batch["input_ids"], batch["hidden"].to(self.dtype), batch["valid"], batch["response"]
+        # regression: f^_{p+1} vs f_{p+1} where x_{p+1} is a response token (a position the drafter will predict)
+        reg_mask = valid[:, 1:] & resp[:, 1:]
+        reg = F.smooth_l1_loss(pred, hid[:, 1:], reduction="none").mean(-1)
+        reg_loss = (reg * reg_mask).sum() / reg_mask.sum().clamp(min=1)
+        # classification: logits at p predict x_{p+2}
+        logits = self.logits_from(pred[:, :-1])
+        target = ids[:, 2:]
+        tmask = valid[:, 2:] & resp[:, 2:]
+        tgt = torch.where(tmask, t2d[target], torch.full_like(target, -100))
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+        loss = reg_loss + self.config.cls_weight * ce
+        with torch.no_grad():
+            ok = tgt >= 0
+            acc = ((logits.argmax(-1) == tgt) & ok).sum() / ok.sum().clamp(min=1)
+        return loss, {"reg": float(reg_loss.detach()), "ce": float(ce.detach()), "acc": float(acc)}
+
+    @torch.no_grad()
+    def ranked_candidates(self, batch: dict, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-depth candidates as at inference: depth 1 from the true features; depth ``d > 1`` rolls the drafter
+        on its own predicted features with the true tokens (a correct prefix). Returns ``(depth, N, topk)`` target
+        ids and ``(depth, N)`` targets over every response position."""
+        ids, hid, valid, resp = batch["input_ids"], batch["hidden"].to(self.dtype), batch["valid"], batch["response"]
+        b, t = ids.shape
+        depth = self.depth
+        cache = self.new_cache()
+        pos = torch.arange(t - 1, device=ids.device)[None].expand(b, -1)
+        pred = self(hid[:, :-1], ids[:, 1:], pos, self._causal_mask(valid[:, 1:]), cache=cache)
+        # rollout: at step d, the input at position p is (f^_{p+d-1}, x_{p+d}); rows never see other rows' rollouts,
+        # so we re-run the layer over the whole sequence with the true prefix cached (teacher-forced up to p)
+        self._blocks = []
+        cands, targets = [], []
+        cur = pred  # cur[:, p]: predicted feature whose logits give depth-d candidates at anchor p
+        for d in range(1, depth + 1):
+            n = t - 1 - d  # anchors p with a target x_{p+1+d} inside the sequence
+            c = torch.full((b, t - 1, topk), -1, dtype=torch.long, device=ids.device)
+            tgt = torch.full((b, t - 1), -100, dtype=torch.long, device=ids.device)
+            if n > 0:
+                c[:, :n] = self.to_target(self.logits_from(cur[:, :n]).topk(topk, dim=-1).indices)
+                m = valid[:, 1 + d:] & resp[:, 1 + d:]
+                tgt[:, :n] = torch.where(m, ids[:, 1 + d:], torch.full_like(ids[:, 1 + d:], -100))
+            cands.append(c.reshape(-1, topk))
+            targets.append(tgt.reshape(-1))
+            if d < depth and n > 1:
+                # next depth: anchor p feeds (cur[:, p], x_{p+1+d}) at position p + d
+                cur = self._rollout_step(cache, cur, ids, valid, d)
+            elif d < depth:
+                break
+        while len(cands) < depth:
+            cands.append(torch.full_like(cands[0], -1))
+            targets.append(torch.full_like(targets[0], -100))
+        self._blocks = []
+        return torch.stack(cands), torch.stack(targets)
+
+    def _rollout_step(self, cache, cur, ids, valid, d):
+        """One rollout depth for every anchor at once: anchor ``p`` feeds ``(cur[:, p], x_{p+1+d})`` at position
+        ``p + d``, attending to true-feature entries ``0..p`` and to its own earlier rollout entries."""
+        b, t = ids.shape
+        n = t - 1 - d  # anchors 0..n-1
+        past = cache.get_seq_length()
+        feats = cur[:, :n]
+        toks = ids[:, 1 + d: 1 + d + n]
+        pos = (torch.arange(n, device=ids.device) + d)[None].expand(b, -1)
+        true_len = t - 1
+        allowed = torch.zeros(n, past + n, dtype=torch.bool, device=ids.device)
+        anchor = torch.arange(n, device=ids.device)
+        allowed[:, :true_len] = torch.arange(true_len, device=ids.device)[None] <= anchor[:, None]
+        # earlier rollout blocks: block k (depth k+2 inputs) occupies columns true_len + k*? -> track in cache layout
+        for start, width in self._blocks:
+            cols = torch.arange(width, device=ids.device)
+            allowed[:, start:start + width] = cols[None] == anchor[:, None]
+        allowed[:, past:] = torch.eye(n, dtype=torch.bool, device=ids.device)
+        mask = torch.zeros(b, 1, n, past + n, dtype=self.dtype, device=ids.device)
+        mask = mask.masked_fill(~(allowed[None, None] & torch.cat(
+            [valid[:, 1:], valid.new_ones(b, past + n - true_len)], 1)[:, None, None, :]), torch.finfo(self.dtype).min)
+        self._blocks.append((past, n))
+        return self(feats, toks, pos, mask, cache=cache)

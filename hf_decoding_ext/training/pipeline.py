@@ -1,0 +1,147 @@
+"""End-to-end training of a draft head: ``hf-decoding-ext train <kind> --base <model>``.
+
+Stages (each resumable, progress on a bar and in the log file): the base model answers the distillation prompts
+(``data/prompts/distill.jsonl``, disjoint from the benchmark prompts), its features are extracted once, the draft
+vocabulary is chosen (the most frequent response tokens), the head is trained with checkpoints, evaluated on
+held-out sequences (per-depth top-k accuracy, which also fixes the default tree) and saved as safetensors.
+
+Example:
+    >>> from hf_decoding_ext.training.pipeline import run_training
+    >>> run_training("medusa", base=None, out="heads/medusa", steps=2000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .data import DistillData, extract_features, generate_responses, read_responses
+from .trainer import TrainConfig, train_head
+
+
+def head_kinds() -> dict:
+    """``kind -> (config class, head class, default TrainConfig overrides)``."""
+    from ..speculative.heads.medusa import MedusaConfig, MedusaHeads
+
+    kinds = {"medusa": (MedusaConfig, MedusaHeads, {"lr": 1e-3, "batch_size": 256})}
+    try:
+        from ..speculative.heads.hydra import HydraConfig, HydraHeads
+
+        kinds["hydra"] = (HydraConfig, HydraHeads, {"lr": 1e-3, "batch_size": 256})
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from ..speculative.heads.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
+
+        kinds["mlp-speculator"] = (MLPSpeculatorConfig, MLPSpeculator, {"lr": 1e-3, "batch_size": 256})
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from ..speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
+
+        kinds["eagle"] = (EagleDrafterConfig, EagleDrafterModel, {"lr": 5e-4, "batch_size": 8})
+    except ImportError:  # pragma: no cover
+        pass
+    return kinds
+
+
+def _logger(path):
+    if path is None:
+        return lambda msg: None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+    return log
+
+
+def prepare_data(model, tokenizer, base_name: str, *, prompts: int | None = None, max_new_tokens: int = 256,
+                 batch_size: int = 16, work_dir=None, log=None, progress: bool = True) -> DistillData:
+    """Responses and features for the first ``prompts`` distillation prompts of each category (cached under
+    ``work_dir``)."""
+    from ..bench.prompts import load_distill_prompts
+    from ..models import cache_dir
+
+    rows = load_distill_prompts(limit=prompts)
+    key = hashlib.sha1(json.dumps([base_name, max_new_tokens]).encode()).hexdigest()[:10]
+    work = Path(work_dir) if work_dir else cache_dir() / "distill" / key
+    work.mkdir(parents=True, exist_ok=True)
+    responses = work / "responses.jsonl"
+    log = log or (lambda msg: None)
+    log(f"stage 1/3: responses of {len(rows)} prompts -> {responses}")
+    generate_responses(model, tokenizer, rows, responses, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       progress=progress, log=log)
+    wanted = {r["id"] for r in rows}
+    answered = [r for r in read_responses(responses) if r["id"] in wanted]
+    digest = hashlib.sha1(",".join(sorted(r["id"] for r in answered)).encode()).hexdigest()[:10]
+    features = work / f"features-{digest}.safetensors"
+    log(f"stage 2/3: features of {len(answered)} sequences -> {features}")
+    extract_features(model, answered, features, batch_size=max(1, batch_size // 2), progress=progress, log=log)
+    return DistillData(features)
+
+
+def build_head(kind: str, model, base_name: str, **head_options):
+    kinds = head_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown head kind {kind!r}; known: {sorted(kinds)}")
+    config_cls, head_cls, _ = kinds[kind]
+    cfg = config_cls(hidden_size=model.config.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
+                     base_model_name_or_path=base_name, **head_options)
+    if hasattr(cfg, "from_base_config"):
+        cfg.from_base_config(model.config)
+    return head_cls(cfg).attach(model)
+
+
+def run_training(kind: str, base: str | None = None, out: str = "heads", *, prompts: int | None = None,
+                 max_new_tokens: int = 256, gen_batch_size: int = 16, draft_vocab_size: int | None = 8192,
+                 work_dir=None, log_file=None, progress: bool = True, head_options: dict | None = None,
+                 **train_options):
+    """Train a head of ``kind`` for ``base`` (``None``: the embedded default model) and save it to ``out``.
+
+    ``train_options`` are :class:`TrainConfig` fields (``steps``, ``batch_size``, ``lr``, ...); ``head_options``
+    the head config's (e.g. ``num_heads``). Returns the trained head.
+    """
+    from ..models import DEFAULT_MODEL, load_model
+
+    kinds = head_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown head kind {kind!r}; known: {sorted(kinds)}")
+    valid = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(train_options) - valid)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(valid)}")
+    log = _logger(log_file)
+    base_name = base or DEFAULT_MODEL
+    model, tokenizer = load_model(base)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log(f"base model {base_name}; head {kind}")
+    data = prepare_data(model, tokenizer, base_name, prompts=prompts, max_new_tokens=max_new_tokens,
+                        batch_size=gen_batch_size, work_dir=work_dir, log=log, progress=progress)
+    log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences, {data.num_tokens} tokens")
+    head = build_head(kind, model, base_name, **(head_options or {}))
+    if draft_vocab_size and draft_vocab_size < head.config.vocab_size:
+        counts = data.response_token_counts(head.config.vocab_size)
+        top = counts.argsort(descending=True)[:draft_vocab_size]
+        covered = float(counts[top].sum()) / max(1, float(counts.sum()))
+        head.set_draft_vocab(top)
+        head.config.training = {**(head.config.training or {}), "draft_vocab_coverage": round(covered, 4)}
+        log(f"draft vocabulary: {draft_vocab_size} tokens cover {covered:.4f} of response tokens")
+    cfg = TrainConfig(**{**kinds[kind][2], **train_options})
+    head.config.training = {**(head.config.training or {}), "data": {
+        "prompts": "hf_decoding_ext/data/prompts/distill.jsonl", "sequences": len(data.train) + len(data.heldout),
+        "tokens": data.num_tokens, "max_new_tokens": max_new_tokens, "responses": "greedy, by the base model"}}
+    log(f"stage 3/3: training {cfg}")
+    torch.set_grad_enabled(True)
+    head = train_head(head, data, out, cfg, progress=progress)
+    log(f"done: held-out top-1 per depth {head.config.training.get('heldout_top1')}; saved to {out}")
+    return head

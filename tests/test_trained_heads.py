@@ -1,0 +1,276 @@
+"""Trained draft heads on tiny random models: the shared machinery (base class, choice trees, data pipeline,
+trainer with resumable checkpoints, the ``train`` CLI) and the Medusa and EAGLE/FSPAD drafters (lossless greedy on two
+architectures, save/load, training improves held-out accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_decoding_ext.speculative import SpeculativeDecoding
+from hf_decoding_ext.speculative.drafters.eagle import EagleDrafter
+from hf_decoding_ext.speculative.drafters.medusa import MedusaDrafter
+from hf_decoding_ext.speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
+from hf_decoding_ext.speculative.heads.medusa import MedusaConfig, MedusaHeads
+from hf_decoding_ext.speculative.tree import build_choice_tree, choices_from_accuracies, normalize_choices
+from hf_decoding_ext.training.data import DistillData, extract_features, generate_responses, position_examples, \
+    read_responses
+from hf_decoding_ext.training.trainer import TrainConfig, evaluate_head, train_head
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for the data pipeline on tiny models (no chat template)."""
+
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [3 + (ord(c) % 120) for c in text]}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, tiny_llama):
+    d = tmp_path_factory.mktemp("distill")
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i} about {'abc'[i % 3]}" * (1 + i % 2)} for i in range(40)]
+    generate_responses(tiny_llama, _CharTokenizer(), prompts, d / "r.jsonl", batch_size=8, max_new_tokens=20,
+                       progress=False)
+    rows = read_responses(d / "r.jsonl")
+    extract_features(tiny_llama, rows, d / "f.safetensors", progress=False)
+    return DistillData(d / "f.safetensors"), rows, d
+
+
+def _medusa(model, **kw):
+    return MedusaHeads(MedusaConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size, **kw))
+
+
+def _eagle(model, **kw):
+    cfg = EagleDrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size, **kw)
+    cfg.from_base_config(model.config)
+    return EagleDrafterModel(cfg)
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47], [100, 3, 90, 4, 80], [11, 12]]
+
+
+# ---------------------------------------------------------------------------------------------- choice trees
+def test_choices_from_accuracies_is_prefix_closed_and_ranks_paths_by_value():
+    acc = [[0.7, 0.15, 0.05], [0.6, 0.2, 0.1], [0.5, 0.2]]
+    choices = choices_from_accuracies(acc, num_nodes=8)
+    assert len(choices) == 8 and set(choices) == set(normalize_choices(choices))
+    assert all(c[:-1] in choices for c in choices if len(c) > 1)
+    value = {c: torch.tensor([acc[d][i] for d, i in enumerate(c)]).prod().item() for c in choices}
+    # every picked path is worth at least as much as any unpicked child of a picked path
+    worst = min(value.values())
+    for c in choices:
+        if len(c) < len(acc):
+            for i, a in enumerate(acc[len(c)]):
+                if c + (i,) not in choices:
+                    assert value[c] * a <= worst + 1e-12
+    assert choices_from_accuracies(acc, 8, max_depth=1) == [(0,), (1,), (2,)]
+
+
+def test_choice_tree_validation_and_filling():
+    with pytest.raises(ValueError, match="parent"):
+        normalize_choices([(0, 0)])
+    with pytest.raises(ValueError):
+        normalize_choices([()])
+    calls = []
+
+    def topk(depth, parents, k):
+        calls.append((depth, list(parents), k))
+        return torch.tensor([[100 * depth + 10 * (p + 1) + i for i in range(k)] for p in parents])
+
+    tree = build_choice_tree([(1,), (0,), (0, 0), (0, 1), (1, 0)], topk)
+    assert tree.parents.tolist() == [-1, -1, 0, 0, 1]
+    assert calls == [(1, [-1], 2), (2, [0, 1], 2)]  # one batched call per depth
+    assert tree.tokens.tolist() == [100, 101, 210, 211, 220]
+
+
+# ---------------------------------------------------------------------------------------------- base class
+def test_attach_checks_dimensions_and_draft_vocab(tiny_llama, tiny_gpt2):
+    head = _medusa(tiny_llama)
+    wrong = MedusaHeads(MedusaConfig(hidden_size=16, vocab_size=128))
+    with pytest.raises(ValueError, match="hidden size"):
+        wrong.attach(tiny_llama)
+    with pytest.raises(RuntimeError, match="attach"):
+        head.draft_logits(torch.zeros(32))
+    head.attach(tiny_gpt2)  # same geometry, another architecture
+    head.set_draft_vocab(torch.tensor([7, 3, 99]))
+    assert head.draft_logits(torch.zeros(2, 32)).shape == (2, 3)
+    assert head.target_to_draft()[torch.tensor([7, 3, 99, 5])].tolist() == [0, 1, 2, -100]
+    with pytest.raises(ValueError):
+        head.set_draft_vocab(torch.tensor([3, 3]))
+    with pytest.raises(ValueError):
+        head.set_draft_vocab(torch.tensor([500]))
+    with pytest.raises(ValueError):
+        MedusaConfig(num_heads=0)
+
+
+def test_untrained_medusa_head_repeats_the_base_prediction(tiny_llama):
+    """Medusa's zero initialisation: each head starts as the identity, i.e. the base lm_head's prediction."""
+    head = _medusa(tiny_llama).attach(tiny_llama)
+    h = torch.randn(5, 32)
+    assert torch.allclose(head(h)[2], tiny_llama.lm_head(h), atol=1e-6)
+
+
+def test_position_examples_targets(tiny_data):
+    data, _, _ = tiny_data
+    s = data.train[0]
+    hidden, tokens = position_examples([s], depth=3)
+    j0 = s.response_start - 1
+    assert torch.equal(hidden[0], s.hidden[j0])
+    assert tokens[0].tolist() == s.input_ids[j0 + 1: j0 + 5].tolist()
+    assert tokens[-1].tolist()[1:] == [-100, -100, -100]
+
+
+# ---------------------------------------------------------------------------------------------- drafters
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_greedy_is_token_identical_on_two_architectures(kind, tiny_model):
+    torch.manual_seed(1)
+    head = _medusa(tiny_model, num_heads=3) if kind == "medusa" else _eagle(tiny_model, num_draft_tokens=3)
+    with torch.no_grad():  # random (not identity) heads: drafts that are sometimes right, sometimes wrong
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    drafter = MedusaDrafter(head, max_nodes=10) if kind == "medusa" else EagleDrafter(head, max_nodes=10)
+    for ids in PROMPTS:
+        x = torch.tensor([ids])
+        ref = tiny_model.generate(x, max_new_tokens=24, do_sample=False)
+        loop = SpeculativeDecoding(drafter)
+        out = tiny_model.generate(x, max_new_tokens=24, do_sample=False, custom_generate=loop)
+        assert torch.equal(out, ref), (kind, ids)
+        assert all(s.draft_size <= 10 for s in loop.last_stats)
+        assert loop.last_stats[0].draft_size == 0  # nothing to draft from before the prompt's features exist
+
+
+def test_tree_choices_and_bad_arguments(tiny_llama):
+    head = _medusa(tiny_llama, num_heads=2)
+    d = MedusaDrafter(head, tree_choices=[[0], [1], [0, 0]])
+    assert d.choices == [(0,), (1,), (0, 0)]
+    with pytest.raises(ValueError, match="depth"):
+        MedusaDrafter(head, tree_choices=[[0], [0, 0], [0, 0, 0]])
+    with pytest.raises(ValueError):
+        MedusaDrafter(head, max_nodes=0)
+    with pytest.raises(ValueError):
+        MedusaDrafter(3.5)
+    assert len(MedusaDrafter(head, max_nodes=5).choices) == 5
+
+
+def test_eagle_drafter_tree_matches_a_brute_force_rollout(tiny_llama):
+    """Each node's candidates equal the drafter model run on the true features of the prefix, then on its own
+    predicted features along the node's path (checks the drafter's cache, tree mask and positions)."""
+    torch.manual_seed(2)
+    head = _eagle(tiny_llama, num_draft_tokens=3).attach(tiny_llama)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    drafter = EagleDrafter(head, tree_choices=[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    x = torch.tensor([PROMPTS[1]])
+    loop = SpeculativeDecoding(drafter)
+    captured = []
+    orig = drafter.propose
+
+    def spy(state):
+        draft = orig(state)
+        captured.append((state.input_ids.clone(), draft.tree, torch.cat([f for f in [drafter._all_features()]])
+                         if hasattr(drafter, "_all_features") else None))
+        return draft
+
+    drafter.propose = spy
+    tiny_llama.generate(x, max_new_tokens=6, do_sample=False, custom_generate=loop)
+    ids, tree, _ = captured[2]
+    # brute force: target features of the committed prefix (all but the last token)
+    with torch.no_grad():
+        feats = tiny_llama(ids, output_hidden_states=True).hidden_states[-1][0, :-1]
+        t = feats.shape[0]
+
+        def run(f, toks):
+            n = f.shape[0]
+            mask = torch.zeros(1, 1, n, n).masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), -1e30)
+            return head(f[None], toks[None], torch.arange(n)[None], mask)[0]
+
+        base = run(feats, ids[0, 1:])
+        for node in range(len(tree)):
+            path = tree.path_to(node)
+            f, toks, pred = feats, ids[0, 1:], base[-1]
+            for anc in path[:-1]:
+                f = torch.cat([f, pred[None]])
+                toks = torch.cat([toks, tree.tokens[anc:anc + 1]])
+                pred = run(f, toks)[-1]
+            rank = drafter.choices[node][-1]
+            expected = head.to_target(head.logits_from(pred).topk(rank + 1).indices)[rank]
+            assert int(tree.tokens[node]) == int(expected), node
+    assert t == ids.shape[1] - 1
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_training_improves_heldout_accuracy_and_round_trips(kind, tiny_llama, tiny_data, tmp_path):
+    data, _, _ = tiny_data
+    head = (_medusa(tiny_llama, num_heads=3) if kind == "medusa" else _eagle(tiny_llama, num_draft_tokens=3))
+    head.attach(tiny_llama)
+    before = evaluate_head(head, data.heldout, topk=1)["top1"][0]
+    cfg = TrainConfig(steps=80, batch_size=64 if kind == "medusa" else 8, lr=1e-2, log_every=10,
+                      checkpoint_every=1000, tree_nodes=6)
+    head = train_head(head, data, tmp_path / kind, cfg, progress=False)
+    after = head.config.training["heldout_top1"][0]
+    assert after > before + 0.05, (before, after)
+    assert len(head.config.tree_choices) == 6 and len(head.config.head_accuracies) == 3
+    log = [json.loads(line) for line in open(tmp_path / kind / "train_log.jsonl")]
+    assert log[-1]["loss"] < log[0]["loss"]
+    cls = MedusaHeads if kind == "medusa" else EagleDrafterModel
+    loaded = cls.from_pretrained(tmp_path / kind)
+    assert (tmp_path / kind / "model.safetensors").exists()
+    assert not list((tmp_path / kind).glob("*.bin")) and not list((tmp_path / kind).glob("*.pt"))
+    for (n, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert loaded.config.tree_choices == head.config.tree_choices
+    # the trained drafter is lossless and uses its tree from the measured accuracies
+    drafter = (MedusaDrafter if kind == "medusa" else EagleDrafter)(loaded, max_nodes=None)
+    assert drafter.choices == [tuple(c) for c in head.config.tree_choices]
+    s = data.heldout[0]
+    x = s.input_ids[: s.response_start][None]
+    ref = tiny_llama.generate(x, max_new_tokens=16, do_sample=False)
+    loop = SpeculativeDecoding(drafter)
+    assert torch.equal(tiny_llama.generate(x, max_new_tokens=16, do_sample=False, custom_generate=loop), ref)
+    assert loop.summary()["mean_accepted"] > 0
+
+
+def test_training_resumes_from_its_checkpoint(tiny_llama, tiny_data, tmp_path):
+    data, _, _ = tiny_data
+    cfg = TrainConfig(steps=20, batch_size=32, lr=1e-2, log_every=5, checkpoint_every=10)
+    full = train_head(_medusa(tiny_llama, num_heads=2).attach(tiny_llama), data, tmp_path / "a", cfg, progress=False)
+    # a run interrupted after its step-10 checkpoint, then resumed, ends with the same weights
+    part = TrainConfig(**{**cfg.__dict__, "steps": 20})
+    head = _medusa(tiny_llama, num_heads=2).attach(tiny_llama)
+    import shutil
+
+    shutil.copytree(tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint")
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 10
+    resumed = train_head(head, data, tmp_path / "b", part, progress=False)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert (tmp_path / "b" / "checkpoint" / "optimizer.safetensors").exists()
+
+
+def test_generate_responses_is_resumable(tiny_llama, tmp_path):
+    tok = _CharTokenizer()
+    prompts = [{"id": f"q{i}", "prompt": "x" * (i + 1)} for i in range(6)]
+    path = tmp_path / "r.jsonl"
+    generate_responses(tiny_llama, tok, prompts[:3], path, batch_size=2, max_new_tokens=5, progress=False)
+    with open(path, "a") as f:
+        f.write('{"id": "q3", "prompt_')  # a line cut by an interrupted run
+    generate_responses(tiny_llama, tok, prompts, path, batch_size=2, max_new_tokens=5, progress=False)
+    rows = read_responses(path)
+    assert sorted(r["id"] for r in rows) == [f"q{i}" for i in range(6)]
+    # responses are the model's own greedy continuations
+    r = next(r for r in rows if r["id"] == "q4")
+    ref = tiny_llama.generate(torch.tensor([r["prompt_ids"]]), max_new_tokens=5, do_sample=False)
+    assert ref[0, len(r["prompt_ids"]):].tolist()[: len(r["response_ids"])] == r["response_ids"]
+    with pytest.raises(ValueError):
+        generate_responses(tiny_llama, tok, prompts, path, batch_size=0)
