@@ -6,6 +6,7 @@ Examples::
     hf-decoding-ext generate --method mirostat-v2 --param tau=3.0 --prompt "Tell me about the sea."
     hf-decoding-ext bench --family sampling --per-category 5
     hf-decoding-ext train medusa --base smollm2-135m-instruct --out heads/medusa --steps 2000 --log train.log
+    hf-decoding-ext publish eagle --repo-id <user>/smollm2-135m-instruct-eagle-fspad
 """
 
 from __future__ import annotations
@@ -92,9 +93,17 @@ def _cmd_train(args) -> int:
     head = run_training(args.kind, base=args.base, out=args.out, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
                         draft_vocab_size=args.draft_vocab_size or None, work_dir=args.work_dir, log_file=args.log,
-                        head_options=parse_params(args.head_param), **train_options)
+                        head_options=parse_params(args.head_param), save_dtype=args.save_dtype, **train_options)
     print(f"saved {type(head).__name__} to {args.out}; held-out top-1 per depth: "
           f"{head.config.training.get('heldout_top1')}")
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from .speculative.heads.hub import publish
+
+    names = publish(args.head, args.repo_id, private=args.private, dry_run=args.dry_run)
+    print(("would upload" if args.dry_run else "uploaded") + f" {', '.join(names)} to {args.repo_id}")
     return 0
 
 
@@ -146,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--head-param", action="append", metavar="KEY=VALUE", help="head config option (repeatable)")
     pt.add_argument("--work-dir", default=None, help="cache of responses and features")
     pt.add_argument("--log", default=None, help="progress log file")
+    pt.add_argument("--save-dtype", default=None, help="store the final weights in this dtype, e.g. float16")
     pt.set_defaults(func=_cmd_train)
+
+    pp = sub.add_parser("publish", help="upload a trained head (shipped kind or folder) to the Hugging Face Hub")
+    pp.add_argument("head", help="medusa | hydra | mlp-speculator | eagle, or a checkpoint folder")
+    pp.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    pp.add_argument("--private", action="store_true")
+    pp.add_argument("--dry-run", action="store_true", help="list the files without uploading")
+    pp.set_defaults(func=_cmd_publish)
     return p
 
 

@@ -176,6 +176,30 @@ METHODS: list[MethodSpec] = [
        needs_training=False, status="done", defaults={"assistant": "self:4"},
        summary="a small causal LM sharing the tokenizer drafts a chain (assisted generation); default assistant: "
                "the target's first 4 layers"),
+    # ------------------------------------------------------------------------------------------- trained heads
+    _m(name="medusa", title="Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",
+       arxiv="2401.10774", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.medusa:MedusaDrafter", lossless=True, needs_training=True,
+       status="done", defaults={"heads": "shipped"},
+       summary="Medusa-1 heads (residual block per head, shared frozen lm_head) over the target's last feature; "
+               "sparse tree from measured head accuracies; shipped heads for SmolLM2-135M-Instruct"),
+    _m(name="hydra", title="Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding", arxiv="2402.05109",
+       family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.hydra:HydraDrafter", lossless=True, needs_training=True,
+       status="done", defaults={"heads": "shipped"},
+       summary="draft heads conditioned on the target feature and the embeddings of the draft prefix; shipped heads"),
+    _m(name="mlp-speculator", title="Accelerating Production LLMs with Combined Token/Embedding Speculators",
+       arxiv="2404.19124", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.mlp_speculator:MLPSpeculatorDrafter", lossless=True,
+       needs_training=True, status="done", defaults={"heads": "shipped"},
+       summary="multi-stage MLP speculator: state from the target feature, each stage conditioned on the previous "
+               "token; shipped weights"),
+    _m(name="eagle-fspad", title="Boosting Lossless Speculative Decoding via Feature Sampling and Partial Alignment "
+       "Distillation", arxiv="2408.15562", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.eagle:EagleDrafter", lossless=True, needs_training=True,
+       status="done", defaults={"drafter": "shipped"},
+       summary="EAGLE-style one-layer feature drafter (own KV cache, tree drafting) trained with FSPAD's feature "
+               "sampling and partial alignment distillation; shipped weights; exports to vLLM speculators"),
     # ------------------------------------------------------------------------------------------- contrastive
     _m(name="cad", title="Context-aware Decoding Reduces Hallucination in Query-focused Summarization",
        arxiv="2312.14335", family="contrastive", kind="processor",

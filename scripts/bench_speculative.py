@@ -1,10 +1,12 @@
-"""Speed benchmark of the speculative family (issue 3): default model, greedy, interleaved with plain greedy
-``generate()`` and transformers' prompt lookup / assisted generation in one run.
+"""Speed benchmark of a drafter family: default model, greedy, interleaved with plain greedy ``generate()`` and
+transformers' prompt lookup / assisted generation in one run.
 
-    python scripts/bench_speculative.py --per-category 3 --max-new-tokens 256 --out results
+    python scripts/bench_speculative.py --per-category 3 --max-new-tokens 256 --out results            # issue 3
+    python scripts/bench_speculative.py --family trained-heads --per-category 2 --max-new-tokens 256   # issue 6
 
-Writes ``<out>/speculative_speed.json`` and ``.png``. Besides every registered drafter it times one composition,
-``prompt-lookup+token-recycling`` (:class:`MergedDrafter`, at most 20 nodes), reused across prompts like the others.
+Writes ``<out>/<family>_speed.json`` and ``.png``. Besides every registered drafter of the family it times the best
+training-free drafter, ``prompt-lookup+token-recycling`` (:class:`MergedDrafter`, at most 20 nodes), reused across
+prompts like the others.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingD
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", default="speculative", choices=["speculative", "trained-heads"])
     ap.add_argument("--per-category", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--out", default="results")
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
         return {"custom_generate": merged, "do_sample": False}
 
     merged_kwargs.__name__ = "MergedDrafter([PromptLookupDrafter(), TokenRecyclingDrafter(max_nodes=12)], max_nodes=20)"
-    res = run_family("speculative", methods=args.methods, per_category=args.per_category,
+    res = run_family(args.family, methods=args.methods, per_category=args.per_category,
                      max_new_tokens=args.max_new_tokens, out_dir=args.out,
                      extra_methods={"prompt-lookup+token-recycling": merged_kwargs})
     for name, m in res["speed"]["methods"].items():

@@ -1,5 +1,5 @@
 """Issue 3's lossless property on the real model: every registered speculative drafter, greedy acceptance, over 20
-benchmark prompts x 64 new tokens, is token-identical to plain greedy ``generate()`` (fp32, CPU).
+benchmark prompts x 32 new tokens, is token-identical to plain greedy ``generate()`` (fp32, CPU).
 
 The drafters run exactly as the registry/CLI builds them (``method_generate_kwargs``), one instance reused across the
 prompts (so Token Recycling's adjacency matrix and Lookahead's pool persist, as in the benchmark). Parity with
@@ -10,15 +10,14 @@ transformers' prompt lookup and assisted generation is tested in ``test_prompt_l
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hf_decoding_ext.api import method_generate_kwargs
-from hf_decoding_ext.bench.prompts import load_prompts
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.bench.parity import greedy_parity, greedy_references
+from hf_decoding_ext.bench.prompts import interleaved_prompts
 from hf_decoding_ext.registry import METHODS
 
 N_PROMPTS = 20
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 32
 DRAFTERS = [m for m in METHODS if m.family == "speculative" and m.kind == "candidate_generator"]
 # the class each registered drafter must build (a new drafter must be added here, and so to this test)
 EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "TokenRecyclingDrafter",
@@ -26,23 +25,13 @@ EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "To
 
 
 def _prompts():
-    rows = load_prompts(per_category=4)  # 6 categories x 4, interleaved by category, first 20
-    by_cat: dict[str, list] = {}
-    for r in rows:
-        by_cat.setdefault(r["category"], []).append(r)
-    order = [r for group in zip(*by_cat.values()) for r in group]
-    return order[:N_PROMPTS]
+    return interleaved_prompts(N_PROMPTS)  # 6 categories x 4, interleaved by category, first 20
 
 
 @pytest.fixture(scope="module")
 def greedy_refs(smollm):
     model, tokenizer = smollm
-    refs = []
-    with torch.inference_mode():
-        for row in _prompts():
-            enc = encode_prompts(tokenizer, row["prompt"])
-            refs.append((row, enc, model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)))
-    return refs
+    return greedy_references(model, tokenizer, _prompts(), MAX_NEW_TOKENS)
 
 
 def test_prompt_selection_spans_every_category():
@@ -59,16 +48,8 @@ def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs
     loop = kwargs["custom_generate"]
     assert type(loop.drafter).__name__ == EXPECTED_CLASS[spec.name]
     assert kwargs["do_sample"] is False
-    mismatches, tokens, forwards, accepted = [], 0, 0, 0
-    with torch.inference_mode():
-        for row, enc, ref in greedy_refs:
-            out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, **kwargs)
-            if not torch.equal(out, ref):
-                mismatches.append(row["id"])
-            s = loop.summary()
-            tokens += s["tokens"]
-            forwards += s["steps"]
-            accepted += sum(st.accepted for st in loop.last_stats)
+    r = greedy_parity(model, kwargs, greedy_refs, MAX_NEW_TOKENS)
+    mismatches, tokens, forwards, accepted = r.mismatches, r.tokens, r.forwards, r.accepted
     assert not mismatches, f"{spec.name}: output differs from greedy generate() on {mismatches}"
     assert tokens == sum(r.shape[1] - e["input_ids"].shape[1] for _, e, r in greedy_refs)
     # the drafts are used: some draft tokens are accepted, so fewer target forwards than tokens

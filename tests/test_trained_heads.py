@@ -274,3 +274,39 @@ def test_generate_responses_is_resumable(tiny_llama, tmp_path):
     assert ref[0, len(r["prompt_ids"]):].tolist()[: len(r["response_ids"])] == r["response_ids"]
     with pytest.raises(ValueError):
         generate_responses(tiny_llama, tok, prompts, path, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- the train command
+def test_train_command_smoke_on_a_tiny_model(tmp_path):
+    """``hf-decoding-ext train <kind> --base <model>`` end to end in seconds: a tiny random Llama with the default
+    model's tokenizer answers 2 distillation prompts per category, features are cached, a head is trained, evaluated
+    and saved (float16 on request), with the stage log written."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_decoding_ext.cli import main
+    from hf_decoding_ext.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, max_position_embeddings=2048)
+    base = tmp_path / "tiny-base"
+    LlamaForCausalLM(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    for kind, extra in [("medusa", ["--head-param", "num_heads=2"]),
+                        ("eagle", ["--head-param", "num_draft_tokens=2", "--save-dtype", "float16"])]:
+        out, log = tmp_path / f"out-{kind}", tmp_path / f"{kind}.log"
+        rc = main(["train", kind, "--base", str(base), "--out", str(out), "--prompts", "2", "--max-new-tokens", "6",
+                   "--steps", "3", "--batch-size", "4", "--draft-vocab-size", "512", "--work-dir", str(tmp_path / "w"),
+                   "--log", str(log), *extra])
+        assert rc == 0
+        text = log.read_text()
+        assert "stage 1/3" in text and "stage 3/3" in text and "done" in text
+        cfg_out = json.loads((out / "config.json").read_text())
+        assert cfg_out["draft_vocab_size"] == 512 and cfg_out["training"]["steps"] == 3
+        assert cfg_out["training"]["data"]["sequences"] == 12 and cfg_out["head_accuracies"]
+    assert json.loads((tmp_path / "out-eagle" / "config.json").read_text())["dtype"] == "float16"
+    # responses were generated once and reused by the second head
+    assert len(read_responses(tmp_path / "w" / "responses.jsonl")) == 12
+    assert main(["train", "no-such-head", "--base", str(base), "--out", str(tmp_path / "x")]) == 2

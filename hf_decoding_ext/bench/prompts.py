@@ -120,3 +120,23 @@ def load_distill_prompts(categories=None, limit: int | None = None) -> list[dict
         items = [r for r in rows if r["category"] == cat]
         out.extend(items if limit is None else items[:limit])
     return out
+
+
+def interleaved_prompts(n: int, per_category: int | None = None) -> list[dict]:
+    """The first ``n`` benchmark prompts taken round-robin over the categories (one of each category in turn), so
+    that any prefix spans every category; used by the lossless tests of the drafters.
+
+    Example:
+        >>> [p["category"] for p in interleaved_prompts(3)]
+        ['multi_turn_chat', 'translation', 'summarization']
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rows = load_prompts(per_category=per_category or -(-n // len(CATEGORIES)))
+    by_cat: dict[str, list] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    order = [r for group in zip(*by_cat.values()) for r in group]
+    if len(order) < n:
+        raise ValueError(f"only {len(order)} interleaved prompts available, {n} asked")
+    return order[:n]

@@ -261,6 +261,10 @@ def speculative_baselines(chosen: Mapping[str, MethodLike]) -> dict[str, MethodL
     return out
 
 
+DRAFTER_FAMILIES = ("speculative", "trained-heads")
+"""Families of drafters: built once and reused across prompts, timed against transformers' built-ins."""
+
+
 def run_family(
     family: str,
     model=None,
@@ -284,7 +288,7 @@ def run_family(
 ) -> dict[str, Any]:
     """Benchmark the registered methods of ``family``: speed vs greedy, and quality for the sampling family.
 
-    For the ``"speculative"`` family each drafter is built once and reused across prompts (state such as Token
+    For the drafter families (``"speculative"``, ``"trained-heads"``) each drafter is built once and reused across prompts (state such as Token
     Recycling's matrix persists, as in the papers), and transformers' nearest built-ins are timed in the same
     interleaved run: ``transformers-prompt-lookup`` (``prompt_lookup_num_tokens=10``) and, when ``draft-model`` is
     benchmarked, ``transformers-assisted`` (``assistant_model=`` the same assistant).
@@ -314,7 +318,8 @@ def run_family(
     if model is None and model_name is not None:
         model = model_name
     model, tokenizer, name = _model_and_tokenizer(model, tokenizer)
-    chosen = family_methods(family, model, tokenizer, params, status, methods, reuse=family == "speculative")
+    drafting = family in DRAFTER_FAMILIES
+    chosen = family_methods(family, model, tokenizer, params, status, methods, reuse=drafting)
     rows = select_prompts(prompts, categories, per_category)
     if quality is None:
         quality = family == "sampling"
@@ -325,7 +330,7 @@ def run_family(
                                      references=("greedy", "ancestral") if family == "sampling" else ("greedy",))
     if speed:
         speed_methods: dict[str, MethodLike] = {"ancestral": ANCESTRAL_KWARGS} if family == "sampling" else {}
-        if family == "speculative":
+        if drafting:
             speed_methods.update(speculative_baselines(chosen))
         speed_methods.update(chosen)
         speed_methods.update(extra_methods or {})

@@ -103,17 +103,20 @@ def build_head(kind: str, model, base_name: str, **head_options):
 def run_training(kind: str, base: str | None = None, out: str = "heads", *, prompts: int | None = None,
                  max_new_tokens: int = 256, gen_batch_size: int = 16, draft_vocab_size: int | None = 8192,
                  work_dir=None, log_file=None, progress: bool = True, head_options: dict | None = None,
-                 **train_options):
+                 save_dtype: str | None = None, **train_options):
     """Train a head of ``kind`` for ``base`` (``None``: the embedded default model) and save it to ``out``.
 
     ``train_options`` are :class:`TrainConfig` fields (``steps``, ``batch_size``, ``lr``, ...); ``head_options``
-    the head config's (e.g. ``num_heads``). Returns the trained head.
+    the head config's (e.g. ``num_heads``); ``save_dtype`` (e.g. ``"float16"``) stores the final weights in that
+    dtype (they are cast to the base model's dtype when attached). Returns the trained head.
     """
     from ..models import DEFAULT_MODEL, load_model
 
     kinds = head_kinds()
     if kind not in kinds:
         raise ValueError(f"unknown head kind {kind!r}; known: {sorted(kinds)}")
+    if save_dtype is not None and not isinstance(getattr(torch, str(save_dtype), None), torch.dtype):
+        raise ValueError(f"save_dtype must name a torch dtype, got {save_dtype!r}")
     valid = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(train_options) - valid)
     if unknown:
@@ -143,5 +146,10 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
     log(f"stage 3/3: training {cfg}")
     torch.set_grad_enabled(True)
     head = train_head(head, data, out, cfg, progress=progress)
+    if save_dtype:
+        dtype = getattr(torch, save_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"save_dtype must name a floating torch dtype, got {save_dtype!r}")
+        head.to(dtype).save_pretrained(out)
     log(f"done: held-out top-1 per depth {head.config.training.get('heldout_top1')}; saved to {out}")
     return head

