@@ -310,3 +310,13 @@ def test_train_command_smoke_on_a_tiny_model(tmp_path):
     # responses were generated once and reused by the second head
     assert len(read_responses(tmp_path / "w" / "responses.jsonl")) == 12
     assert main(["train", "no-such-head", "--base", str(base), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_medusa_typical_acceptance_runs_with_sampling(tiny_llama):
+    """Medusa's typical acceptance (lossy) through the engine: sampled output, drafts accepted by the typical rule."""
+    torch.manual_seed(3)
+    head = _medusa(tiny_llama, num_heads=2)  # untrained: every head repeats the base prediction
+    loop = SpeculativeDecoding(MedusaDrafter(head, max_nodes=4), acceptance="typical", seed=0)
+    x = torch.tensor([PROMPTS[0]])
+    out = tiny_llama.generate(x, max_new_tokens=20, do_sample=True, temperature=0.7, custom_generate=loop)
+    assert out.shape[1] > x.shape[1] and loop.summary()["tokens"] == out.shape[1] - x.shape[1]

@@ -83,6 +83,7 @@ def test_load_by_hub_id_offline_from_a_local_cache(tmp_path):
     snapshot = seed_hub_cache("medusa", repo_id, tmp_path / "hub")
     assert (snapshot / "model.safetensors").resolve().parent.name == "blobs"
     code = f"""
+import torch
 from hf_decoding_ext.speculative.heads.medusa import MedusaHeads
 from hf_decoding_ext.speculative.drafters.medusa import MedusaDrafter
 from hf_decoding_ext.speculative.drafters.feature_head import shipped_head_path

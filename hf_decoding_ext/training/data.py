@@ -170,13 +170,37 @@ def extract_features(model, responses: list[dict], path: str | os.PathLike, *, b
     return path
 
 
+@torch.inference_mode()
+def base_predictions(model, features_path: str | os.PathLike, *, chunk: int = 4096, progress: bool = True) -> Path:
+    """The base model's greedy next token at every cached position (``argmax lm_head(h_p)``), saved next to the
+    features as ``<features>.labels.safetensors`` (skipped when present). On the generated responses these equal
+    the next tokens; on the prompts they are what the model would have said, so a drafter can distil from prompt
+    positions too (EAGLE trains on fixed text with the target's predictions the same way)."""
+    features_path = Path(features_path)
+    out = features_path.with_name(features_path.stem + ".labels.safetensors")
+    if out.exists():
+        return out
+    hidden = load_file(str(features_path))["hidden"]
+    head = model.get_output_embeddings()
+    p = next(head.parameters())
+    labels = []
+    for i in tqdm(range(0, hidden.shape[0], chunk), desc="labels", disable=not progress):
+        labels.append(head(hidden[i:i + chunk].to(device=p.device, dtype=p.dtype)).argmax(-1).cpu())
+    tmp = out.with_suffix(".tmp")
+    save_file({"labels": torch.cat(labels)}, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
 @dataclass
 class Sequence:
-    """One training sequence: token ids ``(L,)``, features ``(L, hidden)`` and the first response position."""
+    """One training sequence: token ids ``(L,)``, features ``(L, hidden)``, the first response position and, when
+    computed (:func:`base_predictions`), the base model's greedy prediction at every position ``(L,)``."""
 
     input_ids: torch.Tensor
     hidden: torch.Tensor
     response_start: int
+    labels: torch.Tensor | None = None
 
 
 class DistillData:
@@ -192,7 +216,10 @@ class DistillData:
         t = load_file(str(path))
         self.hidden_size = t["hidden"].shape[1]
         off = t["offsets"].tolist()
-        seqs = [Sequence(t["input_ids"][a:b], t["hidden"][a:b], int(s))
+        lab_path = Path(path).with_name(Path(path).stem + ".labels.safetensors")
+        labels = load_file(str(lab_path))["labels"] if lab_path.exists() else None
+        self.has_labels = labels is not None
+        seqs = [Sequence(t["input_ids"][a:b], t["hidden"][a:b], int(s), None if labels is None else labels[a:b])
                 for a, b, s in zip(off[:-1], off[1:], t["response_start"].tolist())]
         self.heldout = [s for i, s in enumerate(seqs) if heldout_every and i % heldout_every == heldout_every - 1]
         self.train = [s for i, s in enumerate(seqs) if not (heldout_every and i % heldout_every == heldout_every - 1)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DistillData, extract_features, generate_responses, read_responses
+from .data import DistillData, base_predictions, extract_features, generate_responses, read_responses
 from .trainer import TrainConfig, train_head
 
 
@@ -85,6 +85,7 @@ def prepare_data(model, tokenizer, base_name: str, *, prompts: int | None = None
     features = work / f"features-{digest}.safetensors"
     log(f"stage 2/3: features of {len(answered)} sequences -> {features}")
     extract_features(model, answered, features, batch_size=max(1, batch_size // 2), progress=progress, log=log)
+    base_predictions(model, features, progress=progress)
     return DistillData(features)
 
 

@@ -182,15 +182,18 @@ class EagleDrafterModel(DraftHeadModel):
         width = max(ids.shape[0] for ids, _, _ in cut)
         b = len(cut)
         ids = torch.zeros(b, width, dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
         hid = torch.zeros(b, width, self.config.hidden_size, dtype=torch.float16)
         valid = torch.zeros(b, width, dtype=torch.bool)
         resp = torch.zeros(b, width, dtype=torch.bool)
-        for i, (x, h, r) in enumerate(cut):
+        for i, ((x, h, r), s) in enumerate(zip(cut, seqs)):
             n = x.shape[0]
             ids[i, :n], hid[i, :n], valid[i, :n] = x, h, True
             resp[i, r:n] = True
+            if s.labels is not None:
+                labels[i, :n] = s.labels[s.labels.shape[0] - n:]
         return {"input_ids": ids.to(self.device), "hidden": hid.to(self.device), "valid": valid.to(self.device),
-                "response": resp.to(self.device)}
+                "response": resp.to(self.device), "labels": labels.to(self.device)}
 
     def _causal_mask(self, valid: torch.Tensor) -> torch.Tensor:
         t = valid.shape[1]
@@ -212,17 +215,23 @@ class EagleDrafterModel(DraftHeadModel):
 
     def training_loss(self, batch: dict, t2d: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """FSPAD / EAGLE loss: Smooth-L1 of ``f^_{p+1}`` to ``f_{p+1}`` plus ``cls_weight`` x cross-entropy of the
-        logits against ``x_{p+2}``, on positions whose targets are response tokens (the base model's own output)."""
+        logits against the base model's greedy token after ``x_{p+1}``. With the base model's predictions cached
+        (``batch["labels"]``, :func:`~hf_decoding_ext.training.data.base_predictions`) every position counts, prompt
+        included (distillation on fixed text, as EAGLE trains); otherwise only the generated responses, whose next
+        tokens are those predictions."""
         pred = self._teacher_forced(batch, noise=True)
         ids, hid, valid, resp = batch["input_ids"], batch["hidden"].to(self.dtype), batch["valid"], batch["response"]
-        # regression: f^_{p+1} vs f_{p+1} where x_{p+1} is a response token (a position the drafter will predict)
-        reg_mask = valid[:, 1:] & resp[:, 1:]
+        labels = batch.get("labels")
+        use_all = labels is not None and bool((labels >= 0).any())
+        # regression: f^_{p+1} vs f_{p+1} (response positions, or every position when distilling from labels)
+        reg_mask = valid[:, 1:] & (valid[:, 1:] if use_all else resp[:, 1:])
         reg = F.smooth_l1_loss(pred, hid[:, 1:], reduction="none").mean(-1)
         reg_loss = (reg * reg_mask).sum() / reg_mask.sum().clamp(min=1)
         # classification: logits at p predict x_{p+2}
         logits = self.logits_from(pred[:, :-1])
-        target = ids[:, 2:]
-        tmask = valid[:, 2:] & resp[:, 2:]
+        target = labels[:, 1:-1] if use_all else ids[:, 2:]
+        tmask = valid[:, 2:] & ((target >= 0) if use_all else resp[:, 2:])
+        target = target.clamp(min=0)
         tgt = torch.where(tmask, t2d[target], torch.full_like(target, -100))
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
         loss = reg_loss + self.config.cls_weight * ce
