@@ -320,3 +320,21 @@ def test_medusa_typical_acceptance_runs_with_sampling(tiny_llama):
     x = torch.tensor([PROMPTS[0]])
     out = tiny_llama.generate(x, max_new_tokens=20, do_sample=True, temperature=0.7, custom_generate=loop)
     assert out.shape[1] > x.shape[1] and loop.summary()["tokens"] == out.shape[1] - x.shape[1]
+
+
+def test_eagle_float16_checkpoint_keeps_positions(tiny_llama, tmp_path):
+    """A drafter stored in float16 (the shipped EAGLE checkpoint) and attached to a float32 model predicts what the
+    float32 drafter predicts at far positions (its rotary frequencies are rebuilt in float32)."""
+    torch.manual_seed(4)
+    head = _eagle(tiny_llama, num_draft_tokens=2).attach(tiny_llama)
+    head.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    head.to(torch.float32)
+    loaded = EagleDrafterModel.from_pretrained(tmp_path / "fp16").attach(tiny_llama)
+    assert loaded.dtype == torch.float32 and loaded.rotary_emb.inv_freq.dtype == torch.float32
+    n = 300
+    feats, ids = torch.randn(1, n, 32), torch.randint(0, 128, (1, n))
+    mask = torch.zeros(1, 1, n, n).masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), -1e30)
+    with torch.no_grad():
+        a = head.logits_from(head(feats, ids, torch.arange(n)[None], mask)).argmax(-1)
+        b = loaded.logits_from(loaded(feats, ids, torch.arange(n)[None], mask)).argmax(-1)
+    assert (a == b).float().mean() > 0.97

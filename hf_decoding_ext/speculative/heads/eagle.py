@@ -136,6 +136,13 @@ class EagleDrafterModel(DraftHeadModel):
     def depth(self) -> int:
         return self.config.num_draft_tokens
 
+    def attach(self, base_model) -> EagleDrafterModel:
+        super().attach(base_model)
+        # rotary frequencies are a derived buffer: rebuild them in float32 (a head loaded from a float16 checkpoint
+        # would otherwise carry float16 frequencies, whose rounding scrambles positions beyond a few dozen)
+        self.rotary_emb = LlamaRotaryEmbedding(self.config.llama_config()).to(self.d2t.device)
+        return self
+
     def fuse(self, features: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         if self.config.feature_sampling:
             features = features + self.fs_out(self.fs_feature(features) * self.fs_embed(embeds))
