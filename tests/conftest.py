@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 # One intra-op thread: on the 2-core CI machine batch-1 generation of the default model is as fast with one thread as
 # with two (measured: 2.78-2.95 s vs 2.87-2.99 s for 40 tokens), and two threads collapse (7-16x slower) as soon as
-# anything else runs on the machine.
+# anything else runs on the machine (the suite runs on two xdist workers). The notebooks' kernels inherit the
+# environment variable.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _tiny_llama():
