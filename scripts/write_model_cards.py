@@ -30,11 +30,7 @@ INFO = {
 }
 
 
-SPEED_NOTES = {
-    "eagle": "\nThese speed figures were measured with a loader that rounded the drafter's rotary frequencies to float16 "
-             "(held-out top-1 0.05 instead of 0.30); `EagleDrafterModel.attach` now rebuilds them in float32, and the "
-             "benchmark is to be rerun.\n",
-}
+SPEED_NOTES: dict[str, str] = {}  # per-kind remarks appended to the speed section
 
 
 def card(kind: str, speed: dict | None) -> str:
