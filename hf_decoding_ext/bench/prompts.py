@@ -37,8 +37,19 @@ _FILE = ("data", "prompts", "benchmark.jsonl")
 _DISTILL_FILE = ("data", "prompts", "distill.jsonl")
 
 
-def _read_all() -> list[dict]:
-    path = files("hf_decoding_ext").joinpath(*_FILE)
+def _wanted_categories(categories) -> list[str]:
+    """A category name or names (default: all six), validated."""
+    if categories is None:
+        return list(CATEGORIES)
+    wanted = [categories] if isinstance(categories, str) else list(categories)
+    unknown = [c for c in wanted if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"Unknown categories {unknown}; valid categories: {', '.join(CATEGORIES)}")
+    return wanted
+
+
+def _read_all(file: tuple[str, ...] = _FILE) -> list[dict]:
+    path = files("hf_decoding_ext").joinpath(*file)
     rows = []
     with path.open("r", encoding="utf-8") as f:
         for line in f:
@@ -58,13 +69,7 @@ def load_prompts(categories=None, per_category: int | None = None) -> list[dict]
     Returns:
         a list of dicts with keys ``id``, ``category``, ``prompt``, ``source`` and, where defined, ``answer``.
     """
-    if categories is None:
-        wanted = list(CATEGORIES)
-    else:
-        wanted = [categories] if isinstance(categories, str) else list(categories)
-        unknown = [c for c in wanted if c not in CATEGORIES]
-        if unknown:
-            raise ValueError(f"Unknown categories {unknown}; valid categories: {', '.join(CATEGORIES)}")
+    wanted = _wanted_categories(categories)
     if per_category is not None and (not isinstance(per_category, int) or per_category < 1):
         raise ValueError(f"per_category must be a positive integer or None, got {per_category!r}")
     rows = _read_all()
@@ -101,18 +106,10 @@ def load_distill_prompts(categories=None, limit: int | None = None) -> list[dict
         >>> [p["id"] for p in prompts]
         ['distill-qa-0001', 'distill-qa-0002', 'distill-math_reasoning-0001', 'distill-math_reasoning-0002']
     """
-    if categories is None:
-        wanted = list(CATEGORIES)
-    else:
-        wanted = [categories] if isinstance(categories, str) else list(categories)
-        unknown = [c for c in wanted if c not in CATEGORIES]
-        if unknown:
-            raise ValueError(f"Unknown categories {unknown}; valid categories: {', '.join(CATEGORIES)}")
+    wanted = _wanted_categories(categories)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    path = files("hf_decoding_ext").joinpath(*_DISTILL_FILE)
-    with path.open("r", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _read_all(_DISTILL_FILE)
     out = []
     for cat in CATEGORIES:
         if cat not in wanted:

@@ -154,10 +154,13 @@ class DraftHeadModel(PreTrainedModel):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------------------------------------ training data
+    depth_key: str = "num_heads"
+    """Config attribute holding the number of tokens the head drafts (each head class names its own)."""
+
     @property
     def depth(self) -> int:
         """Number of tokens the head drafts after the root (tree depth)."""
-        raise NotImplementedError
+        return int(getattr(self.config, self.depth_key))
 
     def train_batches(self, seqs, batch_size: int, seed: int = 0):
         """Endless random mini-batches for :meth:`training_loss`. Position heads (the default) train on single

@@ -107,6 +107,7 @@ class EagleDrafterModel(DraftHeadModel):
         >>> drafter = EagleDrafterModel(cfg).attach(model)  # doctest: +SKIP
     """
 
+    depth_key = "num_draft_tokens"
     config_class = EagleDrafterConfig
 
     def __init__(self, config: EagleDrafterConfig):
@@ -132,9 +133,6 @@ class EagleDrafterModel(DraftHeadModel):
                 self.logit_adapter.linear.weight.zero_()
                 self.logit_adapter.linear.bias.zero_()
 
-    @property
-    def depth(self) -> int:
-        return self.config.num_draft_tokens
 
     def attach(self, base_model) -> EagleDrafterModel:
         super().attach(base_model)

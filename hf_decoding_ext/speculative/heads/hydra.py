@@ -99,6 +99,7 @@ class HydraHeads(DraftHeadModel):
         >>> logits = heads(hidden_states, input_ids)  # (num_heads, ..., draft_vocab)  # doctest: +SKIP
     """
 
+    depth_key = "num_heads"
     config_class = HydraConfig
 
     def __init__(self, config: HydraConfig):
@@ -113,9 +114,6 @@ class HydraHeads(DraftHeadModel):
                     module.weight.zero_()
                     module.bias.zero_()
 
-    @property
-    def depth(self) -> int:
-        return self.config.num_heads
 
     def _check_head(self, k: int) -> None:
         if not 1 <= k <= self.config.num_heads:

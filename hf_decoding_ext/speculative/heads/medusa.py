@@ -48,6 +48,7 @@ class MedusaHeads(DraftHeadModel):
         >>> logits = heads(hidden_states)  # (num_heads, ..., draft_vocab)  # doctest: +SKIP
     """
 
+    depth_key = "num_heads"
     config_class = MedusaConfig
 
     def __init__(self, config: MedusaConfig):
@@ -63,9 +64,6 @@ class MedusaHeads(DraftHeadModel):
                     block.linear.weight.zero_()
                     block.linear.bias.zero_()
 
-    @property
-    def depth(self) -> int:
-        return self.config.num_heads
 
     def features(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Per-head features ``(num_heads, ..., hidden)``."""

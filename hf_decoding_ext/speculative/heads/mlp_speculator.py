@@ -74,6 +74,7 @@ class MLPSpeculator(DraftHeadModel):
         >>> logits = spec(hidden_states, tokens)  # (n_predict, ..., draft_vocab)  # doctest: +SKIP
     """
 
+    depth_key = "n_predict"
     config_class = MLPSpeculatorConfig
 
     def __init__(self, config: MLPSpeculatorConfig):
@@ -93,9 +94,6 @@ class MLPSpeculator(DraftHeadModel):
         else:
             super()._init_weights(module)
 
-    @property
-    def depth(self) -> int:
-        return self.config.n_predict
 
     @property
     def state_weight(self) -> float:
