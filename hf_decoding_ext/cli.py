@@ -89,6 +89,7 @@ def _cmd_train(args) -> int:
     from .training.pipeline import run_training
 
     train_options = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                            weight_decay=args.weight_decay,
                                             checkpoint_every=args.checkpoint_every).items() if v is not None}
     head = run_training(args.kind, base=args.base, out=args.out, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--steps", type=int, default=None)
     pt.add_argument("--batch-size", type=int, default=None)
     pt.add_argument("--lr", type=float, default=None)
+    pt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
     pt.add_argument("--checkpoint-every", type=int, default=None)
     pt.add_argument("--head-param", action="append", metavar="KEY=VALUE", help="head config option (repeatable)")
     pt.add_argument("--work-dir", default=None, help="cache of responses and features")

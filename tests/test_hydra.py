@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_decoding_ext.speculative import SpeculativeDecoding
+from hf_decoding_ext.speculative.drafters.feature_head import CPU_MAX_NODES
 from hf_decoding_ext.speculative.drafters.hydra import HydraDrafter
 from hf_decoding_ext.speculative.heads.hydra import HydraConfig, HydraHeads
 from hf_decoding_ext.speculative.tree import build_choice_tree
@@ -111,9 +112,12 @@ def test_save_load_round_trip(distilled):
 
 
 def test_trained_drafter_is_lossless_and_accepts(distilled, tiny_llama):
-    drafter = HydraDrafter.for_model(tiny_llama, heads=str(distilled["dir"] / "out"))
+    drafter = HydraDrafter.for_model(tiny_llama, heads=str(distilled["dir"] / "out"), max_nodes=16)
     assert len(drafter.choices) == 16 and max(len(c) for c in drafter.choices) <= 3  # from the measured accuracies
     assert _greedy_equal(tiny_llama, drafter) > 0
+    auto = HydraDrafter.for_model(tiny_llama, heads=str(distilled["dir"] / "out"))  # max_nodes="auto", CPU target
+    assert len(auto.choices) == CPU_MAX_NODES and set(auto.choices) < set(drafter.choices)  # the best paths first
+    assert _greedy_equal(tiny_llama, auto) > 0
 
 
 # ---------------------------------------------------------------------------------------------- the head itself

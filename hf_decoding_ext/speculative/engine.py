@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation.loop import DecodingLoop, GenerationState
+from ..utils.small_batch_linear import small_batch_linear as _small_batch_linear
 from .acceptance import AcceptanceRule, resolve_rule
 from .drafters.base import Draft, Drafter, VerifyResult
 from .kv import check_compactable, keep_positions
@@ -49,6 +50,10 @@ class SpeculativeDecoding(DecodingLoop):
             ``"speculative"``, ``"typical"`` (lossy) or an :class:`AcceptanceRule`.
         max_draft_nodes: cap on tree nodes per step (``None``: the drafter's own size).
         seed: seed of the acceptance rule's random draws (``None``: torch's global generator).
+        small_batch_linear: run the target's (and the drafter's modules') float32 CPU linear layers with the
+            weight-left kernel layout of :mod:`hf_decoding_ext.utils.small_batch_linear` while decoding, which makes
+            a verification forward over a few tokens cheaper than PyTorch's default on MKL CPUs (a kernel choice,
+            not part of any method; no effect on GPU or in other dtypes). ``False`` keeps PyTorch's kernels.
 
     Per-step :class:`StepStats` of the last call are in ``self.last_stats`` (and in the output's ``spec_stats``
     with ``return_dict_in_generate=True``). Batch size 1 only (a clear error otherwise).
@@ -64,7 +69,7 @@ class SpeculativeDecoding(DecodingLoop):
     accepts_assistant_model = True
 
     def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
-                 max_draft_nodes: int | None = None, seed: int | None = None):
+                 max_draft_nodes: int | None = None, seed: int | None = None, small_batch_linear: bool = True):
         if drafter is None:
             from .drafters.draft_model import DraftModelDrafter
 
@@ -77,6 +82,9 @@ class SpeculativeDecoding(DecodingLoop):
         self.acceptance = acceptance
         self.max_draft_nodes = max_draft_nodes
         self.seed = seed
+        if not isinstance(small_batch_linear, bool):
+            raise ValueError(f"small_batch_linear must be a bool, got {small_batch_linear!r}")
+        self.small_batch_linear = small_batch_linear
         self.last_stats: list[StepStats] = []
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -137,6 +145,12 @@ class SpeculativeDecoding(DecodingLoop):
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.last_stats = []
         self.drafter.begin(state)
+        with _small_batch_linear(state.model, *self.drafter.kernel_modules(), enabled=self.small_batch_linear):
+            self._decode(state, rule, generator)
+        state.truncate_cache()
+        return {"spec_stats": self.last_stats} if state.return_dict else None
+
+    def _decode(self, state: GenerationState, rule: AcceptanceRule, generator) -> None:
         while not state.done:
             t0 = time.perf_counter()
             draft = self.drafter.propose(state)
@@ -158,8 +172,6 @@ class SpeculativeDecoding(DecodingLoop):
             appended = state.append(torch.tensor([tokens], device=state.device))
             self.last_stats.append(StepStats(len(tree), len(accepted), appended, t1 - t0, t2 - t1,
                                              time.perf_counter() - t0))
-        state.truncate_cache()
-        return {"spec_stats": self.last_stats} if state.return_dict else None
 
     # ------------------------------------------------------------------------------------------------ summaries
     def summary(self) -> dict:

@@ -70,5 +70,10 @@ class Drafter(abc.ABC):
     def observe(self, state, result: VerifyResult) -> None:
         pass
 
+    def kernel_modules(self) -> list:
+        """Modules the drafter runs on several rows at once (trained heads): the engine gives their linear layers
+        the same CPU kernel layout as the target's (see :mod:`hf_decoding_ext.utils.small_batch_linear`)."""
+        return []
+
     def reset(self) -> None:
         pass

@@ -26,7 +26,8 @@ class EagleDrafter(FeatureHeadDrafter):
         drafter: an :class:`~hf_decoding_ext.speculative.heads.eagle.EagleDrafterModel`, a folder or Hub id, or
             ``"shipped"`` (trained on SmolLM2-135M-Instruct, shipped with the package).
         tree_choices: explicit tree as candidate-rank paths.
-        max_nodes: size of the default tree.
+        max_nodes: size of the default tree; ``"auto"``: by the target's device (see
+            :data:`~hf_decoding_ext.speculative.drafters.feature_head.CPU_MAX_NODES`); ``None``: the whole tree.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -35,12 +36,12 @@ class EagleDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(EagleDrafter("shipped")))  # doctest: +SKIP
     """
 
-    def __init__(self, drafter="shipped", tree_choices=None, max_nodes: int | None = DEFAULT_MAX_NODES):
+    def __init__(self, drafter="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
         super().__init__(load_head(drafter, EagleDrafterModel, "eagle"), tree_choices, max_nodes)
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, drafter="shipped", tree_choices=None,
-                  max_nodes: int | None = DEFAULT_MAX_NODES) -> EagleDrafter:
+                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> EagleDrafter:
         """Build for ``model`` (the drafter is attached to it)."""
         out = cls(drafter, tree_choices, max_nodes)
         if model is not None:

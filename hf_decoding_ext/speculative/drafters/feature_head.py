@@ -29,9 +29,19 @@ SHIPPED = {
 }
 """Checkpoints shipped in the package (``hf_decoding_ext/data/heads/<name>``), trained on SmolLM2-135M-Instruct."""
 
-DEFAULT_MAX_NODES = 16
-"""Default tree size: on CPU a forward over more than ~20 new tokens costs markedly more (see Token Recycling's
-``CPU_MAX_NODES``); on a GPU larger trees pay."""
+CPU_MAX_NODES = 4
+"""Tree size of ``max_nodes="auto"`` when the target runs on CPU. With the engine's small-batch linear layout a
+forward over 2-6 tokens costs less than a 1-token forward on the development CPU while 16 tokens cost ~1.4x
+(``results/verify_cost.json``), and the shipped heads' acceptance beyond the 4 best paths is small, so a 4-node tree
+was fastest in the measured sweep (``results/trained-heads_tree_size.json``)."""
+
+ACCELERATOR_MAX_NODES = 16
+"""Tree size of ``max_nodes="auto"`` on an accelerator, where a forward over a few dozen tokens costs about as much
+as one token (not measured by this library: no GPU was available)."""
+
+DEFAULT_MAX_NODES = "auto"
+"""Default ``max_nodes`` of the feature-head drafters: :data:`CPU_MAX_NODES` on CPU, :data:`ACCELERATOR_MAX_NODES`
+elsewhere."""
 
 
 def shipped_head_path(kind: str) -> Path:
@@ -63,18 +73,22 @@ class FeatureHeadDrafter(Drafter):
 
     Subclasses implement :meth:`prepare` (per-step work from the last feature and root token) and :meth:`topk`
     (ranked candidates for the children of given tree nodes). ``tree_choices`` overrides the head's default tree;
-    ``max_nodes`` trims the default tree (derived from the head's measured accuracies) to that many nodes.
+    ``max_nodes`` trims the default tree (derived from the head's measured accuracies) to that many nodes;
+    ``"auto"`` picks :data:`CPU_MAX_NODES` or :data:`ACCELERATOR_MAX_NODES` from the target's device at each
+    ``generate()`` call; ``None`` keeps the head's whole default tree.
     """
 
     wants_hidden_states = True
 
-    def __init__(self, head, tree_choices=None, max_nodes: int | None = DEFAULT_MAX_NODES):
-        if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int)
-                                      or max_nodes < 1):
-            raise ValueError(f"max_nodes must be a positive integer or None, got {max_nodes!r}")
+    def __init__(self, head, tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
+        if max_nodes is not None and max_nodes != "auto" and (
+                isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
+            raise ValueError(f"max_nodes must be a positive integer, 'auto' or None, got {max_nodes!r}")
         self.head = head
         self.head.eval()
         self.max_nodes = max_nodes
+        self.tree_choices = tree_choices
+        self._size = CPU_MAX_NODES if max_nodes == "auto" else max_nodes  # until a generate() call sees the device
         self.choices = self._resolve_choices(tree_choices)
         self.last_feature: torch.Tensor | None = None
         self._model_id = None
@@ -90,16 +104,16 @@ class FeatureHeadDrafter(Drafter):
         else:
             acc = self.head.config.head_accuracies
             if acc:
-                n = self.max_nodes or len(self.head.config.tree_choices or []) or DEFAULT_MAX_NODES
+                n = self._size or len(self.head.config.tree_choices or []) or ACCELERATOR_MAX_NODES
                 choices = choices_from_accuracies(acc, n, max_depth=self.max_depth)
             elif self.head.config.tree_choices:
                 choices = normalize_choices(self.head.config.tree_choices)
             else:  # an untrained head: a chain with a few alternatives at the first depths
                 prior = [[0.6 * 0.4 ** i for i in range(4)] for _ in range(self.max_depth)]
-                choices = choices_from_accuracies(prior, self.max_nodes or DEFAULT_MAX_NODES,
+                choices = choices_from_accuracies(prior, self._size or ACCELERATOR_MAX_NODES,
                                                   max_depth=self.max_depth)
-        if self.max_nodes is not None and tree_choices is None:
-            choices = choices[: self.max_nodes]
+        if self._size is not None and tree_choices is None:
+            choices = choices[: self._size]
         deepest = max(len(c) for c in choices)
         if deepest > self.max_depth:
             raise ValueError(f"tree choices reach depth {deepest}, the head drafts {self.max_depth} tokens")
@@ -110,11 +124,19 @@ class FeatureHeadDrafter(Drafter):
         if self._model_id != id(state.model) or not self.head.attached:
             self.head.attach(state.model)
             self._model_id = id(state.model)
+        if self.max_nodes == "auto":
+            size = CPU_MAX_NODES if state.model.device.type == "cpu" else ACCELERATOR_MAX_NODES
+            if size != self._size:
+                self._size = size
+                self.choices = self._resolve_choices(self.tree_choices)
         self.last_feature = None
         self.reset_sequence(state)
 
     def reset_sequence(self, state) -> None:
         """Per-generation state of subclasses."""
+
+    def kernel_modules(self) -> list:
+        return [self.head]
 
     def observe(self, state, result: VerifyResult) -> None:
         hidden = result.hidden_states

@@ -23,7 +23,8 @@ class MedusaDrafter(FeatureHeadDrafter):
         heads: a :class:`~hf_decoding_ext.speculative.heads.medusa.MedusaHeads`, a folder or Hub id, or
             ``"shipped"`` (the checkpoint trained on SmolLM2-135M-Instruct shipped with the package).
         tree_choices: explicit tree as candidate-rank paths, e.g. ``[[0], [1], [0, 0]]``.
-        max_nodes: size of the default tree.
+        max_nodes: size of the default tree; ``"auto"``: by the target's device (see
+            :data:`~hf_decoding_ext.speculative.drafters.feature_head.CPU_MAX_NODES`); ``None``: the whole tree.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -32,13 +33,13 @@ class MedusaDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(MedusaDrafter("shipped")))  # doctest: +SKIP
     """
 
-    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | None = DEFAULT_MAX_NODES):
+    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
         super().__init__(load_head(heads, MedusaHeads, "medusa"), tree_choices, max_nodes)
         self._candidates: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | None = DEFAULT_MAX_NODES) -> MedusaDrafter:
+                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> MedusaDrafter:
         """Build for ``model`` (the heads are attached to it at the first ``generate()``)."""
         drafter = cls(heads, tree_choices, max_nodes)
         if model is not None:

@@ -55,6 +55,9 @@ class MergedDrafter(Drafter):
         for d in self.drafters:
             d.begin(state)
 
+    def kernel_modules(self) -> list:
+        return [m for d in self.drafters for m in d.kernel_modules()]
+
     def propose(self, state) -> Draft:
         drafts = [d.propose(state) for d in self.drafters]
         sides = [i for i, d in enumerate(drafts) if d.side_tokens is not None and d.side_tokens.numel()]

@@ -26,7 +26,8 @@ class MLPSpeculatorDrafter(FeatureHeadDrafter):
         heads: an :class:`~hf_decoding_ext.speculative.heads.mlp_speculator.MLPSpeculator`, a folder or Hub id, or
             ``"shipped"`` (the checkpoint trained on SmolLM2-135M-Instruct shipped with the package).
         tree_choices: explicit tree as candidate-rank paths, e.g. ``[[0], [1], [0, 0]]``.
-        max_nodes: size of the default tree.
+        max_nodes: size of the default tree; ``"auto"``: by the target's device (see
+            :data:`~hf_decoding_ext.speculative.drafters.feature_head.CPU_MAX_NODES`); ``None``: the whole tree.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -35,7 +36,7 @@ class MLPSpeculatorDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(MLPSpeculatorDrafter("shipped")))  # doctest: +SKIP
     """
 
-    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | None = DEFAULT_MAX_NODES):
+    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
         super().__init__(load_head(heads, MLPSpeculator, "mlp-speculator"), tree_choices, max_nodes)
         self.choices = normalize_choices(self.choices)  # node i of a built tree is choices[i] (build_choice_tree)
         width = max(c[-1] for c in self.choices) + 1
@@ -49,7 +50,7 @@ class MLPSpeculatorDrafter(FeatureHeadDrafter):
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | None = DEFAULT_MAX_NODES) -> MLPSpeculatorDrafter:
+                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> MLPSpeculatorDrafter:
         """Build for ``model`` (the speculator is attached to it at the first ``generate()``)."""
         drafter = cls(heads, tree_choices, max_nodes)
         if model is not None:

@@ -1,0 +1,90 @@
+"""Cost of a verification forward over n new tokens relative to a 1-token forward, with PyTorch's linear kernel
+layout and with the engine's weight-left layout (:mod:`hf_decoding_ext.utils.small_batch_linear`), interleaved.
+
+    python scripts/verify_cost.py --out results
+
+Writes ``<out>/verify_cost.json`` and ``.png``: per n, the median forward time (cached prefix of ``--context``
+tokens) for both layouts, and the ratio to the 1-token forward with PyTorch's kernels (plain greedy decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hf_decoding_ext.models import DEFAULT_MODEL, load_model
+from hf_decoding_ext.utils.small_batch_linear import small_batch_linear
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1,2,3,4,5,6,8,10,12,16,20,24,32")
+    ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model, _ = load_model()
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(100, 20000, (1, args.context), generator=gen)
+    times: dict[str, dict[int, list[float]]] = {"pytorch": {n: [] for n in sizes}, "weight_left": {n: [] for n in sizes}}
+    with torch.inference_mode():
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        for _ in tqdm(range(args.reps), desc="rounds"):
+            for n in sizes:
+                ids = torch.randint(100, 20000, (1, n), generator=gen)
+                pos = torch.arange(args.context, args.context + n)[None]
+                mask = torch.zeros(1, 1, n, args.context + n)
+                mask[0, 0, :, args.context:] = torch.triu(torch.full((n, n), torch.finfo(torch.float32).min), 1)
+                for layout in ("pytorch", "weight_left"):
+                    with small_batch_linear(model, enabled=layout == "weight_left"):
+                        t = time.perf_counter()
+                        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True, logits_to_keep=n)
+                        times[layout][n].append(time.perf_counter() - t)
+                    cache.crop(-n)
+    base = statistics.median(times["pytorch"][1])
+    rows = []
+    for n in sizes:
+        row = {"tokens": n}
+        for layout in times:
+            med = statistics.median(times[layout][n])
+            row[f"{layout}_ms"] = round(1000 * med, 2)
+            row[f"{layout}_ratio"] = round(med / base, 3)
+        rows.append(row)
+        print(f"n={n:3d}  pytorch {row['pytorch_ms']:7.1f} ms (x{row['pytorch_ratio']:.2f})  "
+              f"weight-left {row['weight_left_ms']:7.1f} ms (x{row['weight_left_ratio']:.2f})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"model": DEFAULT_MODEL, "dtype": "float32", "context": args.context, "reps": args.reps,
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+              "processor": platform.processor(), "cost": rows}
+    (out / "verify_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for layout, label in (("pytorch", "PyTorch linear (x @ W.T)"), ("weight_left", "weight-left (W @ x.T)")):
+        ax.plot(sizes, [r[f"{layout}_ratio"] for r in rows], marker="o", label=label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("tokens in the forward")
+    ax.set_ylabel("time / 1-token forward")
+    ax.set_title(f"{DEFAULT_MODEL}, fp32 CPU, {torch.get_num_threads()} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "verify_cost.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
