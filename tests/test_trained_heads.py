@@ -146,6 +146,36 @@ def test_greedy_is_token_identical_on_two_architectures(kind, tiny_model):
         assert loop.last_stats[0].draft_size == 0  # nothing to draft from before the prompt's features exist
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_merged_with_prompt_lookup_tracks_features_of_every_accepted_token(kind, tiny_llama):
+    """Merged with prompt lookup, a head still sees the features of tokens accepted from the lookup's nodes."""
+    from hf_decoding_ext.speculative.drafters.merged import MergedDrafter
+    from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+
+    torch.manual_seed(2)
+    head = _medusa(tiny_llama, num_heads=3) if kind == "medusa" else _eagle(tiny_llama, num_draft_tokens=3)
+    seen = []
+
+    class Head(MedusaDrafter if kind == "medusa" else EagleDrafter):
+        def on_features(self, state, features, result):
+            seen.append((state.input_ids.shape[1], features.shape[0], len(result.accepted)))
+            super().on_features(state, features, result)
+
+    merged = MergedDrafter([Head(head, max_nodes=4), PromptLookupDrafter()])
+    assert merged.wants_hidden_states and merged.kernel_modules() == [head]
+    x = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
+    ref = tiny_llama.generate(x, max_new_tokens=30, do_sample=False)
+    loop = SpeculativeDecoding(merged)
+    out = tiny_llama.generate(x, max_new_tokens=30, do_sample=False, custom_generate=loop)
+    assert torch.equal(out, ref)
+    assert sum(s.accepted for s in loop.last_stats) > 0
+    # after each step the features cover the committed sequence and the accepted path (all but the bonus token)
+    total = 0
+    for length, m, accepted in seen:
+        total += m
+        assert total == length + accepted
+
+
 def test_tree_choices_and_bad_arguments(tiny_llama):
     head = _medusa(tiny_llama, num_heads=2)
     d = MedusaDrafter(head, tree_choices=[[0], [1], [0, 0]])

@@ -17,7 +17,8 @@ class MergedDrafter(Drafter):
     when ``max_nodes`` is set, cut to that many nodes taking the drafters' nodes in turn (first drafter first), so
     each keeps its own top nodes. After verification every drafter observes the result restricted to its own nodes:
     its tree's logits, the part of the accepted path its tree contains and, for the one drafter that may use side
-    nodes (Lookahead Decoding's window), the side logits. Deterministic drafts only (greedy or speculative sampling
+    nodes (Lookahead Decoding's window), the side logits; drafters that read the target's features (trained heads)
+    observe the merged result, whose accepted path and features cover every committed token. Deterministic drafts only (greedy or speculative sampling
     with one-hot drafts), so the engine's acceptance stays lossless.
 
     Args:
@@ -44,6 +45,7 @@ class MergedDrafter(Drafter):
         self.drafters = drafters
         self.max_nodes = max_nodes
         self.wants_committed_logits = any(d.wants_committed_logits for d in drafters)
+        self.wants_hidden_states = any(d.wants_hidden_states for d in drafters)
         self._maps: list[list[int]] = []
         self._drafts: list[Draft] = []
 
@@ -97,6 +99,11 @@ class MergedDrafter(Drafter):
 
     def observe(self, state, result: VerifyResult) -> None:
         for j, (drafter, draft) in enumerate(zip(self.drafters, self._drafts)):
+            if drafter.wants_hidden_states:
+                # feature-conditioned heads track the features of every committed token, including tokens accepted
+                # from another drafter's nodes: they observe the merged tree and the whole accepted path
+                drafter.observe(state, result)
+                continue
             own = self._maps[j]
             kept = [i for i, m in enumerate(own) if m >= 0]
             if len(kept) < len(own):  # nodes cut by max_nodes: the drafter sees the kept subtree
