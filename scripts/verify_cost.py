@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     times: dict[str, dict[int, list[float]]] = {"pytorch": {n: [] for n in sizes}, "weight_left": {n: [] for n in sizes}}
     with torch.inference_mode():
         cache = model(input_ids=prefix, use_cache=True).past_key_values
-        for _ in tqdm(range(args.reps), desc="rounds"):
+        for rep in tqdm(range(args.reps + 1), desc="rounds"):  # round 0 warms up, not recorded
             for n in sizes:
                 ids = torch.randint(100, 20000, (1, n), generator=gen)
                 pos = torch.arange(args.context, args.context + n)[None]
@@ -49,7 +49,8 @@ def main(argv=None) -> int:
                         t = time.perf_counter()
                         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                               use_cache=True, logits_to_keep=n)
-                        times[layout][n].append(time.perf_counter() - t)
+                        if rep:
+                            times[layout][n].append(time.perf_counter() - t)
                     cache.crop(-n)
     base = statistics.median(times["pytorch"][1])
     rows = []

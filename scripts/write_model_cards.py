@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, shipped_head_path
+from hf_decoding_ext.speculative.drafters.feature_head import ACCELERATOR_MAX_NODES, CPU_MAX_NODES, SHIPPED, \
+    shipped_head_path
 
 ROOT = Path(__file__).resolve().parent.parent
 INFO = {
@@ -62,6 +63,12 @@ def card(kind: str, speed: dict | None) -> str:
         if pl:
             speed_txt += (f"- against transformers' prompt lookup ({pl['speed_ratio']:.2f}x): "
                           f"{m['tokens_per_s'] / pl['tokens_per_s']:.2f}x\n")
+        ref = others.get("repeat-last-token (reference)")
+        if ref:
+            speed_txt += (f"- against the engine's near-null reference drafter (the last token repeated, "
+                          f"{ref['tokens_per_forward']:.2f} tokens per forward, {ref['speed_ratio']:.2f}x over greedy: the "
+                          f"share of the speed-up due to the engine's small-batch kernel layout on this CPU, see the "
+                          f"README): {m['tokens_per_s'] / ref['tokens_per_s']:.2f}x\n")
     else:
         speed_txt = "Not measured yet.\n"
     speed_txt += SPEED_NOTES.get(kind, "") if m else ""
@@ -102,7 +109,7 @@ or `hf-decoding-ext generate --method {method} --prompt "..."`.
 Self-distillation: {data.get('sequences', '?')} responses ({data.get('tokens', '?')} tokens with prompts) generated greedily by the base model itself (up to {data.get('max_new_tokens', '?')} new tokens) for the prompts of `{data.get('prompts', 'distill.jsonl')}` (chat, translation, summarisation, QA, arithmetic, questions over Python standard-library docstrings; disjoint from the benchmark prompts). Features extracted once from the base model. {tr.get('heldout_sequences', '?')} sequences held out for evaluation.
 
 ## Training
-{tr.get('steps', '?')} steps, batch {tr.get('batch_size', '?')}, AdamW lr {tr.get('lr', '?')} (warmup + cosine), {tr.get('train_seconds', '?')} s on 2 CPU cores. Head configuration: `{json.dumps(own)}`. Draft vocabulary: the {cfg.get('draft_vocab_size') or cfg['vocab_size']} most frequent response tokens (coverage {tr.get('draft_vocab_coverage', 1.0)}). Checkpoint: {size_mb:.1f} MB safetensors. Command: `hf-decoding-ext train {kind} --base smollm2-135m-instruct --out <dir> --steps {tr.get("steps", "?")} --batch-size {tr.get("batch_size", "?")} --lr {tr.get("lr", "?")}`.
+{tr.get('steps', '?')} steps, batch {tr.get('batch_size', '?')}, AdamW lr {tr.get('lr', '?')} (warmup + cosine, weight decay {tr.get('weight_decay', 0.0)}), {tr.get('train_seconds', '?')} s on 2 CPU cores. Head configuration: `{json.dumps(own)}`. Draft vocabulary: the {cfg.get('draft_vocab_size') or cfg['vocab_size']} most frequent response tokens (coverage {tr.get('draft_vocab_coverage', 1.0)}). Checkpoint: {size_mb:.1f} MB safetensors. Command: `hf-decoding-ext train {kind} --base smollm2-135m-instruct --out <dir> --steps {tr.get("steps", "?")} --batch-size {tr.get("batch_size", "?")} --lr {tr.get("lr", "?")} --weight-decay {tr.get("weight_decay", 0.0)}`.
 
 ## Acceptance (held-out, per depth)
 Share of held-out positions where the head's rank-1 / top-3 / top-{len(acc[0])} candidates contain the base model's greedy token, given a correct prefix:
@@ -111,7 +118,7 @@ Share of held-out positions where the head's rank-1 / top-3 / top-{len(acc[0])} 
 |---|---|---|---|
 {rows}
 
-Default draft tree (from these accuracies): {len(cfg['tree_choices'])} nodes, depth {max(len(c) for c in cfg['tree_choices'])}.
+Draft tree (from these accuracies): the paths with the highest expected acceptance. The drafter's default `max_nodes="auto"` keeps {CPU_MAX_NODES} of them when the base model runs on CPU (where larger trees verify slower than they gain: `results/trained-heads_tree_size.json`) and {ACCELERATOR_MAX_NODES} on an accelerator; the stored default tree has {len(cfg['tree_choices'])} nodes, depth {max(len(c) for c in cfg['tree_choices'])}.
 
 ## Speed
 {speed_txt}

@@ -275,3 +275,17 @@ def test_run_sampling_family_registered(tiny_llama, tmp_path, monkeypatch):
     res = run_family("no-such-family", tiny_llama, None, _tiny_prompts(1), max_new_tokens=2, warmup=0,
                      out_dir=None, progress=False)
     assert res["quality"] is None and list(res["speed"]["methods"]) == ["greedy"]
+
+
+def test_repeat_last_token_reference_is_lossless(tiny_llama):
+    from hf_decoding_ext.bench.references import RepeatLastTokenDrafter
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+
+    x = torch.tensor([[5, 6, 7, 7, 7]])
+    ref = tiny_llama.generate(x, max_new_tokens=20, do_sample=False)
+    loop = SpeculativeDecoding(RepeatLastTokenDrafter())
+    out = tiny_llama.generate(x, max_new_tokens=20, do_sample=False, custom_generate=loop)
+    assert torch.equal(out, ref)
+    assert all(s.draft_size == 1 for s in loop.last_stats)
+    repeats = sum(int(out[0, i] == out[0, i - 1]) for i in range(x.shape[1], out.shape[1]))
+    assert sum(s.accepted for s in loop.last_stats) <= repeats

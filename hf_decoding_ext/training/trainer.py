@@ -151,7 +151,8 @@ def train_head(head, data: DistillData, out_dir: str | os.PathLike, cfg: TrainCo
     head.config.tree_choices = [list(c) for c in choices_from_accuracies(ev["accuracies"], cfg.tree_nodes,
                                                                           max_depth=head.depth)]
     head.config.training = {**(head.config.training or {}), "steps": cfg.steps, "batch_size": cfg.batch_size,
-                            "lr": cfg.lr, "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
+                            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "train_sequences": len(data.train),
+                            "heldout_sequences": len(data.heldout),
                             "heldout_positions": ev["positions"], "heldout_top1": [round(a, 4) for a in ev["top1"]],
                             "train_seconds": round(time.time() - t0, 1)}
     head.save_pretrained(out_dir)

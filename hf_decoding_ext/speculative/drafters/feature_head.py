@@ -29,11 +29,12 @@ SHIPPED = {
 }
 """Checkpoints shipped in the package (``hf_decoding_ext/data/heads/<name>``), trained on SmolLM2-135M-Instruct."""
 
-CPU_MAX_NODES = 4
+CPU_MAX_NODES = 3
 """Tree size of ``max_nodes="auto"`` when the target runs on CPU. With the engine's small-batch linear layout a
-forward over 2-6 tokens costs less than a 1-token forward on the development CPU while 16 tokens cost ~1.4x
-(``results/verify_cost.json``), and the shipped heads' acceptance beyond the 4 best paths is small, so a 4-node tree
-was fastest in the measured sweep (``results/trained-heads_tree_size.json``)."""
+forward over 2-4 tokens costs 0.55-0.73x a 1-token forward on the development CPU, 6 tokens about 1x and 10 tokens
+1.5x (``results/verify_cost.json``), while the shipped heads' acceptance beyond their best few paths is small: in the
+measured sweep (``results/trained-heads_tree_size.json``, 6 prompts x 128 tokens) 3 nodes was the fastest size for
+all four heads (1.50-1.68x over greedy against 1.36-1.47x with 4 nodes and 0.85-0.91x with 10)."""
 
 ACCELERATOR_MAX_NODES = 16
 """Tree size of ``max_nodes="auto"`` on an accelerator, where a forward over a few dozen tokens costs about as much

@@ -32,8 +32,10 @@ NODE_PRIORITY: list[tuple[int, ...]] = [
     (0, 0, 2), (0, 0, 0, 1), (0, 1, 0, 0), (0, 5), (1, 2), (0, 0, 0, 0, 0, 0), (0, 3), (0, 6), (4, 0),
 ]
 
-# Tree size used by ``max_nodes="auto"`` on CPU: there a forward over 2-20 new tokens costs ~1.5-1.7x a 1-token
+# Tree size used by ``max_nodes="auto"`` on CPU: there a forward over 2-20 new tokens cost ~1.5-1.7x a 1-token
 # forward and ~2.5x beyond 24 (SmolLM2-135M, 2 cores), so the 80-node tree verifies slower than greedy decoding.
+# Chosen before the engine's small-batch linear layout (which makes 2-6-token forwards cheaper than a 1-token one and
+# favours smaller trees, see results/verify_cost.json); not re-tuned since.
 CPU_MAX_NODES = 16
 
 

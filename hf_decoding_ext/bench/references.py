@@ -1,0 +1,19 @@
+"""Reference drafters for benchmarks (not methods of the registry)."""
+
+from __future__ import annotations
+
+from ..speculative.drafters.base import Draft, Drafter
+from ..speculative.tree import DraftTree
+
+
+class RepeatLastTokenDrafter(Drafter):
+    """Drafts one node: the last committed token again.
+
+    A near-null drafter (the target rarely repeats a token, so about one token per forward): timed through the
+    speculative engine it measures what a 2-token verification forward costs against plain greedy decoding, i.e.
+    the share of a drafter's speed-up that comes from the engine's forward (kernel layout, see
+    :mod:`hf_decoding_ext.utils.small_batch_linear`) rather than from its drafts.
+    """
+
+    def propose(self, state) -> Draft:
+        return Draft(DraftTree.chain(state.input_ids[0, -1:].cpu()))
