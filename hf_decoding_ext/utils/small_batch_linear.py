@@ -2,10 +2,10 @@
 
 PyTorch computes ``nn.Linear`` as ``x @ W.T`` (``addmm`` with a transposed weight). On CPU with MKL, for a
 handful of rows (2 to a few dozen: a verification forward over a small draft tree) that layout runs far below the
-memory bandwidth, slower than the single-row matrix-vector product of plain greedy decoding: on the 2-core
-development machine a 2-4-token forward of SmolLM2-135M cost 1.6-2.2x a 1-token forward. Computing the same
-product as ``(W @ x.T).T`` (the weight as the left, row-major operand) runs at bandwidth: the 2-4-token forward
-then costs about 0.8x a 1-token forward, and the 16-token forward about 1.4x. The result is the same product with
+memory bandwidth: on the 2-core development machine a 2-4-token forward of SmolLM2-135M cost 1.4-2.0x a 1-token
+forward. Computing the same product as ``(W @ x.T).T`` (the weight as the left, row-major operand) is much faster
+there: the 2-4-token forward then costs 0.55-0.73x a 1-token forward (which runs PyTorch's matrix-vector kernel), 6
+tokens about 1x and 16 tokens 1.4x (``results/verify_cost.json``, ``scripts/verify_cost.py``). The result is the same product with
 a different summation order (logits differ by ~1e-5, the argmax is unchanged in the lossless tests).
 
 :func:`small_batch_linear` swaps the kernel layout of a model's plain ``nn.Linear`` layers for the duration of a
@@ -37,8 +37,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-DEFAULT_MAX_ROWS = 64
-"""Row counts up to this use the weight-left layout (measured faster or equal on the development CPU)."""
+DEFAULT_MAX_ROWS = 32
+"""Row counts up to this use the weight-left layout (measured faster or equal for 2-32 rows on the development CPU)."""
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
