@@ -6,11 +6,11 @@ transformers' prompt lookup / assisted generation in one run.
 
 Writes ``<out>/<family>_speed.json`` and ``.png``. Besides every registered drafter of the family it times the best
 training-free drafter, ``prompt-lookup+token-recycling`` (:class:`MergedDrafter`, at most ``--merged-nodes`` nodes),
-reused across prompts like the others. For the trained-heads family it also times ``eagle+prompt-lookup`` (the EAGLE
-drafter's tree merged with prompt lookup's chain, the same node cap) and ``eagle-fspad/pytorch-linear`` (the EAGLE drafter with the
-engine's small-batch linear layout switched off) and ``repeat-last-token (reference)`` (a one-node near-null draft:
-the engine's own speed with about one token per forward), so the kernel layout's share of the speed-up is measured in
-the same run.
+reused across prompts like the others. For the trained-heads family it also times ``eagle+prompt-lookup`` (the
+EAGLE drafter's tree merged with prompt lookup's chain, the same node cap), ``eagle-fspad/pytorch-linear`` (the EAGLE
+drafter with the engine's small-batch linear layout switched off) and ``repeat-last-token (reference)`` (a one-node
+near-null draft: the engine's own speed with about one token per forward), so the kernel layout's share of the
+speed-up is measured in the same run.
 """
 
 from __future__ import annotations

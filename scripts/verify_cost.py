@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     model.eval()
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(100, 20000, (1, args.context), generator=gen)
-    times: dict[str, dict[int, list[float]]] = {"pytorch": {n: [] for n in sizes}, "weight_left": {n: [] for n in sizes}}
+    times: dict[str, dict[int, list[float]]] = {layout: {n: [] for n in sizes} for layout in ("pytorch", "weight_left")}
     with torch.inference_mode():
         cache = model(input_ids=prefix, use_cache=True).past_key_values
         for rep in tqdm(range(args.reps + 1), desc="rounds"):  # round 0 warms up, not recorded

@@ -75,8 +75,9 @@ def test_engine_patches_during_decoding_only(tiny_llama):
 
     for flag in (True, False):
         patched_during.clear()
+        loop = SpeculativeDecoding(Probe(), small_batch_linear=flag)
         out = tiny_llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                  do_sample=False, custom_generate=SpeculativeDecoding(Probe(), small_batch_linear=flag))
+                                  do_sample=False, custom_generate=loop)
         assert torch.equal(out, ref)
         assert patched_during and all(p == flag for p in patched_during)
         assert not any("forward" in m.__dict__ for m in tiny_llama.modules())

@@ -5,8 +5,9 @@ handful of rows (2 to a few dozen: a verification forward over a small draft tre
 memory bandwidth: on the 2-core development machine a 2-4-token forward of SmolLM2-135M cost 1.4-2.0x a 1-token
 forward. Computing the same product as ``(W @ x.T).T`` (the weight as the left, row-major operand) is much faster
 there: the 2-4-token forward then costs 0.55-0.73x a 1-token forward (which runs PyTorch's matrix-vector kernel), 6
-tokens about 1x and 16 tokens 1.4x (``results/verify_cost.json``, ``scripts/verify_cost.py``). The result is the same product with
-a different summation order (logits differ by ~1e-5, the argmax is unchanged in the lossless tests).
+tokens about 1x and 16 tokens 1.4x (``results/verify_cost.json``, ``scripts/verify_cost.py``). The result is the
+same product with a different summation order (logits differ by ~1e-5, the argmax is unchanged in the lossless
+tests).
 
 :func:`small_batch_linear` swaps the kernel layout of a model's plain ``nn.Linear`` layers for the duration of a
 ``with`` block (instance attributes only, restored on exit, no global state). Single-row calls keep PyTorch's own

@@ -98,7 +98,6 @@ class EagleDrafter(FeatureHeadDrafter):
     def _feed(self, nodes: list[int], depth: int) -> None:
         """Feed tree nodes of one depth (their token with the feature that proposed them) at position
         ``j + depth``, attending to the committed entries, their ancestors and themselves."""
-        device = self.cache.layers[0].keys.device if hasattr(self.cache, "layers") else None
         feats = torch.stack([self.in_feature[n] for n in nodes])
         device = feats.device
         ids = torch.tensor([self.token[n] for n in nodes], device=device)

@@ -18,8 +18,8 @@ class MergedDrafter(Drafter):
     each keeps its own top nodes. After verification every drafter observes the result restricted to its own nodes:
     its tree's logits, the part of the accepted path its tree contains and, for the one drafter that may use side
     nodes (Lookahead Decoding's window), the side logits; drafters that read the target's features (trained heads)
-    observe the merged result, whose accepted path and features cover every committed token. Deterministic drafts only (greedy or speculative sampling
-    with one-hot drafts), so the engine's acceptance stays lossless.
+    observe the merged result, whose accepted path and features cover every committed token. Deterministic drafts
+    only (greedy or speculative sampling with one-hot drafts), so the engine's acceptance stays lossless.
 
     Args:
         drafters: the drafters to merge (at least one; at most one with side nodes; none that samples its drafts).
