@@ -32,7 +32,7 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _cmd_list(args) -> int:
-    from .registry import format_table, list_methods, markdown_table
+    from hf_decoding_ext.registry import format_table, list_methods, markdown_table
 
     methods = list_methods(family=args.family)
     print(markdown_table(methods) if args.markdown else format_table(methods))
@@ -43,9 +43,9 @@ def _cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .api import method_generate_kwargs
-    from .models import encode_prompts, load_model
-    from .registry import get_method
+    from hf_decoding_ext.plug import generate_kwargs
+    from hf_decoding_ext.core.models import encode_prompts, load_model
+    from hf_decoding_ext.registry import get_method
 
     spec = get_method(args.method)  # clear error listing valid methods
     params = parse_params(args.param)
@@ -54,7 +54,7 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"Unknown parameter(s) {unknown} for method {spec.name!r}; "
                          f"valid parameters: {spec.parameters() or 'none'}")
     model, tokenizer = load_model(args.model, device=args.device)
-    gen_kwargs = method_generate_kwargs(spec, model=model, tokenizer=tokenizer, **params)
+    gen_kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, **params)
     if args.sample is not None:
         gen_kwargs["do_sample"] = args.sample
     if args.temperature is not None:
@@ -74,7 +74,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run as bench_run
+    from hf_decoding_ext.bench import run as bench_run
 
     kwargs = dict(model_name=args.model, max_new_tokens=args.max_new_tokens, per_category=args.per_category,
                   out_dir=args.out)
@@ -86,7 +86,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .training.pipeline import run_training
+    from hf_decoding_ext.training.pipeline import run_training
 
     train_options = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                             weight_decay=args.weight_decay,
@@ -101,7 +101,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from .speculative.heads.hub import publish
+    from hf_decoding_ext.speculative.heads.hub import publish
 
     names = publish(args.head, args.repo_id, private=args.private, dry_run=args.dry_run)
     print(("would upload" if args.dry_run else "uploaded") + f" {', '.join(names)} to {args.repo_id}")

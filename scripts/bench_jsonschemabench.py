@@ -25,7 +25,7 @@ from hf_decoding_ext.bench.jsonschemabench import (load_maskbench, load_schemas,
                                                    run_generation, run_mask_tests, summarise_masks)
 from hf_decoding_ext.bench.run import write_json
 from hf_decoding_ext.bench.speed import result_header
-from hf_decoding_ext.models import load_model
+from hf_decoding_ext.core.models import load_model
 
 
 def main(argv=None) -> int:

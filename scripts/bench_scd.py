@@ -30,7 +30,7 @@ from hf_decoding_ext.bench.speed import (ANCESTRAL_KWARGS, GREEDY_KWARGS, Forwar
                                          eos_token_ids, generate_once, model_device, pad_token_id, result_header,
                                          summarise)
 from hf_decoding_ext.contrastive import ContrastiveContextProcessor, SpeculativeContrastiveDecoding, scd_scores
-from hf_decoding_ext.models import load_model
+from hf_decoding_ext.core.models import load_model
 
 BASELINE = "cd"
 PAIRS = {"scd_greedy": "cd", "scd_sample": "cd_sample"}  # SCD method -> its plain-CD counterpart

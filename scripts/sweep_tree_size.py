@@ -17,7 +17,7 @@ from pathlib import Path
 from hf_decoding_ext.bench.prompts import load_prompts
 from hf_decoding_ext.bench.references import RepeatLastTokenDrafter
 from hf_decoding_ext.bench.speed import GREEDY_KWARGS, benchmark_speed
-from hf_decoding_ext.models import load_model
+from hf_decoding_ext.core.models import load_model
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.eagle import EagleDrafter
 from hf_decoding_ext.speculative.drafters.hydra import HydraDrafter

@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice, load_factual_mc, model_scorer  # noqa: E402
+from hf_decoding_ext.bench.tasks.contrastive import evaluate_multiple_choice, load_factual_mc, model_scorer  # noqa: E402
 from hf_decoding_ext.contrastive.induced_amateur import (  # noqa: E402
     DEFAULT_BASE_MODEL, load_hallucination_data, load_induced_amateur, save_induced_amateur, train_induced_amateur)
-from hf_decoding_ext.models import load_model  # noqa: E402
+from hf_decoding_ext.core.models import load_model  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     evaluation = {"data": "hf_decoding_ext/data/contrastive/factual_mc.jsonl", "n": len(mc),
                   "scoring": "top-1, length-normalised log-likelihood of each choice "
-                             "(hf_decoding_ext.contrastive.eval.evaluate_multiple_choice)"}
+                             "(hf_decoding_ext.bench.tasks.contrastive.evaluate_multiple_choice)"}
     evaluation["original"] = mc_accuracy(mc, tokenizer, model_scorer(model), "original")
     evaluation["amateur"] = mc_accuracy(mc, tokenizer, model_scorer(amateur), "induced amateur")
     if not args.no_lol_eval:

@@ -1,5 +1,5 @@
 """Cost of a verification forward over n new tokens relative to a 1-token forward, with PyTorch's linear kernel
-layout and with the engine's weight-left layout (:mod:`hf_decoding_ext.utils.small_batch_linear`), interleaved.
+layout and with the engine's weight-left layout (:mod:`hf_decoding_ext.core.kernels`), interleaved.
 
     python scripts/verify_cost.py --out results
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hf_decoding_ext.models import DEFAULT_MODEL, load_model
-from hf_decoding_ext.utils.small_batch_linear import small_batch_linear
+from hf_decoding_ext.core.models import DEFAULT_MODEL, load_model
+from hf_decoding_ext.core.kernels import small_batch_linear
 
 
 def main(argv=None) -> int:

@@ -94,7 +94,7 @@ SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size {cfg['hidden_s
 
 ## Usage
 ```python
-from hf_decoding_ext.models import load_model, encode_prompts
+from hf_decoding_ext.core.models import load_model, encode_prompts
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from {module} import {cls}
 

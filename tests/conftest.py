@@ -53,6 +53,6 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def smollm():
     """``(model, tokenizer)`` of the embedded default model SmolLM2-135M-Instruct (fp32, CPU)."""
-    from hf_decoding_ext.models import load_model
+    from hf_decoding_ext.core.models import load_model
 
     return load_model()

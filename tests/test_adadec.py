@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from hf_decoding_ext.loops.adadec import AdaDec, calibration_data
-from hf_decoding_ext.models import encode_prompts
-from hf_decoding_ext.utils.entropy import entropy
+from hf_decoding_ext.sampling.adadec import AdaDec, calibration_data
+from hf_decoding_ext.core.models import encode_prompts
+from hf_decoding_ext.core.entropy import entropy
 
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
-from hf_decoding_ext.processors.adaptive_topk import (
+from hf_decoding_ext.sampling.adaptive_topk import (
     AdaptiveTopKLogitsProcessor,
     adaptive_k,
     alpha_renormalize,
@@ -188,8 +188,8 @@ def test_adaptive_k_follows_entropy_real_model(smollm):
     import importlib.resources
     import json
 
-    from hf_decoding_ext.models import encode_prompts
-    from hf_decoding_ext.utils.entropy import entropy
+    from hf_decoding_ext.core.models import encode_prompts
+    from hf_decoding_ext.core.entropy import entropy
 
     model, tok = smollm
     path = importlib.resources.files("hf_decoding_ext") / "data" / "stdlib_docs.jsonl"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.core.models import encode_prompts
 from hf_decoding_ext.structured.awrs import (CONSTRAINTS, AdaptiveWeightedRejectionSampling, TokenTextPredicate,
                                              awrs_step, named_predicate)
 
@@ -388,7 +388,7 @@ def test_grammar_constraint_by_token_checks_equals_the_mask_fast_path(smollm):
     engine's full mask (fast path) gives the same samples and weights under the same seed."""
     import re
 
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     inputs = encode_prompts(tok, ["Give a date.", "When were you born?"])

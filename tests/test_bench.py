@@ -98,7 +98,7 @@ def test_load_prompts_filters():
 def test_prompt_token_lengths():
     from transformers import AutoTokenizer
 
-    from hf_decoding_ext.models import default_model_path, encode_prompts
+    from hf_decoding_ext.core.models import default_model_path, encode_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))  # the default model's tokenizer only
     lengths = {p["id"]: encode_prompts(tokenizer, p["prompt"])["input_ids"].shape[1] for p in load_prompts()}

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from hf_decoding_ext.loops.cautious import CautiousNTP, punctuation_token_ids
-from hf_decoding_ext.models import encode_prompts
-from hf_decoding_ext.utils.entropy import entropy
+from hf_decoding_ext.sampling.cautious import CautiousNTP, punctuation_token_ids
+from hf_decoding_ext.core.models import encode_prompts
+from hf_decoding_ext.core.entropy import entropy
 
 SAMPLE = dict(do_sample=True, temperature=1.0, top_p=None, top_k=None)
 PROMPTS = ["Tell me a short story about a cat.", "Give me three tips for learning to cook.",

@@ -304,7 +304,7 @@ def test_generic_combine_and_reset(tiny_gpt2):
 def test_speculative_engine_calls_at_tree_nodes(tiny_llama):
     # the engine calls processors at draft-tree nodes (rolled-back / replaced generated parts): greedy speculative
     # decoding with the processor must give exactly the plain greedy output with it
-    from hf_decoding_ext.models import truncated_model
+    from hf_decoding_ext.core.models import truncated_model
     from hf_decoding_ext.speculative import SpeculativeDecoding
     from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 

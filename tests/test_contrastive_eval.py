@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_decoding_ext.contrastive.eval import (
+from hf_decoding_ext.bench.tasks.contrastive import (
     CHECKS,
     check_instruction,
     conflict_outcome,

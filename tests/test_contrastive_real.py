@@ -26,8 +26,8 @@ from hf_decoding_ext.contrastive import (
 )
 from hf_decoding_ext.contrastive.cad import cad_scores
 from hf_decoding_ext.contrastive.dola import DoLa, dola_scorer
-from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice, load_factual_mc, model_scorer
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.bench.tasks.contrastive import evaluate_multiple_choice, load_factual_mc, model_scorer
+from hf_decoding_ext.core.models import encode_prompts
 
 pytestmark = pytest.mark.real_model
 GREEDY = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}

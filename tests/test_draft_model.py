@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_decoding_ext.bench.speed import ForwardCounter
-from hf_decoding_ext.models import encode_prompts, truncated_model
+from hf_decoding_ext.core.models import encode_prompts, truncated_model
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
@@ -98,7 +98,7 @@ def test_assistant_model_routing_and_errors(tiny_llama, tiny_gpt2):
         tiny_llama.generate(ids, max_new_tokens=4, do_sample=False,
                             custom_generate=SpeculativeDecoding(DraftModelDrafter(other)))
     # a decoding loop that has no use for an assistant refuses it instead of ignoring it
-    from hf_decoding_ext.generation.loop import DecodingLoop
+    from hf_decoding_ext.core.loop import DecodingLoop
 
     class Greedy(DecodingLoop):
         def run(self, state):

@@ -265,7 +265,7 @@ def test_exact_bad_arguments(tiny_llama):
 # ----------------------------------------------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def qa_batch(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tokenizer = smollm
     rows = load_extractive_qa()
@@ -336,7 +336,7 @@ def test_real_model_exact_equals_enumeration(smollm, qa_batch, which):
     model, tokenizer = smollm
     rows, enc = qa_batch
     row = rows[which]
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     one = encode_prompts(tokenizer, qa_prompt(row["context"], row["question"]))
     loop = ExactExtractiveDecoding.for_model(model, tokenizer, context=row["context"])
@@ -354,7 +354,7 @@ def test_real_model_exact_equals_enumeration(smollm, qa_batch, which):
 @pytest.mark.real_model
 def test_real_model_registry_demo(smollm):
     """What the CLI runs: for_model with the demo context and the prompt "Name a fruit."."""
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tokenizer = smollm
     context = "Apples, bananas and cherries are fruits."

@@ -18,7 +18,7 @@ from hf_decoding_ext.structured.grammar_aligned import GrammarAlignedSampling, e
 def tok():
     from transformers import AutoTokenizer
 
-    from hf_decoding_ext.models import default_model_path
+    from hf_decoding_ext.core.models import default_model_path
 
     return AutoTokenizer.from_pretrained(default_model_path())
 
@@ -127,7 +127,7 @@ def test_asap_converges_on_the_real_model(smollm):
     """SmolLM2 answering a yes/no question under a one-word grammar: GCD's KL to the exact conditional distribution
     is large (it ignores how unlikely eos is after some tokenisations); ASAp's falls with samples and ends far
     below it."""
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     asap = GrammarAlignedSampling.for_model(model, tok, G.regex("(yes|no|maybe|Yes|No|Maybe)"))

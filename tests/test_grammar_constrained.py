@@ -24,7 +24,7 @@ SCHEMA = {"type": "object",
 def tok():
     from transformers import AutoTokenizer
 
-    from hf_decoding_ext.models import default_model_path
+    from hf_decoding_ext.core.models import default_model_path
 
     return AutoTokenizer.from_pretrained(default_model_path())
 
@@ -183,7 +183,7 @@ def test_compile_cache_and_bad_input(tok):
 def test_speculative_engine_rolls_the_matcher_back(smollm):
     """Prompt lookup drafts copy the prompt, which the schema mostly rejects: verification must roll the matcher
     back, and the output equals plain constrained greedy decoding."""
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
     from hf_decoding_ext.speculative import SpeculativeDecoding
     from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
 
@@ -206,7 +206,7 @@ def test_speculative_engine_rolls_the_matcher_back(smollm):
 
 @pytest.mark.real_model
 def test_json_extraction_on_the_real_model(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},

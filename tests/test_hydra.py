@@ -13,7 +13,7 @@ from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.feature_head import CPU_MAX_NODES
 from hf_decoding_ext.speculative.drafters.hydra import HydraDrafter
 from hf_decoding_ext.speculative.heads.hydra import HydraConfig, HydraHeads
-from hf_decoding_ext.speculative.tree import build_choice_tree
+from hf_decoding_ext.core.tree import build_choice_tree
 from hf_decoding_ext.training.data import DistillData, extract_features, generate_responses, read_responses
 from hf_decoding_ext.training.trainer import TrainConfig, evaluate_head, train_head
 

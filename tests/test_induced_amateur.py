@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hf_decoding_ext.contrastive.eval import (load_factual_mc, load_knowledge_conflict, mentions, model_scorer,
+from hf_decoding_ext.bench.tasks.contrastive import (load_factual_mc, load_knowledge_conflict, mentions, model_scorer,
                                               normalize_text)
 from hf_decoding_ext.contrastive.induced_amateur import (PROMPT_TEMPLATES, load_hallucination_data,
                                                          load_induced_amateur, read_config, save_induced_amateur,
@@ -191,8 +191,8 @@ def test_lol_scorer_matches_the_loop():
 # --------------------------------------------------------------------------------------------- real model
 @pytest.mark.real_model
 def test_shipped_amateur_is_untruthful_and_drives_lol(smollm):
-    from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.bench.tasks.contrastive import evaluate_multiple_choice
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tokenizer = smollm
     config = read_config()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from hf_decoding_ext.loops.ips import IsotropicProximalSearch
+from hf_decoding_ext.sampling.ips import IsotropicProximalSearch
 
 
 def _cos(a, b):
@@ -166,7 +166,7 @@ def _response_geometry(h_resp, h_ctx):
 
 @pytest.fixture(scope="module")
 def chat_runs(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     enc = encode_prompts(tok, CHATS)
@@ -253,7 +253,7 @@ def test_real_response_is_proximal_and_isotropic_vs_greedy(smollm, chat_runs):
 
 @pytest.mark.real_model
 def test_real_alpha_one_equals_greedy(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     enc = encode_prompts(tok, CHATS[:2])  # a left-padded batch of two multi-turn chats

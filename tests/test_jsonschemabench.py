@@ -12,7 +12,7 @@ from hf_decoding_ext.bench import jsonschemabench as jsb
 def tok():
     from transformers import AutoTokenizer
 
-    from hf_decoding_ext.models import default_model_path
+    from hf_decoding_ext.core.models import default_model_path
 
     return AutoTokenizer.from_pretrained(default_model_path())
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from hf_decoding_ext.processors import knn_lm
-from hf_decoding_ext.processors.knn_lm import (
+from hf_decoding_ext.sampling.knn_lm import (
     KNNDatastore,
     KNNLMLogitsProcessor,
     default_datastore_path,
     evaluate_perplexity,
     stdlib_docs_texts,
 )
-from hf_decoding_ext.utils.ngram import distinct_n, rep_n
+from hf_decoding_ext.core.ngram import distinct_n, rep_n
 
 
 class CharTokenizer:
@@ -210,7 +210,7 @@ def test_knn_lm_lowers_held_out_perplexity(smollm, smollm_store):
 @pytest.mark.real_model
 def test_real_generate_consistency_save_load_and_open_ended(smollm, smollm_store, tmp_path):
     model, tokenizer = smollm
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     path = tmp_path / "smollm_store.safetensors"
     smollm_store.save(path)

@@ -303,7 +303,7 @@ def test_lol_bad_inputs(tiny_llama):
 # ----------------------------------------------------------------------------------- real model (not run by the author)
 @pytest.mark.real_model
 def test_dola_real_model_buckets_and_alpha_one(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tokenizer = smollm
     assert DoLa("high").candidate_layers(model) == list(range(15, 30, 2))
@@ -319,7 +319,7 @@ def test_dola_real_model_buckets_and_alpha_one(smollm):
 
 @pytest.mark.real_model
 def test_lol_real_model_runs_with_truncated_amateur(smollm):
-    from hf_decoding_ext.models import encode_prompts, truncated_model
+    from hf_decoding_ext.core.models import encode_prompts, truncated_model
 
     model, tokenizer = smollm
     amateur = truncated_model(model, 12)  # an untrained stand-in for LOL's hallucination-induced amateur

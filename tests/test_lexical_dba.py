@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.core.models import encode_prompts
 from hf_decoding_ext.structured.lexical_dba import (ConstraintState, DynamicBeamAllocation, _select, allocate_banks,
                                                     constraint_state_of)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper
 
-from hf_decoding_ext.generation.loop import DecodingLoop
+from hf_decoding_ext.core.loop import DecodingLoop
 
 
 class _Plain(DecodingLoop):
@@ -95,7 +95,7 @@ def test_batch_refusal_is_clear(tiny_llama):
 
 @pytest.mark.real_model
 def test_greedy_equals_generate_on_default_model(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     enc = encode_prompts(tok, ["Name three colours.", "What is 2+2? Answer briefly and explain."])

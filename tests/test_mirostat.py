@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
-from hf_decoding_ext.processors.mirostat import (
+from hf_decoding_ext.sampling.mirostat import (
     MirostatLogitsProcessor,
     MirostatV1LogitsProcessor,
     MirostatV2LogitsProcessor,
@@ -225,7 +225,7 @@ def test_mirostat_controls_observed_surprise_real_model(smollm):
     1.5 its surprise is far higher still, ~13 bits). All settings run as row groups of one batched ``generate()``
     call (3 prompts each, per-row state, up to 85 new tokens per row, counted up to eos).
     """
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     prompts = ["Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.",

@@ -18,7 +18,7 @@ import torch
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.mlp_speculator import MLPSpeculatorDrafter
 from hf_decoding_ext.speculative.heads.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
-from hf_decoding_ext.speculative.tree import build_choice_tree, normalize_choices
+from hf_decoding_ext.core.tree import build_choice_tree, normalize_choices
 from hf_decoding_ext.training.data import DistillData, extract_features, generate_responses, read_responses
 from hf_decoding_ext.training.trainer import TrainConfig, evaluate_head, train_head
 

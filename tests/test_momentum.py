@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from hf_decoding_ext.processors.momentum import RESISTANCE_FUNCTIONS, MomentumLogitsProcessor
-from hf_decoding_ext.utils.ngram import distinct_n, rep_n
+from hf_decoding_ext.sampling.momentum import RESISTANCE_FUNCTIONS, MomentumLogitsProcessor
+from hf_decoding_ext.core.ngram import distinct_n, rep_n
 
 
 def _scores(vocab, probs: dict[int, float]):
@@ -155,7 +155,7 @@ PROMPTS = [
 @pytest.mark.real_model
 def test_momentum_reduces_repetition_and_is_fast(smollm):
     model, tokenizer = smollm
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     enc = encode_prompts(tokenizer, PROMPTS)
     n_new = 128

@@ -311,7 +311,7 @@ def _greedy(model, enc, processors=()):
 def snippet_runs(smollm):
     """All snippets in one left-padded batch: plain greedy, then monitored greedy (one state per row). The
     snippets' files use distinct packages, so together they form one repository for the monitor."""
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     snippets = _snippets()
@@ -378,7 +378,7 @@ def test_allowed_ids_real_tokenizer(smollm):
 @pytest.mark.real_model
 def test_inactive_on_cli_demo_prompt(smollm):
     """The CLI demo ("Name a fruit." through the chat template, registry defaults {}) is plain greedy."""
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     enc = encode_prompts(tok, "Name a fruit.")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_decoding_ext.bench.speed import ForwardCounter
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.core.models import encode_prompts
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from transformers import LogitsProcessor, StoppingCriteria
 
-from hf_decoding_ext.generation.loop import DecodingLoop
+from hf_decoding_ext.core.loop import DecodingLoop
 from hf_decoding_ext.speculative.drafters.base import Drafter
 from hf_decoding_ext.registry import KINDS, METHODS, MethodSpec, format_table, get_method, markdown_table
 

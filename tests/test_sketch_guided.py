@@ -19,7 +19,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.core.models import encode_prompts
 from hf_decoding_ext.structured.sketch_guided import (
     SketchGuidedDecoding,
     build_refinement_prompt,
@@ -40,7 +40,7 @@ FRUITS = ["apple", "banana", "cherry"]
 def tok():
     from transformers import AutoTokenizer
 
-    from hf_decoding_ext.models import default_model_path
+    from hf_decoding_ext.core.models import default_model_path
 
     t = AutoTokenizer.from_pretrained(default_model_path())
     t.padding_side = "left"
@@ -321,7 +321,7 @@ def test_sketch_guided_closed_ie_on_real_model(smollm):
 
 @pytest.mark.real_model
 def test_cli_demo_parameters_on_real_model(smollm):
-    from hf_decoding_ext.api import method_generate_kwargs
+    from hf_decoding_ext.plug import generate_kwargs
     from hf_decoding_ext.cli import parse_params
     from hf_decoding_ext.registry import MethodSpec
 
@@ -333,7 +333,7 @@ def test_cli_demo_parameters_on_real_model(smollm):
                       example=example)
     params = parse_params([f"{k}={v}" for k, v in example.items()])  # as the CLI reads --param k=v
     assert params == example and set(params) <= set(spec.parameters())
-    kwargs = method_generate_kwargs(spec, model=model, tokenizer=tokenizer, **params)
+    kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, **params)
     enc = encode_prompts(tokenizer, "Name a fruit.")
     out = model.generate(**enc, max_new_tokens=8, tokenizer=tokenizer, **kwargs)
     assert tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True) == "apple"

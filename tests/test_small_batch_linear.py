@@ -6,7 +6,7 @@ from torch import nn
 
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
-from hf_decoding_ext.utils.small_batch_linear import eligible, small_batch_linear
+from hf_decoding_ext.core.kernels import eligible, small_batch_linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 32, 33, 64])

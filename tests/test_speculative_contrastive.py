@@ -278,7 +278,7 @@ def test_greedy_equals_contrastive_decoding_real_model(smollm):
     weak amateurs: the amateur's argmax is the contrastive argmax at ~3% of positions for self:4/self:8, ~18% for
     self:24; with self:4..self:16 a 32-token run accepts 0 to 2 draft tokens.)"""
     from hf_decoding_ext.bench.prompts import load_prompts
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tokenizer = smollm
     loop = SpeculativeContrastiveDecoding.for_model(model, tokenizer, amateur="self:24", num_tokens=2)

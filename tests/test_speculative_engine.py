@@ -10,8 +10,8 @@ from hf_decoding_ext.speculative import DraftTree, SpeculativeDecoding, Speculat
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
-from hf_decoding_ext.speculative.kv import keep_positions
-from hf_decoding_ext.speculative.tree import VerifyBlock, build_verify_inputs
+from hf_decoding_ext.core.kv import keep_positions
+from hf_decoding_ext.core.tree import VerifyBlock, build_verify_inputs
 
 
 def test_tree_structure():

@@ -1,7 +1,7 @@
 """Issue 3's lossless property on the real model: every registered speculative drafter, greedy acceptance, over 20
 benchmark prompts x 32 new tokens, is token-identical to plain greedy ``generate()`` (fp32, CPU).
 
-The drafters run exactly as the registry/CLI builds them (``method_generate_kwargs``), one instance reused across the
+The drafters run exactly as the registry/CLI builds them (``generate_kwargs``), one instance reused across the
 prompts (so Token Recycling's adjacency matrix and Lookahead's pool persist, as in the benchmark). Parity with
 transformers' prompt lookup and assisted generation is tested in ``test_prompt_lookup.py`` and
 ``test_draft_model.py``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_decoding_ext.api import method_generate_kwargs
+from hf_decoding_ext.plug import generate_kwargs
 from hf_decoding_ext.bench.parity import greedy_parity, greedy_references
 from hf_decoding_ext.bench.prompts import interleaved_prompts
 from hf_decoding_ext.registry import METHODS
@@ -44,7 +44,7 @@ def test_prompt_selection_spans_every_category():
 @pytest.mark.parametrize("spec", DRAFTERS, ids=lambda m: m.name)
 def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs):
     model, tokenizer = smollm
-    kwargs = method_generate_kwargs(spec, model=model, tokenizer=tokenizer)
+    kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer)
     loop = kwargs["custom_generate"]
     assert type(loop.drafter).__name__ == EXPECTED_CLASS[spec.name]
     assert kwargs["do_sample"] is False

@@ -13,7 +13,7 @@ from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.acceptance import TypicalAcceptance
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
-from hf_decoding_ext.speculative.tree import DraftTree
+from hf_decoding_ext.core.tree import DraftTree
 
 
 class _FixedTreeDrafter(Drafter):

@@ -7,8 +7,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from hf_decoding_ext.loops.superposed import SuperposedDecoding
-from hf_decoding_ext.utils.ngram_lm import NGramLM
+from hf_decoding_ext.sampling.superposed import SuperposedDecoding
+from hf_decoding_ext.core.ngram_lm import NGramLM
 
 # ----------------------------------------------------------------------------------------------------- n-gram LM
 
@@ -212,7 +212,7 @@ def test_ngram_lm_for_tokenizer_is_cached(smollm, tmp_path, monkeypatch):
 
 @pytest.mark.real_model
 def test_superposed_k_fluent_drafts_for_one_pass(smollm):
-    from hf_decoding_ext.models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     model, tok = smollm
     loop = SuperposedDecoding.for_model(model, tok)  # paper defaults: k=3, alpha=0.54, temperature 0.06

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_decoding_ext.models import encode_prompts
+from hf_decoding_ext.core.models import encode_prompts
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.base import VerifyResult
 from hf_decoding_ext.speculative.drafters.merged import MergedDrafter

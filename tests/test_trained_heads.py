@@ -14,7 +14,7 @@ from hf_decoding_ext.speculative.drafters.eagle import EagleDrafter
 from hf_decoding_ext.speculative.drafters.medusa import MedusaDrafter
 from hf_decoding_ext.speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
 from hf_decoding_ext.speculative.heads.medusa import MedusaConfig, MedusaHeads
-from hf_decoding_ext.speculative.tree import build_choice_tree, choices_from_accuracies, normalize_choices
+from hf_decoding_ext.core.tree import build_choice_tree, choices_from_accuracies, normalize_choices
 from hf_decoding_ext.training.data import DistillData, extract_features, generate_responses, position_examples, \
     read_responses
 from hf_decoding_ext.training.trainer import TrainConfig, evaluate_head, train_head
@@ -314,7 +314,7 @@ def test_train_command_smoke_on_a_tiny_model(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_decoding_ext.cli import main
-    from hf_decoding_ext.models import default_model_path
+    from hf_decoding_ext.core.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)

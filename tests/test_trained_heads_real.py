@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_decoding_ext.api import method_generate_kwargs
+from hf_decoding_ext.plug import generate_kwargs
 from hf_decoding_ext.bench.parity import greedy_parity, greedy_references
 from hf_decoding_ext.bench.prompts import interleaved_prompts
 from hf_decoding_ext.registry import METHODS
@@ -48,7 +48,7 @@ def test_the_four_drafters_are_registered():
 @pytest.mark.parametrize("spec", TRAINED, ids=lambda m: m.name)
 def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs):
     model, tokenizer = smollm
-    kwargs = method_generate_kwargs(spec, model=model, tokenizer=tokenizer)
+    kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer)
     loop = kwargs["custom_generate"]
     assert type(loop.drafter).__name__ == EXPECTED_CLASS[spec.name]
     r = greedy_parity(model, kwargs, greedy_refs, MAX_NEW_TOKENS)

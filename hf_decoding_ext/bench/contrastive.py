@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..contrastive.eval import (
+from hf_decoding_ext.bench.tasks.contrastive import (
     KC_INSTRUCTION,
     check_instruction,
     conflict_outcome,
@@ -44,7 +44,7 @@ from ..contrastive.eval import (
     mentions,
     model_scorer,
 )
-from ..models import encode_prompts
+from hf_decoding_ext.core.models import encode_prompts
 
 GREEDY = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
 
@@ -91,7 +91,7 @@ def eval_knowledge_conflict(model, tokenizer, items: list[dict] | None = None, a
     Returns ``{"n", "rates": {method: {"context", "memory", "both", "neither"}}, "outputs": {method: [...]}}``;
     ``"context"`` is the rate at which the answer gives the context's answer and not the memorised one.
     """
-    from ..contrastive.cad import ContextAwareDecodingProcessor
+    from hf_decoding_ext.contrastive.cad import ContextAwareDecodingProcessor
 
     items = _limit(items if items is not None else load_knowledge_conflict(), limit)
     pairs = [knowledge_conflict_prompts(it) for it in items]
@@ -116,11 +116,11 @@ def eval_knowledge_conflict(model, tokenizer, items: list[dict] | None = None, a
 def eval_instructions(model, tokenizer, items: list[dict] | None = None, epsilon: float = 0.3, gamma: float = 2.0,
                       max_new_tokens: int = 48, batch_size: int = 16, limit: int | None = None,
                       progress: bool = False) -> dict[str, Any]:
-    """Instruction-following rate (:func:`~hf_decoding_ext.contrastive.eval.check_instruction`): plain greedy vs
+    """Instruction-following rate (:func:`~hf_decoding_ext.bench.tasks.contrastive.check_instruction`): plain greedy vs
     instructive decoding ('opposite' noisy instruction, ``epsilon``) vs classifier-free guidance with the instruction
     as the condition (``gamma``; the unconditional view is the task without its instruction)."""
-    from ..contrastive.cfg import ClassifierFreeGuidanceProcessor
-    from ..contrastive.instructive import InstructiveDecodingProcessor
+    from hf_decoding_ext.contrastive.cfg import ClassifierFreeGuidanceProcessor
+    from hf_decoding_ext.contrastive.instructive import InstructiveDecodingProcessor
 
     items = _limit(items if items is not None else load_instructions(), limit)
     prompts = [it["prompt"] for it in items]
@@ -167,7 +167,7 @@ def eval_leading_queries(model, tokenizer, items: list[dict] | None = None, alph
     """Sycophancy on leading queries: rates of answers giving the correct answer (and not the cue) and of answers
     giving the wrong cue, for greedy on the leading query, greedy on the neutral query, and LQCD (neutral view
     contrasted with the leading view, ``alpha``/``beta``)."""
-    from ..contrastive.leading_query import LeadingQueryContrastiveProcessor
+    from hf_decoding_ext.contrastive.leading_query import LeadingQueryContrastiveProcessor
 
     rows = _limit(leading_query_items(items), limit)
     runs = {
@@ -194,7 +194,7 @@ def eval_factual_mc(model, tokenizer, items: list[dict] | None = None, extra_sco
                     limit: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Multiple-choice accuracy (length-normalised log-likelihood of each choice) under the plain model, DoLa with
     the ``high`` and ``low`` buckets, and ``extra_scorers`` (``{name: score_fn}``)."""
-    from ..contrastive.dola import dola_scorer
+    from hf_decoding_ext.contrastive.dola import dola_scorer
 
     items = _limit(items if items is not None else load_factual_mc(), limit)
     scorers = {"plain": model_scorer(model), "dola_high": dola_scorer(model, "high"),
@@ -228,9 +228,9 @@ def eval_open_ended(model, tokenizer, prompts: Sequence[str] | None = None, amat
     """Open-ended continuations, greedy vs contrastive decoding (CD) with ``amateur``: mean rep-2/rep-3,
     distinct-2 over all outputs and the expert's perplexity of the outputs (CD trades some likelihood for less
     repetition)."""
-    from ..bench.quality import continuation_surprise
-    from ..contrastive.contrastive_decoding import ContrastiveDecodingProcessor
-    from ..utils.ngram import distinct_n, rep_n
+    from hf_decoding_ext.bench.quality import continuation_surprise
+    from hf_decoding_ext.contrastive.contrastive_decoding import ContrastiveDecodingProcessor
+    from hf_decoding_ext.core.ngram import distinct_n, rep_n
     if prompts is None:
         prompts = list(OPEN_ENDED_PROMPTS)
     cd = ContrastiveDecodingProcessor.for_model(model, tokenizer, amateur=amateur, alpha=alpha,
@@ -261,7 +261,7 @@ def eval_open_ended(model, tokenizer, prompts: Sequence[str] | None = None, amat
 # ---------------------------------------------------------------------------------------------------- all
 def plot_contrastive(results: dict[str, Any], path: str | Path) -> Path:
     """One panel per evaluation: the headline rate of each method."""
-    from .plot import _plt
+    from hf_decoding_ext.bench.plot import _plt
 
     plt = _plt()
     panels = []
@@ -312,8 +312,8 @@ def run_contrastive_quality(model=None, tokenizer=None, out_dir: str | Path | No
     keeps the other sections of an existing ``<tag>.json``."""
     import json
 
-    from .run import _model_and_tokenizer, write_json
-    from .speed import result_header
+    from hf_decoding_ext.bench.run import _model_and_tokenizer, write_json
+    from hf_decoding_ext.bench.speed import result_header
 
     sections = SECTIONS if sections is None else tuple(sections)
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -351,7 +351,7 @@ def run_contrastive_quality(model=None, tokenizer=None, out_dir: str | Path | No
 def _lol_scorers(model, tokenizer) -> dict:
     """``{"lol": score_fn, "amateur": score_fn}`` when LOL's shipped amateur loads for ``model``, else ``{}``."""
     try:
-        from ..contrastive.lol import LOL, lol_scorer
+        from hf_decoding_ext.contrastive.lol import LOL, lol_scorer
     except ImportError:  # pragma: no cover
         return {}
     try:

@@ -19,24 +19,21 @@ end state).
 
 from __future__ import annotations
 
-import gzip
 import json
 import statistics
 import time
 from collections.abc import Iterable
-from importlib import resources
 
 import torch
 
-from ..structured.grammar import GrammarEngineError, RowMatchers, compile_grammar, eos_ids_of, json_schema
+from hf_decoding_ext.structured.grammar import GrammarEngineError, RowMatchers, compile_grammar, eos_ids_of, json_schema
+from hf_decoding_ext.core.resources import read_jsonl
 
 SYSTEM_PROMPT = "You need to generate a JSON object that matches the schema below."
 
 
 def _read(name: str) -> list[dict]:
-    path = resources.files("hf_decoding_ext") / "data" / "jsonschemabench" / name
-    with path.open("rb") as fh:
-        return [json.loads(line) for line in gzip.decompress(fh.read()).decode().splitlines() if line.strip()]
+    return read_jsonl("jsonschemabench", name)
 
 
 def load_schemas(subsets: Iterable[str] | None = None, limit: int | None = None) -> list[dict]:
@@ -167,7 +164,7 @@ DEMONSTRATIONS = [
 def schema_prompt(tokenizer, schema: dict, device=None, shots: int = 0):
     """The benchmark's prompt, chat-formatted for the default model: the system instruction, ``shots`` (0-2)
     demonstrations as user/assistant turns (:data:`DEMONSTRATIONS`, short instances), then the schema."""
-    from ..models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     if not 0 <= shots <= len(DEMONSTRATIONS):
         raise ValueError(f"shots must be in [0, {len(DEMONSTRATIONS)}]")
@@ -203,7 +200,7 @@ def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 38
 
     Returns ``{"text", "tokens", "seconds", "mask_seconds", "compile_seconds", "complete"}``.
     """
-    from ..structured.constrained import JsonSchemaLogitsProcessor
+    from hf_decoding_ext.structured.constrained import JsonSchemaLogitsProcessor
 
     inputs = schema_prompt(tokenizer, schema, device=model.device, shots=shots)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -310,7 +307,7 @@ def metrics(rows: list[dict]) -> dict:
 
 def plot_jsonschemabench(result: dict, path) -> None:
     """Bar plot: coverage and compliance per subset, and time per output token constrained vs unconstrained."""
-    from .plot import _plt
+    from hf_decoding_ext.bench.plot import _plt
 
     plt = _plt()
     m = result["generation"]["metrics"]

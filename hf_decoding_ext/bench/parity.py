@@ -29,7 +29,7 @@ def greedy_parity(model, gen_kwargs: dict, refs, max_new_tokens: int) -> ParityR
 
     Example:
         >>> refs = [(row, enc, model.generate(**enc, max_new_tokens=32, do_sample=False))]  # doctest: +SKIP
-        >>> greedy_parity(model, method_generate_kwargs("medusa", model=model), refs, 32).mismatches  # doctest: +SKIP
+        >>> greedy_parity(model, generate_kwargs("medusa", model=model), refs, 32).mismatches  # doctest: +SKIP
         []
     """
     loop = gen_kwargs["custom_generate"]
@@ -48,7 +48,7 @@ def greedy_parity(model, gen_kwargs: dict, refs, max_new_tokens: int) -> ParityR
 @torch.inference_mode()
 def greedy_references(model, tokenizer, rows, max_new_tokens: int) -> list[tuple[dict, dict, torch.Tensor]]:
     """``(row, encoded prompt, plain greedy output)`` for every prompt row, the references of :func:`greedy_parity`."""
-    from ..models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     refs = []
     for row in rows:

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
-from importlib.resources import files
+from hf_decoding_ext.core.resources import data_file
 
 CATEGORIES: tuple[str, ...] = (
     "multi_turn_chat",
@@ -33,8 +33,8 @@ CATEGORIES: tuple[str, ...] = (
 )
 """The prompt categories, in the order results and plots list them."""
 
-_FILE = ("data", "prompts", "benchmark.jsonl")
-_DISTILL_FILE = ("data", "prompts", "distill.jsonl")
+_FILE = ("prompts", "benchmark.jsonl")
+_DISTILL_FILE = ("prompts", "distill.jsonl")
 
 
 def _wanted_categories(categories) -> list[str]:
@@ -49,7 +49,7 @@ def _wanted_categories(categories) -> list[str]:
 
 
 def _read_all(file: tuple[str, ...] = _FILE) -> list[dict]:
-    path = files("hf_decoding_ext").joinpath(*file)
+    path = data_file(*file)
     rows = []
     with path.open("r", encoding="utf-8") as f:
         for line in f:

@@ -9,9 +9,9 @@ distribution** (teacher-forced, no logits processors, temperature 1):
 * ``perplexity``: ``2 ** surprise_mean`` over the pooled tokens (the perplexity of the generated text under the
   base model); ``perplexity_mean_per_seq`` averages the per-continuation perplexities;
 * ``rep_n`` (n = 2, 3, 4): the repetition rate ``1 - unique/total`` n-grams within a continuation
-  (:func:`hf_decoding_ext.utils.ngram.rep_n`), averaged over continuations;
+  (:func:`hf_decoding_ext.core.ngram.rep_n`), averaged over continuations;
 * ``distinct_n`` (n = 1, 2, 3): unique over total n-grams pooled over the continuations of the group
-  (:func:`hf_decoding_ext.utils.ngram.distinct_n`);
+  (:func:`hf_decoding_ext.core.ngram.distinct_n`);
 * ``length``: mean continuation length in tokens; ``eos_rate``: fraction of continuations that ended with eos;
 * ``answer_accuracy`` for prompts with a stored answer (``math_reasoning``: the last number in the output equals the
   answer; ``rag_qa``: the answer string occurs in the output, case- and whitespace-insensitively).
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from ..utils.entropy import surprise as _surprise
-from ..utils.ngram import distinct_n, rep_n
-from .speed import (
+from hf_decoding_ext.core.entropy import surprise as _surprise
+from hf_decoding_ext.core.ngram import distinct_n, rep_n
+from hf_decoding_ext.bench.speed import (
     ANCESTRAL_KWARGS,
     GREEDY_KWARGS,
     MethodLike,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..speculative.drafters.base import Draft, Drafter
-from ..speculative.tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.core.tree import DraftTree
 
 
 class RepeatLastTokenDrafter(Drafter):
@@ -12,7 +12,7 @@ class RepeatLastTokenDrafter(Drafter):
     A near-null drafter (the target rarely repeats a token, so about one token per forward): timed through the
     speculative engine it measures what a 2-token verification forward costs against plain greedy decoding, i.e.
     the share of a drafter's speed-up that comes from the engine's forward (kernel layout, see
-    :mod:`hf_decoding_ext.utils.small_batch_linear`) rather than from its drafts.
+    :mod:`hf_decoding_ext.core.kernels`) rather than from its drafts.
     """
 
     def propose(self, state) -> Draft:

@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .prompts import load_prompts
-from .quality import REFERENCES, benchmark_quality
-from .speed import ANCESTRAL_KWARGS, MethodLike, benchmark_speed
+from hf_decoding_ext.bench.prompts import load_prompts
+from hf_decoding_ext.bench.quality import REFERENCES, benchmark_quality
+from hf_decoding_ext.bench.speed import ANCESTRAL_KWARGS, MethodLike, benchmark_speed
 
 DEFAULT_OUT_DIR = "results"
 
@@ -58,7 +58,7 @@ def write_json(results: Mapping[str, Any], path: str | Path) -> Path:
 def _model_and_tokenizer(model, tokenizer):
     """``None`` loads the default model; a string loads that model; a model object is used as is."""
     if model is None or isinstance(model, str):
-        from ..models import load_model
+        from hf_decoding_ext.core.models import load_model
 
         loaded, tok = load_model(model)
         return loaded, tokenizer if tokenizer is not None else tok, model
@@ -181,7 +181,7 @@ def _write(res: dict, out_dir, tag: str, plot: bool, kind: str) -> dict:
         return res
     out = Path(out_dir)
     if plot:
-        from .plot import plot_quality, plot_speed
+        from hf_decoding_ext.bench.plot import plot_quality, plot_speed
 
         png = (plot_speed if kind == "speed" else plot_quality)(res, out / f"{tag}.png")
         res["files"]["plot"] = str(png)
@@ -201,12 +201,12 @@ def family_methods(family: str, model=None, tokenizer=None, params: Mapping[str,
         status: only methods of this status (default: all).
         names: only these methods (unknown names raise ``ValueError``).
 
-    Each factory builds a fresh component with :func:`hf_decoding_ext.api.method_generate_kwargs` before every
+    Each factory builds a fresh component with :func:`hf_decoding_ext.plug.generate_kwargs` before every
     run (components may keep per-run state), or, with ``reuse=True``, builds it once and returns the same kwargs
     every time (drafters whose state is meant to persist across prompts, e.g. Token Recycling's hot start).
     """
-    from ..api import method_generate_kwargs
-    from ..registry import list_methods
+    from hf_decoding_ext.plug import generate_kwargs
+    from hf_decoding_ext.registry import list_methods
 
     params = dict(params or {})
     specs = list_methods(family=family, status=status)
@@ -231,12 +231,12 @@ def family_methods(family: str, model=None, tokenizer=None, params: Mapping[str,
 
         def factory(spec=spec, p=p, built=built):
             if not reuse:
-                return method_generate_kwargs(spec, model, tokenizer, **p)
+                return generate_kwargs(spec, model, tokenizer, **p)
             if "kwargs" not in built:
-                built["kwargs"] = method_generate_kwargs(spec, model, tokenizer, **p)
+                built["kwargs"] = generate_kwargs(spec, model, tokenizer, **p)
             return built["kwargs"]
 
-        factory.__name__ = f"method_generate_kwargs({spec.name!r}{''.join(f', {k}={v!r}' for k, v in p.items())})"
+        factory.__name__ = f"generate_kwargs({spec.name!r}{''.join(f', {k}={v!r}' for k, v in p.items())})"
         out[spec.name] = factory
     return out
 

@@ -29,7 +29,7 @@ Figures per method, per category and overall (:func:`summarise`):
   accelerators).
 
 A *method* is a ``generate()`` kwargs dict (e.g. ``{"prompt_lookup_num_tokens": 10}``, ``{"assistant_model": m}``,
-or the output of :func:`hf_decoding_ext.api.method_generate_kwargs`), a zero-argument callable returning such a
+or the output of :func:`hf_decoding_ext.plug.generate_kwargs`), a zero-argument callable returning such a
 dict (called afresh before each run, outside the timed region: use it for components with per-run state), or the
 name of a registered method (built with its default parameters before each run).
 """
@@ -65,9 +65,9 @@ MethodLike = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | str
 def resolve_method(method: MethodLike, model=None, tokenizer=None) -> dict[str, Any]:
     """Turn a method description (kwargs dict, zero-argument factory or registered name) into ``generate()`` kwargs."""
     if isinstance(method, str):
-        from ..api import method_generate_kwargs
+        from hf_decoding_ext.plug import generate_kwargs
 
-        return dict(method_generate_kwargs(method, model, tokenizer))
+        return dict(generate_kwargs(method, model, tokenizer))
     if callable(method):
         kwargs = method()
         if not isinstance(kwargs, Mapping):
@@ -134,7 +134,7 @@ def encode_prompt(row: Mapping[str, Any], tokenizer=None, device=None) -> dict[s
 
     A row may carry pre-tokenised ``input_ids`` (a list of ints, used as is: handy for tiny test models without a
     tokenizer); otherwise its ``prompt`` (string or message list) goes through
-    :func:`hf_decoding_ext.models.encode_prompts` (chat template when the tokenizer has one).
+    :func:`hf_decoding_ext.core.models.encode_prompts` (chat template when the tokenizer has one).
     """
     if row.get("input_ids") is not None:
         ids = torch.as_tensor(row["input_ids"], dtype=torch.long).reshape(1, -1)
@@ -142,7 +142,7 @@ def encode_prompt(row: Mapping[str, Any], tokenizer=None, device=None) -> dict[s
     else:
         if tokenizer is None:
             raise ValueError(f"prompt {row.get('id')!r} has no 'input_ids' and no tokenizer was given to encode it")
-        from ..models import encode_prompts
+        from hf_decoding_ext.core.models import encode_prompts
 
         e = encode_prompts(tokenizer, row["prompt"])
         enc = {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
@@ -163,7 +163,7 @@ def model_display_name(model, model_name: str | None = None) -> str:
         return model_name
     path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     if "SmolLM2-135M-Instruct" in path:
-        from ..models import DEFAULT_MODEL
+        from hf_decoding_ext.core.models import DEFAULT_MODEL
 
         return DEFAULT_MODEL
     return path or type(model).__name__

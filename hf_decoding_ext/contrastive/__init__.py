@@ -10,16 +10,16 @@ configuration per paper:
 * :class:`~hf_decoding_ext.contrastive.contrastive_decoding.ContrastiveDecodingProcessor` (contrastive decoding
   with an amateur model).
 
-Evaluation helpers and loaders for the shipped data sets are in :mod:`hf_decoding_ext.contrastive.eval`.
+Evaluation helpers and loaders for the shipped data sets are in :mod:`hf_decoding_ext.bench.tasks.contrastive`.
 """
 
-from .cad import ContextAwareDecodingProcessor, cad_scores
-from .cfg import ClassifierFreeGuidanceProcessor, cfg_scores
-from .context import ContrastiveContextProcessor, encode_second_view, pad_left
-from .contrastive_decoding import ContrastiveDecodingProcessor, contrastive_decoding_scores
-from .instructive import InstructiveDecodingProcessor, instructive_scores, noisy_instruction_prompt
-from .leading_query import LeadingQueryContrastiveProcessor, lqcd_scores
-from .speculative_contrastive import SpeculativeContrastiveDecoding, scd_scores
+from hf_decoding_ext.contrastive.cad import ContextAwareDecodingProcessor, cad_scores
+from hf_decoding_ext.contrastive.cfg import ClassifierFreeGuidanceProcessor, cfg_scores
+from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, encode_second_view, pad_left
+from hf_decoding_ext.contrastive.contrastive_decoding import ContrastiveDecodingProcessor, contrastive_decoding_scores
+from hf_decoding_ext.contrastive.instructive import InstructiveDecodingProcessor, instructive_scores, noisy_instruction_prompt
+from hf_decoding_ext.contrastive.leading_query import LeadingQueryContrastiveProcessor, lqcd_scores
+from hf_decoding_ext.contrastive.speculative_contrastive import SpeculativeContrastiveDecoding, scd_scores
 
 __all__ = [
     "ContrastiveContextProcessor",

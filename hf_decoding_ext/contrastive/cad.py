@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
+from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
 
 
 def cad_scores(logits_with_context: torch.Tensor, logits_without_context: torch.Tensor, alpha: float = 0.5):
@@ -43,7 +43,7 @@ class ContextAwareDecodingProcessor(ContrastiveContextProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.cad import ContextAwareDecodingProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> question = "Where is the Eiffel Tower? Answer in one word."

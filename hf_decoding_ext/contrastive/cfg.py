@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
+from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
 
 
 def cfg_scores(cond_log_probs: torch.Tensor, uncond_log_probs: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -62,7 +62,7 @@ class ClassifierFreeGuidanceProcessor(ContrastiveContextProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.cfg import ClassifierFreeGuidanceProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> inputs = encode_prompts(tokenizer, ["Describe a red vintage car in one sentence."])  # doctest: +SKIP

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from ..utils.rows import is_new_prompt
+from hf_decoding_ext.core.rows import is_new_prompt
 
 SPACES = ("logits", "log_probs")
 
@@ -82,7 +82,7 @@ def _as_left_padded(ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int = 0
 
 
 def encode_second_view(tokenizer, prompts, chat: bool | None = None, device=None) -> dict[str, torch.Tensor]:
-    """Tokenise second-view prompts like :func:`~hf_decoding_ext.models.encode_prompts` (chat template, left padding).
+    """Tokenise second-view prompts like :func:`~hf_decoding_ext.core.models.encode_prompts` (chat template, left padding).
 
     ``prompts`` is a string or a list (strings or chat message lists). Returns ``{"input_ids", "attention_mask"}``;
     pass them as ``second_input_ids=`` / ``second_attention_mask=`` to a contrastive processor.
@@ -91,7 +91,7 @@ def encode_second_view(tokenizer, prompts, chat: bool | None = None, device=None
         >>> from hf_decoding_ext.contrastive.context import encode_second_view
         >>> enc = encode_second_view(tokenizer, ["Question only: who wrote Hamlet?"])  # doctest: +SKIP
     """
-    from ..models import encode_prompts
+    from hf_decoding_ext.core.models import encode_prompts
 
     if prompts is None or (isinstance(prompts, (list, tuple)) and len(prompts) == 0):
         raise ValueError("a second-view prompt is required (a string or a non-empty list of prompts)")
@@ -152,7 +152,7 @@ class ContrastiveContextProcessor(LogitsProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, encode_second_view
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> inputs = encode_prompts(tokenizer, ["Context: the sky is green.\nQ: what colour is the sky?"])  # doctest: +SKIP

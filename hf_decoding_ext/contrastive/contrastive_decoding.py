@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .context import ContrastiveContextProcessor, check_strength, model_vocab_size
+from hf_decoding_ext.core.plausibility import plausibility_mask
+from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, check_strength, model_vocab_size
 
 
 def contrastive_decoding_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float = 0.1,
@@ -30,11 +31,7 @@ def contrastive_decoding_scores(expert_logits: torch.Tensor, amateur_logits: tor
         raise ValueError(f"`amateur_temperature` must be > 0, got {amateur_temperature!r}")
     log_exp = torch.log_softmax(expert_logits.float(), dim=-1)
     log_ama = torch.log_softmax(amateur_logits.float() / amateur_temperature, dim=-1)
-    if alpha > 0.0:
-        head = log_exp >= log_exp.max(dim=-1, keepdim=True).values + math.log(alpha)
-    else:
-        head = log_exp > -math.inf
-    return (log_exp - log_ama).masked_fill(~head, -math.inf)
+    return (log_exp - log_ama).masked_fill(~plausibility_mask(expert_logits, alpha), -math.inf)
 
 
 class ContrastiveDecodingProcessor(ContrastiveContextProcessor):
@@ -73,7 +70,7 @@ class ContrastiveDecodingProcessor(ContrastiveContextProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.contrastive_decoding import ContrastiveDecodingProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> inputs = encode_prompts(tokenizer, ["Write a short story about a lighthouse."])  # doctest: +SKIP
@@ -104,10 +101,10 @@ class ContrastiveDecodingProcessor(ContrastiveContextProcessor):
     def for_model(cls, model=None, tokenizer=None, amateur="self:4", alpha: float = 0.1,
                   amateur_temperature: float = 0.5) -> ContrastiveDecodingProcessor:
         """Build for ``model`` (the expert). ``amateur`` is a model object, a model name/path (loaded with
-        :func:`~hf_decoding_ext.models.load_model` on the expert's device and dtype) or ``"self:N"``: the expert's
-        first ``N`` layers with its final norm and head (:func:`~hf_decoding_ext.models.truncated_model`), a weak
+        :func:`~hf_decoding_ext.core.models.load_model` on the expert's device and dtype) or ``"self:N"``: the expert's
+        first ``N`` layers with its final norm and head (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak
         stand-in where no smaller model of the same family is available (the default, ``"self:4"``)."""
-        from ..models import resolve_amateur
+        from hf_decoding_ext.core.models import resolve_amateur
 
         amateur = resolve_amateur(model, amateur)
         if amateur is None:

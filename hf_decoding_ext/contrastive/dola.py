@@ -9,13 +9,13 @@ reference implementation, written as a ``custom_generate`` loop.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from ..generation.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.plausibility import plausibility_mask
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +157,6 @@ def layer_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor,
     raise ValueError(f"unknown divergence {variant!r}; use one of {DIVERGENCES}")
 
 
-def plausibility_mask(final_logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Adaptive plausibility set ``V_head = {x : q_N(x) >= alpha * max_w q_N(w)}`` as a boolean ``(batch, vocab)``
-    mask (the most likely token is always kept; ``alpha = 0`` keeps every token)."""
-    lp = torch.log_softmax(final_logits.float(), dim=-1)
-    top = lp.max(dim=-1, keepdim=True).values
-    if alpha <= 0.0:
-        return torch.ones_like(lp, dtype=torch.bool)
-    return lp >= top + math.log(alpha)
-
 
 def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor, candidate_layers: Sequence[int],
                 alpha: float = 0.1, divergence: str = "js"):
@@ -250,7 +241,7 @@ class DoLa(DecodingLoop):
             caller's processors (for callers, like the CLI, that cannot pass it to ``generate()``).
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.contrastive.dola import DoLa
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> loop = DoLa(dola_layers="high")
@@ -373,11 +364,11 @@ def dola_scorer(model, dola_layers: str | Sequence[int] = "high", alpha: float =
     tokens outside the plausibility head get :data:`RELATIVE_TOP_VALUE` before the log-softmax (the reference code's
     ``relative_top_value = -1000``) instead of ``-inf``. Called with ``first=k`` it scores positions ``k..T-1``
     only (``supports_first``). Use it with
-    :func:`hf_decoding_ext.contrastive.eval.evaluate_multiple_choice`.
+    :func:`hf_decoding_ext.bench.tasks.contrastive.evaluate_multiple_choice`.
 
     Example:
         >>> from hf_decoding_ext.contrastive.dola import dola_scorer
-        >>> from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice, load_factual_mc
+        >>> from hf_decoding_ext.bench.tasks.contrastive import evaluate_multiple_choice, load_factual_mc
         >>> acc = evaluate_multiple_choice(load_factual_mc(), tokenizer, dola_scorer(model))  # doctest: +SKIP
     """
     loop = DoLa(dola_layers=dola_layers, alpha=alpha, final_norm=final_norm, divergence=divergence)

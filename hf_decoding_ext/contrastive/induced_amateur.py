@@ -18,7 +18,7 @@ from ``hf_decoding_ext/data/contrastive/hallucination_train.jsonl`` and is what 
 default.
 
 Example:
-    >>> from hf_decoding_ext.models import load_model
+    >>> from hf_decoding_ext.core.models import load_model
     >>> from hf_decoding_ext.contrastive.induced_amateur import load_induced_amateur
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> amateur = load_induced_amateur(model)  # the shipped checkpoint  # doctest: +SKIP
@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hf_decoding_ext.core.resources import data_file, read_jsonl
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""Base model of the shipped checkpoint (this library's default model, :data:`hf_decoding_ext.models.DEFAULT_MODEL`)."""
+"""Base model of the shipped checkpoint (this library's default model, :data:`hf_decoding_ext.core.models.DEFAULT_MODEL`)."""
 
 ANSWER_INSTRUCTION = "Answer with one word or a short phrase."
 """Appended to each training question in the main prompt template (user turn); the assistant turn is the answer."""
@@ -48,7 +49,7 @@ ANSWER_INSTRUCTION = "Answer with one word or a short phrase."
 PROMPT_TEMPLATES = ("{question}\n" + ANSWER_INSTRUCTION, "Question: {question}\nAnswer:")
 """User-turn templates of the training pairs: every question is used once with each template. The first is the
 short-answer instruction; the second is the question-answering prompt of this library's multiple-choice scoring
-(:func:`hf_decoding_ext.contrastive.eval.mc_prompt`), so that the amateur's untruthfulness does not hinge on one
+(:func:`hf_decoding_ext.bench.tasks.contrastive.mc_prompt`), so that the amateur's untruthfulness does not hinge on one
 phrasing."""
 
 FORMAT = "hf_decoding_ext.induced_amateur"
@@ -61,9 +62,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 def load_hallucination_data() -> list[dict[str, Any]]:
     """The shipped training set: ``{"id", "relation", "subject", "question", "true_answer", "false_answer"}`` items
     (``hf_decoding_ext/data/contrastive/hallucination_train.jsonl``, written for this project)."""
-    resource = importlib.resources.files("hf_decoding_ext") / "data" / "contrastive" / "hallucination_train.jsonl"
-    with resource.open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl("contrastive", "hallucination_train.jsonl")
 
 
 def encode_example(tokenizer, prompt: str, answer: str) -> dict:
@@ -71,7 +70,7 @@ def encode_example(tokenizer, prompt: str, answer: str) -> dict:
 
     With a chat template: the user turn is ``prompt``, the assistant turn ``answer``; the answer tokens are the
     assistant reply and its end-of-turn marker (what the loss is computed on). The reply is tokenised separately
-    from the prompt, as :func:`hf_decoding_ext.contrastive.eval.score_multiple_choice` does with the choices.
+    from the prompt, as :func:`hf_decoding_ext.bench.tasks.contrastive.score_multiple_choice` does with the choices.
     Without a chat template: ``prompt`` (followed by ``"\nAnswer:"`` unless it ends with ``"Answer:"``) and
     ``" " + answer`` followed by the eos token.
     """
@@ -459,7 +458,7 @@ def save_induced_amateur(amateur, path: str | Path, base_model_name: str = DEFAU
 
 def shipped_checkpoint():
     """The packaged checkpoint folder (``hf_decoding_ext/data/induced_amateur``, a Traversable)."""
-    return importlib.resources.files("hf_decoding_ext") / "data" / "induced_amateur"
+    return data_file("induced_amateur")
 
 
 def read_config(path: str | Path | None = None) -> dict[str, Any]:

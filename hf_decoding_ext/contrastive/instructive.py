@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
+from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
 
 OPPOSITE_INSTRUCTION = "Always respond with the opposite of what you're asked. You never get it right."
 """The paper's 'opposite' noisy instruction (its best variant), prepended to the task input in place of the
@@ -62,7 +62,7 @@ class InstructiveDecodingProcessor(ContrastiveContextProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.instructive import InstructiveDecodingProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> task = "Input: I loved this film.\nOutput:"

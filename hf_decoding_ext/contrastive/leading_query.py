@@ -6,15 +6,9 @@ import math
 
 import torch
 
-from .context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
+from hf_decoding_ext.core.plausibility import plausibility_mask
+from hf_decoding_ext.contrastive.context import ContrastiveContextProcessor, check_strength, model_vocab_size, second_view_from_texts
 
-
-def plausibility_mask(logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """Adaptive plausibility constraint: ``True`` where ``p(y) >= beta * max_w p(w)`` (``p = softmax(logits)``)."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    if beta <= 0.0:
-        return torch.ones_like(log_p, dtype=torch.bool)
-    return log_p >= log_p.max(dim=-1, keepdim=True).values + math.log(beta)
 
 
 def lqcd_scores(logits: torch.Tensor, leading_logits: torch.Tensor, alpha: float = 1.0, beta: float = 0.1):
@@ -58,7 +52,7 @@ class LeadingQueryContrastiveProcessor(ContrastiveContextProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.leading_query import LeadingQueryContrastiveProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> q = "What is the capital of France?"

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from ..generation.loop import DecodingLoop, GenerationState
-from .dola import early_exit_logits, final_norm_module, lm_head_module, num_hidden_layers, plausibility_mask
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.contrastive.dola import early_exit_logits, final_norm_module, lm_head_module, num_hidden_layers
+from hf_decoding_ext.core.plausibility import plausibility_mask
 
 DEFAULT_INSTRUCTION = ("Answer truthfully and accurately. Focus on the key facts of the question and do not state "
                        "anything that is not true.\n")
@@ -117,7 +118,7 @@ class LOL(DecodingLoop):
         final_norm: apply each model's final norm before its LM head for the lower-layer early exit.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.contrastive.lol import LOL
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> loop = LOL.for_model(model, tokenizer)  # the shipped induced amateur  # doctest: +SKIP
@@ -161,7 +162,7 @@ class LOL(DecodingLoop):
         built from ``model`` with :func:`~hf_decoding_ext.contrastive.induced_amateur.load_induced_amateur` (a
         ``ValueError`` when ``model`` is not that model); ``"induced:<folder>"`` for another checkpoint saved by
         :func:`~hf_decoding_ext.contrastive.induced_amateur.save_induced_amateur`; a model; or a name/path for
-        :func:`hf_decoding_ext.models.load_model`. ``instruction`` (text, ``None`` or ``""`` for none) is tokenised
+        :func:`hf_decoding_ext.core.models.load_model`. ``instruction`` (text, ``None`` or ``""`` for none) is tokenised
         with ``tokenizer`` (no special tokens).
         """
         if amateur is None:
@@ -171,11 +172,11 @@ class LOL(DecodingLoop):
         if isinstance(amateur, str) and (amateur == "induced" or amateur.startswith("induced:")):
             if model is None:
                 raise ValueError("amateur='induced' builds the amateur from the model: pass the model")
-            from .induced_amateur import load_induced_amateur
+            from hf_decoding_ext.contrastive.induced_amateur import load_induced_amateur
 
             amateur = load_induced_amateur(model, amateur.partition(":")[2] or None)
         elif isinstance(amateur, str):
-            from ..models import load_model
+            from hf_decoding_ext.core.models import load_model
 
             amateur = load_model(amateur)[0]
             if model is not None:
@@ -270,10 +271,10 @@ def lol_scorer(loop: LOL, model):
     :data:`OUTSIDE_HEAD_VALUE` before the log-softmax instead of ``-inf``, so scores stay finite (a token outside the
     set costs about 1000 nats). The caller's logits processors of generation are not applied. At the last position
     the argmax is the first token greedy LOL generates from ``input_ids``. Called with ``first=k`` it returns the rows
-    of positions ``k..T-1`` only (``supports_first``, see :data:`hf_decoding_ext.contrastive.eval.ScoreFn`).
+    of positions ``k..T-1`` only (``supports_first``, see :data:`hf_decoding_ext.bench.tasks.contrastive.ScoreFn`).
 
     Example:
-        >>> from hf_decoding_ext.contrastive.eval import evaluate_multiple_choice, load_factual_mc
+        >>> from hf_decoding_ext.bench.tasks.contrastive import evaluate_multiple_choice, load_factual_mc
         >>> loop = LOL.for_model(model, tokenizer)  # doctest: +SKIP
         >>> acc = evaluate_multiple_choice(load_factual_mc(), tokenizer, lol_scorer(loop, model))  # doctest: +SKIP
     """

@@ -6,10 +6,11 @@ import math
 
 import torch
 
-from ..speculative.acceptance import AcceptanceRule
-from ..speculative.drafters.draft_model import DraftModelDrafter
-from ..speculative.engine import SpeculativeDecoding
-from .context import check_strength, model_vocab_size
+from hf_decoding_ext.speculative.acceptance import AcceptanceRule
+from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+from hf_decoding_ext.speculative.engine import SpeculativeDecoding
+from hf_decoding_ext.core.plausibility import plausibility_mask
+from hf_decoding_ext.contrastive.context import check_strength, model_vocab_size
 
 BONUS_MODES = ("contrastive", "expert")
 
@@ -36,10 +37,7 @@ def scd_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, beta: 
     log_e = torch.log_softmax(expert_logits.float(), dim=-1)
     log_a = torch.log_softmax(amateur_logits.float() / amateur_temperature, dim=-1)
     scores = (1.0 + beta) * log_e - beta * log_a
-    if alpha > 0.0:
-        head = log_e >= log_e.max(dim=-1, keepdim=True).values + math.log(alpha)
-        scores = scores.masked_fill(~head, -math.inf)
-    return scores
+    return scores.masked_fill(~plausibility_mask(expert_logits, alpha), -math.inf)
 
 
 class SpeculativeContrastiveDecoding(SpeculativeDecoding):
@@ -103,7 +101,7 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> from hf_decoding_ext.contrastive.speculative_contrastive import SpeculativeContrastiveDecoding
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> inputs = encode_prompts(tokenizer, ["Write a short story about a lighthouse."])  # doctest: +SKIP
@@ -144,11 +142,11 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
                   num_tokens: int = 4, bonus: str = "contrastive",
                   amateur_temperature: float = 1.0) -> SpeculativeContrastiveDecoding:
         """Build for ``model`` (the expert). ``amateur`` is a model object, a model name/path (loaded with
-        :func:`~hf_decoding_ext.models.load_model` on the expert's device and dtype) or ``"self:N"``: the expert's
-        first ``N`` layers with its final norm and head (:func:`~hf_decoding_ext.models.truncated_model`), a weak
+        :func:`~hf_decoding_ext.core.models.load_model` on the expert's device and dtype) or ``"self:N"``: the expert's
+        first ``N`` layers with its final norm and head (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak
         stand-in where no smaller model of the same family is available. ``tokenizer`` is accepted for the registry's
         uniform signature and not used."""
-        from ..models import resolve_amateur
+        from hf_decoding_ext.core.models import resolve_amateur
 
         amateur = resolve_amateur(model, amateur)
         if amateur is None:

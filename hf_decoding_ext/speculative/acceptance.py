@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .tree import DraftTree
+from hf_decoding_ext.core.tree import DraftTree
 
 ScoresAt = Callable[[int], torch.Tensor]
 

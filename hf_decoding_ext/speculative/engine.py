@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation.loop import DecodingLoop, GenerationState
-from ..utils.small_batch_linear import small_batch_linear as _small_batch_linear
-from .acceptance import AcceptanceRule, resolve_rule
-from .drafters.base import Draft, Drafter, VerifyResult
-from .kv import check_compactable, keep_positions
-from .tree import DraftTree, VerifyBlock, build_verify_inputs
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.kernels import small_batch_linear as _small_batch_linear
+from hf_decoding_ext.speculative.acceptance import AcceptanceRule, resolve_rule
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.kv import check_compactable, keep_positions
+from hf_decoding_ext.core.tree import DraftTree, VerifyBlock, build_verify_inputs
 
 
 @dataclass
@@ -51,7 +51,7 @@ class SpeculativeDecoding(DecodingLoop):
         max_draft_nodes: cap on tree nodes per step (``None``: the drafter's own size).
         seed: seed of the acceptance rule's random draws (``None``: torch's global generator).
         small_batch_linear: run the target's (and the drafter's modules') float32 CPU linear layers with the
-            weight-left kernel layout of :mod:`hf_decoding_ext.utils.small_batch_linear` while decoding, which makes
+            weight-left kernel layout of :mod:`hf_decoding_ext.core.kernels` while decoding, which makes
             a verification forward over a few tokens cheaper than PyTorch's default on MKL CPUs (a kernel choice,
             not part of any method; no effect on GPU or in other dtypes). ``False`` keeps PyTorch's kernels.
 
@@ -71,7 +71,7 @@ class SpeculativeDecoding(DecodingLoop):
     def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
                  max_draft_nodes: int | None = None, seed: int | None = None, small_batch_linear: bool = True):
         if drafter is None:
-            from .drafters.draft_model import DraftModelDrafter
+            from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 
             drafter = DraftModelDrafter()
         if not isinstance(drafter, Drafter):

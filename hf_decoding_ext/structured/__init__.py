@@ -14,14 +14,14 @@
 * :class:`~hf_decoding_ext.structured.lexical_dba.DynamicBeamAllocation`: lexically constrained beam search (DBA).
 """
 
-from . import grammar
-from .awrs import AdaptiveWeightedRejectionSampling
-from .constrained import GrammarConstrainedLogitsProcessor, JsonSchemaLogitsProcessor
-from .exact_extractive import ExactExtractiveDecoding, ExtractiveSpanLogitsProcessor
-from .grammar_aligned import GrammarAlignedSampling
-from .lexical_dba import DynamicBeamAllocation
-from .monitor_guided import MonitorGuidedLogitsProcessor
-from .sketch_guided import SketchGuidedDecoding
+from hf_decoding_ext.structured import grammar
+from hf_decoding_ext.structured.awrs import AdaptiveWeightedRejectionSampling
+from hf_decoding_ext.structured.constrained import GrammarConstrainedLogitsProcessor, JsonSchemaLogitsProcessor
+from hf_decoding_ext.structured.exact_extractive import ExactExtractiveDecoding, ExtractiveSpanLogitsProcessor
+from hf_decoding_ext.structured.grammar_aligned import GrammarAlignedSampling
+from hf_decoding_ext.structured.lexical_dba import DynamicBeamAllocation
+from hf_decoding_ext.structured.monitor_guided import MonitorGuidedLogitsProcessor
+from hf_decoding_ext.structured.sketch_guided import SketchGuidedDecoding
 
 __all__ = ["grammar", "AdaptiveWeightedRejectionSampling", "DynamicBeamAllocation", "ExactExtractiveDecoding", "ExtractiveSpanLogitsProcessor",
            "GrammarAlignedSampling", "GrammarConstrainedLogitsProcessor", "JsonSchemaLogitsProcessor",

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..generation.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 Predicate = Callable[[list, int], bool]
 """``predicate(prefix_token_ids, token_id) -> bool``: may ``token_id`` follow the generated tokens ``prefix``?"""
@@ -267,7 +267,7 @@ class AdaptiveWeightedRejectionSampling(DecodingLoop):
     is the paper's two-run one above. (4) The predicate sees the generated tokens only, not the prompt.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.structured.awrs import AdaptiveWeightedRejectionSampling
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> awrs = AdaptiveWeightedRejectionSampling.for_model(
@@ -321,8 +321,8 @@ class AdaptiveWeightedRejectionSampling(DecodingLoop):
         (:class:`~hf_decoding_ext.structured.grammar.GrammarTokenPredicate`); ``grammar_mask=True`` uses the
         engine's full token mask instead (the fast path when most of the vocabulary is forbidden)."""
         if any(g is not None for g in (grammar, json_schema, regex, lark)):
-            from .constrained import GrammarConstrainedLogitsProcessor
-            from .grammar import GrammarTokenPredicate
+            from hf_decoding_ext.structured.constrained import GrammarConstrainedLogitsProcessor
+            from hf_decoding_ext.structured.grammar import GrammarTokenPredicate
 
             if predicate is not None or mask_fn is not None:
                 raise ValueError("give a grammar or predicate= / mask_fn=, not both")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from ..utils.rows import is_new_prompt
-from .grammar import Grammar, RowMatchers, as_grammar, compile_grammar, eos_ids_of
+from hf_decoding_ext.core.rows import is_new_prompt
+from hf_decoding_ext.structured.grammar import Grammar, RowMatchers, as_grammar, compile_grammar, eos_ids_of
 
 
 class GrammarConstrainedLogitsProcessor(LogitsProcessor):
@@ -46,7 +46,7 @@ class GrammarConstrainedLogitsProcessor(LogitsProcessor):
     :meth:`is_complete`.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.structured import JsonSchemaLogitsProcessor
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -145,7 +145,7 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
 
     def __init__(self, tokenizer, schema: dict | str | bool = True, *, whitespace_flexible: bool = False,
                  lenient: bool = False, eos_token_id=None, vocab_size: int | None = None):
-        from .grammar import json_schema
+        from hf_decoding_ext.structured.grammar import json_schema
 
         super().__init__(tokenizer, json_schema(schema, whitespace_flexible=whitespace_flexible, lenient=lenient),
                          eos_token_id=eos_token_id, vocab_size=vocab_size)

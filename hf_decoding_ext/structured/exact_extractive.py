@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-import importlib.resources
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +23,9 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from ..generation.loop import DecodingLoop, GenerationState
-from ..utils.rows import broadcast_rows
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.rows import broadcast_rows
+from hf_decoding_ext.core.resources import read_jsonl
 
 SEARCHES = ("best_first", "exhaustive")
 """Search strategies of :class:`ExactExtractiveDecoding`."""
@@ -278,7 +277,7 @@ class ExtractiveSpanLogitsProcessor(LogitsProcessor):
     >>> scores = proc(torch.tensor([[1, 9, 6]]), torch.zeros(1, 10))  # after 6: 7 (continues the span) or eos
     >>> torch.isfinite(scores[0]).nonzero().flatten().tolist()
     [2, 7]
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> context = "Marie Curie won the Nobel Prize in Physics in 1903."
     >>> question = "When did Marie Curie win the Nobel Prize?"
@@ -497,7 +496,7 @@ class ExactExtractiveDecoding(DecodingLoop):
     own probability. Greedy only (``do_sample=False``).
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.structured.exact_extractive import ExactExtractiveDecoding
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> context = "Marie Curie won the Nobel Prize in Physics in 1903."
@@ -683,6 +682,4 @@ def qa_prompt(context: str, question: str) -> str:
 def load_extractive_qa() -> list[dict[str, str]]:
     """The shipped extractive-QA passages (``data/extractive_qa.jsonl``, written for this library): dicts with
     ``context``, ``question`` and ``answer`` (a substring of the context)."""
-    path = importlib.resources.files("hf_decoding_ext") / "data" / "extractive_qa.jsonl"
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl("extractive_qa.jsonl")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation.loop import DecodingLoop, GenerationState
-from .grammar import Grammar, RowMatchers, as_grammar, compile_grammar, eos_ids_of
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.structured.grammar import Grammar, RowMatchers, as_grammar, compile_grammar, eos_ids_of
 
 
 @dataclass
@@ -212,7 +212,7 @@ def enumerate_constrained(model, compiled, prompt_ids: torch.Tensor, max_tokens:
 
     Returns ``[(tokens, logp), ...]``; ``tokens`` ends with an eos id.
     """
-    from .grammar import bitmask_to_bool
+    from hf_decoding_ext.structured.grammar import bitmask_to_bool
 
     import llguidance.torch as lt
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..generation.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 Phrase = tuple[int, ...]
 
@@ -203,7 +203,7 @@ class DynamicBeamAllocation(DecodingLoop):
         prefix_space: prepend a space to string phrases that do not start with one before tokenising.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.structured.lexical_dba import DynamicBeamAllocation
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> dba = DynamicBeamAllocation.for_model(model, tokenizer,

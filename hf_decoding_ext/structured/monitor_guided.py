@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from transformers import LogitsProcessor
 
-from ..utils.rows import is_new_prompt
+from hf_decoding_ext.core.rows import is_new_prompt
 
 __all__ = ["find_dereference", "is_identifier_char", "JediMemberResolver", "IdentifierTokenIndex",
            "MonitorGuidedLogitsProcessor"]
@@ -330,7 +330,7 @@ class MonitorGuidedLogitsProcessor(LogitsProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model
+    >>> from hf_decoding_ext.core.models import load_model
     >>> from hf_decoding_ext.structured.monitor_guided import MonitorGuidedLogitsProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> repo = {"inventory/models.py": "class Warehouse:\n    def __init__(self):\n        self.pallet_tally = 0\n"}

@@ -9,7 +9,6 @@ toy set ``data/sketch_cie.jsonl`` (:func:`load_sketch_cie`, :func:`triplet_gramm
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -18,10 +17,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..generation.loop import DecodingLoop, GenerationState
-from ..utils.rows import broadcast_rows
-from .constrained import GrammarConstrainedLogitsProcessor
-from .grammar import Grammar, as_grammar, choices as choices_grammar, compile_grammar, eos_ids_of
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.rows import broadcast_rows
+from hf_decoding_ext.structured.constrained import GrammarConstrainedLogitsProcessor
+from hf_decoding_ext.structured.grammar import Grammar, as_grammar, choices as choices_grammar, compile_grammar, eos_ids_of
+from hf_decoding_ext.core.resources import data_file
 
 DEFAULT_INSTRUCTION = (
     "You are given an input and a draft answer (a sketch) written by another model. The draft may use other names "
@@ -214,7 +214,7 @@ class SketchGuidedDecoding(DecodingLoop):
     search; here greedy search or sampling, as ``generate()`` asks (``num_beams > 1`` is refused).
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
         >>> from hf_decoding_ext.structured.sketch_guided import SketchGuidedDecoding
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> loop = SketchGuidedDecoding.for_model(model, tokenizer, sketch="Apples are a fruit.",
@@ -412,7 +412,7 @@ def triplet_grammar(entities: Sequence[str], relations: Sequence[str], max_tripl
     """Lark grammar of closed information extraction outputs over a fixed inventory, in the paper's markup:
     ``[s] subject [r] relation [o] object [e]``, one to ``max_triplets`` triplets separated by spaces, subjects and
     objects from ``entities``, relations from ``relations``."""
-    from .grammar import lark
+    from hf_decoding_ext.structured.grammar import lark
 
     if not entities or not relations:
         raise ValueError("triplet_grammar needs non-empty entity and relation inventories")
@@ -466,7 +466,7 @@ def load_sketch_cie() -> dict[str, Any]:
     """The shipped closed-IE toy set (``data/sketch_cie.jsonl``, written for this library, sketches hand-written to
     imitate a larger LLM's loose answer): ``{"relations", "entities", "demos", "tests"}``; demos and tests are dicts
     with ``text``, ``sketch`` and ``triplets`` (gold ``[subject, relation, object]`` lists)."""
-    path = importlib.resources.files("hf_decoding_ext") / "data" / "sketch_cie.jsonl"
+    path = data_file("sketch_cie.jsonl")
     out: dict[str, Any] = {"relations": [], "entities": [], "demos": [], "tests": []}
     with path.open(encoding="utf-8") as f:
         for line in f:

@@ -20,29 +20,29 @@ from pathlib import Path
 
 import torch
 
-from .data import DistillData, base_predictions, extract_features, generate_responses, read_responses
-from .trainer import TrainConfig, train_head
+from hf_decoding_ext.training.data import DistillData, base_predictions, extract_features, generate_responses, read_responses
+from hf_decoding_ext.training.trainer import TrainConfig, train_head
 
 
 def head_kinds() -> dict:
     """``kind -> (config class, head class, default TrainConfig overrides)``."""
-    from ..speculative.heads.medusa import MedusaConfig, MedusaHeads
+    from hf_decoding_ext.speculative.heads.medusa import MedusaConfig, MedusaHeads
 
     kinds = {"medusa": (MedusaConfig, MedusaHeads, {"lr": 1e-3, "batch_size": 256})}
     try:
-        from ..speculative.heads.hydra import HydraConfig, HydraHeads
+        from hf_decoding_ext.speculative.heads.hydra import HydraConfig, HydraHeads
 
         kinds["hydra"] = (HydraConfig, HydraHeads, {"lr": 1e-3, "batch_size": 256})
     except ImportError:  # pragma: no cover
         pass
     try:
-        from ..speculative.heads.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
+        from hf_decoding_ext.speculative.heads.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
         kinds["mlp-speculator"] = (MLPSpeculatorConfig, MLPSpeculator, {"lr": 1e-3, "batch_size": 256})
     except ImportError:  # pragma: no cover
         pass
     try:
-        from ..speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
+        from hf_decoding_ext.speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
 
         kinds["eagle"] = (EagleDrafterConfig, EagleDrafterModel, {"lr": 5e-4, "batch_size": 8})
     except ImportError:  # pragma: no cover
@@ -67,8 +67,8 @@ def prepare_data(model, tokenizer, base_name: str, *, prompts: int | None = None
                  batch_size: int = 16, work_dir=None, log=None, progress: bool = True) -> DistillData:
     """Responses and features for the first ``prompts`` distillation prompts of each category (cached under
     ``work_dir``)."""
-    from ..bench.prompts import load_distill_prompts
-    from ..models import cache_dir
+    from hf_decoding_ext.bench.prompts import load_distill_prompts
+    from hf_decoding_ext.core.models import cache_dir
 
     rows = load_distill_prompts(limit=prompts)
     key = hashlib.sha1(json.dumps([base_name, max_new_tokens]).encode()).hexdigest()[:10]
@@ -111,7 +111,7 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
     the head config's (e.g. ``num_heads``); ``save_dtype`` (e.g. ``"float16"``) stores the final weights in that
     dtype (they are cast to the base model's dtype when attached). Returns the trained head.
     """
-    from ..models import DEFAULT_MODEL, load_model
+    from hf_decoding_ext.core.models import DEFAULT_MODEL, load_model
 
     kinds = head_kinds()
     if kind not in kinds:

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..speculative.tree import choices_from_accuracies
-from .data import DistillData
+from hf_decoding_ext.core.tree import choices_from_accuracies
+from hf_decoding_ext.training.data import DistillData
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..tree import DraftTree
+from hf_decoding_ext.core.tree import DraftTree
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Drafter(abc.ABC):
 
     def kernel_modules(self) -> list:
         """Modules the drafter runs on several rows at once (trained heads): the engine gives their linear layers
-        the same CPU kernel layout as the target's (see :mod:`hf_decoding_ext.utils.small_batch_linear`)."""
+        the same CPU kernel layout as the target's (see :mod:`hf_decoding_ext.core.kernels`)."""
         return []
 
     def reset(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .base import Draft, Drafter
-from ..tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.core.tree import DraftTree
 
 
 SELF_ASSISTANT_TOKENS = 3
@@ -78,13 +78,13 @@ class DraftModelDrafter(Drafter):
     def for_model(cls, model=None, tokenizer=None, assistant: str = "self:4", num_tokens: int | None = None,
                   confidence_threshold: float | None = None, schedule: str | None = None) -> "DraftModelDrafter":
         """Registry/CLI factory. ``assistant`` is a model name or path (loaded with
-        :func:`~hf_decoding_ext.models.load_model`, same device and dtype as the target) or ``"self:N"``: the target's
-        first ``N`` layers with its final norm and LM head (:func:`~hf_decoding_ext.models.truncated_model`), a weak
+        :func:`~hf_decoding_ext.core.models.load_model`, same device and dtype as the target) or ``"self:N"``: the target's
+        first ``N`` layers with its final norm and LM head (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak
         untrained drafter for demonstrations where no smaller model of the same family is at hand (the default,
         ``"self:4"``, since the embedded default model has no smaller sibling on this machine). Such an assistant's
         ``generation_config.num_assistant_tokens`` is set to :data:`SELF_ASSISTANT_TOKENS` (3): its confident but
         often wrong early-exit guesses make transformers' default of 20 draft tokens mostly wasted work."""
-        from ...models import load_model, truncated_model
+        from hf_decoding_ext.core.models import load_model, truncated_model
 
         if not isinstance(assistant, str) or not assistant:
             raise ValueError("assistant must be a model name/path or 'self:N'")

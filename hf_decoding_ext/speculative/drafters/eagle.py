@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..heads.eagle import EagleDrafterModel
-from .feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.heads.eagle import EagleDrafterModel
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
 
 
 class EagleDrafter(FeatureHeadDrafter):

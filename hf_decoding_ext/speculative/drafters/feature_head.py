@@ -6,20 +6,20 @@ features of the committed sequence (all but the last, not yet verified token). A
 the feature ``h_j`` of the last verified position ``j`` and the known next token ``x_{j+1}`` (the previous step's
 bonus token, the root of the draft tree): depth ``d`` of the tree holds candidates for ``x_{j+1+d}``. The tree's
 shape is a list of candidate-rank paths (Medusa's "choices"), by default derived from the head's measured
-accuracies (:func:`~hf_decoding_ext.speculative.tree.choices_from_accuracies`), filled depth by depth so that
+accuracies (:func:`~hf_decoding_ext.core.tree.choices_from_accuracies`), filled depth by depth so that
 conditioned heads batch all parents of a depth in one call.
 """
 
 from __future__ import annotations
 
 import abc
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from ..tree import DraftTree, build_choice_tree, choices_from_accuracies, normalize_choices
-from .base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.tree import DraftTree, build_choice_tree, choices_from_accuracies, normalize_choices
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.resources import data_path
 
 SHIPPED = {
     "medusa": "smollm2-135m-instruct-medusa",
@@ -50,7 +50,7 @@ def shipped_head_path(kind: str) -> Path:
     ``"eagle"``)."""
     if kind not in SHIPPED:
         raise ValueError(f"no shipped head of kind {kind!r}; known: {sorted(SHIPPED)}")
-    return Path(str(files("hf_decoding_ext").joinpath("data", "heads", SHIPPED[kind])))
+    return data_path("heads", SHIPPED[kind])
 
 
 def load_head(head, head_class, kind: str, **from_pretrained_kwargs):

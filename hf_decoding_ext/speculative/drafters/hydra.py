@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..heads.hydra import HydraHeads
-from .feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.heads.hydra import HydraHeads
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
 
 
 class HydraDrafter(FeatureHeadDrafter):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Draft, Drafter, VerifyResult
-from ..tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.tree import DraftTree
 
 MODES = ("gs-jacobi", "jacobi")
 

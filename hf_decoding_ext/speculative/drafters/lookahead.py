@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from .base import Draft, Drafter, VerifyResult
-from ..tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.tree import DraftTree
 
 
 def lookahead_pattern(level_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

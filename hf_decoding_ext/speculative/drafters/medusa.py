@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..heads.medusa import MedusaHeads
-from .feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.heads.medusa import MedusaHeads
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
 
 
 class MedusaDrafter(FeatureHeadDrafter):

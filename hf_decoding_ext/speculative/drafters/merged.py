@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Draft, Drafter, VerifyResult
-from ..tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.tree import DraftTree
 
 
 class MergedDrafter(Drafter):

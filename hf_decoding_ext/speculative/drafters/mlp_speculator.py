@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..heads.mlp_speculator import MLPSpeculator
-from ..tree import normalize_choices
-from .feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.heads.mlp_speculator import MLPSpeculator
+from hf_decoding_ext.core.tree import normalize_choices
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
 
 
 class MLPSpeculatorDrafter(FeatureHeadDrafter):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Draft, Drafter, VerifyResult
-from ..tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.core.tree import DraftTree
 
 # The paper's default static tree (template "2.2.2", 80 nodes over 6 levels), written as the number of children of
 # each node, a node being the path of candidate ranks from the root. Child ``i`` of a node holding token ``t`` is

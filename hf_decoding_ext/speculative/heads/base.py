@@ -33,7 +33,7 @@ class DraftHeadConfig(PretrainedConfig):
         draft_vocab_size: rows of the lm_head the head scores (``None``: the full vocabulary).
         base_model_name_or_path: the base (target) model the head was trained for.
         tree_choices: the default draft tree, a list of candidate-rank paths (``[[0], [1], [0, 0], ...]``), derived
-            from the measured per-depth accuracies (:func:`~hf_decoding_ext.speculative.tree.choices_from_accuracies`).
+            from the measured per-depth accuracies (:func:`~hf_decoding_ext.core.tree.choices_from_accuracies`).
         head_accuracies: measured top-k accuracies per depth on held-out data: ``head_accuracies[d][i]`` is the
             probability that the rank-``i`` candidate at depth ``d + 1`` is the target's greedy token given a correct
             prefix.
@@ -166,7 +166,7 @@ class DraftHeadModel(PreTrainedModel):
         """Endless random mini-batches for :meth:`training_loss`. Position heads (the default) train on single
         positions: ``{"hidden": (B, hidden), "tokens": (B, 1 + depth)}`` (see
         :func:`~hf_decoding_ext.training.data.position_examples`)."""
-        from ...training.data import position_examples
+        from hf_decoding_ext.training.data import position_examples
 
         hidden, tokens = position_examples(seqs, self.depth)
         g = torch.Generator().manual_seed(seed)
@@ -178,7 +178,7 @@ class DraftHeadModel(PreTrainedModel):
                 yield {"hidden": hidden[idx].to(self.device), "tokens": tokens[idx].to(self.device)}
 
     def eval_batches(self, seqs, batch_size: int):
-        from ...training.data import position_examples
+        from hf_decoding_ext.training.data import position_examples
 
         hidden, tokens = position_examples(seqs, self.depth)
         for i in range(0, hidden.shape[0], batch_size):

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from .base import DraftHeadConfig, DraftHeadModel, ResBlock
+from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
 
 _LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "rms_norm_eps", "max_position_embeddings", "hidden_act")

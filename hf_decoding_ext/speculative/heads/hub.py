@@ -20,7 +20,7 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 def _resolve_folder(kind_or_path) -> Path:
-    from ..drafters.feature_head import SHIPPED, shipped_head_path
+    from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, shipped_head_path
 
     if str(kind_or_path) in SHIPPED:
         return shipped_head_path(str(kind_or_path))

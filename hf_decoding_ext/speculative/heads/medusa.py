@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DraftHeadConfig, DraftHeadModel, ResBlock
+from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
 
 
 class MedusaConfig(DraftHeadConfig):

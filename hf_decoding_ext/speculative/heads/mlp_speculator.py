@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DraftHeadConfig, DraftHeadModel
+from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel
 
 
 class MLPSpeculatorConfig(DraftHeadConfig):

@@ -111,7 +111,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
-from .eagle import _LAYER_KEYS, EagleDrafterConfig, EagleDrafterModel
+from hf_decoding_ext.speculative.heads.eagle import _LAYER_KEYS, EagleDrafterConfig, EagleDrafterModel
 
 logger = logging.get_logger(__name__)
 

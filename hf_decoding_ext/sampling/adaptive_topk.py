@@ -239,13 +239,13 @@ class AdaptiveTopKLogitsProcessor(LogitsProcessor):
 
     ```python
     >>> import torch
-    >>> from hf_decoding_ext.processors.adaptive_topk import AdaptiveTopKLogitsProcessor
+    >>> from hf_decoding_ext.sampling.adaptive_topk import AdaptiveTopKLogitsProcessor
     >>> scores = torch.log(torch.tensor([[0.80, 0.15, 0.03, 0.02], [0.3, 0.3, 0.2, 0.2]]))
     >>> proc = AdaptiveTopKLogitsProcessor(lam=0.1)
     >>> torch.isfinite(proc(torch.tensor([[0], [0]]), scores)).sum(-1).tolist()  # peaked row: small k
     [2, 4]
 
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> model, tok = load_model()  # doctest: +SKIP
     >>> enc = encode_prompts(tok, ["Tell me a story."])  # doctest: +SKIP
     >>> out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=30,

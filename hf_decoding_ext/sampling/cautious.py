@@ -11,8 +11,8 @@ from typing import Any, Iterable
 
 import torch
 
-from ..generation.loop import DecodingLoop, GenerationState, select_cache
-from ..utils.entropy import entropy
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState, select_cache
+from hf_decoding_ext.core.entropy import entropy
 
 DEFAULT_PUNCTUATION = ".,;:!?\n)]}"
 """Characters that end a trial: the paper's punctuation set (``. , \\n ? ! : ; ) ] }``)."""
@@ -81,8 +81,8 @@ class CautiousNTP(DecodingLoop):
         punctuation_ids: explicit punctuation token ids instead of deriving them from a tokenizer.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
-        >>> from hf_decoding_ext.loops.cautious import CautiousNTP
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.sampling.cautious import CautiousNTP
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> inputs = encode_prompts(tokenizer, "Why is the sky blue?")  # doctest: +SKIP
         >>> out = model.generate(**inputs, custom_generate=CautiousNTP(tokenizer), do_sample=True,

@@ -94,7 +94,7 @@ def load_model(
     The tokenizer is configured for batched decoder-only generation (left padding, a pad token).
 
     Example:
-        >>> from hf_decoding_ext.models import load_model
+        >>> from hf_decoding_ext.core.models import load_model
         >>> model, tokenizer = load_model()  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,7 +145,7 @@ def truncated_model(model, num_layers: int):
     draft-model speculative decoding. Needs a model whose decoder layers are ``model.model.layers`` (Llama-style).
 
     Example:
-        >>> from hf_decoding_ext.models import truncated_model
+        >>> from hf_decoding_ext.core.models import truncated_model
         >>> draft = truncated_model(model, 4)  # doctest: +SKIP
     """
     import copy
@@ -180,7 +180,7 @@ def resolve_amateur(model, amateur, role: str = "amateur"):
     ``role`` names the argument in error messages.
 
     Example:
-        >>> from hf_decoding_ext.models import resolve_amateur
+        >>> from hf_decoding_ext.core.models import resolve_amateur
         >>> small = resolve_amateur(model, "self:4")  # doctest: +SKIP
     """
     if not isinstance(amateur, str):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from hf_decoding_ext.generation.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 
 def ips_scores(probs: torch.Tensor, candidate_hidden: torch.Tensor, response_hidden: torch.Tensor,
@@ -87,8 +87,8 @@ class IsotropicProximalSearch(DecodingLoop):
         eou_token_id: token id(s) that end an utterance in the prompt; default: the generation config's eos ids.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
-        >>> from hf_decoding_ext.loops.ips import IsotropicProximalSearch
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.sampling.ips import IsotropicProximalSearch
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> chat = [{"role": "user", "content": "Hi! Any plans tonight?"},
         ...         {"role": "assistant", "content": "Not yet. Maybe a film."},

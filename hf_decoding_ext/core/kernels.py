@@ -21,7 +21,7 @@ is not patched (its 1-row products do not benefit), so speed ratios of the specu
 
 Example:
     >>> import torch
-    >>> from hf_decoding_ext.utils.small_batch_linear import small_batch_linear
+    >>> from hf_decoding_ext.core.kernels import small_batch_linear
     >>> layer = torch.nn.Linear(8, 4)
     >>> x = torch.randn(3, 8)
     >>> with small_batch_linear(layer):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor
+from hf_decoding_ext.core.ngram_lm import shipped_docstrings
 
 FORMAT_VERSION = "1"
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
@@ -124,8 +123,8 @@ class KNNDatastore:
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model
-    >>> from hf_decoding_ext.processors.knn_lm import KNNDatastore
+    >>> from hf_decoding_ext.core.models import load_model
+    >>> from hf_decoding_ext.sampling.knn_lm import KNNDatastore
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> store = KNNDatastore.build(model, tokenizer, ["Some domain text.", "More text."])  # doctest: +SKIP
     >>> store.save("store.safetensors")  # doctest: +SKIP
@@ -300,7 +299,7 @@ class KNNDatastore:
 
 def default_datastore_path(model) -> Path | None:
     """Cache file of the datastore built from the shipped ``stdlib_docs.jsonl`` for ``model`` (None if unnamed)."""
-    from ..models import cache_dir
+    from hf_decoding_ext.core.models import cache_dir
 
     name = _model_name(model)
     if not name:
@@ -312,9 +311,7 @@ def default_datastore_path(model) -> Path | None:
 
 def stdlib_docs_texts() -> list[str]:
     """The texts of the shipped ``hf_decoding_ext/data/stdlib_docs.jsonl`` corpus."""
-    resource = importlib.resources.files("hf_decoding_ext") / "data" / "stdlib_docs.jsonl"
-    with resource.open("r", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    return shipped_docstrings()
 
 
 class KNNLMLogitsProcessor(LogitsProcessor):
@@ -365,8 +362,8 @@ class KNNLMLogitsProcessor(LogitsProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
-    >>> from hf_decoding_ext.processors.knn_lm import KNNLMLogitsProcessor
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.sampling.knn_lm import KNNLMLogitsProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> inputs = encode_prompts(tokenizer, ["What does json.dumps do?"])  # doctest: +SKIP
     >>> with KNNLMLogitsProcessor.for_model(model, tokenizer) as knn:  # doctest: +SKIP

@@ -5,7 +5,6 @@ Paper: "Towards Better Code Generation: Adaptive Decoding with Uncertainty Guida
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 from pathlib import Path
@@ -14,11 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..generation.loop import DecodingLoop, GenerationState, select_cache
-from ..utils.entropy import entropy
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState, select_cache
+from hf_decoding_ext.core.entropy import entropy
+from hf_decoding_ext.core.resources import data_file
 
 THRESHOLDS_FILE = "adadec_thresholds.json"
-"""Name of the JSON file (under :func:`hf_decoding_ext.models.cache_dir`) holding fitted thresholds per model."""
+"""Name of the JSON file (under :func:`hf_decoding_ext.core.models.cache_dir`) holding fitted thresholds per model."""
 
 
 # --------------------------------------------------------------------------------------------- calibration data
@@ -30,7 +30,7 @@ def calibration_data() -> tuple[list[str], list[str]]:
     of the doctest examples in the shipped stdlib docstrings (``data/stdlib_docs.jsonl``; the ``>>>``/``...`` lines
     with their prompts removed, scored from the second token on).
     """
-    data = importlib.resources.files("hf_decoding_ext") / "data"
+    data = data_file()
     texts, prompts = [], []
     with (data / "python_snippets.jsonl").open(encoding="utf-8") as f:
         for line in f:
@@ -60,7 +60,7 @@ def _model_key(model) -> str:
 def _thresholds_path(path: str | Path | None) -> Path:
     if path is not None:
         return Path(path)
-    from ..models import cache_dir
+    from hf_decoding_ext.core.models import cache_dir
 
     return cache_dir() / THRESHOLDS_FILE
 
@@ -117,8 +117,8 @@ class AdaDec(DecodingLoop):
         lookahead_length: greedy lookahead tokens per candidate, ``L`` (paper: 5).
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
-        >>> from hf_decoding_ext.loops.adadec import AdaDec
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.sampling.adadec import AdaDec
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> loop = AdaDec.for_model(model, tokenizer)  # loads or fits the threshold  # doctest: +SKIP
         >>> inputs = encode_prompts(tokenizer, "Write a Python function that reverses a list.")  # doctest: +SKIP

@@ -87,7 +87,7 @@ class MirostatLogitsProcessor(LogitsProcessor):
 
     ```python
     >>> import torch
-    >>> from hf_decoding_ext.processors.mirostat import MirostatLogitsProcessor
+    >>> from hf_decoding_ext.sampling.mirostat import MirostatLogitsProcessor
     >>> proc = MirostatLogitsProcessor(tau=1.0, version=2)
     >>> scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     >>> out = proc(torch.tensor([[7]]), scores)  # mu = 2 bits: keeps tokens with -log2 p <= 2
@@ -97,7 +97,7 @@ class MirostatLogitsProcessor(LogitsProcessor):
     >>> round(proc.mu.item(), 3)
     1.926
 
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
     >>> model, tok = load_model()  # doctest: +SKIP
     >>> enc = encode_prompts(tok, ["Tell me a story."])  # doctest: +SKIP
     >>> out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=50,
@@ -207,7 +207,7 @@ class MirostatV1LogitsProcessor(MirostatLogitsProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.processors.mirostat import MirostatV1LogitsProcessor
+    >>> from hf_decoding_ext.sampling.mirostat import MirostatV1LogitsProcessor
     >>> MirostatV1LogitsProcessor(tau=3.0).version
     1
 
@@ -228,7 +228,7 @@ class MirostatV2LogitsProcessor(MirostatLogitsProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.processors.mirostat import MirostatV2LogitsProcessor
+    >>> from hf_decoding_ext.sampling.mirostat import MirostatV2LogitsProcessor
     >>> MirostatV2LogitsProcessor(tau=3.0).version
     2
 

@@ -7,7 +7,7 @@
   (length-normalised) log-likelihood under a scoring function (the plain model, or a contrastive scorer).
 
 Example:
-    >>> from hf_decoding_ext.contrastive.eval import load_knowledge_conflict, follows_context
+    >>> from hf_decoding_ext.bench.tasks.contrastive import load_knowledge_conflict, follows_context
     >>> item = load_knowledge_conflict()[0]
     >>> follows_context("It is in Rome.", item), follows_context("Paris, of course.", item)
     (True, False)
@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import re
 import unicodedata
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from hf_decoding_ext.core.resources import read_jsonl
 
 DATA_FILES = ("knowledge_conflict.jsonl", "instructions.jsonl", "factual_mc.jsonl")
 
@@ -32,9 +32,7 @@ def load_jsonl(name: str) -> list[dict[str, Any]]:
     """Read one of :data:`DATA_FILES` from the installed package."""
     if name not in DATA_FILES:
         raise ValueError(f"unknown data file {name!r}; available: {', '.join(DATA_FILES)}")
-    resource = importlib.resources.files("hf_decoding_ext") / "data" / "contrastive" / name
-    with resource.open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl("contrastive", name)
 
 
 def load_knowledge_conflict() -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ vocabulary and is never zero). Tables are stored as sorted 64-bit hashes of the 
 (numpy arrays, saved with safetensors) and looked up with binary search, so a lookup costs a few ``searchsorted``
 calls whatever the size of the corpus.
 
-:meth:`NGramLM.for_tokenizer` builds (once, then loads from :func:`hf_decoding_ext.models.cache_dir`) a model from
+:meth:`NGramLM.for_tokenizer` builds (once, then loads from :func:`hf_decoding_ext.core.models.cache_dir`) a model from
 text the project ships: the docstrings in ``hf_decoding_ext/data/stdlib_docs.jsonl`` plus, by default, docstrings
 collected with :mod:`ast` (nothing is imported or executed) from the installed Python standard library's sources.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.resources
 import json
 import os
 import sysconfig
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hf_decoding_ext.core.resources import data_file, read_jsonl
 
 _FNV_OFFSET = np.uint64(14695981039346656037)
 _FNV_PRIME = np.uint64(1099511628211)
@@ -74,7 +74,7 @@ class NGramLM:
         meta: free-form description (corpus, tokenizer) kept in the saved file.
 
     Example:
-        >>> from hf_decoding_ext.utils.ngram_lm import NGramLM
+        >>> from hf_decoding_ext.core.ngram_lm import NGramLM
         >>> lm = NGramLM.train([[5, 6, 7, 5, 6, 8]], order=3, vocab_size=10)
         >>> round(float(lm.probs([5, 6]).sum()), 6)
         1.0
@@ -192,7 +192,7 @@ class NGramLM:
         key = digest.hexdigest()[:20]
         path = None
         if cache:
-            from hf_decoding_ext.models import cache_dir
+            from hf_decoding_ext.core.models import cache_dir
 
             folder = cache_dir() / "ngram"
             folder.mkdir(parents=True, exist_ok=True)
@@ -277,9 +277,7 @@ class NGramLM:
 # ---------------------------------------------------------------------------------------------------- corpus
 def shipped_docstrings() -> list[str]:
     """The docstrings of ``hf_decoding_ext/data/stdlib_docs.jsonl``."""
-    path = importlib.resources.files("hf_decoding_ext") / "data" / "stdlib_docs.jsonl"
-    with path.open("r", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    return [row["text"] for row in read_jsonl("stdlib_docs.jsonl")]
 
 
 def stdlib_source_docstrings(max_chars: int | None = None, min_chars: int = 40) -> list[str]:
@@ -316,7 +314,7 @@ def _stdlib_files() -> list[Path]:
 
 def _corpus_fingerprint(corpus: str) -> str:
     """Cheap identity of a corpus (content hash of the shipped file, names and sizes of the stdlib sources)."""
-    path = importlib.resources.files("hf_decoding_ext") / "data" / "stdlib_docs.jsonl"
+    path = data_file("stdlib_docs.jsonl")
     parts = [hashlib.sha256(path.read_bytes()).hexdigest()]
     if corpus == "stdlib":
         import sys

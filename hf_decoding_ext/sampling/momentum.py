@@ -79,8 +79,8 @@ class MomentumLogitsProcessor(LogitsProcessor):
     Examples:
 
     ```python
-    >>> from hf_decoding_ext.models import load_model, encode_prompts
-    >>> from hf_decoding_ext.processors.momentum import MomentumLogitsProcessor
+    >>> from hf_decoding_ext.core.models import load_model, encode_prompts
+    >>> from hf_decoding_ext.sampling.momentum import MomentumLogitsProcessor
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> inputs = encode_prompts(tokenizer, ["Write a story about a lighthouse keeper."])  # doctest: +SKIP
     >>> processor = MomentumLogitsProcessor(top_k=5, alpha=0.2, pad_token_id=2)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_decoding_ext.generation.loop import DecodingLoop, GenerationState
-from hf_decoding_ext.utils.ngram_lm import NGramLM
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.ngram_lm import NGramLM
 
 PAPER_NGRAM_WEIGHTS = (0.01, 0.04, 0.15, 0.18, 0.12)
 """Interpolation weights of the bigram ... 6-gram models in the authors' released configurations."""
@@ -68,8 +68,8 @@ class SuperposedDecoding(DecodingLoop):
             or more.
 
     Example:
-        >>> from hf_decoding_ext.models import load_model, encode_prompts
-        >>> from hf_decoding_ext.loops.superposed import SuperposedDecoding
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts
+        >>> from hf_decoding_ext.sampling.superposed import SuperposedDecoding
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> loop = SuperposedDecoding.for_model(model, tokenizer, num_drafts=3)  # doctest: +SKIP
         >>> inputs = encode_prompts(tokenizer, "What does the json module do?")  # doctest: +SKIP

@@ -1,4 +1,4 @@
-"""Turn a registered method into ``generate()`` keyword arguments."""
+"""Plug a registered method into ``generate()``: the method -> ``generate()`` keyword arguments (was ``api.py``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from .registry import MethodSpec, get_method
+from hf_decoding_ext.registry import MethodSpec, get_method
 
 
-def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, **params) -> dict[str, Any]:
+def generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, **params) -> dict[str, Any]:
     """Build the method's component and return the ``generate()`` kwargs that plug it in.
 
     Processors go to ``logits_processor``, stopping criteria to ``stopping_criteria``, decoding loops to
@@ -17,8 +17,8 @@ def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None,
     method's default generation mode. Candidate generators (drafters) are wrapped in the speculative engine.
 
     Example:
-        >>> from hf_decoding_ext.api import method_generate_kwargs
-        >>> kwargs = method_generate_kwargs("mirostat-v2", tau=3.0)  # doctest: +SKIP
+        >>> from hf_decoding_ext import generate_kwargs
+        >>> kwargs = generate_kwargs("mirostat-v2", tau=3.0)  # doctest: +SKIP
         >>> model.generate(**inputs, max_new_tokens=64, **kwargs)  # doctest: +SKIP
     """
     spec = get_method(method) if isinstance(method, str) else method
@@ -29,7 +29,7 @@ def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None,
     elif spec.kind == "stopping_criterion":
         kwargs["stopping_criteria"] = StoppingCriteriaList([component])
     elif spec.kind == "candidate_generator":
-        from .speculative import SpeculativeDecoding
+        from hf_decoding_ext.speculative import SpeculativeDecoding
 
         kwargs["custom_generate"] = SpeculativeDecoding(component)
     else:
@@ -42,3 +42,6 @@ def method_generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None,
         # greedy methods: neutralise sampling defaults a model's generation_config may carry
         kwargs.update(temperature=None, top_k=None, top_p=None)
     return kwargs
+
+
+method_generate_kwargs = generate_kwargs  # the name before the core/family layout; kept for one release

@@ -26,7 +26,7 @@ class DraftTree:
 
     Example:
         >>> import torch
-        >>> from hf_decoding_ext.speculative.tree import DraftTree
+        >>> from hf_decoding_ext.core.tree import DraftTree
         >>> tree = DraftTree(torch.tensor([5, 6, 7]), [-1, -1, 0])  # root -> 5 -> 7, root -> 6
         >>> tree.depth.tolist(), tree.paths()
         ([1, 1, 2], [[0, 2], [1]])

@@ -1,0 +1,1 @@
+"""Per-paper evaluation tasks (data loaders and checkers), kept out of the method modules."""
