@@ -141,6 +141,24 @@ class VerifyBlock:
         return VerifyBlock(torch.cat([self.tokens, tokens.long()]), full, torch.cat([self.depth, depth.long()]))
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 4D additive attention mask ``(batch, 1, query, key)`` of a boolean ``allowed`` pattern.
+
+    ``allowed`` is ``(query, key)`` (one sequence) or ``(batch, query, key)``; allowed entries become 0 and the rest
+    the dtype's most negative value, the form transformers accepts as a custom 4D ``attention_mask`` (tree
+    attention, trie exploration, draft heads).
+
+    Example:
+        >>> import torch
+        >>> additive_mask(torch.tensor([[True, False], [True, True]])).shape
+        torch.Size([1, 1, 2, 2])
+    """
+    if allowed.dim() == 2:
+        allowed = allowed[None]
+    mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
 def build_verify_inputs(committed: torch.Tensor, committed_mask: torch.Tensor, cache_length: int, block: VerifyBlock,
                         dtype: torch.dtype = torch.float32):
     """Inputs of one verification forward for a single sequence.
@@ -167,8 +185,7 @@ def build_verify_inputs(committed: torch.Tensor, committed_mask: torch.Tensor, c
     # block rows: the whole committed prefix, then the block pattern
     allowed[s:, : cache_length + s] = valid[None, :]
     allowed[s:, cache_length + s:] = block.allowed.to(device)
-    mask = torch.zeros(1, 1, s + n, total, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
+    mask = additive_mask(allowed, dtype)
     positions_committed = (committed_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_length:]
     last = positions_committed[0, -1] if s else (committed_mask.long().sum() - 1)
     positions = torch.cat([positions_committed[0], last + block.depth.to(device)])[None]

@@ -25,6 +25,7 @@ from transformers import LogitsProcessor
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rows import broadcast_rows
+from hf_decoding_ext.core.tree import additive_mask
 from hf_decoding_ext.core.resources import read_jsonl
 
 SEARCHES = ("best_first", "exhaustive")
@@ -664,9 +665,7 @@ class ExactExtractiveDecoding(DecodingLoop):
                 positions[b, k] = last[b] + node.depth
                 if node.slots:
                     allowed[b, k, node.slots] = True
-        dtype = state.model.dtype
-        mask = torch.zeros(batch, 1, width, total, dtype=dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        mask = additive_mask(allowed, state.model.dtype)
         out = state.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                           past_key_values=cache, use_cache=True, return_dict=True)
         state.stats["forwards"] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_decoding_ext.core.tree import additive_mask
 from hf_decoding_ext.speculative.heads.eagle import EagleDrafterModel
 from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
 
@@ -66,9 +67,7 @@ class EagleDrafter(FeatureHeadDrafter):
         self.pending.append(features)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        dtype = self.head.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        return additive_mask(allowed, self.head.dtype)
 
     # ------------------------------------------------------------------------------------------------ drafting
     def prepare(self, state, feature, root_token) -> None:

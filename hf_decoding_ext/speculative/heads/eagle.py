@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from hf_decoding_ext.core.tree import additive_mask
 from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
 
 _LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -204,8 +205,7 @@ class EagleDrafterModel(DraftHeadModel):
         t = valid.shape[1]
         allowed = torch.tril(torch.ones(t, t, dtype=torch.bool, device=valid.device))[None] & valid[:, None, :]
         allowed = allowed | torch.eye(t, dtype=torch.bool, device=valid.device)[None]  # padded rows: no NaN
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=valid.device)
-        return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+        return additive_mask(allowed, self.dtype)
 
     def _teacher_forced(self, batch: dict, noise: bool):
         ids, hid, valid = batch["input_ids"], batch["hidden"].to(self.dtype), batch["valid"]
@@ -300,8 +300,7 @@ class EagleDrafterModel(DraftHeadModel):
             cols = torch.arange(width, device=ids.device)
             allowed[:, start:start + width] = cols[None] == anchor[:, None]
         allowed[:, past:] = torch.eye(n, dtype=torch.bool, device=ids.device)
-        mask = torch.zeros(b, 1, n, past + n, dtype=self.dtype, device=ids.device)
-        mask = mask.masked_fill(~(allowed[None, None] & torch.cat(
-            [valid[:, 1:], valid.new_ones(b, past + n - true_len)], 1)[:, None, None, :]), torch.finfo(self.dtype).min)
+        keys_valid = torch.cat([valid[:, 1:], valid.new_ones(b, past + n - true_len)], 1)
+        mask = additive_mask(allowed[None] & keys_valid[:, None, :], self.dtype)
         self._blocks.append((past, n))
         return self(feats, toks, pos, mask, cache=cache)
