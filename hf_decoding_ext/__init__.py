@@ -28,6 +28,7 @@ _FACE = {
     "METHODS": "hf_decoding_ext.registry",
     "MethodSpec": "hf_decoding_ext.registry",
     "get_method": "hf_decoding_ext.registry",
+    "find_methods": "hf_decoding_ext.registry",
     "list_methods": "hf_decoding_ext.registry",
     "DecodingLoop": "hf_decoding_ext.core.loop",
     "GenerationState": "hf_decoding_ext.core.loop",

@@ -2,7 +2,8 @@
 
 ``hf_decoding_ext.processors.mirostat``, ``hf_decoding_ext.loops.cautious``, ``hf_decoding_ext.generation.loop``,
 ``hf_decoding_ext.utils.*``, ``hf_decoding_ext.models``, ``hf_decoding_ext.api``, ``hf_decoding_ext.speculative.tree``,
-``hf_decoding_ext.speculative.kv`` and ``hf_decoding_ext.contrastive.eval`` still import: a meta-path finder maps
+``hf_decoding_ext.speculative.kv``, ``hf_decoding_ext.contrastive.eval`` and ``hf_decoding_ext.structured.constrained``
+still import: a meta-path finder maps
 each old name to the module that now holds the code (the same module object, so classes compare equal) and emits a
 ``DeprecationWarning``. This file goes in the next release; new code imports the new paths.
 """
@@ -39,6 +40,7 @@ MOVED = {
     "hf_decoding_ext.loops.superposed": "hf_decoding_ext.sampling.superposed",
     "hf_decoding_ext.loops.ips": "hf_decoding_ext.sampling.ips",
     "hf_decoding_ext.contrastive.eval": "hf_decoding_ext.bench.tasks.contrastive",
+    "hf_decoding_ext.structured.constrained": "hf_decoding_ext.structured.json_schema",
 }
 
 

@@ -3,9 +3,12 @@
 Examples::
 
     hf-decoding-ext list
+    hf-decoding-ext list --search grammar-aligned
     hf-decoding-ext generate --method mirostat-v2 --param tau=3.0 --prompt "Tell me about the sea."
+    hf-decoding-ext generate --method GAD --param grammar="(apple|banana)" --prompt "Name a fruit."
     hf-decoding-ext bench --family sampling --per-category 5
     hf-decoding-ext train medusa --base smollm2-135m-instruct --out heads/medusa --steps 2000 --log train.log
+    hf-decoding-ext train eagle --recipe shipped --out heads/eagle
     hf-decoding-ext publish eagle --repo-id <user>/smollm2-135m-instruct-eagle-fspad
 """
 
@@ -14,7 +17,8 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Callable
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -32,9 +36,14 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _cmd_list(args) -> int:
-    from hf_decoding_ext.registry import format_table, list_methods, markdown_table
+    from hf_decoding_ext.registry import find_methods, format_table, list_methods, markdown_table
 
     methods = list_methods(family=args.family)
+    if args.search is not None:
+        methods = find_methods(args.search, methods)
+        if not methods:
+            print(f"no method matches {args.search!r}", file=sys.stderr)
+            return 1
     print(markdown_table(methods) if args.markdown else format_table(methods))
     return 0
 
@@ -43,18 +52,20 @@ def _cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from hf_decoding_ext.plug import generate_kwargs
+    from hf_decoding_ext.plug import engine_options, generate_kwargs
     from hf_decoding_ext.core.models import encode_prompts, load_model
     from hf_decoding_ext.registry import get_method
 
-    spec = get_method(args.method)  # clear error listing valid methods
+    spec = get_method(args.method)  # a name or an alias; clear error listing valid methods
     params = parse_params(args.param)
     unknown = sorted(set(params) - set(spec.parameters()))
     if unknown:  # fail before loading the model
         raise ValueError(f"Unknown parameter(s) {unknown} for method {spec.name!r}; "
                          f"valid parameters: {spec.parameters() or 'none'}")
+    engine = parse_params(args.engine)
+    engine_options(spec, engine)  # fail before loading the model
     model, tokenizer = load_model(args.model, device=args.device)
-    gen_kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, **params)
+    gen_kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, engine=engine, **params)
     if args.sample is not None:
         gen_kwargs["do_sample"] = args.sample
     if args.temperature is not None:
@@ -94,7 +105,8 @@ def _cmd_train(args) -> int:
     head = run_training(args.kind, base=args.base, out=args.out, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
                         draft_vocab_size=args.draft_vocab_size or None, work_dir=args.work_dir, log_file=args.log,
-                        head_options=parse_params(args.head_param), save_dtype=args.save_dtype, **train_options)
+                        head_options=parse_params(args.head_param), save_dtype=args.save_dtype, recipe=args.recipe,
+                        **train_options)
     print(f"saved {type(head).__name__} to {args.out}; held-out top-1 per depth: "
           f"{head.config.training.get('heldout_top1')}")
     return 0
@@ -108,18 +120,77 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+class LazyChoices(Sequence):
+    """Argument choices read from ``source`` (a ``"module:attribute"`` holding a collection or a function returning
+    one) when first needed, so that building the parser imports neither the heads nor torch."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def _items(self) -> list:
+        from hf_decoding_ext.registry import import_target
+
+        value = import_target(self.source)
+        return list(value() if callable(value) else value)
+
+    def __getitem__(self, i):
+        return self._items()[i]
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __contains__(self, item) -> bool:
+        return item in self._items()
+
+
+HEAD_KINDS = LazyChoices("hf_decoding_ext.speculative.heads:head_classes")
+"""The head kinds the ``train`` command accepts: those declared by the head classes."""
+
+
+def head_kinds_help() -> str:
+    """The ``train`` command's table of head kinds, read from the head classes' declarations."""
+    from hf_decoding_ext.speculative.heads import head_classes
+
+    def opts(d: dict) -> str:
+        return " ".join(f"{k}={v}" for k, v in d.items()) or "-"
+
+    lines = ["head kinds (declared by the head classes):"]
+    for kind, cls in head_classes().items():
+        lines.append(f"  {kind}: {cls.display_name} ({cls.__module__}.{cls.__name__}), method {cls.method}")
+        lines.append(f"      defaults: {opts(cls.training_defaults)}")
+        if cls.shipped_name:
+            lines.append(f"      --recipe shipped ({cls.shipped_name}): {opts(cls.shipped_recipe)}")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose help may end with text computed when the help is printed (``lazy_epilog``)."""
+
+    def __init__(self, *args, lazy_epilog: Callable[[], str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_epilog = lazy_epilog
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        return text + "\n" + self.lazy_epilog() + "\n" if self.lazy_epilog else text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-decoding-ext", description=__doc__.split("\n")[0])
+    p = _Parser(prog="hf-decoding-ext", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     pl = sub.add_parser("list", help="print the registry of methods")
     pl.add_argument("--family", help="only this family")
+    pl.add_argument("--search", metavar="TEXT", default=None,
+                    help="only the methods matching TEXT (name, alias, title words or arXiv id), best first")
     pl.add_argument("--markdown", action="store_true", help="Markdown table (docs)")
     pl.set_defaults(func=_cmd_list)
 
     pg = sub.add_parser("generate", help="generate with a registered method")
-    pg.add_argument("--method", required=True, help="registered method name (see `list`)")
+    pg.add_argument("--method", required=True, help="registered method name or alias (see `list`)")
     pg.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    pg.add_argument("--engine", action="append", metavar="KEY=VALUE",
+                    help="speculative-engine option for drafters, e.g. acceptance=typical (repeatable)")
     pg.add_argument("--prompt", required=True)
     pg.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct)")
     pg.add_argument("--device", default=None)
@@ -141,8 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--out", default="results")
     pb.set_defaults(func=_cmd_bench)
 
-    pt = sub.add_parser("train", help="self-distil and train a draft head (medusa, hydra, mlp-speculator, eagle)")
-    pt.add_argument("kind", help="head kind")
+    pt = sub.add_parser("train", help="self-distil and train a draft head (kinds: `train --help`)",
+                        lazy_epilog=head_kinds_help)
+    pt.add_argument("kind", metavar="KIND", choices=HEAD_KINDS, help="head kind: %(choices)s")
+    pt.add_argument("--recipe", metavar="RECIPE", choices=LazyChoices("hf_decoding_ext.speculative.heads:RECIPES"),
+                    default="defaults", help="%(choices)s: start from the kind's training defaults, or from the "
+                    "options its shipped checkpoint was trained with; the options below override either")
     pt.add_argument("--base", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
     pt.add_argument("--out", required=True, help="output folder of the trained head")
     pt.add_argument("--prompts", type=int, default=None, help="distillation prompts per category (default: all 200)")
@@ -161,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=_cmd_train)
 
     pp = sub.add_parser("publish", help="upload a trained head (shipped kind or folder) to the Hugging Face Hub")
-    pp.add_argument("head", help="medusa | hydra | mlp-speculator | eagle, or a checkpoint folder")
+    pp.add_argument("head", help="a shipped head kind (see `train --help`) or a checkpoint folder")
     pp.add_argument("--repo-id", required=True, help="user/name on the Hub")
     pp.add_argument("--private", action="store_true")
     pp.add_argument("--dry-run", action="store_true", help="list the files without uploading")
@@ -171,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors (status 2, message printed) and --help (status 0)
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as err:

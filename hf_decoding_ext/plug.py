@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -9,12 +10,40 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from hf_decoding_ext.registry import MethodSpec, get_method
 
 
-def generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, **params) -> dict[str, Any]:
+def engine_options(spec: MethodSpec, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The speculative engine's options for ``spec``: the registered ``spec.engine`` updated by ``engine``, checked
+    against :class:`~hf_decoding_ext.speculative.SpeculativeDecoding`'s parameters (``ValueError`` naming an
+    unknown option, or options given for a method that is not a candidate generator)."""
+    options = {**spec.engine, **(engine or {})}
+    if not options:
+        return options
+    if spec.kind != "candidate_generator":
+        raise ValueError(f"engine options {sorted(options)} apply only to candidate generators; {spec.name!r} is "
+                         f"a {spec.kind}")
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+
+    valid = [p for p in inspect.signature(SpeculativeDecoding).parameters if p != "drafter"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown engine option(s) {unknown} for method {spec.name!r}; valid options: {valid}")
+    return options
+
+
+def generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, *, engine: dict[str, Any] | None = None,
+                    **params) -> dict[str, Any]:
     """Build the method's component and return the ``generate()`` kwargs that plug it in.
 
     Processors go to ``logits_processor``, stopping criteria to ``stopping_criteria``, decoding loops to
     ``custom_generate`` and candidate generators to ``custom_generate`` through their own loop; ``do_sample`` is the
-    method's default generation mode. Candidate generators (drafters) are wrapped in the speculative engine.
+    method's default generation mode. Candidate generators (drafters) are wrapped in the speculative engine,
+    ``SpeculativeDecoding(drafter, **options)`` with the method's registered engine options (``spec.engine``)
+    updated by ``engine`` (e.g. ``engine={"acceptance": "typical"}``).
+
+    Args:
+        method: a registered name or alias, or a :class:`~hf_decoding_ext.registry.MethodSpec`.
+        model, tokenizer: passed to the component's factory when it takes them.
+        engine: speculative-engine options overriding the registered ones (candidate generators only).
+        params: the component's parameters (see ``spec.parameters()``).
 
     Example:
         >>> from hf_decoding_ext import generate_kwargs
@@ -22,6 +51,7 @@ def generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, **para
         >>> model.generate(**inputs, max_new_tokens=64, **kwargs)  # doctest: +SKIP
     """
     spec = get_method(method) if isinstance(method, str) else method
+    options = engine_options(spec, engine)
     component = spec.build(model=model, tokenizer=tokenizer, **params)
     kwargs: dict[str, Any] = {"do_sample": spec.do_sample}
     if spec.kind == "processor":
@@ -31,7 +61,7 @@ def generate_kwargs(method: str | MethodSpec, model=None, tokenizer=None, **para
     elif spec.kind == "candidate_generator":
         from hf_decoding_ext.speculative import SpeculativeDecoding
 
-        kwargs["custom_generate"] = SpeculativeDecoding(component)
+        kwargs["custom_generate"] = SpeculativeDecoding(component, **options)
     else:
         kwargs["custom_generate"] = component
     if spec.do_sample:

@@ -4,17 +4,41 @@ Every method the library ships is listed here once, with its paper, family, comp
 (``hf-decoding-ext list`` / ``generate``), the docs table (``python -m hf_decoding_ext.registry --markdown``) and the
 parametrised tests all read this list. A method is ``done`` only when a test shows the paper's core property on the
 real default model.
+
+A method is found by its name or one of its aliases (paper acronyms and alternative names, case-insensitive:
+``get_method("GAD")`` is ``asap``) or searched for with :func:`find_methods` (name, aliases, title words, arXiv id).
+Names and aliases are unique across the registry (checked at import and by :func:`register`).
+
+Naming rule (checked by the tests, :func:`naming_problems`): a method's component lives in its family's folder
+(:data:`FAMILY_FOLDERS`), and its module file and class are named after the method's name or one of its aliases,
+compared after :func:`normalise_identifier` and with the class suffixes of :data:`CLASS_SUFFIXES` removed.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 KINDS = ("processor", "stopping_criterion", "candidate_generator", "decoding_loop")
 STATUSES = ("done", "experimental")
+
+FAMILY_FOLDERS = {
+    "sampling": "sampling",
+    "speculative": "speculative",
+    "trained-heads": "speculative",  # trained draft heads (speculative/heads/) and their drafters
+    "contrastive": "contrastive",
+    "structured": "structured",
+    "search": "search",
+    "collaboration": "collaboration",
+}
+"""Family -> folder of ``hf_decoding_ext`` that holds its methods' modules."""
+
+CLASS_SUFFIXES = ("LogitsProcessor", "Processor", "StoppingCriteria", "Drafter", "Decoding", "Sampling", "Search",
+                  "Generation")
+"""Suffixes a component class may add to its method's name (``MomentumLogitsProcessor`` for ``momentum``)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +60,12 @@ class MethodSpec:
         summary: one line describing the method.
         example: parameters for a demonstration run with the prompt "Name a fruit." (the CLI test and docs), for
             methods that need per-prompt inputs such as a second-view prompt; empty when none are needed.
+        aliases: other names of the method: the paper's acronym and alternative names (``("GAD",
+            "grammar-aligned decoding")`` for ``asap``); :func:`get_method` resolves them, :func:`find_methods`
+            searches them.
+        engine: options of the speculative engine for candidate generators, passed by
+            :func:`~hf_decoding_ext.plug.generate_kwargs` as ``SpeculativeDecoding(drafter, **engine)`` (e.g.
+            ``{"acceptance": "typical"}``); empty for the other kinds.
     """
 
     name: str
@@ -51,17 +81,30 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     example: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.status not in STATUSES:
             raise ValueError(f"{self.name}: status must be one of {STATUSES}, got {self.status!r}")
+        if isinstance(self.aliases, str) or not all(isinstance(a, str) and normalise_identifier(a)
+                                                    for a in self.aliases):
+            raise ValueError(f"{self.name}: aliases must be a tuple of non-empty names, got {self.aliases!r}")
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        if self.engine and self.kind != "candidate_generator":
+            raise ValueError(f"{self.name}: engine options {self.engine!r} apply only to candidate generators, "
+                             f"not to a {self.kind}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name then the aliases."""
+        return (self.name, *self.aliases)
 
     def load(self):
         """Import and return the component class (or factory)."""
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return import_target(self.target)
 
     def factory(self):
         """The callable that builds the component: ``Class.for_model`` when defined, else the class."""
@@ -93,6 +136,75 @@ class MethodSpec:
         return fac(**kwargs)
 
 
+def import_target(target: str):
+    """Import and return the object named by ``"package.module:attribute"``.
+
+    Example:
+        >>> import_target("hf_decoding_ext.registry:KINDS")[0]
+        'processor'
+    """
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise ValueError(f"target must look like 'package.module:attribute', got {target!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+_FILLER_WORDS = frozenset({"and", "of", "the", "for", "via", "with"})
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+
+
+def normalise_identifier(text: str) -> str:
+    """The key under which names, aliases, module files and classes are compared: the words of ``text`` (split at
+    ``-``, ``_``, spaces, punctuation and camelCase humps), lowercased, without the filler words "and", "of",
+    "the", "for", "via", "with", joined.
+
+    Example:
+        >>> normalise_identifier("grammar-aligned decoding"), normalise_identifier("GrammarAlignedDecoding")
+        ('grammaraligneddecoding', 'grammaraligneddecoding')
+        >>> normalise_identifier("Isotropic and Proximal Search"), normalise_identifier("kNN-LM")
+        ('isotropicproximalsearch', 'knnlm')
+    """
+    return "".join(w.lower() for w in _WORD.findall(text) if w.lower() not in _FILLER_WORDS)
+
+
+def _stems(identifier: str) -> set[str]:
+    """``identifier`` normalised, and again with each trailing suffix of :data:`CLASS_SUFFIXES` removed in turn."""
+    out = {normalise_identifier(identifier)}
+    suffixes = [normalise_identifier(s) for s in CLASS_SUFFIXES]
+    todo = list(out)
+    while todo:
+        key = todo.pop()
+        for suf in suffixes:
+            if key.endswith(suf) and len(key) > len(suf) and key[: -len(suf)] not in out:
+                out.add(key[: -len(suf)])
+                todo.append(key[: -len(suf)])
+    return out
+
+
+def check_unique(methods: Iterable[MethodSpec]) -> None:
+    """Raise a ``ValueError`` when two names or aliases of ``methods`` share a key (:func:`normalise_identifier`:
+    case, separators and filler words ignored), within one method or across methods.
+
+    Example:
+        >>> a = MethodSpec(name="a", title="A", arxiv="1", family="sampling", kind="processor", target="m:A",
+        ...                lossless=False, needs_training=False, status="done", aliases=("XY",))
+        >>> b = MethodSpec(name="x-y", title="B", arxiv="2", family="sampling", kind="processor", target="m:B",
+        ...                lossless=False, needs_training=False, status="done")
+        >>> check_unique([a, b])
+        Traceback (most recent call last):
+        ...
+        ValueError: 'x-y' (method 'x-y') clashes with 'XY' (method 'a')
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for m in methods:
+        for label in m.names:
+            key = normalise_identifier(label)
+            if key in seen:
+                other, owner = seen[key]
+                raise ValueError(f"{label!r} (method {m.name!r}) clashes with {other!r} (method {owner!r})")
+            seen[key] = (label, m.name)
+
+
 def _m(**kw) -> MethodSpec:
     return MethodSpec(**kw)
 
@@ -100,64 +212,76 @@ def _m(**kw) -> MethodSpec:
 # fmt: off
 METHODS: list[MethodSpec] = [
     # ---------------------------------------------------------------------------------------------- sampling
-    _m(name="mirostat-v1", title="Mirostat: A Neural Text Decoding Algorithm that Directly Controls Perplexity",
+    _m(name="mirostat-v1", aliases=("mirostat", "mirostat-1"),
+       title="Mirostat: A Neural Text Decoding Algorithm that Directly Controls Perplexity",
        arxiv="2007.14966", family="sampling", kind="processor",
        target="hf_decoding_ext.sampling.mirostat:MirostatV1LogitsProcessor", lossless=False, needs_training=False,
        status="done", do_sample=True, defaults={"tau": 3.0, "eta": 0.1},
        summary="Zipf-estimated top-k with a feedback loop keeping the observed surprise at tau bits"),
-    _m(name="mirostat-v2", title="Mirostat: A Neural Text Decoding Algorithm that Directly Controls Perplexity",
+    _m(name="mirostat-v2", aliases=("mirostat-2", "mirostat 2.0"),
+       title="Mirostat: A Neural Text Decoding Algorithm that Directly Controls Perplexity",
        arxiv="2007.14966", family="sampling", kind="processor",
        target="hf_decoding_ext.sampling.mirostat:MirostatV2LogitsProcessor", lossless=False, needs_training=False,
        status="done", do_sample=True, defaults={"tau": 3.0, "eta": 0.1},
        summary="keep tokens with surprise <= mu; mu adapts so the observed surprise converges to tau bits"),
-    _m(name="adaptive-top-k", title="Foundations of Top-k Decoding For Language Models", arxiv="2505.19371",
+    _m(name="adaptive-top-k", aliases=("Bregman decoding", "Bregman top-k"),
+       title="Foundations of Top-k Decoding For Language Models", arxiv="2505.19371",
        family="sampling", kind="processor",
        target="hf_decoding_ext.sampling.adaptive_topk:AdaptiveTopKLogitsProcessor", lossless=False,
        needs_training=False, status="done", do_sample=True, defaults={"lam": 0.01},
        summary="l0-penalised Bregman decoder: per-step k by binary search on a convex objective; KL = top-k"),
-    _m(name="momentum", title="Momentum Decoding: Open-ended Text Generation As Graph Exploration",
+    _m(name="momentum", aliases=("momentum decoding",),
+       title="Momentum Decoding: Open-ended Text Generation As Graph Exploration",
        arxiv="2212.02175", family="sampling", kind="processor",
        target="hf_decoding_ext.sampling.momentum:MomentumLogitsProcessor", lossless=False, needs_training=False,
        status="done", do_sample=False,
        defaults={"top_k": 5, "alpha": 0.2, "resistance": "linear", "ngram_size": 5},
        summary="greedy over the top-k minus alpha*R(depth) for candidates that would close a loop in the n-gram graph"),
-    _m(name="knn-lm", title="KNN-LM Does Not Improve Open-ended Text Generation", arxiv="2305.14625",
+    _m(name="knn-lm", aliases=("kNN language model", "nearest-neighbour language model"),
+       title="KNN-LM Does Not Improve Open-ended Text Generation", arxiv="2305.14625",
        family="sampling", kind="processor", target="hf_decoding_ext.sampling.knn_lm:KNNLMLogitsProcessor",
        lossless=False, needs_training=False, status="done", do_sample=False,
        defaults={"lmbda": 0.25, "k": 1024, "temperature": 1.0},
        summary="kNN-LM (Khandelwal et al. 2020): mix the LM with a kNN distribution over a hidden-state datastore"),
-    _m(name="adadec", title="Towards Better Code Generation: Adaptive Decoding with Uncertainty Guidance",
+    _m(name="adadec", aliases=("uncertainty-guided adaptive decoding",),
+       title="Towards Better Code Generation: Adaptive Decoding with Uncertainty Guidance",
        arxiv="2506.08980", family="sampling", kind="decoding_loop", target="hf_decoding_ext.sampling.adadec:AdaDec",
        lossless=False, needs_training=True, status="done", do_sample=False,
        summary="greedy that pauses when entropy exceeds a fitted per-model threshold and reranks top-k by lookahead"),
-    _m(name="cautious-ntp", title="Cautious Next Token Prediction", arxiv="2507.03038", family="sampling",
+    _m(name="cautious-ntp", aliases=("CNTP", "cautious next token prediction"),
+       title="Cautious Next Token Prediction", arxiv="2507.03038", family="sampling",
        kind="decoding_loop", target="hf_decoding_ext.sampling.cautious:CautiousNTP", lossless=False,
        needs_training=False, status="done", do_sample=True,
        summary="at uncertain steps sample 1-10 trials up to punctuation and keep the lowest-perplexity one"),
-    _m(name="superposed", title="Superposed Decoding: Multiple Generations from a Single Autoregressive Inference Pass",
+    _m(name="superposed", aliases=("SPD", "superposed decoding"),
+       title="Superposed Decoding: Multiple Generations from a Single Autoregressive Inference Pass",
        arxiv="2405.18400", family="sampling", kind="decoding_loop",
        target="hf_decoding_ext.sampling.superposed:SuperposedDecoding", lossless=False, needs_training=False,
        status="done", do_sample=False,
        summary="k drafts from one pass: superposed draft embeddings as input, n-gram-interpolated pruning to top k"),
-    _m(name="ips", title="Fine-grained Conversational Decoding via Isotropic and Proximal Search",
+    _m(name="ips", aliases=("isotropic and proximal search",),
+       title="Fine-grained Conversational Decoding via Isotropic and Proximal Search",
        arxiv="2310.08130", family="sampling", kind="decoding_loop",
        target="hf_decoding_ext.sampling.ips:IsotropicProximalSearch", lossless=False, needs_training=False,
        status="done", do_sample=False,
        summary="dialogue decoding: confidence + proximity of response tokens - similarity to context utterances"),
     # ------------------------------------------------------------------------------------------- speculative
     # (issue 3 in progress: lossless tests pass; speed benchmark pending, hence "experimental")
-    _m(name="prompt-lookup", title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
+    _m(name="prompt-lookup", aliases=("PLD", "prompt lookup decoding"),
+       title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.prompt_lookup:PromptLookupDrafter", lossless=True,
        needs_training=False, status="done",
        summary="n-gram lookup in the prompt and output so far (prompt lookup decoding), verified by the engine"),
-    _m(name="token-recycling", title="Turning Trash into Treasure: Accelerating Inference of Large Language Models "
+    _m(name="token-recycling", aliases=("TR",),
+       title="Turning Trash into Treasure: Accelerating Inference of Large Language Models "
        "with Token Recycling", arxiv="2408.08696", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.token_recycling:TokenRecyclingDrafter", lossless=True,
        needs_training=False, status="done",
        summary="adjacency matrix of recycled top-k candidates, static draft tree (the paper's 80 nodes; its 16 "
                "most-accepted nodes on CPU)"),
-    _m(name="lookahead", title="Break the Sequential Dependency of LLM Inference Using Lookahead Decoding",
+    _m(name="lookahead", aliases=("lookahead decoding", "LADE"),
+       title="Break the Sequential Dependency of LLM Inference Using Lookahead Decoding",
        arxiv="2402.02057", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.lookahead:LookaheadDrafter", lossless=True,
        needs_training=False, status="done",
@@ -165,86 +289,101 @@ METHODS: list[MethodSpec] = [
        summary="2D Jacobi lookahead window collects n-grams; matching n-grams verified in the same forward "
                "(registry defaults W=4, N=4, G=3 + prompt n-grams, sized for CPU; the paper's GPU setting is "
                "W=15, N=5, G=15)"),
-    _m(name="jacobi", title="Accelerating Transformer Inference for Translation via Parallel Decoding",
+    _m(name="jacobi", aliases=("Jacobi decoding", "GS-Jacobi", "Gauss-Seidel Jacobi decoding"),
+       title="Accelerating Transformer Inference for Translation via Parallel Decoding",
        arxiv="2305.10427", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.jacobi:JacobiDrafter", lossless=True,
        needs_training=False, status="done",
        summary="GS-Jacobi fixed-point iteration over blocks of guessed tokens, verified as a chain"),
-    _m(name="draft-model", title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
+    _m(name="draft-model",
+       aliases=("speculative decoding", "speculative sampling", "assisted generation", "assisted decoding"),
+       title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.draft_model:DraftModelDrafter", lossless=True,
        needs_training=False, status="done", defaults={"assistant": "self:4"},
        summary="a small causal LM sharing the tokenizer drafts a chain (assisted generation); default assistant: "
                "the target's first 4 layers"),
     # ------------------------------------------------------------------------------------------- trained heads
-    _m(name="medusa", title="Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",
+    _m(name="medusa", aliases=("Medusa-1", "Medusa heads"),
+       title="Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",
        arxiv="2401.10774", family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.medusa:MedusaDrafter", lossless=True, needs_training=True,
        status="done", defaults={"heads": "shipped"},
        summary="Medusa-1 heads (residual block per head, shared frozen lm_head) over the target's last feature; "
                "sparse tree from measured head accuracies; shipped heads for SmolLM2-135M-Instruct"),
-    _m(name="hydra", title="Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding", arxiv="2402.05109",
+    _m(name="hydra", aliases=("Hydra heads",),
+       title="Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding", arxiv="2402.05109",
        family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.hydra:HydraDrafter", lossless=True, needs_training=True,
        status="done", defaults={"heads": "shipped"},
        summary="draft heads conditioned on the target feature and the embeddings of the draft prefix; shipped heads"),
-    _m(name="mlp-speculator", title="Accelerating Production LLMs with Combined Token/Embedding Speculators",
+    _m(name="mlp-speculator", aliases=("combined token/embedding speculator",),
+       title="Accelerating Production LLMs with Combined Token/Embedding Speculators",
        arxiv="2404.19124", family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.mlp_speculator:MLPSpeculatorDrafter", lossless=True,
        needs_training=True, status="done", defaults={"heads": "shipped"},
        summary="multi-stage MLP speculator: state from the target feature, each stage conditioned on the previous "
                "token; shipped weights"),
-    _m(name="eagle-fspad", title="Boosting Lossless Speculative Decoding via Feature Sampling and Partial Alignment "
+    _m(name="eagle-fspad", aliases=("FSPAD", "EAGLE", "feature sampling and partial alignment distillation"),
+       title="Boosting Lossless Speculative Decoding via Feature Sampling and Partial Alignment "
        "Distillation", arxiv="2408.15562", family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.eagle:EagleDrafter", lossless=True, needs_training=True,
        status="done", defaults={"drafter": "shipped"},
        summary="EAGLE-style one-layer feature drafter (own KV cache, tree drafting) trained with FSPAD's feature "
                "sampling and partial alignment distillation; shipped weights; exports to vLLM speculators"),
     # ------------------------------------------------------------------------------------------- contrastive
-    _m(name="cad", title="Context-aware Decoding Reduces Hallucination in Query-focused Summarization",
+    _m(name="cad", aliases=("context-aware decoding",),
+       title="Context-aware Decoding Reduces Hallucination in Query-focused Summarization",
        arxiv="2312.14335", family="contrastive", kind="processor",
        target="hf_decoding_ext.contrastive.cad:ContextAwareDecodingProcessor", lossless=False,
        needs_training=False, status="done", defaults={"alpha": 0.5},
        example={"no_context_prompts": "Name something."},
        summary="context-aware decoding (Shi et al. 2023): (1+a) logit(y|c,x) - a logit(y|x), second view without "
                "the context"),
-    _m(name="cfg", title="Guiding Image Captioning Models Toward More Specific Captions", arxiv="2307.16686",
+    _m(name="cfg", aliases=("classifier-free guidance",),
+       title="Guiding Image Captioning Models Toward More Specific Captions", arxiv="2307.16686",
        family="contrastive", kind="processor",
        target="hf_decoding_ext.contrastive.cfg:ClassifierFreeGuidanceProcessor", lossless=False,
        needs_training=False, status="done", defaults={"gamma": 2.0},
        summary="classifier-free guidance: log p(y) + gamma (log p(y|x) - log p(y)), any conditional text prompt"),
-    _m(name="instructive", title="Distort, Distract, Decode: Instruction-Tuned Model Can Refine its Response from "
+    _m(name="instructive", aliases=("ID", "instructive decoding"),
+       title="Distort, Distract, Decode: Instruction-Tuned Model Can Refine its Response from "
        "Noisy Instructions", arxiv="2311.00233", family="contrastive", kind="processor",
        target="hf_decoding_ext.contrastive.instructive:InstructiveDecodingProcessor", lossless=False,
        needs_training=False, status="done", defaults={"epsilon": 0.3, "variant": "opposite"},
        example={"task_inputs": "Name a fruit."},
        summary="instructive decoding: z - eps * z(noisy 'opposite' instruction)"),
-    _m(name="lqcd", title="Towards Analyzing and Mitigating Sycophancy in Large Vision-Language Models",
+    _m(name="lqcd", aliases=("leading-query contrastive decoding",),
+       title="Towards Analyzing and Mitigating Sycophancy in Large Vision-Language Models",
        arxiv="2408.11261", family="contrastive", kind="processor",
        target="hf_decoding_ext.contrastive.leading_query:LeadingQueryContrastiveProcessor", lossless=False,
        needs_training=False, status="done", defaults={"alpha": 1.0, "beta": 0.1},
        example={"leading_prompts": "Name a fruit. It is a carrot, right?"},
        summary="leading-query contrastive decoding: neutral-query logits contrasted with the leading query's, "
                "within the plausible head"),
-    _m(name="contrastive-decoding", title="Contrastive Decoding: Open-ended Text Generation as Optimization",
+    _m(name="contrastive-decoding", aliases=("CD",),
+       title="Contrastive Decoding: Open-ended Text Generation as Optimization",
        arxiv="2210.15097", family="contrastive", kind="processor",
        target="hf_decoding_ext.contrastive.contrastive_decoding:ContrastiveDecodingProcessor", lossless=False,
        needs_training=False, status="done",
        defaults={"amateur": "self:4", "alpha": 0.1, "amateur_temperature": 0.5},
        summary="expert minus amateur log-probabilities over the expert's plausible head (default amateur: the "
                "expert's first 4 layers)"),
-    _m(name="dola", title="DoLa: Decoding by Contrasting Layers Improves Factuality in Large Language Models",
+    _m(name="dola", aliases=("decoding by contrasting layers",),
+       title="DoLa: Decoding by Contrasting Layers Improves Factuality in Large Language Models",
        arxiv="2309.03883", family="contrastive", kind="decoding_loop", target="hf_decoding_ext.contrastive.dola:DoLa",
        lossless=False, needs_training=False, status="done",
        defaults={"dola_layers": "high", "alpha": 0.1, "repetition_penalty": 1.2},
        summary="final layer minus the dynamically chosen (max-JSD) premature layer, plausibility constraint"),
-    _m(name="lol", title="Lower Layer Matters: Alleviating Hallucination via Multi-Layer Fusion Contrastive Decoding "
+    _m(name="lol", aliases=("lower layer matters", "multi-layer fusion contrastive decoding"),
+       title="Lower Layer Matters: Alleviating Hallucination via Multi-Layer Fusion Contrastive Decoding "
        "with Truthfulness Refocused", arxiv="2408.08769", family="contrastive", kind="decoding_loop",
        target="hf_decoding_ext.contrastive.lol:LOL", lossless=False, needs_training=True, status="done",
        defaults={"amateur": "induced", "lam": 1.0, "lam_lower": 1.0, "omega": 1.0, "alpha": 0.1},
        summary="final-layer and lower-layer contrast with a hallucination-induced amateur (shipped for the default "
                "model), fused; truthfulness-refocusing instruction"),
-    _m(name="speculative-contrastive", title="Speculative Contrastive Decoding", arxiv="2311.08981",
+    _m(name="speculative-contrastive", aliases=("SCD", "speculative contrastive decoding"),
+       title="Speculative Contrastive Decoding", arxiv="2311.08981",
        family="contrastive", kind="decoding_loop",
        target="hf_decoding_ext.contrastive.speculative_contrastive:SpeculativeContrastiveDecoding", lossless=False,
        needs_training=False, status="done",
@@ -252,46 +391,52 @@ METHODS: list[MethodSpec] = [
        summary="the amateur drafts, the expert verifies against the contrastive target (same output distribution "
                "as contrastive decoding)"),
     # ---- constrained and structured generation (issue 5)
-    _m(name="json-schema", title="Generating Structured Outputs from Language Models: Benchmark and Studies",
+    _m(name="json-schema", aliases=("JSON-schema constrained decoding", "JSONSchemaBench", "structured outputs"),
+       title="Generating Structured Outputs from Language Models: Benchmark and Studies",
        arxiv="2501.10868", family="structured", kind="processor",
-       target="hf_decoding_ext.structured.constrained:JsonSchemaLogitsProcessor", lossless=False,
+       target="hf_decoding_ext.structured.json_schema:JsonSchemaLogitsProcessor", lossless=False,
        needs_training=False, status="done", defaults={"schema": True},
        example={"schema": {"type": "object", "properties": {"fruit": {"type": "string", "maxLength": 12}},
                            "required": ["fruit"], "additionalProperties": False}},
        summary="JSON-schema constrained decoding with llguidance token masks (regex and Lark grammars via "
                "GrammarConstrainedLogitsProcessor); one matcher per row, rollback for speculative decoding"),
-    _m(name="asap", title="Grammar-Aligned Decoding", arxiv="2405.21047", family="structured",
+    _m(name="asap", aliases=("GAD", "grammar-aligned decoding", "grammar-aligned sampling"),
+       title="Grammar-Aligned Decoding", arxiv="2405.21047", family="structured",
        kind="decoding_loop", target="hf_decoding_ext.structured.grammar_aligned:GrammarAlignedSampling",
        lossless=False, needs_training=False, status="done", do_sample=True, defaults={},
        example={"grammar": "(apple|banana|cherry)"},
        summary="ASAp: grammar-constrained sampling that learns expected future grammaticality from earlier samples "
                "and converges to the model's distribution conditioned on the grammar"),
-    _m(name="awrs", title="Fast Controlled Generation from Language Models with Adaptive Weighted Rejection Sampling",
+    _m(name="awrs", aliases=("adaptive weighted rejection sampling",),
+       title="Fast Controlled Generation from Language Models with Adaptive Weighted Rejection Sampling",
        arxiv="2504.05410", family="structured", kind="decoding_loop",
        target="hf_decoding_ext.structured.awrs:AdaptiveWeightedRejectionSampling", lossless=False,
        needs_training=False, status="done", do_sample=True, defaults={"constraint": "no-letter-e"},
        summary="adaptive rejection sampling without replacement: the constraint (predicate or grammar) is evaluated "
                "only on drawn tokens, with unbiased importance weights of the local normaliser"),
-    _m(name="monitor-guided", title="Guiding Language Models of Code with Global Context using Monitors",
+    _m(name="monitor-guided", aliases=("MGD", "monitor-guided decoding"),
+       title="Guiding Language Models of Code with Global Context using Monitors",
        arxiv="2306.10763", family="structured", kind="processor",
        target="hf_decoding_ext.structured.monitor_guided:MonitorGuidedLogitsProcessor", lossless=False,
        needs_training=False, status="done", defaults={},
        summary="dereference monitor over jedi: after `obj.` only tokens spelling a member of obj's inferred type "
                "(other repository files as global context); inactive elsewhere"),
-    _m(name="exact-extractive", title="How Optimal is Greedy Decoding for Extractive Question Answering?",
+    _m(name="exact-extractive", aliases=("exact-extract", "exact extractive decoding"),
+       title="How Optimal is Greedy Decoding for Extractive Question Answering?",
        arxiv="2108.05857", family="structured", kind="decoding_loop",
        target="hf_decoding_ext.structured.exact_extractive:ExactExtractiveDecoding", lossless=False,
        needs_training=False, status="done", defaults={"nodes_per_forward": 16},
        example={"context": "Apples, bananas and cherries are fruits."},
        summary="exact-extract: the most probable span of a context, by exact best-first branch and bound over the "
                "trie of spans (tree-attention forwards on the prompt's KV cache)"),
-    _m(name="extractive-span", title="How Optimal is Greedy Decoding for Extractive Question Answering?",
+    _m(name="extractive-span", aliases=("extractive constraint", "span-constrained decoding"),
+       title="How Optimal is Greedy Decoding for Extractive Question Answering?",
        arxiv="2108.05857", family="structured", kind="processor",
        target="hf_decoding_ext.structured.exact_extractive:ExtractiveSpanLogitsProcessor", lossless=False,
        needs_training=False, status="done", defaults={},
        example={"context": "Apples, bananas and cherries are fruits."},
        summary="extractive constraint: only tokens extending a span of the context, eos after at least one token"),
-    _m(name="sketch-guided",
+    _m(name="sketch-guided", aliases=("SGCD", "sketch-guided constrained decoding"),
        title="Sketch-Guided Constrained Decoding for Boosting Blackbox Large Language Models without Logit Access",
        arxiv="2401.09967", family="structured", kind="decoding_loop",
        target="hf_decoding_ext.structured.sketch_guided:SketchGuidedDecoding", lossless=False,
@@ -299,7 +444,7 @@ METHODS: list[MethodSpec] = [
        example={"sketch": "Apples are a fruit.", "regex": "(apple|banana|cherry)"},
        summary="a local model refines a blackbox LLM's unconstrained sketch into a grammar-valid output: few-shot "
                "prompt (input, sketch) -> output, decoded under llguidance constraints"),
-    _m(name="lexical-dba",
+    _m(name="lexical-dba", aliases=("DBA", "dynamic beam allocation", "lexically constrained decoding"),
        title="Fast Lexically Constrained Decoding with Dynamic Beam Allocation for Neural Machine Translation",
        arxiv="1804.06609", family="structured", kind="decoding_loop",
        target="hf_decoding_ext.structured.lexical_dba:DynamicBeamAllocation", lossless=False,
@@ -310,20 +455,123 @@ METHODS: list[MethodSpec] = [
 # fmt: on
 
 
+check_unique(METHODS)
+
+
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method (used by extensions); names must be unique."""
-    if any(m.name == spec.name for m in METHODS):
-        raise ValueError(f"method {spec.name!r} is already registered")
+    """Add a method (used by extensions); its name and aliases must not clash with registered ones
+    (``ValueError``)."""
+    check_unique([*METHODS, spec])
     METHODS.append(spec)
     return spec
 
 
 def get_method(name: str) -> MethodSpec:
-    """Look a method up by name; unknown names raise a ``ValueError`` listing the valid ones."""
-    for m in METHODS:
-        if m.name == name:
-            return m
-    raise ValueError(f"Unknown method {name!r}; registered methods: {', '.join(m.name for m in METHODS)}")
+    """Look a method up by name or alias (case, ``-``/``_``/spaces ignored: ``"GAD"``, ``"grammar aligned
+    decoding"`` and ``"asap"`` are one method); unknown names raise a ``ValueError`` listing the valid ones.
+
+    Example:
+        >>> get_method("FSPAD").name, get_method("prompt_lookup").name
+        ('eagle-fspad', 'prompt-lookup')
+    """
+    if isinstance(name, str):
+        key = normalise_identifier(name)
+        for m in METHODS:
+            if key and any(normalise_identifier(n) == key for n in m.names):
+                return m
+    raise ValueError(f"Unknown method {name!r}; registered methods: {', '.join(m.name for m in METHODS)} "
+                     f"(search names, aliases and titles with find_methods or `hf-decoding-ext list --search`)")
+
+
+_ARXIV = re.compile(r"^(?:arxiv:|https?://arxiv\.org/(?:abs|pdf)/)?(\d{4}\.\d{4,5})(?:v\d+)?$", re.I)
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in re.findall(r"[A-Za-z0-9]+", text)]
+
+
+def _match_rank(m: MethodSpec, query: str) -> int | None:
+    """0: the query is the method's name, an alias or its arXiv id; 1: it is part of the name or of an alias;
+    2: each of its words begins a word of the name, an alias or the title, or it begins the arXiv id; ``None``:
+    no match."""
+    key = normalise_identifier(query)
+    arxiv = _ARXIV.match(query.strip())
+    keys = [normalise_identifier(n) for n in m.names]
+    if (key and key in keys) or (arxiv and arxiv.group(1) == m.arxiv):
+        return 0
+    if key and any(key in k for k in keys):
+        return 1
+    vocab = set(_words(" ".join(m.names)) + _words(m.title))
+    words = _words(query)
+    if words and all(any(v.startswith(w) for v in vocab) for w in words):
+        return 2
+    if m.arxiv.startswith(query.strip()):
+        return 2
+    return None
+
+
+def find_methods(query: str, methods: Iterable[MethodSpec] | None = None) -> list[MethodSpec]:
+    """The methods matching ``query`` (case-insensitive) over their name, aliases, title words and arXiv id, best
+    first: exact name / alias / arXiv id, then names and aliases containing the query, then methods whose name,
+    alias or title words begin with each word of the query; registry order within a rank.
+
+    Args:
+        query: a name, acronym, title words (``"grammar-aligned"``) or an arXiv id (``"2402.05109"``,
+            ``"arXiv:2402.05109v2"``).
+        methods: the methods to search (default: the registry).
+
+    Example:
+        >>> [m.name for m in find_methods("grammar-aligned")], [m.name for m in find_methods("2402.05109")]
+        (['asap'], ['hydra'])
+        >>> [m.name for m in find_methods("eagle")]
+        ['eagle-fspad']
+    """
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"query must be a non-empty string, got {query!r}")
+    ranked = []
+    for i, m in enumerate(METHODS if methods is None else methods):
+        rank = _match_rank(m, query)
+        if rank is not None:
+            ranked.append((rank, i, m))
+    return [m for _, _, m in sorted(ranked, key=lambda r: r[:2])]
+
+
+def naming_problems(spec: MethodSpec, methods: Iterable[MethodSpec] | None = None) -> list[str]:
+    """How ``spec``'s component breaks the naming rule (empty when it follows it):
+
+    - its module lives under ``hf_decoding_ext/<FAMILY_FOLDERS[family]>/``;
+    - its module file is named after the method: the file's :func:`normalise_identifier` key is a stem of the
+      name or of an alias, or begins one (``mirostat.py`` holds ``mirostat-v1`` and ``mirostat-v2``), or the file
+      is named so after another method of the same paper (one module per paper);
+    - its class is named after the method: the class name, less any :data:`CLASS_SUFFIXES`, equals the name or an
+      alias less any of them (``GrammarAlignedSampling`` for the alias "grammar-aligned decoding").
+    """
+    methods = list(METHODS if methods is None else methods)
+    module, _, cls = spec.target.partition(":")
+    parts = module.split(".")
+    problems = []
+    folder = FAMILY_FOLDERS.get(spec.family)
+    if folder is None:
+        problems.append(f"family {spec.family!r} has no folder in FAMILY_FOLDERS")
+    elif parts[:2] != ["hf_decoding_ext", folder] or len(parts) < 3:
+        problems.append(f"module {module} is not under hf_decoding_ext/{folder}/ (family {spec.family!r})")
+
+    def named_after(identifier: str, m: MethodSpec, prefix: bool) -> bool:
+        own = _stems(identifier)
+        for n in m.names:
+            stems = _stems(n)
+            if own & stems or (prefix and any(k.startswith(o) for k in stems for o in own)):
+                return True
+        return False
+
+    siblings = [m for m in methods if m.arxiv == spec.arxiv]
+    if not any(named_after(parts[-1], m, prefix=True) for m in [spec, *siblings]):
+        problems.append(f"module file {parts[-1]}.py is not named after {spec.name!r}, its aliases "
+                        f"{list(spec.aliases)} or another method of arXiv {spec.arxiv}")
+    if not named_after(cls, spec, prefix=False):
+        problems.append(f"class {cls} is not named after {spec.name!r} or its aliases {list(spec.aliases)} "
+                        f"(allowed suffixes: {', '.join(CLASS_SUFFIXES)})")
+    return problems
 
 
 def list_methods(family: str | None = None, status: str | None = None) -> list[MethodSpec]:
@@ -341,9 +589,14 @@ def table_rows(methods=None) -> list[list[str]]:
     return rows
 
 
-def format_table(methods=None) -> str:
+def format_table(methods=None, aliases: bool = True) -> str:
+    """Plain-text table of ``methods`` (default: all), with an ``aliases`` column after the name."""
+    methods = list(METHODS if methods is None else methods)
     rows = [list(COLUMNS)] + table_rows(methods)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    if aliases:
+        for row, label in zip(rows, ["aliases"] + [", ".join(m.aliases) or "-" for m in methods]):
+            row.insert(1, label)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

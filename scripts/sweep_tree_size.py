@@ -19,16 +19,12 @@ from hf_decoding_ext.bench.references import RepeatLastTokenDrafter
 from hf_decoding_ext.bench.speed import GREEDY_KWARGS, benchmark_speed
 from hf_decoding_ext.core.models import load_model
 from hf_decoding_ext.speculative import SpeculativeDecoding
-from hf_decoding_ext.speculative.drafters.eagle import EagleDrafter
-from hf_decoding_ext.speculative.drafters.hydra import HydraDrafter
-from hf_decoding_ext.speculative.drafters.medusa import MedusaDrafter
+from hf_decoding_ext.speculative.heads import head_classes
 from hf_decoding_ext.speculative.drafters.merged import MergedDrafter
-from hf_decoding_ext.speculative.drafters.mlp_speculator import MLPSpeculatorDrafter
 from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
 from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingDrafter
 
-HEADS = {"medusa": MedusaDrafter, "hydra": HydraDrafter, "mlp-speculator": MLPSpeculatorDrafter,
-         "eagle": EagleDrafter}
+HEADS = {kind: cls.load_drafter_class() for kind, cls in head_classes().items()}  # read from the head classes
 
 
 def _method(loop):

@@ -4,7 +4,8 @@
     python scripts/write_model_cards.py [--speed results/trained-heads_speed.json]
 
 Figures come from the checkpoint's own config (training record, held-out per-depth accuracies) and from the
-committed speed benchmark.
+committed speed benchmark; what each head is (name, method, drafter, shape keys) from the head class's declarations
+(:mod:`hf_decoding_ext.speculative.heads`) and the paper from the registry.
 """
 
 from __future__ import annotations
@@ -13,29 +14,22 @@ import argparse
 import json
 from pathlib import Path
 
+from hf_decoding_ext.registry import get_method
 from hf_decoding_ext.speculative.drafters.feature_head import ACCELERATOR_MAX_NODES, CPU_MAX_NODES, SHIPPED, \
     shipped_head_path
+from hf_decoding_ext.speculative.heads import head_class
 
 ROOT = Path(__file__).resolve().parent.parent
-INFO = {
-    "medusa": ("medusa", "Medusa-1 heads", "Medusa: Simple LLM Inference Acceleration Framework with Multiple "
-               "Decoding Heads", "2401.10774", "MedusaDrafter", "hf_decoding_ext.speculative.drafters.medusa"),
-    "hydra": ("hydra", "Hydra heads", "Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding", "2402.05109",
-              "HydraDrafter", "hf_decoding_ext.speculative.drafters.hydra"),
-    "mlp-speculator": ("mlp-speculator", "MLP speculator", "Accelerating Production LLMs with Combined "
-                       "Token/Embedding Speculators", "2404.19124", "MLPSpeculatorDrafter",
-                       "hf_decoding_ext.speculative.drafters.mlp_speculator"),
-    "eagle": ("eagle-fspad", "EAGLE-style feature drafter trained with FSPAD", "Boosting Lossless Speculative "
-              "Decoding via Feature Sampling and Partial Alignment Distillation", "2408.15562", "EagleDrafter",
-              "hf_decoding_ext.speculative.drafters.eagle"),
-}
 
 
 SPEED_NOTES: dict[str, str] = {}  # per-kind remarks appended to the speed section
 
 
 def card(kind: str, speed: dict | None) -> str:
-    method, what, title, arxiv, cls, module = INFO[kind]
+    head = head_class(kind)
+    spec = get_method(head.method)
+    method, what, title, arxiv = spec.name, head.display_name, spec.title, spec.arxiv
+    module, _, cls = head.drafter.partition(":")
     folder = shipped_head_path(kind)
     cfg = json.loads((folder / "config.json").read_text())
     tr = cfg.get("training", {})
@@ -72,9 +66,7 @@ def card(kind: str, speed: dict | None) -> str:
     else:
         speed_txt = "Not measured yet.\n"
     speed_txt += SPEED_NOTES.get(kind, "") if m else ""
-    own = {k: v for k, v in cfg.items() if k in ("num_heads", "num_layers", "n_predict", "inner_dim",
-                                                  "num_draft_tokens", "feature_sampling", "partial_alignment",
-                                                  "fs_expansion", "cls_weight")}
+    own = {k: v for k, v in cfg.items() if k in head.card_config_keys}
     return f"""---
 license: apache-2.0
 library_name: hf-decoding-ext

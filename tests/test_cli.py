@@ -22,6 +22,53 @@ def test_list_prints_every_method(capsys):
     assert "| name |" in capsys.readouterr().out
 
 
+def test_list_shows_aliases_and_searches(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "aliases" in out.splitlines()[0]
+    for m in METHODS:
+        row = next(line for line in out.splitlines() if line.split()[0] == m.name)
+        assert all(a in row for a in m.aliases), m.name
+    assert main(["list", "--search", "grammar-aligned"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split()[0] for r in rows] == ["asap"]
+    assert main(["list", "--search", "2402.05109"]) == 0
+    assert [r.split()[0] for r in capsys.readouterr().out.splitlines()[2:]] == ["hydra"]
+    assert main(["list", "--search", "contrastive", "--family", "contrastive", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert "| speculative-contrastive |" in md and "| cad |" not in md
+    assert main(["list", "--search", "no such method anywhere"]) == 1
+    assert "no method matches" in capsys.readouterr().err
+
+
+def test_generate_accepts_an_alias_and_checks_engine_options(capsys):
+    # the alias resolves (the error names the method), and bad options fail before any model is loaded
+    assert main(["generate", "--method", "GAD", "--param", "bogus=1", "--prompt", "hi"]) == 2
+    assert "method 'asap'" in capsys.readouterr().err
+    assert main(["generate", "--method", "PLD", "--engine", "bogus=1", "--prompt", "hi"]) == 2
+    assert "Unknown engine option(s) ['bogus'] for method 'prompt-lookup'" in capsys.readouterr().err
+    assert main(["generate", "--method", "mirostat-v2", "--engine", "acceptance=greedy", "--prompt", "hi"]) == 2
+    assert "candidate generators" in capsys.readouterr().err
+
+
+def test_train_kinds_are_the_declared_head_kinds(capsys):
+    from hf_decoding_ext.cli import build_parser
+    from hf_decoding_ext.speculative.heads import RECIPES, head_classes
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    kind = next(a for a in train._actions if a.dest == "kind")
+    recipe = next(a for a in train._actions if a.dest == "recipe")
+    assert list(kind.choices) == list(head_classes()) and list(recipe.choices) == list(RECIPES)
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in head_classes().items():
+        assert f"  {name}: {cls.display_name}" in out
+        assert " ".join(f"{k}={v}" for k, v in cls.training_defaults.items()) in out
+    assert main(["train", "no-such-head", "--out", "x"]) == 2
+    assert "invalid choice: 'no-such-head'" in capsys.readouterr().err
+
+
 def test_unknown_method_and_parameter_are_clear_errors(capsys):
     assert main(["generate", "--method", "nope", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err

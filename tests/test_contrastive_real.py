@@ -131,7 +131,7 @@ def test_contrastive_decoding_is_less_generic_than_greedy(smollm):
 def test_dola_chooses_the_max_divergence_layer_on_the_real_model(smollm):
     """DoLa on SmolLM2: at each step the chosen premature layer is the candidate whose early exit diverges most
     (JSD) from the final layer, recomputed from a cache-free forward; the contrast changes some greedy tokens."""
-    from hf_decoding_ext.contrastive.dola import early_exit_logits, layer_divergence
+    from hf_decoding_ext.contrastive.dola import layer_divergence
 
     model, tokenizer = smollm
     loop = DoLa(dola_layers="high", repetition_penalty=1.2)
@@ -144,7 +144,7 @@ def test_dola_chooses_the_max_divergence_layer_on_the_real_model(smollm):
     for step, chosen in enumerate(loop.last_premature_layers):
         pos = start + step
         final = full.logits[:, pos].float()
-        prem = torch.stack([early_exit_logits(full.hidden_states[j][:, pos], model.lm_head, model.model.norm)
+        prem = torch.stack([model.lm_head(model.model.norm(full.hidden_states[j][:, pos])).float()
                             for j in layers])
         div = layer_divergence(final, prem, "js")[:, 0]
         assert layers[int(div.argmax())] == chosen[0] or torch.isclose(div.max(), div[layers.index(chosen[0])],

@@ -36,9 +36,17 @@ def test_truncated_model_is_early_exit_with_shared_weights(tiny_llama):
         truncated_model(tiny_llama, 2)
 
 
-def test_truncated_model_refuses_models_without_llama_layers(tiny_gpt2):
-    with pytest.raises(ValueError, match="model.model.layers"):
-        truncated_model(tiny_gpt2, 1)
+def test_truncated_model_gpt2_and_unknown_architectures(tiny_gpt2):
+    small = truncated_model(tiny_gpt2, 1)  # layers found by core.anatomy (transformer.h)
+    assert small.config.num_hidden_layers == 1 and len(small.transformer.h) == 1
+    assert small.transformer.wte.weight.data_ptr() == tiny_gpt2.transformer.wte.weight.data_ptr()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = tiny_gpt2(ids, output_hidden_states=True).hidden_states[1]
+        expected = tiny_gpt2.lm_head(tiny_gpt2.transformer.ln_f(hidden))
+        torch.testing.assert_close(small(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Linear"):
+        truncated_model(torch.nn.Linear(2, 2), 1)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "heuristic_transient"])
@@ -65,12 +73,36 @@ def test_heuristic_schedule_carries_over_between_calls(tiny_llama):
     loop = SpeculativeDecoding(drafter)
     ids = torch.randint(3, 20, (1, 12), generator=torch.Generator().manual_seed(0))
     tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
-    carried = drafter._num_tokens
+    carried = drafter.length_policy.length()
     tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
     assert loop.last_stats[0].draft_size == min(carried, 20 - 1)
     drafter.reset()
     tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
     assert loop.last_stats[0].draft_size == 3
+
+
+def test_heuristic_schedule_carries_over_like_transformers(tiny_llama):
+    """Under ``"heuristic"`` the length carried from call to call equals transformers' (which writes it to the
+    assistant's generation config), an empty last draft (no room left) counting as fully accepted; with the carried
+    length the next call makes the same drafts (same output, same number of target forwards)."""
+    theirs = truncated_model(tiny_llama, 1)
+    theirs.generation_config.num_assistant_tokens = 3
+    theirs.generation_config.num_assistant_tokens_schedule = "heuristic"
+    theirs.generation_config.assistant_confidence_threshold = 0.0
+    drafter = DraftModelDrafter(truncated_model(tiny_llama, 1), num_tokens=3, confidence_threshold=0.0,
+                                schedule="heuristic")
+    loop = SpeculativeDecoding(drafter)
+    empty_last = 0
+    for seed in range(4):
+        ids = torch.randint(3, 20, (1, 12), generator=torch.Generator().manual_seed(seed))
+        with ForwardCounter(tiny_llama) as c_hf:
+            hf = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, assistant_model=theirs)
+        with ForwardCounter(tiny_llama) as c_ours:
+            ours = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
+        assert torch.equal(ours, hf) and c_ours.count == c_hf.count, seed
+        assert drafter.length_policy.length() == theirs.generation_config.num_assistant_tokens, seed
+        empty_last += loop.last_stats[-1].draft_size == 0
+    assert empty_last  # the empty-draft case was exercised
 
 
 def test_assistant_model_routing_and_errors(tiny_llama, tiny_gpt2):

@@ -14,12 +14,11 @@ import copy
 import pytest
 import torch
 
+from hf_decoding_ext.bench.tasks.extractive_qa import load_extractive_qa, qa_prompt
 from hf_decoding_ext.structured.exact_extractive import (
     ExactExtractiveDecoding,
     ExtractiveSpanLogitsProcessor,
     SpanIndex,
-    load_extractive_qa,
-    qa_prompt,
     score_spans,
 )
 

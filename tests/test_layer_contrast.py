@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from hf_decoding_ext.contrastive.dola import DoLa, dola_candidate_layers, final_norm_module
+from hf_decoding_ext.contrastive.dola import DoLa, dola_candidate_layers
+from hf_decoding_ext.core.anatomy import final_norm
 from hf_decoding_ext.contrastive.lol import LOL
 
 PROMPTS = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # row 0 left-padded (pad = 0)
@@ -221,7 +222,7 @@ def test_dola_bad_inputs(tiny_llama):
             tiny_llama.generate(input_ids=PROMPTS, attention_mask=MASK, custom_generate=DoLa(dola_layers=layers),
                                 do_sample=False, max_new_tokens=2)
     with pytest.raises(ValueError, match="final norm"):
-        final_norm_module(torch.nn.Linear(2, 2))
+        final_norm(torch.nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------------------------------- LOL

@@ -1,13 +1,17 @@
 """Every registered method is complete, importable, documented, and (if done) covered by a real-model test."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from hf_decoding_ext.core.loop import DecodingLoop
+from hf_decoding_ext.plug import generate_kwargs
 from hf_decoding_ext.speculative.drafters.base import Drafter
-from hf_decoding_ext.registry import KINDS, METHODS, MethodSpec, format_table, get_method, markdown_table
+from hf_decoding_ext.registry import FAMILY_FOLDERS, KINDS, METHODS, MethodSpec, check_unique, find_methods, \
+    format_table, get_method, list_methods, markdown_table, naming_problems, normalise_identifier, register
 
 TESTS = Path(__file__).parent
 ISSUE_2_METHODS = {"mirostat-v1", "mirostat-v2", "momentum", "adaptive-top-k", "knn-lm", "adadec", "cautious-ntp",
@@ -70,3 +74,160 @@ def test_unknown_parameter_lists_valid_ones():
 def test_readme_table_is_generated_from_the_registry():
     readme = (TESTS.parent / "README.md").read_text()
     assert markdown_table() in readme, "run: python scripts/update_readme_table.py"
+
+
+# ---------------------------------------------------------------------------------------------- aliases and search
+def test_aliases_resolve_to_their_method_whatever_the_case_and_separators():
+    cases = {"GAD": "asap", "grammar-aligned decoding": "asap", "Grammar Aligned Decoding": "asap",
+             "FSPAD": "eagle-fspad", "eagle": "eagle-fspad", "SGCD": "sketch-guided", "MGD": "monitor-guided",
+             "CD": "contrastive-decoding", "cad": "cad", "CFG": "cfg", "ID": "instructive", "LQCD": "lqcd",
+             "SCD": "speculative-contrastive", "TR": "token-recycling", "PLD": "prompt-lookup", "kNN-LM": "knn-lm",
+             "CNTP": "cautious-ntp", "IPS": "ips", "DBA": "lexical-dba", "prompt_lookup": "prompt-lookup",
+             "Mirostat-V2": "mirostat-v2"}
+    for query, name in cases.items():
+        assert get_method(query).name == name, query
+    for m in METHODS:
+        for alias in m.names:
+            assert get_method(alias) is m, alias
+            assert get_method(alias.upper()) is m, alias
+    with pytest.raises(ValueError, match="Unknown method 'GADD'"):
+        get_method("GADD")
+
+
+def test_every_method_has_an_alias_and_names_are_unique():
+    assert all(m.aliases for m in METHODS), [m.name for m in METHODS if not m.aliases]
+    keys = [normalise_identifier(n) for m in METHODS for n in m.names]
+    assert len(keys) == len(set(keys))
+    check_unique(METHODS)
+
+
+def _spec(name, aliases=(), **kw):
+    fields = dict(title="A Title", arxiv="1234.5678", family="sampling", kind="processor",
+                  target="hf_decoding_ext.sampling.mirostat:MirostatV2LogitsProcessor", lossless=False,
+                  needs_training=False, status="done")
+    return MethodSpec(name=name, aliases=tuple(aliases), **{**fields, **kw})
+
+
+def test_uniqueness_check_raises_on_a_duplicate_name_or_alias():
+    with pytest.raises(ValueError, match="'GAD' .*clashes with 'GAD'"):
+        check_unique([*METHODS, _spec("new-method", ["GAD"])])
+    with pytest.raises(ValueError, match="clashes"):  # an alias equal to another method's name, modulo case/separators
+        check_unique([*METHODS, _spec("new-method", ["Token_Recycling"])])
+    with pytest.raises(ValueError, match="clashes"):  # a name equal to an alias
+        check_unique([*METHODS, _spec("fspad")])
+    with pytest.raises(ValueError, match="clashes"):  # repeated within one method
+        check_unique([_spec("x", ["y", "Y"])])
+    n = len(METHODS)
+    with pytest.raises(ValueError, match="clashes"):
+        register(_spec("another-method", ["CFG"]))
+    assert len(METHODS) == n
+    with pytest.raises(ValueError, match="aliases"):
+        _spec("x", "not-a-tuple")
+
+
+def test_find_methods_examples_and_ranking():
+    def names(q):
+        return [m.name for m in find_methods(q)]
+
+    assert names("grammar-aligned") == ["asap"]
+    assert names("2402.05109") == ["hydra"]
+    assert names("arXiv:2402.05109v2") == ["hydra"]
+    assert names("eagle") == ["eagle-fspad"]
+    assert names("GAD") == ["asap"]
+    # title words, case-insensitive, in any order and as word prefixes
+    assert names("Sycophancy") == ["lqcd"]
+    assert names("perplexity mirostat") == ["mirostat-v1", "mirostat-v2"]
+    assert names("contrasting layers") == ["dola"]
+    # an exact alias first, then names/aliases containing the query, then title words
+    ranked = names("speculative decoding")
+    assert ranked[0] == "draft-model" and {"prompt-lookup", "speculative-contrastive", "eagle-fspad"} <= set(ranked)
+    assert names("extractive")[:2] == ["exact-extractive", "extractive-span"]
+    # a shared arXiv id finds every method of the paper
+    assert names("2108.05857") == ["exact-extractive", "extractive-span"]
+    assert find_methods("no such decoding method anywhere") == []
+    assert [m.name for m in find_methods("aligned", list_methods(family="sampling"))] == []
+    with pytest.raises(ValueError, match="non-empty"):
+        find_methods("  ")
+
+
+def test_find_methods_is_on_the_face():
+    import hf_decoding_ext
+
+    assert hf_decoding_ext.find_methods is find_methods
+
+
+# ---------------------------------------------------------------------------------------------- naming rule
+NAMING_EXCEPTIONS: dict[str, str] = {}  # method -> why its module or class is not named after it
+
+
+def test_normalisation():
+    assert normalise_identifier("Grammar-Aligned_decoding") == normalise_identifier("GrammarAlignedDecoding")
+    assert normalise_identifier("KNNLMLogitsProcessor") == "knnlmlogitsprocessor"
+    assert normalise_identifier("Isotropic and Proximal Search") == normalise_identifier("IsotropicProximalSearch")
+    assert normalise_identifier("mirostat-v1") != normalise_identifier("mirostat-v2")
+
+
+@pytest.mark.parametrize("spec", METHODS, ids=lambda m: m.name)
+def test_module_and_class_are_named_after_the_method(spec: MethodSpec):
+    problems = naming_problems(spec)
+    if spec.name in NAMING_EXCEPTIONS:
+        assert problems, f"{spec.name} now follows the naming rule: remove it from NAMING_EXCEPTIONS"
+        return
+    assert not problems, problems
+    assert FAMILY_FOLDERS[spec.family] == spec.target.split(".")[1]
+
+
+def test_naming_check_catches_misplaced_and_misnamed_components():
+    # the family folder: a sampling method living in the contrastive folder
+    bad = _spec("momentum", target="hf_decoding_ext.contrastive.momentum:MomentumLogitsProcessor")
+    assert any("not under hf_decoding_ext/sampling/" in p for p in naming_problems(bad, []))
+    # trained heads live in the speculative folder
+    ok = _spec("medusa", family="trained-heads", kind="candidate_generator",
+               target="hf_decoding_ext.speculative.drafters.medusa:MedusaDrafter")
+    assert naming_problems(ok, []) == []
+    # a module file and a class named after something else
+    bad = _spec("my-method", target="hf_decoding_ext.sampling.helpers:OtherLogitsProcessor")
+    problems = naming_problems(bad, [])
+    assert len(problems) == 2 and "helpers.py" in problems[0] and "OtherLogitsProcessor" in problems[1]
+    # a module may hold variants whose names begin with the module's (mirostat.py: mirostat-v1, mirostat-v2)
+    assert naming_problems(_spec("fancy-v2", target="hf_decoding_ext.sampling.fancy:FancyV2Processor"), []) == []
+    # an alias names them; a suffix other than the allowed ones does not
+    good = _spec("my-method", ["fancy decoding"], target="hf_decoding_ext.sampling.fancy:FancySampling")
+    assert naming_problems(good, []) == []
+    bad = _spec("my-method", ["fancy"], target="hf_decoding_ext.sampling.fancy:FancyThing")
+    assert len(naming_problems(bad, [])) == 1
+    # a second method of the same paper may live in the first one's module
+    first = _spec("exact-fancy", arxiv="1111.2222", target="hf_decoding_ext.sampling.exact_fancy:ExactFancyDecoding")
+    sibling = _spec("fancy-span", arxiv="1111.2222",
+                    target="hf_decoding_ext.sampling.exact_fancy:FancySpanProcessor")
+    assert naming_problems(sibling, [first, sibling]) == []
+    assert naming_problems(sibling, [sibling])  # not without that sibling
+
+
+# ---------------------------------------------------------------------------------------------- engine options
+def test_engine_options_reach_the_speculative_engine(tiny_llama):
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+
+    spec = dataclasses.replace(get_method("prompt-lookup"), engine={"acceptance": "greedy", "max_draft_nodes": 1})
+    loop = generate_kwargs(spec)["custom_generate"]
+    assert isinstance(loop, SpeculativeDecoding) and loop.acceptance == "greedy" and loop.max_draft_nodes == 1
+    # options passed to generate_kwargs override the registered ones
+    assert generate_kwargs(spec, engine={"max_draft_nodes": 2})["custom_generate"].max_draft_nodes == 2
+    # they act on decoding: the cap on draft nodes holds, the output stays greedy's
+    ids = torch.tensor([[5, 6, 7, 8, 9] * 6])
+    ref = tiny_llama.generate(ids, max_new_tokens=10, do_sample=False)
+    default = generate_kwargs("prompt-lookup")["custom_generate"]
+    assert torch.equal(tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, custom_generate=default), ref)
+    assert max(s.draft_size for s in default.last_stats) > 1
+    assert torch.equal(tiny_llama.generate(ids, max_new_tokens=10, do_sample=False, custom_generate=loop), ref)
+    assert max(s.draft_size for s in loop.last_stats) == 1
+
+
+def test_engine_options_are_validated():
+    with pytest.raises(ValueError, match="candidate generators"):
+        _spec("x", engine={"acceptance": "greedy"})  # a processor has no engine
+    with pytest.raises(ValueError, match="Unknown engine option"):
+        generate_kwargs("prompt-lookup", engine={"no_such_option": 1})
+    with pytest.raises(ValueError, match="candidate generators"):
+        generate_kwargs("mirostat-v2", engine={"acceptance": "greedy"})
+    assert all(m.engine == {} or m.kind == "candidate_generator" for m in METHODS)

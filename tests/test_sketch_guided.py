@@ -19,18 +19,17 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from hf_decoding_ext.core.models import encode_prompts
-from hf_decoding_ext.structured.sketch_guided import (
-    SketchGuidedDecoding,
-    build_refinement_prompt,
+from hf_decoding_ext.bench.tasks.sketch_cie import (
     format_triplets,
     load_sketch_cie,
     parse_sketch_triplets,
     parse_triplets,
-    task_input_from_prompt,
     triplet_f1,
     triplet_grammar,
 )
+from hf_decoding_ext.core.models import encode_prompts
+from hf_decoding_ext.structured.sketch_guided import (SketchGuidedDecoding, build_refinement_prompt,
+                                                      task_input_from_prompt)
 
 FRUITS = ["apple", "banana", "cherry"]
 

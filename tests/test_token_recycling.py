@@ -43,6 +43,26 @@ def test_paper_tree_and_priority_prefixes_are_valid_subtrees():
             TokenRecyclingDrafter(**bad)
 
 
+def _drafter_paths(d: TokenRecyclingDrafter) -> list[tuple[int, ...]]:
+    """Rank paths of the drafter's static tree, from its parents and ranks."""
+    paths: list[tuple[int, ...]] = []
+    for parent, rank in zip(d._parents.tolist(), d._ranks.tolist()):
+        paths.append((paths[parent] if parent >= 0 else ()) + (rank,))
+    return paths
+
+
+def test_max_nodes_keeps_the_most_often_accepted_nodes():
+    """The best-first tree scored by measured acceptance rank keeps the first ``n`` nodes of the ranking
+    (:data:`NODE_PRIORITY`, then the template breadth-first), laid out breadth-first."""
+    bfs = expand_template(PAPER_TREE_CHILDREN)
+    ranking = list(NODE_PRIORITY) + [p for p in bfs if p not in set(NODE_PRIORITY)]
+    for n in (1, 3, 16, len(NODE_PRIORITY), 40, 80, 200):
+        paths = _drafter_paths(TokenRecyclingDrafter(max_nodes=n))
+        assert set(paths) == set(ranking[:n]) and paths == sorted(paths, key=lambda p: (len(p), p))
+    shallow = _drafter_paths(TokenRecyclingDrafter(max_depth=2, max_nodes=10))
+    assert set(shallow) == set([p for p in ranking if len(p) <= 2][:10])
+
+
 def test_auto_size_follows_the_device(tiny_llama):
     d = TokenRecyclingDrafter()
     d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))

@@ -306,6 +306,60 @@ def test_generate_responses_is_resumable(tiny_llama, tmp_path):
         generate_responses(tiny_llama, tok, prompts, path, batch_size=0)
 
 
+# ---------------------------------------------------------------------------------------------- head declarations
+def test_head_classes_declare_their_kind_drafter_and_training_options():
+    from dataclasses import fields
+
+    from hf_decoding_ext.core.resources import data_path
+    from hf_decoding_ext.registry import get_method
+    from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, FeatureHeadDrafter, shipped_head_path
+    from hf_decoding_ext.speculative.heads import head_class, head_classes
+    from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel
+
+    classes = head_classes()
+    assert list(classes) == ["medusa", "hydra", "mlp-speculator", "eagle"]
+    train_fields = {f.name for f in fields(TrainConfig)}
+    for kind, cls in classes.items():
+        assert issubclass(cls, DraftHeadModel) and cls.head_kind == kind and head_class(kind) is cls
+        assert issubclass(cls.config_class, DraftHeadConfig) and cls.config_class is not DraftHeadConfig
+        assert cls.display_name and set(cls.training_defaults) <= train_fields
+        assert set(cls.shipped_recipe) - {"head_options", "save_dtype"} <= train_fields
+        assert set(cls.shipped_recipe.get("head_options", {})) <= set(cls.config_class().to_dict())
+        assert set(cls.card_config_keys) <= set(cls.config_class().to_dict())
+        # the declared drafter runs this head class and is the registered method's component
+        drafter = cls.load_drafter_class()
+        assert issubclass(drafter, FeatureHeadDrafter) and get_method(cls.method).target == cls.drafter
+        # the shipped table is read from the declarations, and the folder holds a checkpoint of this class
+        assert SHIPPED[kind] == cls.shipped_name and shipped_head_path(kind) == data_path("heads", cls.shipped_name)
+        config = json.loads((shipped_head_path(kind) / "config.json").read_text())
+        assert config["model_type"] == cls.config_class.model_type
+        assert config["training"]["steps"] == cls.shipped_recipe["steps"]
+        assert config["training"]["lr"] == cls.shipped_recipe["lr"]
+    with pytest.raises(ValueError, match="unknown head kind 'nope'"):
+        head_class("nope")
+
+
+def test_training_pipeline_reads_the_declarations(tiny_llama, monkeypatch):
+    from hf_decoding_ext.speculative.heads import head_classes
+    from hf_decoding_ext.training.pipeline import build_head, recipe_options, run_training
+
+    for kind, cls in head_classes().items():
+        options = recipe_options(kind)
+        assert options == {"train": cls.training_defaults, "head_options": {}, "save_dtype": None}
+        shipped = recipe_options(kind, "shipped")
+        assert shipped["train"]["steps"] == cls.shipped_recipe["steps"]
+        head = build_head(kind, tiny_llama, "tiny", **shipped["head_options"])
+        assert type(head) is cls and head.attached
+    assert recipe_options("eagle", "shipped")["save_dtype"] == "float16"
+    # a changed declaration changes what the pipeline does, with no per-kind code to update
+    monkeypatch.setattr(MedusaHeads, "training_defaults", {"lr": 0.123, "batch_size": 7})
+    assert recipe_options("medusa")["train"] == {"lr": 0.123, "batch_size": 7}
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipe_options("medusa", "fast")
+    with pytest.raises(ValueError, match="unknown head kind"):
+        run_training("no-such-head")
+
+
 # ---------------------------------------------------------------------------------------------- the train command
 def test_train_command_smoke_on_a_tiny_model(tmp_path):
     """``hf-decoding-ext train <kind> --base <model>`` end to end in seconds: a tiny random Llama with the default
@@ -325,7 +379,8 @@ def test_train_command_smoke_on_a_tiny_model(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(base)
     tok.save_pretrained(base)
     for kind, extra in [("medusa", ["--head-param", "num_heads=2"]),
-                        ("eagle", ["--head-param", "num_draft_tokens=2", "--save-dtype", "float16"])]:
+                        ("eagle", ["--head-param", "num_draft_tokens=2", "--save-dtype", "float16", "--recipe",
+                                   "shipped"])]:
         out, log = tmp_path / f"out-{kind}", tmp_path / f"{kind}.log"
         rc = main(["train", kind, "--base", str(base), "--out", str(out), "--prompts", "2", "--max-new-tokens", "6",
                    "--steps", "3", "--batch-size", "4", "--draft-vocab-size", "512", "--work-dir", str(tmp_path / "w"),
@@ -337,6 +392,15 @@ def test_train_command_smoke_on_a_tiny_model(tmp_path):
         assert cfg_out["draft_vocab_size"] == 512 and cfg_out["training"]["steps"] == 3
         assert cfg_out["training"]["data"]["sequences"] == 12 and cfg_out["head_accuracies"]
     assert json.loads((tmp_path / "out-eagle" / "config.json").read_text())["dtype"] == "float16"
+    # options not given on the command line come from the head classes' declarations: the kind's training defaults,
+    # or with --recipe shipped the options its shipped checkpoint was trained with
+    medusa = json.loads((tmp_path / "out-medusa" / "config.json").read_text())
+    assert medusa["training"]["lr"] == MedusaHeads.training_defaults["lr"] and medusa["training"]["weight_decay"] == 0
+    eagle = json.loads((tmp_path / "out-eagle" / "config.json").read_text())
+    recipe = EagleDrafterModel.shipped_recipe
+    assert eagle["training"]["lr"] == recipe["lr"] and eagle["training"]["weight_decay"] == recipe["weight_decay"]
+    assert eagle["cls_weight"] == recipe["head_options"]["cls_weight"] and eagle["num_draft_tokens"] == 2
+    assert eagle["training"]["batch_size"] == 4 and eagle["training"]["steps"] == 3  # the command line wins
     # responses were generated once and reused by the second head
     assert len(read_responses(tmp_path / "w" / "responses.jsonl")) == 12
     assert main(["train", "no-such-head", "--base", str(base), "--out", str(tmp_path / "x")]) == 2

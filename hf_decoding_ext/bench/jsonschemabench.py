@@ -200,7 +200,7 @@ def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 38
 
     Returns ``{"text", "tokens", "seconds", "mask_seconds", "compile_seconds", "complete"}``.
     """
-    from hf_decoding_ext.structured.constrained import JsonSchemaLogitsProcessor
+    from hf_decoding_ext.structured.json_schema import JsonSchemaLogitsProcessor
 
     inputs = schema_prompt(tokenizer, schema, device=model.device, shots=shots)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

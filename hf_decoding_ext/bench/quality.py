@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hf_decoding_ext.core.entropy import surprise as _surprise
+from hf_decoding_ext.core.scoring import model_log_prob_fn, sequence_token_log_probs
 from hf_decoding_ext.core.ngram import distinct_n, rep_n
 from hf_decoding_ext.bench.speed import (
     ANCESTRAL_KWARGS,
@@ -68,11 +68,8 @@ def continuation_surprise(model, prompt_ids, continuation: Sequence[int]) -> tor
         return torch.zeros(0)
     if prompt.numel() == 0:
         raise ValueError("the prompt must hold at least one token")
-    ids = torch.cat([prompt, cont])[None]
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-    p = prompt.numel()
-    scores = logits[p - 1: p - 1 + cont.numel()]
-    return _surprise(scores, cont, base=2.0).float().cpu()
+    log_probs = sequence_token_log_probs(model_log_prob_fn(model), prompt, cont)
+    return (-log_probs / math.log(2.0)).float().cpu()
 
 
 def sequence_metrics(tokens: Sequence[int], surprises: Sequence[float] | torch.Tensor | None = None) -> dict:

@@ -14,68 +14,14 @@ from collections.abc import Sequence
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+from hf_decoding_ext.core.anatomy import exit_logits, num_layers
 from hf_decoding_ext.core.plausibility import plausibility_mask
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 logger = logging.getLogger(__name__)
 
-_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 BUCKETS = ("low", "high")
 DIVERGENCES = ("js", "transformers")
-
-
-# --------------------------------------------------------------------------------------------- early exit helpers
-def num_hidden_layers(model) -> int:
-    """Number of decoder layers ``N`` (``hidden_states`` has ``N + 1`` entries: embeddings, then one per layer)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(cfg, "num_hidden_layers", None)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"cannot read the number of decoder layers of {type(model).__name__} (num_hidden_layers)")
-    return n
-
-
-def final_norm_module(model) -> torch.nn.Module:
-    """The decoder's final norm (``model.model.norm`` for Llama-like models, ``model.transformer.ln_f`` for GPT-2,
-    ``final_layer_norm``/``final_layernorm``/``norm_f`` for others).
-
-    Raises:
-        ValueError: for architectures without a recognisable final norm (pass ``final_norm=False`` to exit through
-            the LM head only, as the DoLa reference code did).
-    """
-    owners = []
-    if hasattr(model, "get_decoder"):
-        try:
-            owners.append(model.get_decoder())
-        except Exception:  # pragma: no cover - exotic architectures
-            pass
-    owners += [getattr(model, name, None) for name in ("model", "transformer", "gpt_neox", "backbone")]
-    for owner in owners:
-        if owner is None:
-            continue
-        for name in _NORM_NAMES:
-            module = getattr(owner, name, None)
-            if isinstance(module, torch.nn.Module):
-                return module
-    raise ValueError(
-        f"unsupported architecture {type(model).__name__}: cannot find the decoder's final norm (looked for "
-        f"{', '.join(_NORM_NAMES)} on the decoder). Use final_norm=False to early-exit through the LM head only."
-    )
-
-
-def lm_head_module(model) -> torch.nn.Module:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Module):
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head); layer contrast needs one")
-    return head
-
-
-def early_exit_logits(hidden: torch.Tensor, head: torch.nn.Module, norm: torch.nn.Module | None = None
-                      ) -> torch.Tensor:
-    """Vocabulary logits (float32) of an intermediate hidden state: ``head(norm(hidden))`` (``head(hidden)`` when
-    ``norm`` is ``None``)."""
-    if norm is not None:
-        hidden = norm(hidden)
-    return head(hidden).float()
 
 
 # --------------------------------------------------------------------------------------------- DoLa maths
@@ -297,7 +243,7 @@ class DoLa(DecodingLoop):
         """The candidate premature layers of this loop for ``model`` (see :func:`dola_candidate_layers`)."""
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         tied = bool(getattr(cfg, "tie_word_embeddings", getattr(model.config, "tie_word_embeddings", False)))
-        return dola_candidate_layers(self.dola_layers, num_hidden_layers(model), tied)
+        return dola_candidate_layers(self.dola_layers, num_layers(model), tied)
 
     def _check_repetition_penalty(self, state: GenerationState) -> None:
         caller = [p for p in state.logits_processor if isinstance(p, RepetitionPenaltyLogitsProcessor)]
@@ -313,9 +259,7 @@ class DoLa(DecodingLoop):
     def run(self, state: GenerationState):
         model = state.model
         layers = self.candidate_layers(model)
-        n = num_hidden_layers(model)
-        head = lm_head_module(model)
-        norm = final_norm_module(model) if self.final_norm else None
+        n = num_layers(model)
         self._check_repetition_penalty(state)
         own_penalty = None
         if self.repetition_penalty is not None:  # like generate(): left padding is not penalised
@@ -330,9 +274,9 @@ class DoLa(DecodingLoop):
             if hidden is None or len(hidden) != n + 1:
                 got = 0 if hidden is None else len(hidden)
                 raise ValueError(f"{type(model).__name__} returned {got} hidden states; DoLa expects "
-                                 f"num_hidden_layers + 1 = {n + 1}")
+                                 f"its number of decoder layers + 1 = {n + 1}")
             final = out.logits[:, -1, :]
-            premature = torch.stack([early_exit_logits(hidden[j][:, -1, :], head, norm) for j in layers])
+            premature = torch.stack([exit_logits(hidden[j][:, -1, :], model, self.final_norm) for j in layers])
             scores, chosen, _ = dola_scores(final, premature.to(final.device), layers, self.alpha, self.divergence)
             if own_penalty is not None:
                 scores = own_penalty(state.input_ids, scores)
@@ -373,15 +317,14 @@ def dola_scorer(model, dola_layers: str | Sequence[int] = "high", alpha: float =
     """
     loop = DoLa(dola_layers=dola_layers, alpha=alpha, final_norm=final_norm, divergence=divergence)
     layers = loop.candidate_layers(model)
-    head = lm_head_module(model)
-    norm = final_norm_module(model) if final_norm else None
 
     @torch.no_grad()
     def score(input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
         device = next(model.parameters()).device
         out = model(input_ids=input_ids.to(device), use_cache=False, output_hidden_states=True, return_dict=True)
         final = out.logits[0, first:].float()  # (T - first, vocab): positions play the role of batch rows
-        premature = torch.stack([early_exit_logits(out.hidden_states[j][0, first:], head, norm) for j in layers])
+        premature = torch.stack([exit_logits(out.hidden_states[j][0, first:], model, loop.final_norm)
+                                 for j in layers])
         scores, _, _ = dola_scores(final, premature, layers, loop.alpha, loop.divergence)
         scores = scores.masked_fill(torch.isinf(scores), RELATIVE_TOP_VALUE)
         return torch.log_softmax(scores, dim=-1)

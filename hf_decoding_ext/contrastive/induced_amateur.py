@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hf_decoding_ext.core.anatomy import decoder, decoder_layers, final_norm, layer_subset_model, lm_head
 from hf_decoding_ext.core.resources import data_file, read_jsonl
+from hf_decoding_ext.core.loop import repeat_cache
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """Base model of the shipped checkpoint (this library's default model, :data:`hf_decoding_ext.core.models.DEFAULT_MODEL`)."""
@@ -127,16 +129,8 @@ def _examples(tokenizer, items: Iterable[dict], templates: Sequence[str]) -> lis
 
 
 # ------------------------------------------------------------------------------------------------------ model surgery
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"the induced amateur needs decoder layers at model.model.layers (Llama-style models); "
-                         f"{type(model).__name__} has none")
-    return layers
-
-
 def _check_layers(model, layers: Sequence[int]) -> list[int]:
-    n = len(_decoder_layers(model))
+    n = len(decoder_layers(model))
     layers = sorted({int(i) for i in layers})
     if not layers or layers[0] < 0 or layers[-1] >= n:
         raise ValueError(f"trained layer indices must be in [0, {n - 1}], got {layers}")
@@ -147,7 +141,7 @@ def shared_copy(model, layers: Sequence[int]):
     """A copy of ``model`` whose decoder layers ``layers`` are new tensors and every other parameter is *shared*
     with ``model`` (the same ``Parameter`` objects: no copy of the frozen weights). Buffers are copied (small)."""
     layers = _check_layers(model, layers)
-    dec = _decoder_layers(model)
+    dec = decoder_layers(model)
     own = {id(p) for i in layers for p in dec[i].parameters()}
     memo = {id(p): p for p in model.parameters() if id(p) not in own}
     amateur = copy.deepcopy(model, memo)
@@ -157,7 +151,7 @@ def shared_copy(model, layers: Sequence[int]):
 def _fingerprint(model, layers: Sequence[int]) -> dict[str, float]:
     """Mean absolute value of a few frozen tensors, to tell (approximately) whether a base model is the one the
     amateur was trained on."""
-    dec = _decoder_layers(model)
+    dec = decoder_layers(model)
     below = min(layers) - 1
     picks = {"embed_tokens": model.get_input_embeddings().weight}
     if below >= 0:
@@ -166,31 +160,21 @@ def _fingerprint(model, layers: Sequence[int]) -> dict[str, float]:
 
 
 class _TopStack(torch.nn.Module):
-    """The top ``K`` decoder layers + final norm as a decoder of the model's own class, fed with hidden states
-    (``inputs_embeds``) so that masks and rotary embeddings come from transformers itself."""
+    """The top ``K`` decoder layers + final norm as a decoder of the model's own class
+    (:func:`~hf_decoding_ext.core.anatomy.layer_subset_model`), fed with hidden states (``inputs_embeds``) so that
+    masks and rotary embeddings come from transformers itself."""
 
     def __init__(self, amateur, layers: list[int]):
         super().__init__()
-        inner = amateur.model
-        cfg = copy.deepcopy(inner.config)
-        cfg.num_hidden_layers = len(layers)
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = [list(cfg.layer_types)[i] for i in layers]
-        with torch.device("meta"):
-            top = type(inner)(cfg)
-        top.layers = torch.nn.ModuleList([inner.layers[i] for i in layers])
-        norm = copy.deepcopy(inner.norm)  # a frozen copy: no gradient flows into the shared final norm
+        top = decoder(layer_subset_model(amateur, layers))  # amateur's modules; only the containers are new
+        shared_norm = final_norm(amateur)
+        norm = copy.deepcopy(shared_norm)  # a frozen copy: no gradient flows into the shared final norm
         norm.requires_grad_(False)
-        top.norm = norm
-        top.embed_tokens = inner.embed_tokens  # unused (inputs_embeds), shared
-        if hasattr(inner, "rotary_emb"):
-            top.rotary_emb = inner.rotary_emb
-        left = [n for n, t in list(top.named_parameters()) + list(top.named_buffers()) if t.is_meta]
-        if left:
-            raise ValueError(f"cannot build the top-layer stack of {type(amateur).__name__}: unsupported modules "
-                             f"{left[:4]}")
+        for name, child in list(top.named_children()):
+            if child is shared_norm:
+                setattr(top, name, norm)
         self.top = top
-        head = amateur.get_output_embeddings()
+        head = lm_head(amateur)
         self.head_weight = head.weight
         self.head_bias = getattr(head, "bias", None)
 
@@ -256,8 +240,7 @@ def _bottom_states(model, examples: list[dict], layer: int, batch_size: int, pro
         if not use_prefix:
             out = model.model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
             return [out.hidden_states[layer][r, :seqs[r].shape[0]].float().clone() for r in range(len(idx))]
-        cache = copy.deepcopy(shared[0])
-        cache.batch_repeat_interleave(len(idx))
+        cache = repeat_cache(shared[0], len(idx))
         mask = torch.cat([mask.new_ones(len(idx), p), mask], dim=1)
         positions = (p + torch.arange(ids.shape[1], device=device))[None].expand(len(idx), -1)
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kw: cache},
@@ -288,7 +271,9 @@ def train_induced_amateur(model, tokenizer, items: Iterable[dict], num_layers: i
     """Fine-tune the top ``num_layers`` decoder layers of a (weight-sharing) copy of ``model`` on false answers.
 
     Args:
-        model: a Llama-style causal LM (decoder layers at ``model.model.layers``); it is not modified.
+        model: a Llama-style causal LM (decoder layers at ``model.model.layers``; the top-layer stack is fed hidden
+            states as ``inputs_embeds``, which GPT-2-style models would add position embeddings to, so
+            ``check_tolerance`` refuses them); it is not modified.
         tokenizer: used to encode ``{"question", "false_answer"}`` items (chat template when it has one, see
             :func:`encode_example`); may be ``None`` when ``items`` are pre-tokenised ``{"prompt_ids",
             "answer_ids"}`` dicts.
@@ -310,8 +295,7 @@ def train_induced_amateur(model, tokenizer, items: Iterable[dict], num_layers: i
     """
     from tqdm.auto import tqdm
 
-    dec = _decoder_layers(model)
-    n = len(dec)
+    n = len(decoder_layers(model))
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= n:
         raise ValueError(f"num_layers must be an integer in [1, {n}], got {num_layers!r}")
     if steps < 1 or batch_size < 1 or not lr > 0:
@@ -322,7 +306,7 @@ def train_induced_amateur(model, tokenizer, items: Iterable[dict], num_layers: i
     layers = list(range(n - num_layers, n))
     amateur = shared_copy(model, layers)
     stack = _TopStack(amateur, layers)
-    params = [p for i in layers for p in amateur.model.layers[i].parameters()]
+    params = [p for i in layers for p in decoder_layers(amateur)[i].parameters()]
     for p in params:
         p.requires_grad_(True)
     device = next(model.parameters()).device
@@ -412,7 +396,7 @@ def train_induced_amateur(model, tokenizer, items: Iterable[dict], num_layers: i
 def _model_summary(model) -> dict[str, Any]:
     cfg = model.config
     return {"architecture": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
-            "hidden_size": getattr(cfg, "hidden_size", None), "num_hidden_layers": len(_decoder_layers(model)),
+            "hidden_size": getattr(cfg, "hidden_size", None), "num_hidden_layers": len(decoder_layers(model)),
             "vocab_size": model.get_input_embeddings().weight.shape[0]}
 
 
@@ -437,7 +421,7 @@ def save_induced_amateur(amateur, path: str | Path, base_model_name: str = DEFAU
         if layers is None:
             raise ValueError("pass layers=[...] (the amateur carries no induced_amateur_info)")
     layers = _check_layers(amateur, layers)
-    dec = _decoder_layers(amateur)
+    dec = decoder_layers(amateur)
     tensors = {f"model.layers.{i}.{name}": t.detach().to(device="cpu", dtype=dtype).contiguous()
                for i in layers for name, t in dec[i].state_dict().items()}
     path = Path(path)
@@ -511,7 +495,7 @@ def load_induced_amateur(model, path: str | Path | None = None):
     with importlib.resources.as_file(folder / WEIGHTS_FILE) as weights:
         tensors = load_file(str(weights))
     amateur = shared_copy(model, layers)
-    dec = _decoder_layers(amateur)
+    dec = decoder_layers(amateur)
     expected = {f"model.layers.{i}.{name}": (i, name) for i in layers for name in dec[i].state_dict()}
     if set(tensors) != set(expected):
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

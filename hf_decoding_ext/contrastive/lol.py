@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
-from hf_decoding_ext.contrastive.dola import early_exit_logits, final_norm_module, lm_head_module, num_hidden_layers
+from hf_decoding_ext.core.anatomy import exit_logits, num_layers
 from hf_decoding_ext.core.plausibility import plausibility_mask
 
 DEFAULT_INSTRUCTION = ("Answer truthfully and accurately. Focus on the key facts of the question and do not state "
@@ -150,7 +150,7 @@ class LOL(DecodingLoop):
         self.lower_layer = lower_layer
         self.instruction_ids = instruction_ids
         self.final_norm = bool(final_norm)
-        self._check_lower(num_hidden_layers(amateur_model))
+        self._check_lower(num_layers(amateur_model))
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, amateur="induced", lower_layer: int | None = None,
@@ -200,7 +200,7 @@ class LOL(DecodingLoop):
 
     def resolve_lower_layer(self, model) -> int:
         """The lower layer ``L`` used with ``model`` (validated against both models' depths)."""
-        n = min(num_hidden_layers(model), num_hidden_layers(self.amateur_model))
+        n = min(num_layers(model), num_layers(self.amateur_model))
         self._check_lower(n)
         return self.lower_layer if self.lower_layer is not None else n // 2
 
@@ -227,9 +227,6 @@ class LOL(DecodingLoop):
     def run(self, state: GenerationState):
         model, amateur = state.model, self.amateur_model
         lower = self.resolve_lower_layer(model)
-        head_o, head_a = lm_head_module(model), lm_head_module(amateur)
-        norm_o = final_norm_module(model) if self.final_norm else None
-        norm_a = final_norm_module(amateur) if self.final_norm else None
         cache_o = DynamicCache(config=model.config) if self.instruction_ids is not None else None
         cache_a = DynamicCache(config=amateur.config)
         while not state.done:
@@ -244,8 +241,8 @@ class LOL(DecodingLoop):
             if final_a.shape[-1] != final_o.shape[-1]:
                 raise ValueError(f"the amateur's vocabulary ({final_a.shape[-1]}) differs from the model's "
                                  f"({final_o.shape[-1]}); LOL needs models sharing one tokenizer")
-            lower_o = early_exit_logits(out_o.hidden_states[lower][:, -1, :], head_o, norm_o)
-            lower_a = early_exit_logits(out_a.hidden_states[lower][:, -1, :], head_a, norm_a).to(final_o.device)
+            lower_o = exit_logits(out_o.hidden_states[lower][:, -1, :], model, self.final_norm)
+            lower_a = exit_logits(out_a.hidden_states[lower][:, -1, :], amateur, self.final_norm).to(final_o.device)
             scores = lol_scores(final_o, final_a, lower_o, lower_a, self.lam, self.lam_lower, self.omega, self.alpha)
             scores = state.process(scores)
             state.record(scores, final_o)
@@ -280,9 +277,6 @@ def lol_scorer(loop: LOL, model):
     """
     amateur = loop.amateur_model
     lower = loop.resolve_lower_layer(model)
-    head_o, head_a = lm_head_module(model), lm_head_module(amateur)
-    norm_o = final_norm_module(model) if loop.final_norm else None
-    norm_a = final_norm_module(amateur) if loop.final_norm else None
 
     @torch.no_grad()
     def score(input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -302,8 +296,8 @@ def lol_scorer(loop: LOL, model):
         if final_a.shape[-1] != final_o.shape[-1]:
             raise ValueError(f"the amateur's vocabulary ({final_a.shape[-1]}) differs from the model's "
                              f"({final_o.shape[-1]}); LOL needs models sharing one tokenizer")
-        lower_o = early_exit_logits(out_o.hidden_states[lower][0, k + first:], head_o, norm_o)
-        lower_a = early_exit_logits(out_a.hidden_states[lower][0, first:], head_a, norm_a).to(device)
+        lower_o = exit_logits(out_o.hidden_states[lower][0, k + first:], model, loop.final_norm)
+        lower_a = exit_logits(out_a.hidden_states[lower][0, first:], amateur, loop.final_norm).to(device)
         fused = lol_scores(final_o, final_a, lower_o, lower_a, loop.lam, loop.lam_lower, loop.omega, loop.alpha)
         return torch.log_softmax(fused.masked_fill(torch.isinf(fused), OUTSIDE_HEAD_VALUE), dim=-1)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hf_decoding_ext.speculative.acceptance import AcceptanceRule
+from hf_decoding_ext.speculative.acceptance import AcceptanceRule, get_acceptance_rule
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 from hf_decoding_ext.speculative.engine import SpeculativeDecoding
 from hf_decoding_ext.core.plausibility import plausibility_mask
@@ -91,7 +91,8 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
         num_tokens (`int`, *optional*, defaults to 4): draft length ``gamma``.
         bonus (`str`, *optional*, defaults to ``"contrastive"``): ``"contrastive"`` or ``"expert"`` (see above).
         amateur_temperature (`float`, *optional*, defaults to 1.0): divides the amateur's logits in the contrast.
-        acceptance: ``"auto"`` (greedy or speculative sampling following ``do_sample``) or an
+        acceptance: ``"auto"`` (greedy or speculative sampling following ``do_sample``), the name of another
+            lossless rule of :data:`~hf_decoding_ext.speculative.acceptance.ACCEPTANCE_RULES` or an
             :class:`~hf_decoding_ext.speculative.acceptance.AcceptanceRule`.
         seed (`int`, *optional*): seed of the acceptance rule's draws.
 
@@ -127,15 +128,15 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
             raise ValueError(f"`bonus` must be one of {BONUS_MODES}, got {bonus!r}")
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"`num_tokens` must be an integer >= 1, got {num_tokens!r}")
-        if isinstance(acceptance, str) and acceptance not in ("auto", "greedy", "speculative"):
-            raise ValueError(f"`acceptance` must be 'auto', 'greedy', 'speculative' or an AcceptanceRule, got "
-                             f"{acceptance!r} (a lossy rule would not keep the contrastive distribution)")
+        if isinstance(acceptance, str) and not get_acceptance_rule(acceptance, do_sample=False).lossless:
+            raise ValueError(f"`acceptance` must name a lossless rule ('auto', 'greedy', 'speculative', ...) or be an "
+                             f"AcceptanceRule, got {acceptance!r} (a lossy rule would not keep the contrastive "
+                             "distribution)")
         self.bonus = bonus
         self.amateur = amateur
         drafter = DraftModelDrafter(amateur, num_tokens=num_tokens, confidence_threshold=0.0, schedule="constant",
                                     keep_logits=True, extra_step=bonus == "contrastive")
         super().__init__(drafter, acceptance=acceptance, seed=seed)
-        self._draft = None
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, amateur="self:4", beta: float = 0.5, alpha: float = 0.1,
@@ -158,18 +159,14 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
                    amateur_temperature=amateur_temperature)
 
     # ------------------------------------------------------------------------------------------------ engine hooks
-    def verify(self, state, draft):
-        self._draft = draft  # its amateur logits are needed by _scores_fn
-        return super().verify(state, draft)
-
-    def _scores_fn(self, state, tree, tree_logits):
+    def verification_scores(self, state, draft, tree_logits):
         """Contrast the expert's raw logits with the amateur's at every node the amateur scored (the rest, i.e. the
-        bonus position with ``bonus="expert"``, keeps the expert's logits), then the caller's processors."""
-        amateur = self._draft.info["assistant_logits"].to(tree_logits.device)
+        bonus position with ``bonus="expert"``, keeps the expert's logits); the engine then applies the caller's
+        processors."""
+        amateur = draft.info["assistant_logits"].to(tree_logits.device)
         m = min(amateur.shape[0], tree_logits.shape[0])
         contrast = scd_scores(tree_logits[:m], amateur[:m], self.beta, self.alpha, self.amateur_temperature)
-        scores = torch.cat([contrast, tree_logits[m:]]) if m < tree_logits.shape[0] else contrast
-        return super()._scores_fn(state, tree, scores)
+        return torch.cat([contrast, tree_logits[m:]]) if m < tree_logits.shape[0] else contrast
 
     # ------------------------------------------------------------------------------------------------ summaries
     def summary(self) -> dict:

@@ -140,31 +140,32 @@ def encode_prompts(tokenizer, prompts, chat: bool | None = None, device=None):
 def truncated_model(model, num_layers: int):
     """A causal LM made of the embeddings, first ``num_layers`` decoder layers, final norm and LM head of ``model``.
 
-    The weights are shared with ``model`` (no copy). It shares the tokenizer, so it can serve as a (weak, untrained)
-    draft model where no second model of the same family is available, e.g. in tests and demonstrations of
-    draft-model speculative decoding. Needs a model whose decoder layers are ``model.model.layers`` (Llama-style).
+    The weights are shared with ``model`` (no copy; the modules are the truncated model's own, so hooks on
+    ``model``'s modules do not fire for it). It shares the tokenizer, so it can serve as a (weak, untrained) draft
+    model where no second model of the same family is available, e.g. in tests and demonstrations of draft-model
+    speculative decoding. Any architecture of :mod:`hf_decoding_ext.core.anatomy` (Llama-style, GPT-2, ...); its
+    logits are those of the view ``early_exit(model, num_layers)``.
 
     Example:
         >>> from hf_decoding_ext.core.models import truncated_model
         >>> draft = truncated_model(model, 4)  # doctest: +SKIP
     """
     import copy
-    import re
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"truncated_model needs decoder layers at model.model.layers; {type(model).__name__} has none")
+    from hf_decoding_ext.core.anatomy import decoder_layers
+
+    layers = decoder_layers(model)
     total = len(layers)
-    if not 1 <= num_layers < total:
-        raise ValueError(f"num_layers must be in [1, {total - 1}] for this {total}-layer model, got {num_layers}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers < total:
+        raise ValueError(f"num_layers must be in [1, {total - 1}] for this {total}-layer model, got {num_layers!r}")
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    dropped = tuple(f"{prefix}{i}." for i in range(num_layers, total))
     cfg = copy.deepcopy(model.config)
     cfg.num_hidden_layers = num_layers
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = list(cfg.layer_types)[:num_layers]
     small = type(model)(cfg).to(device=model.device, dtype=model.dtype)
-    pattern = re.compile(r"(^|\.)layers\.(\d+)\.")
-    state = {k: v for k, v in model.state_dict().items()
-             if not ((m := pattern.search(k)) and int(m.group(2)) >= num_layers)}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}
     small.load_state_dict(state, assign=True, strict=True)
     if getattr(cfg, "tie_word_embeddings", False):
         small.tie_weights()

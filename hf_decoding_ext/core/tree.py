@@ -23,16 +23,32 @@ class DraftTree:
         draft_probs: optional ``(n, vocab)`` distributions the drafter sampled each node's token from (the
             distribution at the node's parent). ``None`` means a deterministic draft (treated as one-hot by the
             speculative-sampling rule, which keeps it lossless).
+        sibling_scheme: how the children of a node were produced, which decides the acceptance rules that stay
+            lossless on the draft (each rule checks it, see
+            :meth:`~hf_decoding_ext.speculative.acceptance.AcceptanceRule.check_tree`):
+
+            - ``"deterministic"``: chosen without randomness (top-k candidates, n-gram lookups, argmax drafts);
+              ``draft_probs`` must be ``None``.
+            - ``"iid"``: each child sampled independently from its ``draft_probs`` row (a sampled chain is i.i.d.
+              too: one sample per node). Drafters that sample one token per node or independent siblings set this.
+            - ``"without_replacement"``: siblings sampled from ``draft_probs`` without replacement (distinct tokens),
+              as in Recursive Speculative Decoding; ``draft_probs`` holds the distribution before any removal.
+
+            ``None`` (default): ``"deterministic"`` without ``draft_probs``, ``"iid"`` with them. Sampled schemes
+            need ``draft_probs``.
 
     Example:
         >>> import torch
         >>> from hf_decoding_ext.core.tree import DraftTree
         >>> tree = DraftTree(torch.tensor([5, 6, 7]), [-1, -1, 0])  # root -> 5 -> 7, root -> 6
-        >>> tree.depth.tolist(), tree.paths()
-        ([1, 1, 2], [[0, 2], [1]])
+        >>> tree.depth.tolist(), tree.paths(), tree.sibling_scheme
+        ([1, 1, 2], [[1], [0, 2]], 'deterministic')
     """
 
-    def __init__(self, tokens: torch.Tensor, parents, draft_probs: torch.Tensor | None = None):
+    SIBLING_SCHEMES = ("deterministic", "iid", "without_replacement")
+
+    def __init__(self, tokens: torch.Tensor, parents, draft_probs: torch.Tensor | None = None,
+                 sibling_scheme: str | None = None):
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         parents = torch.as_tensor(parents, dtype=torch.long).reshape(-1)
         if tokens.shape != parents.shape:
@@ -42,6 +58,15 @@ class DraftTree:
             raise ValueError("every parent index must be -1 or smaller than its child's index")
         if draft_probs is not None and draft_probs.shape[0] != n:
             raise ValueError("draft_probs must have one row per node")
+        if sibling_scheme is None:
+            sibling_scheme = "deterministic" if draft_probs is None else "iid"
+        if sibling_scheme not in self.SIBLING_SCHEMES:
+            raise ValueError(f"sibling_scheme must be one of {self.SIBLING_SCHEMES}, got {sibling_scheme!r}")
+        if (sibling_scheme == "deterministic") != (draft_probs is None):
+            raise ValueError(f"sibling_scheme={sibling_scheme!r} "
+                             + ("takes no draft_probs" if draft_probs is not None else
+                                "needs draft_probs (the distributions the siblings were sampled from)"))
+        self.sibling_scheme = sibling_scheme
         self.tokens = tokens
         self.parents = parents
         self.draft_probs = draft_probs
@@ -56,9 +81,9 @@ class DraftTree:
         self._plist = plist
 
     @classmethod
-    def chain(cls, tokens, draft_probs: torch.Tensor | None = None) -> DraftTree:
+    def chain(cls, tokens, draft_probs: torch.Tensor | None = None, sibling_scheme: str | None = None) -> DraftTree:
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        return cls(tokens, torch.arange(tokens.shape[0]) - 1, draft_probs)
+        return cls(tokens, torch.arange(tokens.shape[0]) - 1, draft_probs, sibling_scheme)
 
     @classmethod
     def empty(cls) -> DraftTree:
@@ -112,7 +137,7 @@ class DraftTree:
         if max_nodes >= len(self):
             return self
         probs = None if self.draft_probs is None else self.draft_probs[:max_nodes]
-        return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes], probs)
+        return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes], probs, self.sibling_scheme)
 
 
 @dataclass
@@ -208,34 +233,86 @@ def normalize_choices(choices) -> list[tuple[int, ...]]:
     return out
 
 
+def best_first_paths(expand, budget: int, max_depth: int | None = None, root_score: float = 1.0) -> list[tuple]:
+    """A budgeted best-first tree from any score: repeatedly add the highest-scored frontier node until ``budget``
+    nodes are picked (or no node is left).
+
+    The frontier starts as the root's children; picking a node adds its children (unless it sits at ``max_depth``).
+    The result is prefix-closed by construction (a node enters the frontier only once its parent is picked). When a
+    child never scores above its parent (path-product probabilities, summed log-probabilities), the picked nodes are
+    exactly the ``budget`` highest-scored nodes of the whole tree, which is also the prefix-closed subtree of that
+    size with the largest total score (Medusa's sparse tree, EAGLE-2's expansion). Ties go to the lexicographically
+    smaller path.
+
+    Args:
+        expand: ``expand(path, score)`` returns ``(label, child_score)`` pairs for the children of the node ``path``
+            (a tuple of labels from the root, ``()`` for the root) whose score is ``score``. Labels are orderable
+            (candidate ranks or token ids) and distinct among siblings; the child's score is its full score (e.g.
+            ``score * accuracy`` or ``score + log_prob``).
+        budget: number of nodes to pick (``>= 0``).
+        max_depth: nodes at this depth are not expanded (``None``: no limit).
+        root_score: the score handed to ``expand`` for the root (1 for products, 0 for sums of log-probabilities).
+
+    Returns:
+        The picked paths in pick order (non-increasing score for scores that never rise along a path).
+
+    Example:
+        >>> acc = {(): [0.6, 0.2], (0,): [0.5, 0.1]}
+        >>> best_first_paths(lambda path, s: [(i, s * a) for i, a in enumerate(acc.get(path, []))], budget=3)
+        [(0,), (0, 0), (1,)]
+    """
+    import heapq
+    import math
+
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0, got {budget!r}")
+    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1):
+        raise ValueError(f"max_depth must be None or an int >= 1, got {max_depth!r}")
+    heap: list = []
+
+    def push(path: tuple, score: float) -> None:
+        labels = set()
+        for label, child in expand(path, score):
+            child = float(child)
+            if math.isnan(child):
+                raise ValueError(f"score of node {path + (label,)} is NaN")
+            if label in labels:
+                raise ValueError(f"node {path} has two children labelled {label!r}")
+            labels.add(label)
+            heapq.heappush(heap, (-child, path + (label,)))
+
+    picked: list[tuple] = []
+    if budget:
+        push((), root_score)
+    while heap and len(picked) < budget:
+        neg, path = heapq.heappop(heap)
+        picked.append(path)
+        if max_depth is None or len(path) < max_depth:
+            push(path, -neg)
+    return picked
+
+
 def choices_from_accuracies(accuracies, num_nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
     """The ``num_nodes`` tree paths with the highest expected acceptance, from measured per-depth accuracies.
 
     ``accuracies[d][i]`` is the probability that the rank-``i`` candidate at depth ``d + 1`` is accepted given an
     accepted prefix; a path's value is the product of its ranks' accuracies (the probability the whole path is
     accepted), and the expected number of accepted tokens of a tree is the sum of its paths' values. The greedy pick
-    of the best paths (Medusa's sparse-tree construction) keeps the tree prefix-closed because extending a path never
-    raises its value.
+    of the best paths (Medusa's sparse-tree construction) is :func:`best_first_paths` with that product as the score;
+    it keeps the tree prefix-closed because extending a path never raises its value.
 
     Example:
         >>> choices_from_accuracies([[0.6, 0.2], [0.5, 0.1]], num_nodes=3)
         [(0,), (1,), (0, 0)]
     """
-    import heapq
-
     depth = len(accuracies) if max_depth is None else min(max_depth, len(accuracies))
     if num_nodes < 1 or depth < 1:
-        raise ValueError("num_nodes and the number of depths must be >= 1")
-    heap = [(-float(accuracies[0][i]), (i,)) for i in range(len(accuracies[0]))]
-    heapq.heapify(heap)
-    picked: list[tuple[int, ...]] = []
-    while heap and len(picked) < num_nodes:
-        neg, path = heapq.heappop(heap)
-        picked.append(path)
-        if len(path) < depth:
-            for i, a in enumerate(accuracies[len(path)]):
-                heapq.heappush(heap, (neg * float(a), path + (i,)))
-    return normalize_choices(picked)
+        raise ValueError(f"num_nodes and the number of depths must be >= 1, got {num_nodes} and {depth}")
+
+    def expand(path, score):
+        return [(i, score * float(a)) for i, a in enumerate(accuracies[len(path)])]
+
+    return normalize_choices(best_first_paths(expand, num_nodes, max_depth=depth))
 
 
 def build_choice_tree(choices, topk_fn, on_level=None) -> DraftTree:

@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from hf_decoding_ext.core.loop import DecodingLoop, GenerationState, select_cache
 from hf_decoding_ext.core.entropy import entropy
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.resources import data_file
+from hf_decoding_ext.core.rollout import rollout
 
 THRESHOLDS_FILE = "adadec_thresholds.json"
 """Name of the JSON file (under :func:`hf_decoding_ext.core.models.cache_dir`) holding fitted thresholds per model."""
@@ -269,42 +270,18 @@ class AdaDec(DecodingLoop):
         return cls(threshold=threshold, top_k=top_k, lookahead_length=lookahead_length)
 
     # ----------------------------------------------------------------------------------------- decoding
-    def _is_eos(self, state: GenerationState, tokens: torch.Tensor) -> torch.Tensor:
-        eos = state.generation_config._eos_token_tensor
-        if eos is None:
-            return torch.zeros_like(tokens, dtype=torch.bool)
-        return torch.isin(tokens, eos.to(tokens.device).reshape(-1))
-
     @torch.no_grad()
-    def lookahead_scores(self, state: GenerationState, rows: torch.Tensor, scores: torch.Tensor):
+    def lookahead_scores(self, state: GenerationState, rows: torch.Tensor, scores: torch.Tensor,
+                         logits: torch.Tensor | None = None):
         """Candidates ``(n, k)`` and their lookahead scores ``(n, k)`` for the batch rows ``rows`` whose processed
-        next-token scores are ``scores (n, vocab)``; the state's cache is left untouched."""
+        next-token scores are ``scores (n, vocab)`` (raw logits ``logits``; default ``scores``); the state's cache is
+        left untouched."""
         k = min(self.top_k, scores.shape[-1])
-        cand_lp, cand = torch.log_softmax(scores, dim=-1).topk(k, dim=-1)
-        n = rows.shape[0]
-        flat = cand.reshape(-1)
-        total = cand_lp.reshape(-1).clone()
-        length = torch.ones_like(total)
-        if self.lookahead_length == 0:
-            return cand, (total / length).view(n, k)
-        idx = rows.repeat_interleave(k)
-        cache = select_cache(state.cache, idx)
-        ids = torch.cat([state.input_ids[idx], flat[:, None]], dim=1)
-        mask = torch.cat([state.attention_mask[idx], state.attention_mask.new_ones((idx.shape[0], 1))], dim=1)
-        alive = ~self._is_eos(state, flat)
-        for _ in range(self.lookahead_length):
-            if not alive.any():
-                break
-            out = state.forward(cache=cache, input_ids=ids, attention_mask=mask)
-            s = state.process(out.logits[:, -1, :], input_ids=ids)
-            nxt = s.argmax(dim=-1)
-            lp = torch.log_softmax(s, dim=-1).gather(1, nxt[:, None]).squeeze(1)
-            total = total + torch.where(alive, lp, torch.zeros_like(lp))
-            length = length + alive.to(length.dtype)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            alive = alive & ~self._is_eos(state, nxt)
-        return cand, (total / length).view(n, k)
+        cand = torch.log_softmax(scores, dim=-1).topk(k, dim=-1).indices
+        # one greedy rollout per candidate, all in one batch, each until eos or lookahead_length more tokens
+        r = rollout(state, k, rows=rows, first_tokens=cand, logits=scores if logits is None else logits,
+                    scores=scores, process=state.logits_processor, max_tokens=self.lookahead_length + 1)
+        return cand, (r.scores / r.lengths).view(-1, k).to(scores.dtype)
 
     @torch.no_grad()
     def run(self, state: GenerationState):
@@ -321,7 +298,7 @@ class AdaDec(DecodingLoop):
                                     "scores": {}}
             if paused.any():
                 rows = paused.nonzero().squeeze(1)
-                cand, cand_scores = self.lookahead_scores(state, rows, scores[rows])
+                cand, cand_scores = self.lookahead_scores(state, rows, scores[rows], logits[rows])
                 best = cand_scores.argmax(dim=-1)
                 tokens[rows] = cand.gather(1, best[:, None]).squeeze(1)
                 state.stats["pauses"] += int(rows.numel())

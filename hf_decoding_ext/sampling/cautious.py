@@ -6,47 +6,26 @@ Paper: "Cautious Next Token Prediction" (Wang et al., Findings of ACL 2025, arXi
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from hf_decoding_ext.core.loop import DecodingLoop, GenerationState, select_cache
 from hf_decoding_ext.core.entropy import entropy
+from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.rollout import (
+    DEFAULT_PUNCTUATION,
+    END_CAP,
+    END_CRITERIA,
+    END_EOS,
+    END_STOP,
+    Rollout,
+    punctuation_token_ids,
+    rollout,
+)
 
-DEFAULT_PUNCTUATION = ".,;:!?\n)]}"
-"""Characters that end a trial: the paper's punctuation set (``. , \\n ? ! : ; ) ] }``)."""
-
-_PUNCT_CACHE: "weakref.WeakKeyDictionary[Any, dict[str, frozenset[int]]]" = weakref.WeakKeyDictionary()
-
-
-def punctuation_token_ids(tokenizer, punctuation: str = DEFAULT_PUNCTUATION) -> frozenset[int]:
-    """Ids of the tokens whose decoded text ends in one of ``punctuation`` (trailing spaces/tabs ignored; a
-    trailing newline counts when ``"\\n"`` is in ``punctuation``). Computed once per tokenizer instance and cached
-    (weakly, so the cache dies with the tokenizer)."""
-    if not punctuation:
-        raise ValueError("punctuation must contain at least one character")
-    try:
-        per_tok = _PUNCT_CACHE.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: compute without caching
-        per_tok = {}
-    if punctuation in per_tok:
-        return per_tok[punctuation]
-    chars = set(punctuation)
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-    ids = set()
-    for i, text in enumerate(texts):
-        if "\n" in chars and text.endswith("\n"):
-            ids.add(i)
-            continue
-        stripped = text.rstrip(" \t")
-        if stripped and stripped[-1] in chars:
-            ids.add(i)
-    result = frozenset(ids)
-    per_tok[punctuation] = result
-    return result
-
+_TRACE_ENDS = {END_EOS: "stop", END_CRITERIA: "stop", END_STOP: "punct", END_CAP: "cap"}
+"""How a trial ended, as named in the ``cntp_trace``, from the end of its :func:`rollout`."""
 
 class CautiousNTP(DecodingLoop):
     r"""Cautious Next Token Prediction (CNTP) decoding loop.
@@ -61,7 +40,8 @@ class CautiousNTP(DecodingLoop):
     trials are sampled independently from that step, each until it emits a punctuation token (or the caller's
     stopping criteria fire: eos, ``max_new_tokens``; or the optional ``max_trial_tokens`` cap); the trial with the
     lowest perplexity ``exp(-mean log p)`` under the sampling distribution is appended whole. The ``N`` trials run as
-    one batch on a copy of the KV cache repeated ``N`` times (finished trials are dropped from the batch).
+    one batch on a copy of the KV cache repeated ``N`` times (:func:`~hf_decoding_ext.core.rollout.rollout`;
+    finished trials are dropped from the batch).
 
     Defaults are the paper's: ``N_min = 1``, ``N_max = 10``, ``H_low = 0.01``, ``H_high = 1.5`` (entropy in nats of the
     distribution after temperature/top-p). Perplexity uses the same processed distribution the trials are sampled
@@ -122,83 +102,21 @@ class CautiousNTP(DecodingLoop):
         x = min(max((float(ent) - self.entropy_low) / (self.entropy_high - self.entropy_low), 0.0), 1.0)
         return int(self.min_trials + (self.max_trials - self.min_trials) * x)
 
-    def _punct_mask(self, vocab: int, device) -> torch.Tensor:
-        mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-        ids = torch.tensor(sorted(i for i in self.punctuation_ids if i < vocab), dtype=torch.long, device=device)
-        mask[ids] = True
-        return mask
-
-    @torch.no_grad()
-    def _trials(self, state: GenerationState, scores: torch.Tensor, logits: torch.Tensor, n: int,
-                is_punct: torch.Tensor):
-        """Sample ``n`` independent trials from the current step (batched on a copy of the cache repeated ``n``
-        times). Returns per trial: token list, summed log-probability, end reason, and (when the caller records
-        them) the processed scores and raw logits of every token."""
-        keep_scores, keep_logits = state.scores is not None, state.logits is not None
-        first = torch.multinomial(torch.softmax(scores, dim=-1).expand(n, -1), num_samples=1).squeeze(1)
-        logp0 = torch.log_softmax(scores, dim=-1)[0]
-        tokens: list[list[int]] = [[t] for t in first.tolist()]
-        lp_sum = [float(logp0[t[0]]) for t in tokens]
-        step_scores = [[scores[0]] for _ in range(n)] if keep_scores else None
-        step_logits = [[logits[0]] for _ in range(n)] if keep_logits else None
-        ids = torch.cat([state.input_ids.expand(n, -1), first[:, None]], dim=1)
-        mask = torch.cat([state.attention_mask.expand(n, -1), state.attention_mask.new_ones((n, 1))], dim=1)
-        ends: list[str | None] = [self._end(tokens[i], bool(stop), is_punct)
-                                  for i, stop in enumerate(state.stopping_criteria(ids, None).tolist())]
-        active = [i for i in range(n) if ends[i] is None]
-        if not active:
-            return tokens, lp_sum, ends, step_scores, step_logits
-        rows = torch.tensor(active, dtype=torch.long, device=ids.device)
-        ids, mask = ids[rows], mask[rows]
-        cache = select_cache(state.cache, torch.zeros_like(rows))  # the cache covers input_ids: repeat it
-        while active:
-            out = state.forward(cache=cache, input_ids=ids, attention_mask=mask)
-            raw = out.logits[:, -1, :]
-            s = state.process(raw, input_ids=ids)
-            nxt = torch.multinomial(torch.softmax(s, dim=-1), num_samples=1).squeeze(1)
-            lp = torch.log_softmax(s, dim=-1).gather(1, nxt[:, None]).squeeze(1).tolist()
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            stops = state.stopping_criteria(ids, None).tolist()
-            still = []
-            for j, i in enumerate(active):
-                tokens[i].append(int(nxt[j]))
-                lp_sum[i] += lp[j]
-                if keep_scores:
-                    step_scores[i].append(s[j])
-                if keep_logits:
-                    step_logits[i].append(raw[j])
-                ends[i] = self._end(tokens[i], bool(stops[j]), is_punct)
-                if ends[i] is None:
-                    still.append(j)
-            if len(still) < len(active):  # drop finished trials from the batch
-                active = [active[j] for j in still]
-                if not active:
-                    break
-                keep = torch.tensor(still, dtype=torch.long, device=ids.device)
-                cache.batch_select_indices(keep)
-                ids, mask = ids[keep], mask[keep]
-        return tokens, lp_sum, ends, step_scores, step_logits
-
-    def _end(self, trial: list[int], stopped: bool, is_punct: torch.Tensor) -> str | None:
-        if stopped:
-            return "stop"
-        if bool(is_punct[trial[-1]]):
-            return "punct"
-        if self.max_trial_tokens is not None and len(trial) >= self.max_trial_tokens:
-            return "cap"
-        return None
+    def _trials(self, state: GenerationState, scores: torch.Tensor, logits: torch.Tensor, n: int) -> Rollout:
+        """Sample ``n`` independent trials from the current step (one batched :func:`rollout` on a branch of the
+        cache), each until punctuation, the caller's stopping criteria or ``max_trial_tokens``."""
+        return rollout(state, n, logits=logits, scores=scores, process=state.logits_processor, do_sample=True,
+                       max_tokens=self.max_trial_tokens, stop_token_ids=self.punctuation_ids, stop_on_eos=False,
+                       use_stopping_criteria=True,
+                       return_steps=state.scores is not None or state.logits is not None)
 
     @torch.no_grad()
     def run(self, state: GenerationState):
         trace: list[dict[str, Any]] = []
         state.stats["multi_trial_steps"] = 0
-        is_punct = None
         while not state.done:
             logits, _ = state.next_token_logits()
             scores = state.process(logits)
-            if is_punct is None:
-                is_punct = self._punct_mask(scores.shape[-1], scores.device)
             ent = float(entropy(scores)[0])
             n = self.num_trials(ent)
             if n <= 1:
@@ -208,7 +126,9 @@ class CautiousNTP(DecodingLoop):
                 trace.append({"entropy": ent, "n_trials": n, "trials": [[int(tok[0])]], "perplexities": None,
                               "chosen": 0, "appended": state.new_tokens[0, -1:].tolist(), "ends": [None]})
                 continue
-            tokens, lp_sum, ends, step_scores, step_logits = self._trials(state, scores, logits, n, is_punct)
+            trials = self._trials(state, scores, logits, n)
+            tokens, lp_sum = trials.token_lists(), trials.scores.tolist()
+            ends = [_TRACE_ENDS[e] for e in trials.ends]
             ppl = [math.exp(-lp_sum[i] / len(tokens[i])) for i in range(n)]
             best = min(range(n), key=lambda i: ppl[i])
             chosen = torch.tensor([tokens[best]], dtype=state.input_ids.dtype, device=state.device)
@@ -217,9 +137,9 @@ class CautiousNTP(DecodingLoop):
             before = len(state.scores) if state.scores is not None else 0
             before_logits = len(state.logits) if state.logits is not None else 0
             if state.scores is not None:
-                state.scores.extend(x[None] for x in step_scores[best])
+                state.scores.extend(x[None] for x in trials.step_scores[best])
             if state.logits is not None:
-                state.logits.extend(x[None] for x in step_logits[best])
+                state.logits.extend(x[None] for x in trials.step_logits[best])
             appended = state.append(chosen)
             if state.scores is not None:
                 del state.scores[before + appended:]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.rollout import Branch
 
 
 def ips_scores(probs: torch.Tensor, candidate_hidden: torch.Tensor, response_hidden: torch.Tensor,
@@ -52,9 +53,9 @@ class IsotropicProximalSearch(DecodingLoop):
 
     A contrastive-search-style decoder for dialogue responses. The first ``first_steps`` tokens are decoded the
     usual way (greedy, or sampled with ``do_sample=True``; the paper samples them with top-k, k=7). Then at each step
-    the ``top_k`` most probable tokens :math:`V^{(m)}` are fed in one batched forward (the KV cache repeated
-    ``top_k`` times, the chosen candidate's cache kept, as in transformers' former contrastive search), and the
-    token maximising
+    the ``top_k`` most probable tokens :math:`V^{(m)}` are fed in one batched forward (on a
+    :class:`~hf_decoding_ext.core.rollout.Branch` of ``top_k`` copies of the cache, the chosen candidate's copy kept,
+    as in transformers' former contrastive search), and the token maximising
 
     .. math::
         \alpha\, p(w_t \mid w_{<t}, D) + (1-\alpha)\,(\text{p\_value}_t - \text{i\_value}_t)
@@ -171,26 +172,21 @@ class IsotropicProximalSearch(DecodingLoop):
             probs = torch.softmax(scores, dim=-1)
             k = min(self.top_k, probs.shape[-1])
             cand_probs, cand_ids = probs.topk(k, dim=-1)  # (batch, k)
-            cache = state.cache
-            cache.batch_repeat_interleave(k)  # in place, as transformers' former contrastive search
-            ids_rep = state.input_ids.repeat_interleave(k, dim=0)
-            mask_rep = state.attention_mask.repeat_interleave(k, dim=0)
-            cand_out = state.forward(cand_ids.reshape(-1, 1), cache=cache, input_ids=ids_rep, attention_mask=mask_rep,
-                                     output_hidden_states=True)
+            branch = Branch(state, k=k)  # k copies of every row's cache
+            branch.extend(cand_ids.reshape(-1))
+            cand_out = branch.forward(output_hidden_states=True)
             cand_hidden = cand_out.hidden_states[-1][:, -1, :].reshape(batch, k, -1)
             obj = ips_scores(cand_probs, cand_hidden, torch.stack(response, 1), ctx_hidden, ctx_mask, self.alpha)
             obj = obj.masked_fill(cand_probs <= 0, float("-inf"))  # tokens the processors removed
             choice = obj.argmax(-1)  # (batch,)
             rows = torch.arange(batch, device=state.device)
-            flat = rows * k + choice
-            cache.batch_select_indices(flat)
-            tokens = cand_ids[rows, choice]
+            branch.keep(rows * k + choice)  # the chosen candidate's cache becomes the state's
             if trace is not None:
                 trace["ids"].append(cand_ids)
                 trace["probs"].append(cand_probs)
                 trace["hidden"].append(cand_hidden)
                 trace["scores"].append(obj)
-            state.append(tokens)
+            branch.commit()
             step += 1
             response.append(cand_hidden[rows, choice])
             next_logits = cand_out.logits[:, -1, :].reshape(batch, k, -1)[rows, choice]

@@ -10,31 +10,22 @@ from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor
+from hf_decoding_ext.core.anatomy import final_norm, lm_head
 from hf_decoding_ext.core.ngram_lm import shipped_docstrings
 
 FORMAT_VERSION = "1"
-_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
 
 
 def _final_representation_module(model) -> tuple[torch.nn.Module, str]:
     """The module whose output feeds the LM head: the decoder's final norm, else the LM head itself (pre-hook)."""
-    decoder = None
-    if hasattr(model, "get_decoder"):
-        try:
-            decoder = model.get_decoder()
-        except Exception:  # pragma: no cover - exotic architectures
-            decoder = None
-    for owner in (decoder, getattr(model, "model", None), getattr(model, "transformer", None)):
-        if owner is None:
-            continue
-        for name in _NORM_NAMES:
-            module = getattr(owner, name, None)
-            if isinstance(module, torch.nn.Module):
-                return module, "norm"
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, torch.nn.Module):
-        return head, "head"
-    raise ValueError(f"cannot find the final norm or the LM head of {type(model).__name__}")
+    try:
+        return final_norm(model), "norm"
+    except ValueError:
+        pass
+    try:
+        return lm_head(model), "head"
+    except ValueError:
+        raise ValueError(f"cannot find the final norm or the LM head of {type(model).__name__}") from None
 
 
 class HiddenStateCapture:

@@ -2,8 +2,8 @@
 
 * :mod:`~hf_decoding_ext.structured.grammar`: the shared grammar machinery over llguidance (grammar sources,
   compilation cache, per-row matchers with rollback, token masks, a per-token grammar predicate).
-* :class:`~hf_decoding_ext.structured.constrained.GrammarConstrainedLogitsProcessor` and
-  :class:`~hf_decoding_ext.structured.constrained.JsonSchemaLogitsProcessor`: grammar / JSON-schema constrained
+* :class:`~hf_decoding_ext.structured.json_schema.GrammarConstrainedLogitsProcessor` and
+  :class:`~hf_decoding_ext.structured.json_schema.JsonSchemaLogitsProcessor`: grammar / JSON-schema constrained
   decoding as a logits processor (JSONSchemaBench).
 * :class:`~hf_decoding_ext.structured.grammar_aligned.GrammarAlignedSampling`: ASAp (grammar-aligned decoding).
 * :class:`~hf_decoding_ext.structured.awrs.AdaptiveWeightedRejectionSampling`: AWRS with importance weights.
@@ -16,7 +16,7 @@
 
 from hf_decoding_ext.structured import grammar
 from hf_decoding_ext.structured.awrs import AdaptiveWeightedRejectionSampling
-from hf_decoding_ext.structured.constrained import GrammarConstrainedLogitsProcessor, JsonSchemaLogitsProcessor
+from hf_decoding_ext.structured.json_schema import GrammarConstrainedLogitsProcessor, JsonSchemaLogitsProcessor
 from hf_decoding_ext.structured.exact_extractive import ExactExtractiveDecoding, ExtractiveSpanLogitsProcessor
 from hf_decoding_ext.structured.grammar_aligned import GrammarAlignedSampling
 from hf_decoding_ext.structured.lexical_dba import DynamicBeamAllocation

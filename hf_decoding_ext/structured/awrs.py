@@ -316,12 +316,12 @@ class AdaptiveWeightedRejectionSampling(DecodingLoop):
                   lark: str | None = None, grammar_mask: bool = False) -> "AdaptiveWeightedRejectionSampling":
         """Build for ``model``: a named ``constraint`` (default ``"no-letter-e"``) with the model's eos ids, an
         explicit ``predicate`` / ``mask_fn``, or a grammar (``grammar`` / ``json_schema`` / ``regex`` / ``lark``, as
-        in :class:`~hf_decoding_ext.structured.constrained.GrammarConstrainedLogitsProcessor`), which take precedence
+        in :class:`~hf_decoding_ext.structured.json_schema.GrammarConstrainedLogitsProcessor`), which take precedence
         over the default constraint. A grammar is checked token by token on the drawn tokens
         (:class:`~hf_decoding_ext.structured.grammar.GrammarTokenPredicate`); ``grammar_mask=True`` uses the
         engine's full token mask instead (the fast path when most of the vocabulary is forbidden)."""
         if any(g is not None for g in (grammar, json_schema, regex, lark)):
-            from hf_decoding_ext.structured.constrained import GrammarConstrainedLogitsProcessor
+            from hf_decoding_ext.structured.json_schema import GrammarConstrainedLogitsProcessor
             from hf_decoding_ext.structured.grammar import GrammarTokenPredicate
 
             if predicate is not None or mask_fn is not None:

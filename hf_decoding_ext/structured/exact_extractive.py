@@ -10,11 +10,12 @@ arXiv 2108.05857).
   *exact-extract*), found by an exact best-first (branch-and-bound) search over the trie of spans.
 * :func:`score_spans`: brute-force ``log p(span, eos | prompt)`` of given spans (plain causal forwards on the prompt's
   cache, no trie), the objective the exact search maximises; used to check it.
+
+The shipped demo passages and their prompt are in :mod:`hf_decoding_ext.bench.tasks.extractive_qa`.
 """
 
 from __future__ import annotations
 
-import copy
 import heapq
 import math
 from collections.abc import Sequence
@@ -25,8 +26,8 @@ from transformers import LogitsProcessor
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rows import broadcast_rows
+from hf_decoding_ext.core.scoring import LogProbScorer
 from hf_decoding_ext.core.tree import additive_mask
-from hf_decoding_ext.core.resources import read_jsonl
 
 SEARCHES = ("best_first", "exhaustive")
 """Search strategies of :class:`ExactExtractiveDecoding`."""
@@ -372,11 +373,11 @@ def _default_eos(model, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ brute-force scorer
-@torch.no_grad()
 def score_spans(model, prompt_ids, spans, eos_token_id, batch_size: int = 64) -> torch.Tensor:
     """``log p(span, eos | prompt)`` of each span by plain causal forwards: the objective of
     :class:`ExactExtractiveDecoding`, computed independently of its trie search (for checks and for scoring greedy
-    outputs). The prompt is run once; each chunk of spans is fed (right-padded) on a copy of its KV cache.
+    outputs). It is :class:`~hf_decoding_ext.core.scoring.LogProbScorer` with eos as the end token: the prompt is
+    run once and each chunk of spans is fed (right-padded) on a copy of its KV cache.
 
     Args:
         model: the causal LM.
@@ -395,32 +396,7 @@ def score_spans(model, prompt_ids, spans, eos_token_id, batch_size: int = 64) ->
         raise ValueError("score_spans needs a non-empty prompt")
     if any(len(s) == 0 for s in spans):
         raise ValueError("score_spans: spans must be non-empty")
-    device = next(model.parameters()).device
-    first = model(input_ids=prompt[None].to(device), use_cache=True)
-    cache = first.past_key_values
-    root = torch.log_softmax(first.logits[0, -1].float(), dim=-1).cpu()
-    n_prompt = prompt.numel()
-    out: list[float] = []
-    for start in range(0, len(spans), batch_size):
-        chunk = spans[start:start + batch_size]
-        longest = max(len(s) for s in chunk)
-        ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-        mask = torch.zeros(len(chunk), n_prompt + longest, dtype=torch.long)
-        mask[:, :n_prompt] = 1
-        for i, s in enumerate(chunk):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, n_prompt:n_prompt + len(s)] = 1
-        positions = (n_prompt + torch.arange(longest))[None].expand(len(chunk), -1)
-        rows = copy.deepcopy(cache)
-        rows.batch_repeat_interleave(len(chunk))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=rows, use_cache=True).logits.float().cpu()
-        logp = torch.log_softmax(logits, dim=-1)  # position k predicts the token after span token k
-        for i, s in enumerate(chunk):
-            total = float(root[s[0]]) + sum(float(logp[i, k - 1, s[k]]) for k in range(1, len(s)))
-            total += float(torch.logsumexp(logp[i, len(s) - 1, eos], dim=0))
-            out.append(total)
-    return torch.tensor(out, dtype=torch.float32)
+    return LogProbScorer(model, batch_size=batch_size, end_token_ids=eos).score(spans, prompt)
 
 
 # ------------------------------------------------------------------------------------------ the exact search
@@ -670,15 +646,3 @@ class ExactExtractiveDecoding(DecodingLoop):
                           past_key_values=cache, use_cache=True, return_dict=True)
         state.stats["forwards"] += 1
         return torch.log_softmax(out.logits.float(), dim=-1).cpu()
-
-
-# ------------------------------------------------------------------------------------------------ demo data
-def qa_prompt(context: str, question: str) -> str:
-    """The user message used with the shipped passages: passage, question, and an instruction to copy words."""
-    return f"{context}\n\nQuestion: {question}\nAnswer with a few words copied from the text."
-
-
-def load_extractive_qa() -> list[dict[str, str]]:
-    """The shipped extractive-QA passages (``data/extractive_qa.jsonl``, written for this library): dicts with
-    ``context``, ``question`` and ``answer`` (a substring of the context)."""
-    return read_jsonl("extractive_qa.jsonl")

@@ -44,7 +44,7 @@ class GrammarAlignedSampling(DecodingLoop):
 
     ``P`` is the model's own next-token distribution (temperature 1, no truncation), as in the paper. The caller's
     logits processors (temperature, top-k, top-p, ...) act on ASAp's proposal, as they act on the masked scores in
-    :class:`~hf_decoding_ext.structured.constrained.GrammarConstrainedLogitsProcessor`; for the exact algorithm pass
+    :class:`~hf_decoding_ext.structured.json_schema.GrammarConstrainedLogitsProcessor`; for the exact algorithm pass
     ``top_k=0`` (transformers' default generation config has ``top_k=50``) and no other warpers.
     ``do_sample=True`` is required.
 
@@ -52,7 +52,7 @@ class GrammarAlignedSampling(DecodingLoop):
         tokenizer: the model's fast tokenizer.
         grammar: a :class:`~hf_decoding_ext.structured.grammar.Grammar` or a JSON-schema dict; or one of
         json_schema, regex, lark: the constraint as in
-            :class:`~hf_decoding_ext.structured.constrained.GrammarConstrainedLogitsProcessor`.
+            :class:`~hf_decoding_ext.structured.json_schema.GrammarConstrainedLogitsProcessor`.
         eos_token_id: eos id(s) (default: the tokenizer's; :meth:`for_model` takes the model's generation config).
         vocab_size: width of the model's logits (default ``len(tokenizer)``).
 

@@ -1,16 +1,14 @@
 """Sketch-guided constrained decoding (SGCD): a local model refines a blackbox LLM's unconstrained "sketch" into an
 output that satisfies a grammar, by grammar-constrained decoding conditioned on the task input and the sketch.
 
-Also here: the refinement prompt builder (:func:`build_refinement_prompt`), the task input recovered from a
-chat-formatted prompt (:func:`task_input_from_prompt`), and closed information extraction helpers for the shipped
-toy set ``data/sketch_cie.jsonl`` (:func:`load_sketch_cie`, :func:`triplet_grammar`, :func:`format_triplets`,
-:func:`parse_triplets`, :func:`parse_sketch_triplets`, :func:`triplet_f1`).
+Also here: the refinement prompt builder (:func:`build_refinement_prompt`) and the task input recovered from a
+chat-formatted prompt (:func:`task_input_from_prompt`). The closed information extraction task of the shipped toy set
+``data/sketch_cie.jsonl`` (its loader, triplet grammar, parsers and F1) is in
+:mod:`hf_decoding_ext.bench.tasks.sketch_cie`.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,9 +17,8 @@ from transformers import DynamicCache
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rows import broadcast_rows
-from hf_decoding_ext.structured.constrained import GrammarConstrainedLogitsProcessor
+from hf_decoding_ext.structured.json_schema import GrammarConstrainedLogitsProcessor
 from hf_decoding_ext.structured.grammar import Grammar, as_grammar, choices as choices_grammar, compile_grammar, eos_ids_of
-from hf_decoding_ext.core.resources import data_file
 
 DEFAULT_INSTRUCTION = (
     "You are given an input and a draft answer (a sketch) written by another model. The draft may use other names "
@@ -166,7 +163,7 @@ class SketchGuidedDecoding(DecodingLoop):
     expression, a Lark/GBNF grammar or a list of choices), conditioned on the task input and the sketch: it is
     prompted with an instruction, few-shot demonstrations ``(input, sketch) -> output`` and the task input with its
     sketch (:func:`build_refinement_prompt`), and decoded with
-    :class:`~hf_decoding_ext.structured.constrained.GrammarConstrainedLogitsProcessor` (llguidance token masks).
+    :class:`~hf_decoding_ext.structured.json_schema.GrammarConstrainedLogitsProcessor` (llguidance token masks).
     Every complete output is a sentence of the grammar; the sketch supplies what the small model would not find on
     its own (entities, facts, structure), the grammar what the blackbox model does not respect (names of a fixed
     inventory, the output format).
@@ -208,10 +205,11 @@ class SketchGuidedDecoding(DecodingLoop):
 
     Deviations: the paper constrains closed information extraction with a trie of entity / relation names and
     constituency parsing with a context-free grammar (transformers-CFG); here any llguidance constraint, e.g.
-    :func:`triplet_grammar` for the triplet task. Its prompt is one plain-text block (input and sketch joined by a
-    separator, then the output, between quote delimiters); here a chat conversation for instruct models
-    (demonstrations as turns) or labelled plain-text blocks. The paper also runs the constrained decoder with beam
-    search; here greedy search or sampling, as ``generate()`` asks (``num_beams > 1`` is refused).
+    :func:`~hf_decoding_ext.bench.tasks.sketch_cie.triplet_grammar` for the triplet task. Its prompt is one
+    plain-text block (input and sketch joined by a separator, then the output, between quote delimiters); here a
+    chat conversation for instruct models (demonstrations as turns) or labelled plain-text blocks. The paper also
+    runs the constrained decoder with beam search; here greedy search or sampling, as ``generate()`` asks
+    (``num_beams > 1`` is refused).
 
     Example:
         >>> from hf_decoding_ext.core.models import load_model, encode_prompts
@@ -397,84 +395,3 @@ class SketchGuidedDecoding(DecodingLoop):
         result = {"sketches": sketches, "refinement_prompts": prompts, "grammar_complete": complete}
         self.last_result = result
         return dict(result)
-
-
-# ------------------------------------------------------------------------------------------------ closed IE helpers
-_TRIPLET = re.compile(r"\[s\] (.+?) \[r\] (.+?) \[o\] (.+?) \[e\]")
-_SKETCH_TRIPLET = re.compile(r"\(\s*([^,()\n]+?)\s*,\s*([^,()\n]+?)\s*,\s*([^()\n]+?)\s*\)")
-
-
-def _lark_literal(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-def triplet_grammar(entities: Sequence[str], relations: Sequence[str], max_triplets: int = 4) -> Grammar:
-    """Lark grammar of closed information extraction outputs over a fixed inventory, in the paper's markup:
-    ``[s] subject [r] relation [o] object [e]``, one to ``max_triplets`` triplets separated by spaces, subjects and
-    objects from ``entities``, relations from ``relations``."""
-    from hf_decoding_ext.structured.grammar import lark
-
-    if not entities or not relations:
-        raise ValueError("triplet_grammar needs non-empty entity and relation inventories")
-    if not isinstance(max_triplets, int) or max_triplets < 1:
-        raise ValueError(f"max_triplets must be an integer >= 1, got {max_triplets!r}")
-    for name in (*entities, *relations):
-        if not isinstance(name, str) or not name.strip() or "[" in name or "\n" in name:
-            raise ValueError(f"inventory names must be non-empty one-line strings without '[': {name!r}")
-    ent = " | ".join(_lark_literal(e) for e in dict.fromkeys(entities))
-    rel = " | ".join(_lark_literal(r) for r in dict.fromkeys(relations))
-    more = f'(" " triplet){{0,{max_triplets - 1}}}' if max_triplets > 1 else ""
-    return lark(f"start: triplet {more}\n"
-                'triplet: "[s] " entity " [r] " relation " [o] " entity " [e]"\n'
-                f"entity: {ent}\nrelation: {rel}\n")
-
-
-def format_triplets(triplets: Sequence[Sequence[str]]) -> str:
-    """``[s] s [r] r [o] o [e] [s] ...``: the output format of :func:`triplet_grammar`."""
-    return " ".join(f"[s] {s} [r] {r} [o] {o} [e]" for s, r, o in triplets)
-
-
-def parse_triplets(text: str) -> list[tuple[str, str, str]]:
-    """The triplets of a ``[s] .. [r] .. [o] .. [e]`` string."""
-    return [tuple(m) for m in _TRIPLET.findall(text)]
-
-
-def parse_sketch_triplets(text: str) -> list[tuple[str, str, str]]:
-    """Naive reading of a free-text sketch: every ``(subject, relation, object)`` in it, names taken as written
-    (the sketch does not know the inventory, so most names do not match it)."""
-    return [tuple(m) for m in _SKETCH_TRIPLET.findall(text)]
-
-
-def triplet_f1(predicted: Sequence[Sequence[Sequence[str]]], gold: Sequence[Sequence[Sequence[str]]]
-               ) -> dict[str, float]:
-    """Micro precision / recall / F1 of exact-match triplet sets (one list of triplets per example)."""
-    if len(predicted) != len(gold):
-        raise ValueError(f"{len(predicted)} predictions for {len(gold)} gold examples")
-    tp = n_pred = n_gold = 0
-    for p, g in zip(predicted, gold):
-        ps, gs = {tuple(t) for t in p}, {tuple(t) for t in g}
-        tp += len(ps & gs)
-        n_pred += len(ps)
-        n_gold += len(gs)
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gold if n_gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
-
-
-def load_sketch_cie() -> dict[str, Any]:
-    """The shipped closed-IE toy set (``data/sketch_cie.jsonl``, written for this library, sketches hand-written to
-    imitate a larger LLM's loose answer): ``{"relations", "entities", "demos", "tests"}``; demos and tests are dicts
-    with ``text``, ``sketch`` and ``triplets`` (gold ``[subject, relation, object]`` lists)."""
-    path = data_file("sketch_cie.jsonl")
-    out: dict[str, Any] = {"relations": [], "entities": [], "demos": [], "tests": []}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row["kind"] == "inventory":
-                out["relations"], out["entities"] = row["relations"], row["entities"]
-            else:
-                out[row["kind"] + "s"].append(row)
-    return out

@@ -24,30 +24,23 @@ from hf_decoding_ext.training.data import DistillData, base_predictions, extract
 from hf_decoding_ext.training.trainer import TrainConfig, train_head
 
 
-def head_kinds() -> dict:
-    """``kind -> (config class, head class, default TrainConfig overrides)``."""
-    from hf_decoding_ext.speculative.heads.medusa import MedusaConfig, MedusaHeads
+def recipe_options(kind: str, recipe: str = "defaults") -> dict:
+    """The options a run of ``recipe`` starts from for head ``kind``, read from the head class's declarations:
+    ``{"train": TrainConfig fields, "head_options": head config options, "save_dtype": dtype name or None}``.
 
-    kinds = {"medusa": (MedusaConfig, MedusaHeads, {"lr": 1e-3, "batch_size": 256})}
-    try:
-        from hf_decoding_ext.speculative.heads.hydra import HydraConfig, HydraHeads
+    Example:
+        >>> recipe_options("eagle", "shipped")["head_options"]
+        {'cls_weight': 0.25}
+    """
+    from hf_decoding_ext.speculative.heads import RECIPES, head_class
 
-        kinds["hydra"] = (HydraConfig, HydraHeads, {"lr": 1e-3, "batch_size": 256})
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from hf_decoding_ext.speculative.heads.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
-
-        kinds["mlp-speculator"] = (MLPSpeculatorConfig, MLPSpeculator, {"lr": 1e-3, "batch_size": 256})
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from hf_decoding_ext.speculative.heads.eagle import EagleDrafterConfig, EagleDrafterModel
-
-        kinds["eagle"] = (EagleDrafterConfig, EagleDrafterModel, {"lr": 5e-4, "batch_size": 8})
-    except ImportError:  # pragma: no cover
-        pass
-    return kinds
+    cls = head_class(kind)
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    extra = dict(cls.shipped_recipe) if recipe == "shipped" else {}
+    head_options = dict(extra.pop("head_options", {}))
+    save_dtype = extra.pop("save_dtype", None)
+    return {"train": {**cls.training_defaults, **extra}, "head_options": head_options, "save_dtype": save_dtype}
 
 
 def _logger(path):
@@ -90,12 +83,13 @@ def prepare_data(model, tokenizer, base_name: str, *, prompts: int | None = None
 
 
 def build_head(kind: str, model, base_name: str, **head_options):
-    kinds = head_kinds()
-    if kind not in kinds:
-        raise ValueError(f"unknown head kind {kind!r}; known: {sorted(kinds)}")
-    config_cls, head_cls, _ = kinds[kind]
-    cfg = config_cls(hidden_size=model.config.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
-                     base_model_name_or_path=base_name, **head_options)
+    """A new head of ``kind`` (its declared class and config class) sized for ``model`` and attached to it."""
+    from hf_decoding_ext.speculative.heads import head_class
+
+    head_cls = head_class(kind)
+    cfg = head_cls.config_class(hidden_size=model.config.hidden_size,
+                                vocab_size=model.get_output_embeddings().weight.shape[0],
+                                base_model_name_or_path=base_name, **head_options)
     if hasattr(cfg, "from_base_config"):
         cfg.from_base_config(model.config)
     return head_cls(cfg).attach(model)
@@ -104,18 +98,20 @@ def build_head(kind: str, model, base_name: str, **head_options):
 def run_training(kind: str, base: str | None = None, out: str = "heads", *, prompts: int | None = None,
                  max_new_tokens: int = 256, gen_batch_size: int = 16, draft_vocab_size: int | None = 8192,
                  work_dir=None, log_file=None, progress: bool = True, head_options: dict | None = None,
-                 save_dtype: str | None = None, **train_options):
+                 save_dtype: str | None = None, recipe: str = "defaults", **train_options):
     """Train a head of ``kind`` for ``base`` (``None``: the embedded default model) and save it to ``out``.
 
     ``train_options`` are :class:`TrainConfig` fields (``steps``, ``batch_size``, ``lr``, ...); ``head_options``
     the head config's (e.g. ``num_heads``); ``save_dtype`` (e.g. ``"float16"``) stores the final weights in that
-    dtype (they are cast to the base model's dtype when attached). Returns the trained head.
+    dtype (they are cast to the base model's dtype when attached). They override the options of ``recipe``
+    (:func:`recipe_options`: the head class's ``training_defaults``, or with ``"shipped"`` the options its shipped
+    checkpoint was trained with). Returns the trained head.
     """
     from hf_decoding_ext.core.models import DEFAULT_MODEL, load_model
 
-    kinds = head_kinds()
-    if kind not in kinds:
-        raise ValueError(f"unknown head kind {kind!r}; known: {sorted(kinds)}")
+    start = recipe_options(kind, recipe)
+    head_options = {**start["head_options"], **(head_options or {})}
+    save_dtype = save_dtype or start["save_dtype"]
     if save_dtype is not None and not isinstance(getattr(torch, str(save_dtype), None), torch.dtype):
         raise ValueError(f"save_dtype must name a torch dtype, got {save_dtype!r}")
     valid = {f.name for f in fields(TrainConfig)}
@@ -132,7 +128,7 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
     data = prepare_data(model, tokenizer, base_name, prompts=prompts, max_new_tokens=max_new_tokens,
                         batch_size=gen_batch_size, work_dir=work_dir, log=log, progress=progress)
     log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences, {data.num_tokens} tokens")
-    head = build_head(kind, model, base_name, **(head_options or {}))
+    head = build_head(kind, model, base_name, **head_options)
     if draft_vocab_size and draft_vocab_size < head.config.vocab_size:
         counts = data.response_token_counts(head.config.vocab_size)
         top = counts.argsort(descending=True)[:draft_vocab_size]
@@ -140,7 +136,7 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
         head.set_draft_vocab(top)
         head.config.training = {**(head.config.training or {}), "draft_vocab_coverage": round(covered, 4)}
         log(f"draft vocabulary: {draft_vocab_size} tokens cover {covered:.4f} of response tokens")
-    cfg = TrainConfig(**{**kinds[kind][2], **train_options})
+    cfg = TrainConfig(**{**start["train"], **train_options})
     head.config.training = {**(head.config.training or {}), "data": {
         "prompts": "hf_decoding_ext/data/prompts/distill.jsonl", "sequences": len(data.train) + len(data.heldout),
         "tokens": data.num_tokens, "max_new_tokens": max_new_tokens, "responses": "greedy, by the base model"}}

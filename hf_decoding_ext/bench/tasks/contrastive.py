@@ -21,8 +21,8 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from hf_decoding_ext.core.resources import read_jsonl
+from hf_decoding_ext.core.scoring import LogProbFn, model_log_prob_fn, sequence_token_log_probs
 
 DATA_FILES = ("knowledge_conflict.jsonl", "instructions.jsonl", "factual_mc.jsonl")
 
@@ -153,38 +153,24 @@ def check_instruction(response: str, check: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------ multiple choice
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]
-"""``score_fn(input_ids (1, T)) -> (T, vocab)`` next-token log-probabilities at every position. A scoring function
-with the attribute ``supports_first = True`` is called as ``score_fn(input_ids, first=k)`` and returns only the rows
-of positions ``k..T-1`` (``(T - k, vocab)``), which saves work when only a continuation is scored."""
+ScoreFn = LogProbFn
+"""``score_fn(input_ids (1, T)) -> (T, vocab)`` next-token log-probabilities at every position: a
+:data:`~hf_decoding_ext.core.scoring.LogProbFn`. A scoring function with the attribute ``supports_first = True`` is
+called as ``score_fn(input_ids, first=k)`` and returns only the rows of positions ``k..T-1`` (``(T - k, vocab)``),
+which saves work when only a continuation is scored."""
 
-
-def model_scorer(model) -> ScoreFn:
-    """The plain model as a scoring function (log-softmax of its logits, one forward, no cache)."""
-
-    @torch.no_grad()
-    def score(input_ids: torch.Tensor) -> torch.Tensor:
-        device = next(model.parameters()).device
-        out = model(input_ids=input_ids.to(device), use_cache=False)
-        return torch.log_softmax(out.logits[0].float(), dim=-1)
-
-    return score
+model_scorer = model_log_prob_fn
+"""``model_scorer(model)``: the plain model as a scoring function (log-softmax of its logits, one forward, no cache);
+:func:`hf_decoding_ext.core.scoring.model_log_prob_fn`."""
 
 
 def continuation_logprob(score_fn: ScoreFn, prompt_ids: Sequence[int], continuation_ids: Sequence[int]):
-    """``(sum of log p(continuation tokens | prompt, previous tokens), number of tokens)`` under ``score_fn``."""
+    """``(sum of log p(continuation tokens | prompt, previous tokens), number of tokens)`` under ``score_fn``
+    (:func:`hf_decoding_ext.core.scoring.sequence_token_log_probs`)."""
     if len(prompt_ids) == 0 or len(continuation_ids) == 0:
         raise ValueError("prompt and continuation must both be non-empty")
-    ids = torch.tensor([list(prompt_ids) + list(continuation_ids)], dtype=torch.long)
-    start = len(prompt_ids)
-    first = start - 1 if getattr(score_fn, "supports_first", False) else 0
-    log_probs = score_fn(ids, first=first) if first else score_fn(ids)
-    if log_probs.dim() != 2 or log_probs.shape[0] != ids.shape[1] - first:
-        raise ValueError(f"score_fn must return ({ids.shape[1] - first}, vocab) log-probabilities, got "
-                         f"{tuple(log_probs.shape)}")
-    targets = ids[0, start:].to(log_probs.device)
-    picked = log_probs[start - 1 - first:-1].gather(-1, targets[:, None])[:, 0]
-    return float(picked.sum()), int(targets.numel())
+    picked = sequence_token_log_probs(score_fn, prompt_ids, continuation_ids)
+    return float(picked.sum()), int(picked.numel())
 
 
 def mc_prompt(item: dict) -> str:

@@ -32,11 +32,20 @@ class VerifyResult:
 
     ``tree_logits`` are raw target logits ``(1 + n, vocab)`` at the root and at every tree node; ``side_logits``
     ``(m, vocab)`` at the side nodes; ``accepted`` the accepted node indices; ``tokens`` the tokens appended
-    (accepted draft tokens then the bonus token); ``committed_logits`` ``(s - 1, vocab)`` at the uncached committed
-    tokens before the root (e.g. the prompt at the first step), only for drafters with
-    ``wants_committed_logits = True``; ``hidden_states`` ``(s + n_block, hidden)`` the target's last-layer features
-    (after the final norm, i.e. the lm_head's input) at the uncached committed tokens then the block nodes, only for
-    drafters with ``wants_hidden_states = True`` (feature-conditioned heads such as Medusa or EAGLE).
+    (accepted draft tokens then the bonus token). The rest is filled only for drafters whose :attr:`Drafter.needs`
+    ask for it (``s`` uncached committed tokens, ``n_block`` tree and side nodes):
+
+    - ``committed_logits`` ``(s - 1, vocab)`` at the uncached committed tokens before the root (e.g. the prompt at the
+      first step): ``"committed_logits"``;
+    - ``hidden_states`` ``(s + n_block, hidden)`` the target's last-layer features (after the final norm, i.e. the
+      lm_head's input) at the uncached committed tokens then the block nodes: ``"last_hidden_state"``
+      (feature-conditioned heads such as Medusa or EAGLE);
+    - ``all_hidden_states``: a tuple of ``num_layers + 1`` tensors ``(s + n_block, hidden)``, the embeddings then the
+      output of every decoder layer at the same positions (the model's ``output_hidden_states``; for Llama-like
+      models the last entry is after the final norm): ``"all_hidden_states"``;
+    - ``target_cache``: the target's KV cache, compacted to the committed tokens plus the accepted path (the bonus
+      token is not in it yet): ``"target_cache"``. Read only; the drafter may append during ``propose()``, the engine
+      crops it back.
     """
 
     draft: Draft
@@ -46,6 +55,43 @@ class VerifyResult:
     tokens: list[int]
     committed_logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    all_hidden_states: tuple[torch.Tensor, ...] | None = None
+    target_cache: object | None = None
+
+
+DRAFTER_NEEDS = frozenset({"last_hidden_state", "all_hidden_states", "committed_logits", "assistant_model",
+                           "target_cache"})
+"""What a drafter may ask of the engine in :attr:`Drafter.needs`:
+
+- ``"last_hidden_state"``: the target's last-layer features in :attr:`VerifyResult.hidden_states`;
+- ``"all_hidden_states"``: every layer's hidden states in :attr:`VerifyResult.all_hidden_states` (self-speculative
+  and layer-skip drafters);
+- ``"committed_logits"``: the target's logits at the uncached committed tokens in
+  :attr:`VerifyResult.committed_logits`;
+- ``"assistant_model"``: ``generate(..., assistant_model=...)`` feeds this drafter (the engine refuses an assistant
+  model otherwise);
+- ``"target_cache"``: read access to the target's KV cache (``state.cache`` in ``propose()``,
+  :attr:`VerifyResult.target_cache` in ``observe()``); anything the drafter appends to it during ``propose()`` is
+  cropped back by the engine before verification (a layer-skip drafter running on the target's own cache).
+"""
+
+_LEGACY_FLAGS = {"wants_hidden_states": "last_hidden_state", "wants_committed_logits": "committed_logits",
+                 "uses_assistant_model": "assistant_model"}
+
+
+def check_needs(needs, owner: str = "drafter") -> frozenset[str]:
+    """``needs`` as a frozenset, or a ``ValueError`` naming anything outside :data:`DRAFTER_NEEDS`.
+
+    Example:
+        >>> sorted(check_needs({"last_hidden_state"}))
+        ['last_hidden_state']
+    """
+    if not isinstance(needs, (set, frozenset)):
+        raise ValueError(f"{owner}.needs must be a set of need names, got {needs!r}")
+    unknown = sorted(str(n) for n in needs if n not in DRAFTER_NEEDS)
+    if unknown:
+        raise ValueError(f"{owner}.needs has unknown entries {unknown}; known needs: {sorted(DRAFTER_NEEDS)}")
+    return frozenset(needs)
 
 
 class Drafter(abc.ABC):
@@ -54,11 +100,47 @@ class Drafter(abc.ABC):
     ``begin(state)`` is called once at the start of every ``generate()`` call, ``propose(state)`` before each
     verification, ``observe(state, result)`` after it. Per-generation state must be reset in ``begin``; state
     meant to persist across prompts (e.g. Token Recycling's adjacency matrix) stays until ``reset()``.
+
+    ``needs`` declares, in one set, what the drafter asks of the engine (names of :data:`DRAFTER_NEEDS`; the engine
+    refuses unknown names when it is built). The former boolean attributes ``wants_hidden_states``,
+    ``wants_committed_logits`` and ``uses_assistant_model`` are read-only views of ``needs``; a subclass that still
+    sets them as class attributes has them folded into ``needs`` with a ``DeprecationWarning`` (one release).
+
+    A drafter that samples its tokens hands the distributions it sampled from to the tree (``draft_probs``) and
+    says how siblings were drawn (``DraftTree(..., sibling_scheme="iid" | "without_replacement")``), so that the
+    engine can refuse an acceptance rule that would not be lossless for them.
     """
 
-    wants_committed_logits: bool = False
-    wants_hidden_states: bool = False  # the engine hands the target's last-layer features to observe()
-    uses_assistant_model: bool = False  # whether generate(assistant_model=...) feeds this drafter
+    needs: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        legacy = {flag: cls.__dict__[flag] for flag in _LEGACY_FLAGS if isinstance(cls.__dict__.get(flag), bool)}
+        if legacy:
+            import warnings
+
+            warnings.warn(f"{cls.__name__}: {sorted(legacy)} are deprecated; declare needs = frozenset({{...}}) "
+                          f"with names of {sorted(DRAFTER_NEEDS)}", DeprecationWarning, stacklevel=2)
+            needs = set(cls.needs)
+            for flag, value in legacy.items():
+                delattr(cls, flag)  # the base class's read-only view takes over
+                (needs.add if value else needs.discard)(_LEGACY_FLAGS[flag])
+            cls.needs = frozenset(needs)
+
+    @property
+    def wants_hidden_states(self) -> bool:
+        """Deprecated view of ``"last_hidden_state" in needs``."""
+        return "last_hidden_state" in self.needs
+
+    @property
+    def wants_committed_logits(self) -> bool:
+        """Deprecated view of ``"committed_logits" in needs``."""
+        return "committed_logits" in self.needs
+
+    @property
+    def uses_assistant_model(self) -> bool:
+        """Deprecated view of ``"assistant_model" in needs``."""
+        return "assistant_model" in self.needs
 
     def begin(self, state) -> None:
         pass

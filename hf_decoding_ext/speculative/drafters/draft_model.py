@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.core.tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.speculative.policies.draft_length import SCHEDULES, DraftLengthPolicy, draft_length_policy
 
 
 SELF_ASSISTANT_TOKENS = 3
-_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
 class DraftModelDrafter(Drafter):
@@ -34,7 +34,10 @@ class DraftModelDrafter(Drafter):
         schedule: transformers' ``num_assistant_tokens_schedule``: ``"constant"``, ``"heuristic"`` (draft length +2
             after a fully accepted draft, -1 otherwise, carried over to the next ``generate()`` call) or
             ``"heuristic_transient"`` (the same, restarting every call); ``None``: the assistant's generation config
-            (default ``"constant"``).
+            (default ``"constant"``). The schedule and the threshold run as a
+            :class:`~hf_decoding_ext.speculative.policies.draft_length.DraftLengthPolicy`, kept in
+            ``self.length_policy`` (built at each ``generate()`` call; a ``"heuristic"`` policy with unchanged
+            settings is kept, so its length carries over; ``reset()`` drops it).
         keep_logits: keep the draft model's raw float32 logits at the root and at every drafted node but the last
             in ``Draft.info["assistant_logits"]`` (``(n, vocab)``, row ``k`` = the distribution after tree node
             ``k - 1``, row 0 at the root, aligned with the engine's ``tree_logits``; an empty draft still gets the
@@ -53,13 +56,13 @@ class DraftModelDrafter(Drafter):
         ...                      custom_generate=loop)  # doctest: +SKIP
     """
 
-    uses_assistant_model = True
+    needs = frozenset({"assistant_model"})
 
     def __init__(self, assistant_model=None, num_tokens: int | None = None,
                  confidence_threshold: float | None = None, schedule: str | None = None,
                  keep_logits: bool = False, extra_step: bool = False):
-        if schedule not in (None, *_SCHEDULES):
-            raise ValueError(f"schedule must be None or one of {_SCHEDULES}, got {schedule!r}")
+        if schedule not in (None, *SCHEDULES):
+            raise ValueError(f"schedule must be None or one of {tuple(SCHEDULES)}, got {schedule!r}")
         self.schedule = schedule
         if num_tokens is not None and num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
@@ -71,12 +74,13 @@ class DraftModelDrafter(Drafter):
         self.keep_logits = bool(keep_logits) or bool(extra_step)
         self.extra_step = bool(extra_step)
         self.assistant = assistant_model
+        self.length_policy: DraftLengthPolicy | None = None
         self._cache = None
         self._cached_ids: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, assistant: str = "self:4", num_tokens: int | None = None,
-                  confidence_threshold: float | None = None, schedule: str | None = None) -> "DraftModelDrafter":
+                  confidence_threshold: float | None = None, schedule: str | None = None) -> DraftModelDrafter:
         """Registry/CLI factory. ``assistant`` is a model name or path (loaded with
         :func:`~hf_decoding_ext.core.models.load_model`, same device and dtype as the target) or ``"self:N"``: the target's
         first ``N`` layers with its final norm and LM head (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak
@@ -118,18 +122,21 @@ class DraftModelDrafter(Drafter):
             raise ValueError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's "
                              f"({target_vocab}); a draft model must share the target's tokenizer")
         cfg = getattr(self.assistant, "generation_config", None)
-        self._num_tokens = self.num_tokens if self.num_tokens is not None else int(
+        num_tokens = self.num_tokens if self.num_tokens is not None else int(
             getattr(cfg, "num_assistant_tokens", None) or 20)
         threshold = self.confidence_threshold
         if threshold is None:
             threshold = getattr(cfg, "assistant_confidence_threshold", None)
-        self._threshold = 0.4 if threshold is None else float(threshold)
+        threshold = 0.4 if threshold is None else float(threshold)
         schedule = self.schedule or getattr(cfg, "num_assistant_tokens_schedule", None) or "constant"
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"unsupported num_assistant_tokens_schedule {schedule!r} (one of {_SCHEDULES})")
-        if schedule == "heuristic" and getattr(self, "_carried", None) is not None:
-            self._num_tokens = self._carried
-        self._schedule = schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unsupported num_assistant_tokens_schedule {schedule!r} (one of {tuple(SCHEDULES)})")
+        policy = self.length_policy
+        if policy is None or (policy.name, policy.num_tokens, policy.confidence_threshold) != (
+                schedule, num_tokens, threshold):
+            policy = draft_length_policy(schedule, num_tokens, threshold)
+        policy.begin()  # "heuristic" keeps its length from the previous call, the others restart
+        self.length_policy = policy
         self._cache = DynamicCache(config=self.assistant.config)
         self._cached_ids = state.input_ids.new_zeros((1, 0))
 
@@ -161,7 +168,7 @@ class DraftModelDrafter(Drafter):
         tokens, probs, kept = [], [], []
         room = state.generation_config.max_length - ids.shape[1] - 1
         cur_ids, cur_mask = ids, mask
-        for _ in range(max(0, min(self._num_tokens, room))):
+        for _ in range(max(0, min(self.length_policy.length(), room))):
             logits = self._step(cur_ids, cur_mask)
             if self.keep_logits:
                 kept.append(logits[0])
@@ -175,25 +182,20 @@ class DraftModelDrafter(Drafter):
             tokens.append(int(tok))
             cur_ids = torch.cat([cur_ids, tok[:, None]], dim=1)
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones((1, 1))], dim=1)
-            if not state.do_sample and float(p[0, tok]) < self._threshold:
+            if not state.do_sample and self.length_policy.stop(float(p[0, tok])):
                 break
         if self.keep_logits and (self.extra_step or not tokens):
             kept.append(self._step(cur_ids, cur_mask)[0])  # after the last drafted token (or at the root)
         self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
         draft_probs = torch.stack(probs) if probs else None
-        draft = Draft(DraftTree.chain(torch.tensor(tokens, dtype=torch.long), draft_probs))
+        draft = Draft(DraftTree.chain(torch.tensor(tokens, dtype=torch.long), draft_probs,
+                                      "deterministic" if draft_probs is None else "iid"))  # a sampled chain: i.i.d.
         if self.keep_logits:
             draft.info["assistant_logits"] = torch.stack(kept)
         return draft
 
     def observe(self, state, result) -> None:
-        if self._schedule in ("heuristic", "heuristic_transient"):
-            n = len(result.draft.tree)
-            if n and len(result.accepted) == n:
-                self._num_tokens += 2
-            else:
-                self._num_tokens = max(1, self._num_tokens - 1)
-            self._carried = self._num_tokens if self._schedule == "heuristic" else None
+        self.length_policy.update(len(result.draft.tree), len(result.accepted))
 
     def reset(self) -> None:
-        self._carried = None
+        self.length_policy = None

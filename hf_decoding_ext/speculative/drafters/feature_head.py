@@ -17,32 +17,29 @@ from pathlib import Path
 
 import torch
 
+from hf_decoding_ext.core.resources import data_path
 from hf_decoding_ext.core.tree import DraftTree, build_choice_tree, choices_from_accuracies, normalize_choices
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
-from hf_decoding_ext.core.resources import data_path
+from hf_decoding_ext.speculative.heads import head_classes
+from hf_decoding_ext.speculative.policies.tree_policy import ACCELERATOR_MAX_NODES, NodeBudget
 
-SHIPPED = {
-    "medusa": "smollm2-135m-instruct-medusa",
-    "hydra": "smollm2-135m-instruct-hydra",
-    "mlp-speculator": "smollm2-135m-instruct-mlp-speculator",
-    "eagle": "smollm2-135m-instruct-eagle-fspad",
-}
-"""Checkpoints shipped in the package (``hf_decoding_ext/data/heads/<name>``), trained on SmolLM2-135M-Instruct."""
+SHIPPED = {kind: cls.shipped_name for kind, cls in head_classes().items() if cls.shipped_name}
+"""Checkpoints shipped in the package (``hf_decoding_ext/data/heads/<name>``), trained on SmolLM2-135M-Instruct:
+head kind -> folder name, read from the head classes' ``shipped_name`` declarations."""
 
 CPU_MAX_NODES = 3
 """Tree size of ``max_nodes="auto"`` when the target runs on CPU. With the engine's small-batch linear layout a
 forward over 2-4 tokens costs 0.55-0.73x a 1-token forward on the development CPU, 6 tokens about 1x and 10 tokens
 1.5x (``results/verify_cost.json``), while the shipped heads' acceptance beyond their best few paths is small: in the
 measured sweep (``results/trained-heads_tree_size.json``, 6 prompts x 128 tokens) 3 nodes was the fastest size for
-all four heads (1.50-1.68x over greedy against 1.36-1.47x with 4 nodes and 0.85-0.91x with 10)."""
-
-ACCELERATOR_MAX_NODES = 16
-"""Tree size of ``max_nodes="auto"`` on an accelerator, where a forward over a few dozen tokens costs about as much
-as one token (not measured by this library: no GPU was available)."""
+all four heads (1.50-1.68x over greedy against 1.36-1.47x with 4 nodes and 0.85-0.91x with 10). This measured size
+overrides the cost-curve rule of :class:`~hf_decoding_ext.speculative.policies.tree_policy.NodeBudget`, which ignores
+drafting time and, from the heads' accuracies, would pick 1 node (a 2-token forward is the cheapest point of the
+curve)."""
 
 DEFAULT_MAX_NODES = "auto"
 """Default ``max_nodes`` of the feature-head drafters: :data:`CPU_MAX_NODES` on CPU, :data:`ACCELERATOR_MAX_NODES`
-elsewhere."""
+elsewhere (:data:`~hf_decoding_ext.speculative.policies.tree_policy.ACCELERATOR_MAX_NODES`, re-exported here)."""
 
 
 def shipped_head_path(kind: str) -> Path:
@@ -53,11 +50,13 @@ def shipped_head_path(kind: str) -> Path:
     return data_path("heads", SHIPPED[kind])
 
 
-def load_head(head, head_class, kind: str, **from_pretrained_kwargs):
-    """A head object from an instance, ``None``/``"shipped"`` (the packaged checkpoint), a local folder or a Hub
-    id (through the Hugging Face cache; offline once cached)."""
+def load_head(head, head_class, kind: str | None = None, **from_pretrained_kwargs):
+    """A head object from an instance, ``None``/``"shipped"`` (the packaged checkpoint of ``kind``, by default the
+    class's declared ``head_kind``), a local folder or a Hub id (through the Hugging Face cache; offline once
+    cached)."""
     if isinstance(head, head_class):
         return head
+    kind = kind or head_class.head_kind
     if head is None or head == "shipped":
         path = shipped_head_path(kind)
         if not (path / "config.json").exists():
@@ -79,17 +78,15 @@ class FeatureHeadDrafter(Drafter):
     ``generate()`` call; ``None`` keeps the head's whole default tree.
     """
 
-    wants_hidden_states = True
+    needs = frozenset({"last_hidden_state"})
 
     def __init__(self, head, tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        if max_nodes is not None and max_nodes != "auto" and (
-                isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
-            raise ValueError(f"max_nodes must be a positive integer, 'auto' or None, got {max_nodes!r}")
+        self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=ACCELERATOR_MAX_NODES)
         self.head = head
         self.head.eval()
         self.max_nodes = max_nodes
         self.tree_choices = tree_choices
-        self._size = CPU_MAX_NODES if max_nodes == "auto" else max_nodes  # until a generate() call sees the device
+        self._size = self.budget.resolve("cpu")  # "auto": the CPU size until a generate() call sees the device
         self.choices = self._resolve_choices(tree_choices)
         self.last_feature: torch.Tensor | None = None
         self._model_id = None
@@ -125,8 +122,8 @@ class FeatureHeadDrafter(Drafter):
         if self._model_id != id(state.model) or not self.head.attached:
             self.head.attach(state.model)
             self._model_id = id(state.model)
-        if self.max_nodes == "auto":
-            size = CPU_MAX_NODES if state.model.device.type == "cpu" else ACCELERATOR_MAX_NODES
+        if self.budget.is_auto:
+            size = self.budget.resolve(state.model.device)
             if size != self._size:
                 self._size = size
                 self.choices = self._resolve_choices(self.tree_choices)

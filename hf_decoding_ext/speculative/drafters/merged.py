@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
 from hf_decoding_ext.core.tree import DraftTree
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.speculative.policies.tree_policy import NodeBudget
 
 
 class MergedDrafter(Drafter):
@@ -23,7 +24,9 @@ class MergedDrafter(Drafter):
 
     Args:
         drafters: the drafters to merge (at least one; at most one with side nodes; none that samples its drafts).
-        max_nodes: cap on the merged tree (``None``: no cap).
+        max_nodes: cap on the merged tree (``None``: no cap; ``"auto"``: on CPU the largest tree whose verification
+            costs at most a 1-token forward on the packaged verify-cost curve, no cap on an accelerator; see
+            :class:`~hf_decoding_ext.speculative.policies.tree_policy.NodeBudget`).
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -34,18 +37,17 @@ class MergedDrafter(Drafter):
         >>> out = model.generate(**inputs, max_new_tokens=128, custom_generate=loop)  # doctest: +SKIP
     """
 
-    def __init__(self, drafters: Sequence[Drafter], max_nodes: int | None = None):
+    def __init__(self, drafters: Sequence[Drafter], max_nodes: int | str | None = None):
         drafters = list(drafters)
         if not drafters or not all(isinstance(d, Drafter) for d in drafters):
             raise ValueError("MergedDrafter needs a non-empty list of Drafter instances")
-        if any(d.uses_assistant_model for d in drafters):
+        if any("assistant_model" in d.needs for d in drafters):
             raise ValueError("MergedDrafter does not take draft-model drafters (their drafts are sampled)")
-        if max_nodes is not None and max_nodes < 1:
-            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        self.budget = NodeBudget(max_nodes, accelerator=None)
         self.drafters = drafters
         self.max_nodes = max_nodes
-        self.wants_committed_logits = any(d.wants_committed_logits for d in drafters)
-        self.wants_hidden_states = any(d.wants_hidden_states for d in drafters)
+        self._cap = self.budget.resolve("cpu")  # "auto": the CPU cap until a generate() call sees the device
+        self.needs = frozenset().union(*(d.needs for d in drafters))
         self._maps: list[list[int]] = []
         self._drafts: list[Draft] = []
 
@@ -54,6 +56,7 @@ class MergedDrafter(Drafter):
             d.reset()
 
     def begin(self, state) -> None:
+        self._cap = self.budget.resolve(state.model.device)
         for d in self.drafters:
             d.begin(state)
 
@@ -72,7 +75,7 @@ class MergedDrafter(Drafter):
         index: dict[tuple[int, int], int] = {}
         maps: list[list[int]] = [[-1] * len(d.tree) for d in drafts]
         cursors = [0] * len(drafts)
-        cap = self.max_nodes if self.max_nodes is not None else sum(len(d.tree) for d in drafts)
+        cap = self._cap if self._cap is not None else sum(len(d.tree) for d in drafts)
         # round-robin over the drafters, each contributing its nodes in order (parents before children)
         while len(tokens) < cap and any(c < len(d.tree) for c, d in zip(cursors, drafts)):
             for j, d in enumerate(drafts):
@@ -99,7 +102,7 @@ class MergedDrafter(Drafter):
 
     def observe(self, state, result: VerifyResult) -> None:
         for j, (drafter, draft) in enumerate(zip(self.drafters, self._drafts)):
-            if drafter.wants_hidden_states:
+            if drafter.needs & {"last_hidden_state", "all_hidden_states", "target_cache"}:
                 # feature-conditioned heads track the features of every committed token, including tokens accepted
                 # from another drafter's nodes: they observe the merged tree and the whole accepted path
                 drafter.observe(state, result)

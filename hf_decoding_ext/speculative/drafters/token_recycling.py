@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from hf_decoding_ext.core.tree import DraftTree, best_first_paths
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
-from hf_decoding_ext.core.tree import DraftTree
+from hf_decoding_ext.speculative.policies.tree_policy import NodeBudget
 
 # The paper's default static tree (template "2.2.2", 80 nodes over 6 levels), written as the number of children of
 # each node, a node being the path of candidate ranks from the root. Child ``i`` of a node holding token ``t`` is
@@ -35,7 +36,8 @@ NODE_PRIORITY: list[tuple[int, ...]] = [
 # Tree size used by ``max_nodes="auto"`` on CPU: there a forward over 2-20 new tokens cost ~1.5-1.7x a 1-token
 # forward and ~2.5x beyond 24 (SmolLM2-135M, 2 cores), so the 80-node tree verifies slower than greedy decoding.
 # Chosen before the engine's small-batch linear layout (which makes 2-6-token forwards cheaper than a 1-token one and
-# favours smaller trees, see results/verify_cost.json); not re-tuned since.
+# favours smaller trees, see results/verify_cost.json); not re-tuned since. It overrides the cost-curve rule of
+# NodeBudget (which, without acceptance estimates, would pick 5 nodes); the accelerator size is the whole template.
 CPU_MAX_NODES = 16
 
 
@@ -67,8 +69,9 @@ class TokenRecyclingDrafter(Drafter):
         k: candidates per token (the paper's top-k, default 8).
         tree: ``{path: n_children}`` template; default the paper's 80-node tree "2.2.2".
         max_depth: optional cap on tree depth.
-        max_nodes: keep only this many nodes of the template, the most often accepted first (:data:`NODE_PRIORITY`,
-            then breadth-first); ``None`` keeps the whole template; ``"auto"`` (default) keeps the whole template when
+        max_nodes: keep only this many nodes of the template, the most often accepted first (a best-first tree,
+            :func:`~hf_decoding_ext.core.tree.best_first_paths`, scored by rank in :data:`NODE_PRIORITY`, then
+            breadth-first); ``None`` keeps the whole template; ``"auto"`` (default) keeps the whole template when
             the model runs on an accelerator and :data:`CPU_MAX_NODES` (16) on CPU, where a verification forward over
             80 nodes costs ~3.7x a 1-token forward (a deviation from the paper, which targets GPUs).
 
@@ -79,7 +82,7 @@ class TokenRecyclingDrafter(Drafter):
         >>> out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)  # doctest: +SKIP
     """
 
-    wants_committed_logits = True
+    needs = frozenset({"committed_logits"})
 
     def __init__(self, k: int = 8, tree: dict[tuple[int, ...], int] | None = None, max_depth: int | None = None,
                  max_nodes: int | str | None = "auto"):
@@ -93,19 +96,23 @@ class TokenRecyclingDrafter(Drafter):
             paths = [p for p in paths if len(p) <= max_depth]
         if any(i >= k for p in paths for i in p):
             raise ValueError(f"the tree template uses candidate ranks >= k={k}")
-        if not (max_nodes is None or max_nodes == "auto" or (isinstance(max_nodes, int) and max_nodes >= 1)):
-            raise ValueError(f"max_nodes must be None, 'auto' or an int >= 1, got {max_nodes!r}")
+        self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=None)
         self.k = k
         self.max_nodes = max_nodes
         template = set(paths)
         ranked = [p for p in NODE_PRIORITY if p in template]
         self._template = ranked + [p for p in paths if p not in set(ranked)]
+        self._children: dict[tuple[int, ...], list[int]] = {}
+        for p in self._template:
+            self._children.setdefault(p[:-1], []).append(p[-1])
+        self._score = {p: -float(i) for i, p in enumerate(self._template)}  # earlier in the template = better
         self._set_tree(len(self._template) if max_nodes in (None, "auto") else max_nodes)
         self.adjacency: torch.Tensor | None = None
 
     def _set_tree(self, n: int) -> None:
-        """Use the first ``n`` template nodes (ancestor-closed), laid out breadth-first."""
-        chosen = set(self._template[:n])
+        """Use the ``n`` best template nodes (the first ``n``: parents precede children), laid out breadth-first."""
+        chosen = best_first_paths(lambda path, _: [(r, self._score[path + (r,)]) for r in self._children.get(path, [])],
+                                  n)
         paths = sorted(chosen, key=lambda p: (len(p), p))
         index = {p: i for i, p in enumerate(paths)}
         self._parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in paths], dtype=torch.long)
@@ -124,9 +131,9 @@ class TokenRecyclingDrafter(Drafter):
         self.adjacency = None
 
     def begin(self, state) -> None:
-        if self.max_nodes == "auto":
-            on_cpu = state.model.device.type == "cpu"
-            self._set_tree(min(CPU_MAX_NODES, len(self._template)) if on_cpu else len(self._template))
+        if self.budget.is_auto:
+            size = self.budget.resolve(state.model.device)
+            self._set_tree(len(self._template) if size is None else min(size, len(self._template)))
         vocab = state.model.get_output_embeddings().weight.shape[0]
         if self.adjacency is None or self.adjacency.shape[0] != vocab:
             self.adjacency = torch.full((vocab, self.k), -1, dtype=torch.long)

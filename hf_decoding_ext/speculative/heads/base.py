@@ -56,12 +56,45 @@ class DraftHeadConfig(PretrainedConfig):
 
 
 class DraftHeadModel(PreTrainedModel):
-    """Base class of draft heads (see the module docstring)."""
+    """Base class of draft heads (see the module docstring).
+
+    Each head class declares what the rest of the library needs to know about its kind, as class attributes; the
+    training pipeline, the ``train`` command, the shipped-checkpoint table
+    (:data:`~hf_decoding_ext.speculative.drafters.feature_head.SHIPPED`) and the model-card writer read them
+    (:func:`hf_decoding_ext.speculative.heads.head_classes` lists the head classes by kind).
+    """
 
     config_class = DraftHeadConfig
     base_model_prefix = "draft_head"
     main_input_name = "hidden_states"
     _no_split_modules: list[str] = []
+
+    # ------------------------------------------------------------------------------------------------ declarations
+    head_kind: str = ""
+    """The kind's name: ``hf-decoding-ext train <kind>``, ``publish <kind>``, ``shipped_head_path(kind)``."""
+    display_name: str = ""
+    """What the head is, in a few words (the model card's first line)."""
+    method: str = ""
+    """The registry name of the method the head drafts for (:func:`~hf_decoding_ext.registry.get_method`)."""
+    drafter: str = ""
+    """``"module:Class"`` of the drafter that runs the head in the speculative engine."""
+    shipped_name: str | None = None
+    """Folder of the checkpoint shipped in ``hf_decoding_ext/data/heads/`` (``None``: none shipped)."""
+    training_defaults: dict = {}
+    """:class:`~hf_decoding_ext.training.trainer.TrainConfig` fields this kind trains with by default (the
+    ``train`` command's options override them)."""
+    shipped_recipe: dict = {}
+    """The options the shipped checkpoint was trained with (``train <kind> --recipe shipped``): ``TrainConfig``
+    fields, plus ``head_options`` (head config options) and ``save_dtype``."""
+    card_config_keys: tuple[str, ...] = ()
+    """Config attributes describing the head's shape, quoted by the model card."""
+
+    @classmethod
+    def load_drafter_class(cls) -> type:
+        """Import and return the class named by :attr:`drafter`."""
+        from hf_decoding_ext.registry import import_target
+
+        return import_target(cls.drafter)
 
     def __init__(self, config: DraftHeadConfig):
         super().__init__(config)

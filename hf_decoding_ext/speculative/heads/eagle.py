@@ -110,6 +110,15 @@ class EagleDrafterModel(DraftHeadModel):
 
     depth_key = "num_draft_tokens"
     config_class = EagleDrafterConfig
+    head_kind = "eagle"
+    display_name = "EAGLE-style feature drafter trained with FSPAD"
+    method = "eagle-fspad"
+    drafter = "hf_decoding_ext.speculative.drafters.eagle:EagleDrafter"
+    shipped_name = "smollm2-135m-instruct-eagle-fspad"
+    training_defaults = {"lr": 5e-4, "batch_size": 8}  # batch_size counts sequences for this head
+    shipped_recipe = {"steps": 900, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.01,
+                      "head_options": {"cls_weight": 0.25}, "save_dtype": "float16"}
+    card_config_keys = ("num_draft_tokens", "feature_sampling", "partial_alignment", "fs_expansion", "cls_weight")
 
     def __init__(self, config: EagleDrafterConfig):
         super().__init__(config)

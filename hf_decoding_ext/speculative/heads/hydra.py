@@ -101,6 +101,14 @@ class HydraHeads(DraftHeadModel):
 
     depth_key = "num_heads"
     config_class = HydraConfig
+    head_kind = "hydra"
+    display_name = "Hydra heads"
+    method = "hydra"
+    drafter = "hf_decoding_ext.speculative.drafters.hydra:HydraDrafter"
+    shipped_name = "smollm2-135m-instruct-hydra"
+    training_defaults = {"lr": 1e-3, "batch_size": 256}
+    shipped_recipe = {"steps": 1200, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.01}
+    card_config_keys = ("num_heads", "num_layers")
 
     def __init__(self, config: HydraConfig):
         super().__init__(config)

@@ -50,6 +50,14 @@ class MedusaHeads(DraftHeadModel):
 
     depth_key = "num_heads"
     config_class = MedusaConfig
+    head_kind = "medusa"
+    display_name = "Medusa-1 heads"
+    method = "medusa"
+    drafter = "hf_decoding_ext.speculative.drafters.medusa:MedusaDrafter"
+    shipped_name = "smollm2-135m-instruct-medusa"
+    training_defaults = {"lr": 1e-3, "batch_size": 256}
+    shipped_recipe = {"steps": 1200, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.01}
+    card_config_keys = ("num_heads", "num_layers")
 
     def __init__(self, config: MedusaConfig):
         super().__init__(config)

@@ -76,6 +76,14 @@ class MLPSpeculator(DraftHeadModel):
 
     depth_key = "n_predict"
     config_class = MLPSpeculatorConfig
+    head_kind = "mlp-speculator"
+    display_name = "MLP speculator"
+    method = "mlp-speculator"
+    drafter = "hf_decoding_ext.speculative.drafters.mlp_speculator:MLPSpeculatorDrafter"
+    shipped_name = "smollm2-135m-instruct-mlp-speculator"
+    training_defaults = {"lr": 1e-3, "batch_size": 256}
+    shipped_recipe = {"steps": 1200, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.01}
+    card_config_keys = ("n_predict", "inner_dim")
 
     def __init__(self, config: MLPSpeculatorConfig):
         super().__init__(config)

@@ -1,0 +1,627 @@
+"""Scoring candidate continuations of a prompt: one protocol for rerankers and step-level searches.
+
+A :class:`Scorer` maps ``n`` candidate token sequences for one context (usually the prompt's token ids) to a ``(n,)``
+float32 tensor, higher is better. Rerankers (best-of-N, minimum Bayes risk, quality-aware decoding) keep the best
+candidate; step-level searches score partial continuations the same way.
+
+* :class:`LogProbScorer`: ``log p(candidate | prompt)``, the sum of the candidate's token log-probabilities (optionally
+  with an end term ``log p(eos | prompt, candidate)``); batched, the prompt is run once and its cache shared by every
+  chunk of candidates. It also scores under any next-token log-probability function (:data:`LogProbFn`, e.g. DoLa's
+  or LOL's contrast as a scorer), one call per candidate.
+* :class:`LengthNormalizedLogProbScorer`: the same divided by ``length ** alpha`` (the mean per token at
+  ``alpha = 1``, transformers' beam-search ``length_penalty`` form otherwise).
+* :class:`UtilityMatrixScorer` and :class:`MBRScorer`: a pairwise utility between candidates, as an ``n x n`` matrix
+  computed once per candidate set; MBR's expected utility against the other candidates taken as pseudo-references.
+  :func:`token_f1` and :func:`rouge_l` are utilities over token ids, so MBR runs offline.
+* :class:`CallableScorer`: any user callable (a reward model, a verifier, a regular expression), on token ids or on
+  text decoded with a tokenizer.
+
+Candidates are a list of 1-D token-id sequences (``LongTensor`` or lists of ints), or a right-padded ``(n, L)``
+tensor with ``lengths=``.
+
+Example:
+    >>> from hf_decoding_ext.core.scoring import MBRScorer
+    >>> candidates = [[5, 6, 7], [5, 6, 8], [5, 6, 7, 9], [1, 2]]
+    >>> MBRScorer("token_f1").best(candidates)  # the medoid: closest on average to the others
+    0
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from hf_decoding_ext.core.loop import repeat_cache
+
+LogProbFn = Callable[..., torch.Tensor]
+"""``fn(input_ids (1, T)) -> (T, vocab)``: next-token log-probabilities at every position of one sequence (row ``t``
+is the distribution of token ``t + 1``). A function with the attribute ``supports_first = True`` is called as
+``fn(input_ids, first=k)`` and returns only the rows of positions ``k..T-1`` (``(T - k, vocab)``), which saves work
+when only a continuation is scored."""
+
+Utility = Callable[[Sequence[int], Sequence[int]], float]
+"""``utility(hypothesis, reference) -> float``: how good ``hypothesis`` is if ``reference`` were the truth."""
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _as_ids(seq, what: str) -> torch.Tensor:
+    """A 1-D sequence of non-negative token ids as a 1-D long CPU tensor."""
+    if isinstance(seq, torch.Tensor):
+        if seq.dim() != 1 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
+            raise ValueError(f"{what} must be a 1-D integer tensor of token ids, got dtype {seq.dtype} and shape "
+                             f"{tuple(seq.shape)}")
+        ids = seq.detach().to("cpu", torch.long)
+    else:
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise ValueError(f"{what} must be a sequence of token ids, got {type(seq).__name__}")
+        seq = [int(t) if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.dtype.is_floating_point else t
+               for t in seq]
+        bad = [t for t in seq if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise ValueError(f"{what} must hold integer token ids, got {bad[0]!r}")
+        ids = torch.tensor([int(t) for t in seq], dtype=torch.long)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"{what} must hold non-negative token ids, got {int(ids.min())}")
+    return ids
+
+
+def as_candidates(candidates, lengths=None) -> list[torch.Tensor]:
+    """Candidates as a list of 1-D long CPU tensors.
+
+    Args:
+        candidates: a non-empty list of 1-D token-id sequences (``LongTensor`` or lists of ints, possibly empty), or
+            a right-padded ``(n, L)`` integer tensor.
+        lengths: with a padded tensor, ``(n,)`` lengths (row ``i`` holds its candidate in its first ``lengths[i]``
+            entries); ``None``: every row is a whole candidate.
+
+    Example:
+        >>> import torch
+        >>> as_candidates(torch.tensor([[4, 5, 0], [6, 7, 8]]), lengths=[2, 3])
+        [tensor([4, 5]), tensor([6, 7, 8])]
+    """
+    if isinstance(candidates, torch.Tensor):
+        if candidates.dim() != 2:
+            raise ValueError(f"a tensor of candidates must be 2-D (n, L) and right-padded, got shape "
+                             f"{tuple(candidates.shape)}")
+        n, width = candidates.shape
+        if lengths is None:
+            lengths = [width] * n
+        lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
+        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or len(lengths) != n:
+            raise ValueError(f"lengths must hold one length per candidate row ({n}), got {lengths!r}")
+        if not all(_is_int(k) and 0 <= k <= width for k in lengths):
+            raise ValueError(f"lengths must be integers in [0, {width}], got {lengths!r}")
+        rows = [_as_ids(candidates[i, :k], f"candidate {i}") for i, k in enumerate(lengths)]
+    else:
+        if lengths is not None:
+            raise ValueError("lengths= goes with a padded 2-D tensor of candidates, not with a list")
+        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+            raise ValueError(f"candidates must be a list of token-id sequences or a padded 2-D tensor, got "
+                             f"{candidates!r:.80}")
+        rows = [_as_ids(c, f"candidate {i}") for i, c in enumerate(candidates)]
+    if not rows:
+        raise ValueError("no candidates to score")
+    return rows
+
+
+def _as_prompt(context, who: str) -> torch.Tensor:
+    if context is None:
+        raise ValueError(f"{who} needs the prompt's token ids as the context")
+    if isinstance(context, torch.Tensor) and context.dim() == 2 and context.shape[0] == 1:
+        context = context[0]
+    prompt = _as_ids(context, f"{who}'s context (the prompt)")
+    if prompt.numel() == 0:
+        raise ValueError(f"{who} needs a non-empty prompt (the first candidate token is predicted from it)")
+    return prompt
+
+
+def _end_ids(end_token_ids) -> list[int] | None:
+    if end_token_ids is None:
+        return None
+    if isinstance(end_token_ids, torch.Tensor):
+        end_token_ids = end_token_ids.flatten().tolist()
+    ids = [end_token_ids] if _is_int(end_token_ids) else end_token_ids
+    if (isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids
+            or not all(_is_int(e) and e >= 0 for e in ids)):
+        raise ValueError(f"end_token_ids must be None, a non-negative int or a non-empty list of them, got "
+                         f"{end_token_ids!r}")
+    return [int(e) for e in ids]
+
+
+def _check_batch_size(batch_size) -> int:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
+# ------------------------------------------------------------------------------------------------- protocol
+class Scorer(abc.ABC):
+    """Scores ``n`` candidate token sequences for one context; higher is better.
+
+    Subclasses implement :meth:`score_candidates` on candidates already normalised by :func:`as_candidates` (a list
+    of 1-D long CPU tensors); :meth:`score` (also ``scorer(...)``) accepts every candidate format.
+    """
+
+    def score(self, candidates, context=None, *, lengths=None) -> torch.Tensor:
+        """``(n,)`` float32 CPU scores of ``candidates`` (a list of 1-D token-id sequences, or a right-padded
+        ``(n, L)`` tensor with ``lengths``) given ``context`` (for the model scorers: the prompt's token ids)."""
+        rows = as_candidates(candidates, lengths)
+        scores = torch.as_tensor(self.score_candidates(rows, context), dtype=torch.float32).cpu()
+        if scores.shape != (len(rows),):
+            raise ValueError(f"{type(self).__name__} returned scores of shape {tuple(scores.shape)} for "
+                             f"{len(rows)} candidates")
+        return scores
+
+    __call__ = score
+
+    def best(self, candidates, context=None, *, lengths=None) -> int:
+        """Index of the best-scoring candidate (the first one on ties)."""
+        return int(torch.argmax(self.score(candidates, context, lengths=lengths)))
+
+    @abc.abstractmethod
+    def score_candidates(self, candidates: list[torch.Tensor], context) -> torch.Tensor | Sequence[float]:
+        """Scores of normalised candidates (one value each)."""
+
+
+# ------------------------------------------------------------------------------------------------- log-probability
+def model_log_prob_fn(model) -> LogProbFn:
+    """The plain model as a :data:`LogProbFn`: the log-softmax of its logits, one forward without cache.
+
+    Example:
+        >>> fn = model_log_prob_fn(model)  # doctest: +SKIP
+        >>> fn(torch.tensor([[1, 5, 7]])).shape  # doctest: +SKIP
+        torch.Size([3, 128])
+    """
+
+    @torch.no_grad()
+    def score(input_ids: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        out = model(input_ids=input_ids.to(device), use_cache=False)
+        return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+    return score
+
+
+def sequence_token_log_probs(log_prob_fn: LogProbFn, prompt_ids, continuation_ids,
+                             end_token_ids=None) -> torch.Tensor:
+    """Per-token ``log p(continuation_t | prompt, continuation_<t)`` under a :data:`LogProbFn`, one call on
+    ``prompt + continuation`` (with ``first=`` when the function ``supports_first``).
+
+    Args:
+        log_prob_fn: the next-token log-probability function.
+        prompt_ids: the prompt's token ids (non-empty).
+        continuation_ids: the continuation's token ids (may be empty).
+        end_token_ids: optional end token id(s): one more entry, the log of their total probability after the
+            continuation.
+
+    Returns:
+        ``(len(continuation) [+ 1],)`` tensor, in the dtype and on the device of ``log_prob_fn``'s output.
+
+    Example:
+        >>> import torch
+        >>> uniform = lambda ids: torch.log_softmax(torch.zeros(ids.shape[1], 4), dim=-1)
+        >>> sequence_token_log_probs(uniform, [1, 2], [3, 0]).exp().tolist()
+        [0.25, 0.25]
+    """
+    prompt = _as_prompt(prompt_ids, "sequence_token_log_probs").tolist()
+    cont = _as_ids(continuation_ids, "the continuation").tolist()
+    end = _end_ids(end_token_ids)
+    ids = torch.tensor([prompt + cont], dtype=torch.long)
+    start = len(prompt)
+    first = start - 1 if getattr(log_prob_fn, "supports_first", False) else 0
+    log_probs = log_prob_fn(ids, first=first) if first else log_prob_fn(ids)
+    rows = ids.shape[1] - first
+    if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 2 or log_probs.shape[0] != rows:
+        shape = tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
+        raise ValueError(f"the log-probability function must return ({rows}, vocab) log-probabilities, got {shape}")
+    targets = ids[0, start:].to(log_probs.device)
+    picked = log_probs[start - 1 - first:-1].gather(-1, targets[:, None])[:, 0]
+    if end is None:
+        return picked
+    end_t = torch.tensor(end, dtype=torch.long, device=log_probs.device)
+    return torch.cat([picked, torch.logsumexp(log_probs[-1, end_t], dim=0)[None]])
+
+
+@torch.no_grad()
+def model_token_log_probs(model, prompt_ids, candidates: list[torch.Tensor], batch_size: int = 32,
+                          end_token_ids=None) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each candidate continuation of one prompt under ``model``, batched.
+
+    The prompt is run once; each chunk of ``batch_size`` candidates is fed right-padded (explicit positions, padding
+    masked) on a copy of the prompt's KV cache, so a chunk costs one forward whatever its candidates' lengths.
+
+    Args:
+        model: a causal LM.
+        prompt_ids: ``(prompt_len,)`` token ids of the prompt, without padding (non-empty).
+        candidates: 1-D long tensors (see :func:`as_candidates`).
+        batch_size: candidates per forward.
+        end_token_ids: optional end token id(s): one more entry per candidate, the log of their total probability
+            after it.
+
+    Returns:
+        one float32 CPU tensor per candidate, ``(len(candidate) [+ 1],)``.
+    """
+    prompt = _as_prompt(prompt_ids, "model_token_log_probs")
+    batch_size = _check_batch_size(batch_size)
+    end = _end_ids(end_token_ids)
+    device = next(model.parameters()).device
+    first = model(input_ids=prompt[None].to(device), use_cache=True)
+    root = first.logits[0, -1].float()
+    vocab = root.shape[-1]
+    top = max([int(c.max()) for c in candidates if c.numel()] + (end or []) + [-1])
+    if top >= vocab:
+        raise ValueError(f"token id {top} is outside the model's vocabulary ({vocab})")
+    root = root - torch.logsumexp(root, dim=-1)
+    end_t = None if end is None else torch.tensor(end, dtype=torch.long, device=device)
+    n_prompt = prompt.numel()
+    out: list[torch.Tensor] = []
+    for start in range(0, len(candidates), batch_size):
+        chunk = candidates[start:start + batch_size]
+        width = max(c.numel() for c in chunk)
+        rows = len(chunk)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        mask = torch.zeros(rows, n_prompt + width, dtype=torch.long)
+        mask[:, :n_prompt] = 1
+        for i, c in enumerate(chunk):
+            ids[i, :c.numel()] = c
+            mask[i, n_prompt:n_prompt + c.numel()] = 1
+        ids = ids.to(device)
+        if width > 0:
+            positions = (n_prompt + torch.arange(width))[None].expand(rows, -1)
+            logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions.to(device),
+                           past_key_values=repeat_cache(first.past_key_values, rows), use_cache=True).logits.float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax without a second (rows, L, V) copy
+            rest = (logits[:, :-1].gather(-1, ids[:, 1:, None]) - lse[:, :-1])[..., 0]  # (rows, width - 1)
+            picked = torch.cat([root[ids[:, :1]], rest], dim=1)  # token k given the prompt and tokens < k
+        for i, c in enumerate(chunk):
+            k = c.numel()
+            lp = picked[i, :k] if k else root.new_zeros(0)
+            if end_t is not None:
+                dist = root if k == 0 else logits[i, k - 1] - lse[i, k - 1]
+                lp = torch.cat([lp, torch.logsumexp(dist[end_t], dim=0)[None]])
+            out.append(lp.cpu())
+    return out
+
+
+class LogProbScorer(Scorer):
+    r"""Scores a candidate by its log-probability given the prompt:
+    :math:`\sum_t \log p(y_t \mid x, y_{<t})` (plus :math:`\log p(\mathrm{eos} \mid x, y)` with ``end_token_ids``).
+
+    With a model, the candidates are scored in chunks of ``batch_size``, one forward per chunk on the prompt's cache
+    (:func:`model_token_log_probs`); with a :data:`LogProbFn` (e.g.
+    :func:`~hf_decoding_ext.contrastive.dola.dola_scorer`), one call per candidate (:func:`sequence_token_log_probs`).
+    The context is the prompt's token ids (1-D, or ``(1, T)``, no padding). An empty candidate scores 0 (plus the
+    end term).
+
+    Args:
+        model: a causal LM (``torch.nn.Module``) or a :data:`LogProbFn`.
+        batch_size (`int`, *optional*, defaults to 32): candidates per forward (model only).
+        end_token_ids (`int` or `list[int]`, *optional*): add the log of the total probability of these tokens after
+            the candidate (score complete hypotheses, as beam search does with eos).
+
+    Example:
+        >>> from hf_decoding_ext.core.scoring import LogProbScorer
+        >>> scorer = LogProbScorer(model)  # doctest: +SKIP
+        >>> scorer.score([torch.tensor([5, 6]), torch.tensor([7])], context=prompt_ids)  # doctest: +SKIP
+        tensor([-9.6, -4.8])
+    """
+
+    def __init__(self, model, batch_size: int = 32, end_token_ids=None):
+        if not isinstance(model, torch.nn.Module) and not callable(model):
+            raise ValueError(f"model must be a causal LM or a log-probability function, got {type(model).__name__}")
+        self.model = model
+        self.batch_size = _check_batch_size(batch_size)
+        self.end_token_ids = _end_ids(end_token_ids)
+
+    def token_log_probs(self, candidates, context, *, lengths=None) -> list[torch.Tensor]:
+        """Per-token float32 log-probabilities of each candidate (one more entry with ``end_token_ids``)."""
+        rows = as_candidates(candidates, lengths)
+        prompt = _as_prompt(context, type(self).__name__)
+        if isinstance(self.model, torch.nn.Module):
+            return model_token_log_probs(self.model, prompt, rows, self.batch_size, self.end_token_ids)
+        with torch.no_grad():
+            return [sequence_token_log_probs(self.model, prompt, c, self.end_token_ids).float().cpu() for c in rows]
+
+    def score_candidates(self, candidates, context) -> torch.Tensor:
+        return torch.stack([self.combine(lp) for lp in self.token_log_probs(candidates, context)])
+
+    def combine(self, token_log_probs: torch.Tensor) -> torch.Tensor:
+        """One candidate's score from its per-token log-probabilities: their sum (accumulated in float64)."""
+        return token_log_probs.double().sum()
+
+
+class LengthNormalizedLogProbScorer(LogProbScorer):
+    r"""Log-probability divided by a power of the length: :math:`\log p(y \mid x) / |y|^{\alpha}`.
+
+    ``alpha = 1`` (default) is the mean log-probability per token; other values are the ``length_penalty`` form of
+    transformers' beam search (``alpha > 1`` favours longer candidates, ``alpha = 0`` is the plain sum). ``|y|``
+    counts the scored tokens, the end token included when ``end_token_ids`` is set (as beam search counts eos); an
+    empty candidate without end term scores 0.
+
+    Args:
+        model: a causal LM or a :data:`LogProbFn` (see :class:`LogProbScorer`).
+        alpha (`float`, *optional*, defaults to 1.0): the length exponent.
+        batch_size, end_token_ids: as in :class:`LogProbScorer`.
+
+    Example:
+        >>> import torch
+        >>> from hf_decoding_ext.core.scoring import LengthNormalizedLogProbScorer
+        >>> def fn(ids):  # token 5 costs about 1 nat, any other token about 5
+        ...     logits = torch.zeros(ids.shape[1], 100)
+        ...     logits[:, 5] = 4.0
+        ...     return torch.log_softmax(logits, dim=-1)
+        >>> candidates, prompt = [[5, 5, 5, 5, 5, 5], [7]], [1]
+        >>> LengthNormalizedLogProbScorer(fn, alpha=0.0).best(candidates, prompt)  # plain sum: the short one
+        1
+        >>> LengthNormalizedLogProbScorer(fn).best(candidates, prompt)  # mean per token: the likely tokens
+        0
+    """
+
+    def __init__(self, model, alpha: float = 1.0, batch_size: int = 32, end_token_ids=None):
+        super().__init__(model, batch_size=batch_size, end_token_ids=end_token_ids)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def combine(self, token_log_probs: torch.Tensor) -> torch.Tensor:
+        return token_log_probs.double().sum() / max(token_log_probs.numel(), 1) ** self.alpha
+
+
+# ------------------------------------------------------------------------------------------------- utilities
+def token_f1(hypothesis: Sequence[int], reference: Sequence[int]) -> float:
+    """Bag-of-tokens F1 between two token-id sequences (multiset overlap, as SQuAD's F1 over words); 1.0 when both
+    are empty.
+
+    Example:
+        >>> token_f1([1, 1, 2], [1, 2, 2])
+        0.6666666666666666
+    """
+    hyp, ref = list(hypothesis), list(reference)
+    if not hyp or not ref:
+        return float(not hyp and not ref)
+    overlap = sum((Counter(hyp) & Counter(ref)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(hyp), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(hypothesis: Sequence[int], reference: Sequence[int]) -> float:
+    """ROUGE-L F-measure (longest common subsequence, ``beta = 1``) between two token-id sequences; 1.0 when both are
+    empty.
+
+    Example:
+        >>> rouge_l([1, 2, 3, 4], [1, 3, 4, 5])  # LCS [1, 3, 4]
+        0.75
+    """
+    hyp, ref = list(hypothesis), list(reference)
+    if not hyp or not ref:
+        return float(not hyp and not ref)
+    prev = [0] * (len(ref) + 1)
+    for h in hyp:
+        cur = [0]
+        for j, r in enumerate(ref):
+            cur.append(prev[j] + 1 if h == r else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(hyp), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+UTILITIES: dict[str, Utility] = {"token_f1": token_f1, "rouge_l": rouge_l}
+"""Built-in utilities over token ids, by name."""
+
+
+class UtilityMatrixScorer(Scorer):
+    """Base of scorers comparing candidates pairwise: ``U[i, j] = utility(hypothesis=c_i, reference=c_j)``.
+
+    :meth:`utility_matrix` computes the ``n x n`` matrix once per candidate set: each distinct pair of distinct
+    sequences once (identical candidates share their rows), and the last set's matrix is kept, so scoring it again
+    (or reading the matrix after scoring) calls the utility no more. The diagonal (a candidate against itself) is
+    never a pseudo-reference and is left at 0; the utility of a sequence with itself is computed only when the
+    sequence occurs twice. Subclasses turn the matrix into scores (:meth:`score_matrix`).
+
+    Args:
+        utility (`str` or callable, *optional*, defaults to ``"token_f1"``): a name of :data:`UTILITIES` or a
+            callable ``utility(hypothesis, reference) -> float`` on lists of token ids.
+        symmetric (`bool`, *optional*, defaults to `False`): the utility is symmetric: compute each unordered pair
+            once.
+    """
+
+    def __init__(self, utility: str | Utility = "token_f1", symmetric: bool = False):
+        if isinstance(utility, str):
+            if utility not in UTILITIES:
+                raise ValueError(f"unknown utility {utility!r}; built-in: {', '.join(UTILITIES)}")
+            utility = UTILITIES[utility]
+        if not callable(utility):
+            raise ValueError(f"utility must be a name of {sorted(UTILITIES)} or a callable, got {utility!r}")
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
+        self.utility = utility
+        self.symmetric = symmetric
+        self._cached: tuple[tuple[tuple[int, ...], ...], torch.Tensor] | None = None
+
+    def utility_matrix(self, candidates, *, lengths=None) -> torch.Tensor:
+        """``(n, n)`` float64 utilities ``U[i, j] = utility(c_i, c_j)``, zero diagonal (cached for the last set)."""
+        key = tuple(tuple(c.tolist()) for c in as_candidates(candidates, lengths))
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1].clone()
+        distinct = list(dict.fromkeys(key))
+        where = {seq: k for k, seq in enumerate(distinct)}
+        index = torch.tensor([where[seq] for seq in key])
+        repeated = Counter(key)
+        m = len(distinct)
+        small = torch.zeros(m, m, dtype=torch.float64)
+        for a in range(m):
+            for b in range(m):
+                if (a == b and repeated[distinct[a]] < 2) or (self.symmetric and b < a):
+                    continue
+                value = self.utility(list(distinct[a]), list(distinct[b]))
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                if not isinstance(value, (int, float)) or math.isnan(value):
+                    raise ValueError(f"utility must return a number, got {value!r} for {list(distinct[a])} vs "
+                                     f"{list(distinct[b])}")
+                small[a, b] = value
+                if self.symmetric:
+                    small[b, a] = value
+        matrix = small[index][:, index]
+        matrix.fill_diagonal_(0.0)
+        self._cached = (key, matrix)
+        return matrix.clone()
+
+    def score_candidates(self, candidates, context) -> torch.Tensor:
+        return self.score_matrix(self.utility_matrix(candidates), candidates, context)
+
+    @abc.abstractmethod
+    def score_matrix(self, matrix: torch.Tensor, candidates: list[torch.Tensor], context) -> torch.Tensor:
+        """Scores from the utility matrix of ``candidates``."""
+
+
+def expected_utility(matrix: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Expected utility of each candidate against the others as pseudo-references:
+    :math:`\mathrm{EU}_i = \sum_{j \ne i} w_j U_{ij} / \sum_{j \ne i} w_j`.
+
+    ``w`` is uniform (``log_probs=None``: the Monte-Carlo estimate from samples, duplicates counting as often as they
+    were drawn) or ``softmax(log_probs)`` (candidates weighted by their model probability). A single candidate, or a
+    row whose other candidates all have weight 0, scores 0.
+
+    Example:
+        >>> import torch
+        >>> u = torch.tensor([[0.0, 0.9, 0.8], [0.9, 0.0, 0.1], [0.8, 0.1, 0.0]], dtype=torch.float64)
+        >>> [round(x, 6) for x in expected_utility(u).tolist()]
+        [0.85, 0.5, 0.45]
+    """
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"the utility matrix must be a square 2-D tensor, got "
+                         f"{tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__}")
+    n = matrix.shape[0]
+    matrix = matrix.double()
+    if log_probs is None:
+        weights = torch.ones(n, dtype=torch.float64)
+    else:
+        log_probs = torch.as_tensor(log_probs, dtype=torch.float64).cpu()
+        if log_probs.shape != (n,) or torch.isnan(log_probs).any() or bool((log_probs == math.inf).any()):
+            raise ValueError(f"log_probs must be ({n},) numbers below +inf without NaN, got {log_probs.tolist()}")
+        if not bool(torch.isfinite(log_probs).any()):
+            raise ValueError("log_probs are all -inf: no candidate has probability")
+        weights = torch.softmax(log_probs, dim=0)
+    others = weights[None, :].expand(n, n).clone()
+    others.fill_diagonal_(0.0)
+    total = others.sum(dim=1)
+    gain = (others * matrix).sum(dim=1)
+    return torch.where(total > 0, gain / total.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(gain))
+
+
+class MBRScorer(UtilityMatrixScorer):
+    r"""Minimum Bayes risk (MBR) scoring: each candidate's expected utility against the other candidates taken as
+    pseudo-references (Kumar and Byrne, 2004; sampling-based MBR for neural generation: Eikema and Aziz, COLING 2020,
+    arXiv 2005.10283). The best candidate is the *medoid* of the set under the utility.
+
+    .. math:: \mathrm{score}(c_i) = \sum_{j \ne i} w_j \, u(c_i, c_j) \Big/ \sum_{j \ne i} w_j
+
+    A candidate is not its own pseudo-reference: with a similarity utility it would vote for itself with the maximal
+    utility; with uniform weights and a utility whose self-value is constant (F1, ROUGE-L: 1) the ranking is the
+    same either way, and with probability weights excluding self keeps a probable candidate from counting its own
+    probability twice. The weights ``w`` are uniform (the candidates are samples) or, with ``log_prob_scorer``,
+    ``softmax`` of its scores on the same candidates and context (e.g. :class:`LogProbScorer`, for distinct
+    candidates such as beam outputs). The utility matrix is computed once per candidate set (see
+    :class:`UtilityMatrixScorer`).
+
+    Args:
+        utility (`str` or callable, *optional*, defaults to ``"token_f1"``): ``"token_f1"``, ``"rouge_l"`` or a
+            callable ``utility(hypothesis, reference) -> float`` on lists of token ids.
+        symmetric (`bool`, *optional*, defaults to `False`): compute each unordered pair once.
+        log_prob_scorer (:class:`Scorer`, *optional*): log-probabilities of the candidates, for probability weights.
+
+    Example:
+        >>> from hf_decoding_ext.core.scoring import MBRScorer
+        >>> scorer = MBRScorer("rouge_l", symmetric=True)
+        >>> [round(x, 3) for x in scorer.score([[1, 2, 3], [1, 2, 4], [1, 2, 3, 4], [7, 8]]).tolist()]
+        [0.508, 0.508, 0.571, 0.0]
+    """
+
+    def __init__(self, utility: str | Utility = "token_f1", symmetric: bool = False,
+                 log_prob_scorer: Scorer | None = None):
+        super().__init__(utility, symmetric=symmetric)
+        if log_prob_scorer is not None and not isinstance(log_prob_scorer, Scorer):
+            raise ValueError(f"log_prob_scorer must be a Scorer, got {type(log_prob_scorer).__name__}")
+        self.log_prob_scorer = log_prob_scorer
+
+    def score_matrix(self, matrix, candidates, context) -> torch.Tensor:
+        log_probs = None if self.log_prob_scorer is None else self.log_prob_scorer.score(candidates, context)
+        return expected_utility(matrix, log_probs)
+
+
+# ------------------------------------------------------------------------------------------------- user callables
+class CallableScorer(Scorer):
+    """Scores candidates with any user callable, e.g. a reward model or a verifier.
+
+    The callable receives each candidate and the context: ``fn(candidate, context) -> float``, or with
+    ``batched=True`` all candidates at once, ``fn(candidates, context) -> n floats``. With a ``tokenizer`` the
+    candidates are decoded text (and so is a context given as token ids; a string context is passed as is);
+    without, they are lists of token ids and the context is passed unchanged.
+
+    Args:
+        fn (callable): the scoring function.
+        tokenizer (*optional*): decode candidates (and a token-id context) before calling ``fn``.
+        batched (`bool`, *optional*, defaults to `False`): call ``fn`` once with every candidate.
+        skip_special_tokens (`bool`, *optional*, defaults to `True`): passed to ``tokenizer.decode``.
+
+    Example:
+        >>> from hf_decoding_ext.core.scoring import CallableScorer
+        >>> longest = CallableScorer(lambda ids, context: len(ids))
+        >>> longest.score([[4, 5], [6, 7, 8], [9]]).tolist()
+        [2.0, 3.0, 1.0]
+        >>> reward = CallableScorer(lambda text, prompt: float("Paris" in text), tokenizer=tokenizer)  # doctest: +SKIP
+    """
+
+    def __init__(self, fn: Callable[..., Any], tokenizer=None, batched: bool = False, skip_special_tokens: bool = True):
+        if not callable(fn):
+            raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+        if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError(f"tokenizer must have a decode method, got {type(tokenizer).__name__}")
+        if not isinstance(batched, bool):
+            raise ValueError(f"batched must be a bool, got {batched!r}")
+        self.fn = fn
+        self.tokenizer = tokenizer
+        self.batched = batched
+        self.skip_special_tokens = skip_special_tokens
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def score_candidates(self, candidates, context) -> torch.Tensor:
+        items: list = [c.tolist() for c in candidates]
+        if self.tokenizer is not None:
+            items = [self._decode(c) for c in items]
+            if context is not None and not isinstance(context, str):
+                context = self._decode(_as_ids(context[0] if isinstance(context, torch.Tensor) and context.dim() == 2
+                                               else context, "the context").tolist())
+        values = self.fn(items, context) if self.batched else [self.fn(item, context) for item in items]
+        if isinstance(values, torch.Tensor):
+            values = values.flatten().tolist()
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != len(items):
+            raise ValueError(f"the scoring function must give one number per candidate ({len(items)}), got {values!r}")
+        out = []
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"the scoring function returned {v!r} for candidate {i}; expected a number")
+            out.append(float(v))
+        return torch.tensor(out, dtype=torch.float32)

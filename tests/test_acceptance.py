@@ -1,0 +1,436 @@
+"""Acceptance rules by name, sibling schemes, exact distributions of speculative sampling, drafter needs and the
+verification-target hook of the speculative engine."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from hf_decoding_ext.core.tree import DraftTree
+from hf_decoding_ext.speculative import SpeculativeDecoding
+from hf_decoding_ext.speculative.acceptance import (ACCEPTANCE_RULES, AcceptanceRule, GreedyAcceptance,
+                                                    SpeculativeSamplingAcceptance, TypicalAcceptance,
+                                                    get_acceptance_rule, register_acceptance_rule, resolve_rule)
+from hf_decoding_ext.speculative.drafters.base import DRAFTER_NEEDS, Draft, Drafter
+from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+from hf_decoding_ext.speculative.drafters.merged import MergedDrafter
+from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingDrafter
+
+SCHEMES = DraftTree.SIBLING_SCHEMES
+
+
+def _tree(scheme: str, vocab: int = 5) -> DraftTree:
+    """root -> {1, 3}, 1 -> 2 with the given sibling scheme (uniform draft_probs for sampled schemes)."""
+    probs = None if scheme == "deterministic" else torch.full((3, vocab), 1.0 / vocab)
+    return DraftTree(torch.tensor([1, 3, 2]), [-1, -1, 0], probs, scheme)
+
+
+# ------------------------------------------------------------------------------------------------ the name table
+def test_table_resolves_every_name_and_refuses_unknown_ones():
+    assert {"auto", "greedy", "speculative", "typical"} <= set(ACCEPTANCE_RULES)
+    expected = {("auto", False): GreedyAcceptance, ("auto", True): SpeculativeSamplingAcceptance,
+                ("greedy", False): GreedyAcceptance, ("speculative", False): SpeculativeSamplingAcceptance,
+                ("speculative", True): SpeculativeSamplingAcceptance, ("typical", False): TypicalAcceptance,
+                ("typical", True): TypicalAcceptance}
+    for (name, do_sample), cls in expected.items():
+        rule = get_acceptance_rule(name, do_sample)
+        assert type(rule) is cls, (name, do_sample)
+        if cls is TypicalAcceptance:
+            assert rule.sample_bonus is do_sample
+    with pytest.raises(ValueError, match="do_sample=True"):
+        get_acceptance_rule("greedy", True)
+    with pytest.raises(ValueError) as err:
+        get_acceptance_rule("spectr-typo", False)
+    for name in ACCEPTANCE_RULES:  # the message lists the table
+        assert repr(name) in str(err.value)
+    for bad in (None, 3, ["greedy"]):
+        with pytest.raises(ValueError, match="unknown acceptance rule"):
+            get_acceptance_rule(bad, False)
+    rule = TypicalAcceptance(epsilon=0.2)
+    assert get_acceptance_rule(rule, True) is rule
+    assert resolve_rule is get_acceptance_rule  # the former name
+    with pytest.raises(ValueError, match="unknown acceptance rule"):
+        SpeculativeDecoding(PromptLookupDrafter(), acceptance="nope")
+
+
+class _RejectAll(AcceptanceRule):
+    """Accepts nothing and emits the target's argmax: greedy decoding one token per forward."""
+
+    lossless_schemes = frozenset(DraftTree.SIBLING_SCHEMES)
+    calls = 0
+
+    def accept(self, tree, scores_at, generator=None):
+        type(self).calls += 1
+        return [], int(scores_at(-1).argmax())
+
+
+def test_registered_rule_is_used_by_the_engine(tiny_llama):
+    name = "test-reject-all"
+    try:
+        register_acceptance_rule(name, _RejectAll)
+        with pytest.raises(ValueError, match="already registered"):
+            register_acceptance_rule(name, _RejectAll)
+        register_acceptance_rule(name, lambda do_sample: _RejectAll(), overwrite=True)  # a factory works too
+        for bad_name, bad_rule in (("", _RejectAll), ("x", int), ("y", _RejectAll())):
+            with pytest.raises(ValueError):
+                register_acceptance_rule(bad_name, bad_rule)
+        _RejectAll.calls = 0
+        loop = SpeculativeDecoding(PromptLookupDrafter(num_tokens=4), acceptance=name)
+        ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+        ref = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False)
+        out = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=loop)
+        assert torch.equal(ref, out)
+        assert _RejectAll.calls == len(loop.last_stats) == 12  # one step per token: nothing was accepted
+        assert any(s.draft_size > 0 for s in loop.last_stats)  # although there were drafts to accept
+        assert all(s.accepted == 0 for s in loop.last_stats)
+    finally:
+        ACCEPTANCE_RULES.pop(name, None)
+    assert name not in ACCEPTANCE_RULES
+
+
+# ------------------------------------------------------------------------------------------------ sibling schemes
+def test_draft_tree_sibling_scheme_validation():
+    probs = torch.full((2, 4), 0.25)
+    assert DraftTree.chain([1, 2]).sibling_scheme == "deterministic"
+    assert DraftTree.chain([1, 2], probs).sibling_scheme == "iid"  # default with draft_probs
+    tree = DraftTree(torch.tensor([1, 2]), [-1, -1], probs, "without_replacement")
+    assert tree.truncate(1).sibling_scheme == "without_replacement" and len(tree.truncate(1)) == 1
+    assert DraftTree.from_sequences([[1, 2], [3]]).sibling_scheme == "deterministic"
+    with pytest.raises(ValueError, match="'sorted'"):
+        DraftTree.chain([1, 2], probs, "sorted")
+    with pytest.raises(ValueError, match="needs draft_probs"):
+        DraftTree.chain([1, 2], None, "iid")
+    with pytest.raises(ValueError, match="takes no draft_probs"):
+        DraftTree.chain([1, 2], probs, "deterministic")
+
+
+def test_rules_declare_their_lossless_schemes_and_refuse_the_others():
+    assert GreedyAcceptance().lossless_schemes == set(SCHEMES)
+    assert SpeculativeSamplingAcceptance().lossless_schemes == {"deterministic", "iid"}
+    assert TypicalAcceptance().lossless_schemes == set() and not TypicalAcceptance().lossless
+    for name in ACCEPTANCE_RULES:
+        for do_sample in (False, True):
+            if name == "greedy" and do_sample:
+                continue
+            rule = get_acceptance_rule(name, do_sample)
+            assert rule.lossless_schemes <= set(SCHEMES)
+            for scheme in SCHEMES:
+                if rule.lossless and scheme not in rule.lossless_schemes:
+                    with pytest.raises(ValueError, match=scheme):
+                        rule.check_tree(_tree(scheme))
+                else:
+                    rule.check_tree(_tree(scheme))
+    with pytest.raises(ValueError, match="without_replacement"):
+        SpeculativeSamplingAcceptance().check_tree(_tree("without_replacement"))
+
+    class Custom(AcceptanceRule):  # a rule that declares nothing claims only deterministic drafts
+        def accept(self, tree, scores_at, generator=None):
+            return [], 0
+
+    Custom().check_tree(_tree("deterministic"))
+    with pytest.raises(ValueError, match="iid"):
+        Custom().check_tree(_tree("iid"))
+
+
+class _SampledSiblingsDrafter(Drafter):
+    """Two siblings at the root sampled from a uniform distribution, i.i.d. or without replacement."""
+
+    def __init__(self, scheme, vocab=128):
+        self.scheme, self.vocab = scheme, vocab
+        self.g = torch.Generator().manual_seed(0)
+
+    def propose(self, state):
+        q = torch.full((self.vocab,), 1.0 / self.vocab)
+        tokens = torch.multinomial(q, 2, replacement=self.scheme == "iid", generator=self.g)
+        return Draft(DraftTree(tokens, [-1, -1], q.expand(2, -1).clone(), self.scheme))
+
+
+def test_engine_refuses_a_rule_not_lossless_for_the_drafts(tiny_llama):
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match="without_replacement"):
+        tiny_llama.generate(ids, max_new_tokens=4, do_sample=True, pad_token_id=0,
+                            custom_generate=SpeculativeDecoding(_SampledSiblingsDrafter("without_replacement")))
+    for scheme, acceptance in (("iid", "auto"), ("without_replacement", "typical"),
+                               ("without_replacement", "greedy")):
+        loop = SpeculativeDecoding(_SampledSiblingsDrafter(scheme), acceptance=acceptance)
+        out = tiny_llama.generate(ids, max_new_tokens=4, do_sample=acceptance != "greedy", pad_token_id=0,
+                                  custom_generate=loop)
+        assert out.shape[1] == 7 and all(s.draft_size == 2 for s in loop.last_stats)
+
+
+# ------------------------------------------------------------------------------------------------ exact distributions
+class _Branch(Exception):
+    def __init__(self, options):
+        self.options = options
+
+
+class _ScriptedSpeculativeSampling(SpeculativeSamplingAcceptance):
+    """Speculative sampling whose random draws replay a script; a draw past its end raises its possible outcomes, so
+    repeating ``accept`` over every script enumerates the accept/reject paths with their exact probabilities."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def _next(self, options):
+        if self.script:
+            return self.script.pop(0)
+        raise _Branch(options)
+
+    def draw_bernoulli(self, prob, generator=None):
+        prob = min(max(float(prob), 0.0), 1.0)
+        return self._next([(True, prob), (False, 1.0 - prob)])
+
+    def draw_token(self, probs, generator=None):
+        return self._next([(t, p) for t, p in enumerate(probs.tolist()) if p > 0])
+
+
+def _step_distribution(tree, scores_at):
+    """Exact distribution of the tokens one step emits (accepted draft tokens + bonus) for a fixed tree."""
+    out: dict[tuple, float] = {}
+    stack = [((), 1.0)]
+    while stack:
+        script, prob = stack.pop()
+        try:
+            accepted, bonus = _ScriptedSpeculativeSampling(script).accept(tree, scores_at)
+        except _Branch as branch:
+            stack.extend((script + (value,), prob * p) for value, p in branch.options if p > 0)
+            continue
+        key = tuple(int(tree.tokens[i]) for i in accepted) + (bonus,)
+        out[key] = out.get(key, 0.0) + prob
+    return out
+
+
+VOCAB = 3
+
+
+def _tables(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.softmax(2.0 * torch.randn(VOCAB, VOCAB, generator=g), -1) for _ in range(3)]
+
+
+TARGET, DRAFT = _tables(0), _tables(2)
+
+
+def _dist(tables, path):
+    """A synthetic autoregressive model: the next-token distribution after ``path`` (by depth and last token)."""
+    return tables[min(len(path), 2)][path[-1] if path else 0]
+
+
+def _target_sequences(length):
+    out = {}
+    for seq in itertools.product(range(VOCAB), repeat=length):
+        out[seq] = float(torch.tensor([float(_dist(TARGET, seq[:i])[t]) for i, t in enumerate(seq)]).prod())
+    return out
+
+
+def _complete(step_dist, length):
+    """Sequence distribution of ``length`` tokens: the step's tokens, then the target (later steps) for the rest."""
+    out: dict[tuple, float] = {}
+    for emitted, prob in step_dist.items():
+        for rest in itertools.product(range(VOCAB), repeat=max(0, length - len(emitted))):
+            seq = (emitted + rest)[:length]
+            p = prob
+            for i in range(len(emitted), length):
+                p *= float(_dist(TARGET, seq[:i])[seq[i]])
+            out[seq] = out.get(seq, 0.0) + p
+    return out
+
+
+# tree shape: root -> c0, c1 (siblings); c0 -> g0, g1 (siblings); every node's draft row is q at its parent
+_PARENTS = [-1, -1, 0, 0]
+
+
+def _scores_for(tokens):
+    tree_paths = {-1: ()}
+    for i, p in enumerate(_PARENTS):
+        tree_paths[i] = tree_paths[p] + (tokens[i],)
+    return lambda node: torch.log(_dist(TARGET, tree_paths[node]))
+
+
+def _sampled_trees(replacement):
+    """Every draft of the shape above with its probability, siblings drawn from ``q`` i.i.d. or without
+    replacement."""
+    for tokens in itertools.product(range(VOCAB), repeat=4):
+        if not replacement and (tokens[0] == tokens[1] or tokens[2] == tokens[3]):
+            continue
+        q_root, q_c0 = _dist(DRAFT, ()), _dist(DRAFT, (tokens[0],))
+        weight = 1.0
+        for (a, b), q in (((tokens[0], tokens[1]), q_root), ((tokens[2], tokens[3]), q_c0)):
+            weight *= float(q[a] * q[b]) if replacement else float(q[a] * q[b] / (1 - q[a]))
+        rows = torch.stack([q_root, q_root, q_c0, q_c0])
+        yield DraftTree(torch.tensor(tokens), _PARENTS, rows, "iid" if replacement else "without_replacement"), weight
+
+
+def _mixture(replacement):
+    total: dict[tuple, float] = {}
+    mass = 0.0
+    for tree, weight in _sampled_trees(replacement):
+        mass += weight
+        for seq, p in _complete(_step_distribution(tree, _scores_for(tree.tokens.tolist())), 3).items():
+            total[seq] = total.get(seq, 0.0) + weight * p
+    assert abs(mass - 1.0) < 1e-5
+    return total
+
+
+def test_speculative_sampling_with_iid_siblings_reproduces_the_target_exactly():
+    """Enumerating every i.i.d. draft (2 siblings at the root, 2 under the first child) and every accept/reject path
+    of the rule: the emitted tokens (continued by the target) follow the target's 3-token distribution exactly."""
+    got, want = _mixture(replacement=True), _target_sequences(3)
+    assert abs(sum(got.values()) - 1.0) < 1e-5
+    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-5
+
+
+def test_speculative_sampling_on_every_deterministic_tree_reproduces_the_target_exactly():
+    """Deterministic drafts (one-hot q), duplicate siblings included: exact for each tree on its own."""
+    want = _target_sequences(3)
+    for tokens in itertools.product(range(VOCAB), repeat=4):
+        tree = DraftTree(torch.tensor(tokens), _PARENTS)
+        got = _complete(_step_distribution(tree, _scores_for(list(tokens))), 3)
+        assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-5, tokens
+
+
+def test_siblings_without_replacement_break_speculative_sampling():
+    """Why the rule refuses ``"without_replacement"``: the same enumeration with siblings drawn without replacement
+    (dividing by ``q`` as if they were i.i.d.) misses the target distribution."""
+    got, want = _mixture(replacement=False), _target_sequences(3)
+    assert abs(sum(got.values()) - 1.0) < 1e-5
+    assert 0.5 * sum(abs(got.get(s, 0.0) - p) for s, p in want.items()) > 0.05  # total variation ~0.12
+
+
+# ------------------------------------------------------------------------------------------------ drafter needs
+class _Recorder(Drafter):
+    """A fixed tree while there is room; keeps every VerifyResult."""
+
+    def __init__(self, needs=frozenset(), sequences=((10, 11), (12,))):
+        self.needs = needs
+        self.sequences = sequences
+        self.results = []
+
+    def begin(self, state):
+        self.results = []
+
+    def propose(self, state):
+        room = state.generation_config.max_length - state.input_ids.shape[1] - 1
+        return Draft(DraftTree.from_sequences(self.sequences) if room >= 2 else DraftTree.empty())
+
+    def observe(self, state, result):
+        self.results.append((state.input_ids.shape[1], result))
+
+
+def test_needs_are_validated_and_the_old_flags_are_views():
+    assert DRAFTER_NEEDS == {"last_hidden_state", "all_hidden_states", "committed_logits", "assistant_model",
+                             "target_cache"}
+    with pytest.raises(ValueError, match="'hidden_state'"):
+        SpeculativeDecoding(_Recorder({"hidden_state"}))
+    with pytest.raises(ValueError, match="set of need names"):
+        SpeculativeDecoding(_Recorder("last_hidden_state"))  # a bare string is not a set of names
+    # every drafter declares its needs in one set; the former booleans read it
+    assert TokenRecyclingDrafter().needs == {"committed_logits"} and TokenRecyclingDrafter().wants_committed_logits
+    assert DraftModelDrafter().needs == {"assistant_model"} and DraftModelDrafter().uses_assistant_model
+    assert PromptLookupDrafter().needs == set() and not PromptLookupDrafter().wants_hidden_states
+    merged = MergedDrafter([PromptLookupDrafter(), TokenRecyclingDrafter(), _Recorder({"last_hidden_state"})])
+    assert merged.needs == {"committed_logits", "last_hidden_state"} and merged.wants_hidden_states
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        class Legacy(Drafter):
+            wants_hidden_states = True
+            wants_committed_logits = False
+
+            def propose(self, state):
+                return Draft(DraftTree.empty())
+
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert Legacy.needs == {"last_hidden_state"} and Legacy().wants_hidden_states
+    assert not Legacy().wants_committed_logits
+
+
+def test_engine_hands_over_only_what_is_declared(tiny_llama):
+    ids = torch.tensor([[3, 4, 5, 6]])
+    for needs in (set(), {"committed_logits"}):
+        d = _Recorder(needs)
+        tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=SpeculativeDecoding(d))
+        _, r = d.results[0]
+        assert r.hidden_states is None and r.all_hidden_states is None and r.target_cache is None
+        assert r.committed_logits.shape[0] == (3 if needs else 0)  # the prompt before the root, when declared
+
+
+def test_all_hidden_states_are_every_layer_at_every_position(tiny_llama):
+    prompt = [3, 4, 5, 6, 7]
+    d = _Recorder({"all_hidden_states", "last_hidden_state"})
+    tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                        custom_generate=SpeculativeDecoding(d))
+    _, r = d.results[0]  # first step: the whole prompt is uncached, then the 3 tree nodes (10 -> 11, 12)
+    layers = r.all_hidden_states
+    assert len(layers) == tiny_llama.config.num_hidden_layers + 1
+    s = len(prompt)
+    assert all(h.shape == (s + 3, tiny_llama.config.hidden_size) for h in layers)
+    torch.testing.assert_close(r.hidden_states, layers[-1])
+    with torch.no_grad():
+        for seq, rows, at in ((prompt + [10, 11], [s, s + 1], [s, s + 1]), (prompt + [12], [s + 2], [s])):
+            ref = tiny_llama(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            for got, want in zip(layers, ref):
+                torch.testing.assert_close(got[:s], want[0, :s], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(got[rows], want[0, at], atol=1e-4, rtol=1e-4)
+    only_all = _Recorder({"all_hidden_states"})
+    tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                        custom_generate=SpeculativeDecoding(only_all))
+    assert only_all.results[0][1].hidden_states is None and len(only_all.results[0][1].all_hidden_states) == 3
+
+
+class _CacheWriter(_Recorder):
+    """Runs the target on junk tokens over its own cache while proposing (as a layer-skip drafter sharing the
+    target's cache would), then drafts the next two tokens of a known output beside a wrong branch; the engine must
+    crop the junk back."""
+
+    def __init__(self, needs, oracle):
+        super().__init__(needs)
+        self.oracle = oracle
+
+    def propose(self, state):
+        state.model(input_ids=torch.tensor([[9, 9]]), past_key_values=state.cache, use_cache=True)
+        n = state.input_ids.shape[1]
+        self.sequences = (self.oracle[n:n + 2], (12,))
+        return super().propose(state)
+
+    def observe(self, state, result):
+        assert result.target_cache is state.cache
+        self.results.append((state.input_ids.shape[1], len(result.accepted), result.target_cache.get_seq_length()))
+
+
+def test_target_cache_is_readable_and_cropped_back(tiny_llama):
+    ids = torch.tensor([[3, 4, 5, 6]])
+    ref = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
+    d = _CacheWriter({"target_cache"}, ref[0].tolist())
+    out = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=SpeculativeDecoding(d))
+    assert torch.equal(ref, out)  # the junk the drafter wrote never reached verification
+    assert len(d.results) > 1 and any(accepted for _, accepted, _ in d.results)
+    for committed, accepted, cached in d.results:
+        assert cached == committed + accepted  # the committed tokens and the accepted path, no junk
+
+
+# ------------------------------------------------------------------------------------------------ verification hook
+class _Banned(SpeculativeDecoding):
+    """Verifies against the target with one token banned."""
+
+    def __init__(self, drafter, banned):
+        super().__init__(drafter)
+        self.banned = banned
+
+    def verification_scores(self, state, draft, tree_logits):
+        assert tree_logits.shape[0] == len(draft.tree) + 1
+        return tree_logits.index_fill(-1, torch.tensor([self.banned]), float("-inf"))
+
+
+def test_verification_scores_hook_changes_the_target(tiny_llama):
+    ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3]])
+    free = tiny_llama.generate(ids, max_new_tokens=15, do_sample=False)
+    banned = int(free[0, -5])  # a token greedy decoding emits
+    ref = tiny_llama.generate(ids, max_new_tokens=15, do_sample=False, suppress_tokens=[banned])
+    loop = _Banned(PromptLookupDrafter(num_tokens=4), banned)
+    out = tiny_llama.generate(ids, max_new_tokens=15, do_sample=False, custom_generate=loop)
+    assert torch.equal(ref, out) and banned not in out[0, ids.shape[1]:].tolist()
