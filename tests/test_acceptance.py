@@ -1,9 +1,8 @@
-"""Acceptance rules by name, sibling schemes, exact distributions of speculative sampling, drafter needs and the
-verification-target hook of the speculative engine."""
+"""Acceptance rules by name, sibling schemes, drafter needs and the verification-target hook of the speculative
+engine (the exact distributions of speculative sampling are in ``test_acceptance_exact.py``)."""
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import pytest
@@ -110,7 +109,7 @@ def test_draft_tree_sibling_scheme_validation():
 
 def test_rules_declare_their_lossless_schemes_and_refuse_the_others():
     assert GreedyAcceptance().lossless_schemes == set(SCHEMES)
-    assert SpeculativeSamplingAcceptance().lossless_schemes == {"deterministic", "iid"}
+    assert SpeculativeSamplingAcceptance().lossless_schemes == set(SCHEMES)  # without replacement: RSD's rule
     assert TypicalAcceptance().lossless_schemes == set() and not TypicalAcceptance().lossless
     for name in ACCEPTANCE_RULES:
         for do_sample in (False, True):
@@ -125,7 +124,7 @@ def test_rules_declare_their_lossless_schemes_and_refuse_the_others():
                 else:
                     rule.check_tree(_tree(scheme))
     with pytest.raises(ValueError, match="without_replacement"):
-        SpeculativeSamplingAcceptance().check_tree(_tree("without_replacement"))
+        _IidOnly().check_tree(_tree("without_replacement"))
 
     class Custom(AcceptanceRule):  # a rule that declares nothing claims only deterministic drafts
         def accept(self, tree, scores_at, generator=None):
@@ -134,6 +133,12 @@ def test_rules_declare_their_lossless_schemes_and_refuse_the_others():
     Custom().check_tree(_tree("deterministic"))
     with pytest.raises(ValueError, match="iid"):
         Custom().check_tree(_tree("iid"))
+
+
+class _IidOnly(SpeculativeSamplingAcceptance):
+    """A sampling rule that claims only deterministic and i.i.d. siblings."""
+
+    lossless_schemes = frozenset({"deterministic", "iid"})
 
 
 class _SampledSiblingsDrafter(Drafter):
@@ -153,152 +158,14 @@ def test_engine_refuses_a_rule_not_lossless_for_the_drafts(tiny_llama):
     ids = torch.tensor([[3, 4, 5]])
     with pytest.raises(ValueError, match="without_replacement"):
         tiny_llama.generate(ids, max_new_tokens=4, do_sample=True, pad_token_id=0,
-                            custom_generate=SpeculativeDecoding(_SampledSiblingsDrafter("without_replacement")))
-    for scheme, acceptance in (("iid", "auto"), ("without_replacement", "typical"),
+                            custom_generate=SpeculativeDecoding(_SampledSiblingsDrafter("without_replacement"),
+                                                                acceptance=_IidOnly()))
+    for scheme, acceptance in (("iid", "auto"), ("without_replacement", "auto"), ("without_replacement", "typical"),
                                ("without_replacement", "greedy")):
         loop = SpeculativeDecoding(_SampledSiblingsDrafter(scheme), acceptance=acceptance)
         out = tiny_llama.generate(ids, max_new_tokens=4, do_sample=acceptance != "greedy", pad_token_id=0,
                                   custom_generate=loop)
         assert out.shape[1] == 7 and all(s.draft_size == 2 for s in loop.last_stats)
-
-
-# ------------------------------------------------------------------------------------------------ exact distributions
-class _Branch(Exception):
-    def __init__(self, options):
-        self.options = options
-
-
-class _ScriptedSpeculativeSampling(SpeculativeSamplingAcceptance):
-    """Speculative sampling whose random draws replay a script; a draw past its end raises its possible outcomes, so
-    repeating ``accept`` over every script enumerates the accept/reject paths with their exact probabilities."""
-
-    def __init__(self, script):
-        self.script = list(script)
-
-    def _next(self, options):
-        if self.script:
-            return self.script.pop(0)
-        raise _Branch(options)
-
-    def draw_bernoulli(self, prob, generator=None):
-        prob = min(max(float(prob), 0.0), 1.0)
-        return self._next([(True, prob), (False, 1.0 - prob)])
-
-    def draw_token(self, probs, generator=None):
-        return self._next([(t, p) for t, p in enumerate(probs.tolist()) if p > 0])
-
-
-def _step_distribution(tree, scores_at):
-    """Exact distribution of the tokens one step emits (accepted draft tokens + bonus) for a fixed tree."""
-    out: dict[tuple, float] = {}
-    stack = [((), 1.0)]
-    while stack:
-        script, prob = stack.pop()
-        try:
-            accepted, bonus = _ScriptedSpeculativeSampling(script).accept(tree, scores_at)
-        except _Branch as branch:
-            stack.extend((script + (value,), prob * p) for value, p in branch.options if p > 0)
-            continue
-        key = tuple(int(tree.tokens[i]) for i in accepted) + (bonus,)
-        out[key] = out.get(key, 0.0) + prob
-    return out
-
-
-VOCAB = 3
-
-
-def _tables(seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.softmax(2.0 * torch.randn(VOCAB, VOCAB, generator=g), -1) for _ in range(3)]
-
-
-TARGET, DRAFT = _tables(0), _tables(2)
-
-
-def _dist(tables, path):
-    """A synthetic autoregressive model: the next-token distribution after ``path`` (by depth and last token)."""
-    return tables[min(len(path), 2)][path[-1] if path else 0]
-
-
-def _target_sequences(length):
-    out = {}
-    for seq in itertools.product(range(VOCAB), repeat=length):
-        out[seq] = float(torch.tensor([float(_dist(TARGET, seq[:i])[t]) for i, t in enumerate(seq)]).prod())
-    return out
-
-
-def _complete(step_dist, length):
-    """Sequence distribution of ``length`` tokens: the step's tokens, then the target (later steps) for the rest."""
-    out: dict[tuple, float] = {}
-    for emitted, prob in step_dist.items():
-        for rest in itertools.product(range(VOCAB), repeat=max(0, length - len(emitted))):
-            seq = (emitted + rest)[:length]
-            p = prob
-            for i in range(len(emitted), length):
-                p *= float(_dist(TARGET, seq[:i])[seq[i]])
-            out[seq] = out.get(seq, 0.0) + p
-    return out
-
-
-# tree shape: root -> c0, c1 (siblings); c0 -> g0, g1 (siblings); every node's draft row is q at its parent
-_PARENTS = [-1, -1, 0, 0]
-
-
-def _scores_for(tokens):
-    tree_paths = {-1: ()}
-    for i, p in enumerate(_PARENTS):
-        tree_paths[i] = tree_paths[p] + (tokens[i],)
-    return lambda node: torch.log(_dist(TARGET, tree_paths[node]))
-
-
-def _sampled_trees(replacement):
-    """Every draft of the shape above with its probability, siblings drawn from ``q`` i.i.d. or without
-    replacement."""
-    for tokens in itertools.product(range(VOCAB), repeat=4):
-        if not replacement and (tokens[0] == tokens[1] or tokens[2] == tokens[3]):
-            continue
-        q_root, q_c0 = _dist(DRAFT, ()), _dist(DRAFT, (tokens[0],))
-        weight = 1.0
-        for (a, b), q in (((tokens[0], tokens[1]), q_root), ((tokens[2], tokens[3]), q_c0)):
-            weight *= float(q[a] * q[b]) if replacement else float(q[a] * q[b] / (1 - q[a]))
-        rows = torch.stack([q_root, q_root, q_c0, q_c0])
-        yield DraftTree(torch.tensor(tokens), _PARENTS, rows, "iid" if replacement else "without_replacement"), weight
-
-
-def _mixture(replacement):
-    total: dict[tuple, float] = {}
-    mass = 0.0
-    for tree, weight in _sampled_trees(replacement):
-        mass += weight
-        for seq, p in _complete(_step_distribution(tree, _scores_for(tree.tokens.tolist())), 3).items():
-            total[seq] = total.get(seq, 0.0) + weight * p
-    assert abs(mass - 1.0) < 1e-5
-    return total
-
-
-def test_speculative_sampling_with_iid_siblings_reproduces_the_target_exactly():
-    """Enumerating every i.i.d. draft (2 siblings at the root, 2 under the first child) and every accept/reject path
-    of the rule: the emitted tokens (continued by the target) follow the target's 3-token distribution exactly."""
-    got, want = _mixture(replacement=True), _target_sequences(3)
-    assert abs(sum(got.values()) - 1.0) < 1e-5
-    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-5
-
-
-def test_speculative_sampling_on_every_deterministic_tree_reproduces_the_target_exactly():
-    """Deterministic drafts (one-hot q), duplicate siblings included: exact for each tree on its own."""
-    want = _target_sequences(3)
-    for tokens in itertools.product(range(VOCAB), repeat=4):
-        tree = DraftTree(torch.tensor(tokens), _PARENTS)
-        got = _complete(_step_distribution(tree, _scores_for(list(tokens))), 3)
-        assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-5, tokens
-
-
-def test_siblings_without_replacement_break_speculative_sampling():
-    """Why the rule refuses ``"without_replacement"``: the same enumeration with siblings drawn without replacement
-    (dividing by ``q`` as if they were i.i.d.) misses the target distribution."""
-    got, want = _mixture(replacement=False), _target_sequences(3)
-    assert abs(sum(got.values()) - 1.0) < 1e-5
-    assert 0.5 * sum(abs(got.get(s, 0.0) - p) for s, p in want.items()) > 0.05  # total variation ~0.12
 
 
 # ------------------------------------------------------------------------------------------------ drafter needs

@@ -41,6 +41,36 @@ def test_list_shows_aliases_and_searches(capsys):
     assert "no method matches" in capsys.readouterr().err
 
 
+def test_list_shows_the_effect_at_this_scale(capsys):
+    import re
+
+    from hf_decoding_ext.registry import EFFECTS
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    assert header[header.index("status") + 1] == "effect"
+    for m in METHODS:  # the effect column of each row holds the method's value
+        row = re.split(r"\s{2,}", next(line for line in lines if line.split()[0] == m.name))
+        assert row[header.index("effect")] == m.effect, m.name
+    # the notes: the measured figure against the baseline, or the reason
+    assert main(["list", "--notes"]) == 0
+    out = capsys.readouterr().out
+    for m in METHODS:
+        line = rf"^{re.escape(m.name)} +{re.escape(m.effect)}: {re.escape(m.effect_note)}$"
+        assert re.search(line, out, re.M), m.name
+    # filter by effect
+    for effect in EFFECTS:
+        assert main(["list", "--effect", effect]) == 0
+        rows = capsys.readouterr().out.splitlines()[2:]
+        assert [r.split()[0] for r in rows] == [m.name for m in METHODS if m.effect == effect]
+    assert main(["list", "--effect", "maybe"]) == 2
+    assert "invalid choice: 'maybe'" in capsys.readouterr().err
+    assert main(["list", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert "| status | effect |" in md and all(f"**{m.effect}**: {m.effect_note}" in md for m in METHODS)
+
+
 def test_generate_accepts_an_alias_and_checks_engine_options(capsys):
     # the alias resolves (the error names the method), and bad options fail before any model is loaded
     assert main(["generate", "--method", "GAD", "--param", "bogus=1", "--prompt", "hi"]) == 2

@@ -143,6 +143,131 @@ def test_for_model_takes_pad_from_tokenizer():
     assert MomentumLogitsProcessor.for_model(None, Tok()).pad_token_id == 2
 
 
+# ---------------------------------------------------------------------------------------------- excluded tokens
+def test_eos_in_the_context_is_not_a_revisited_node():
+    # eos (2) closed the first answer after "5 6"; the model now wants to end again after "5 6"
+    ids = torch.tensor([[5, 6, 2, 7, 5, 6]])
+    scores = _scores(32, {2: 0.45, 9: 0.35, 7: 0.1})
+    plain = MomentumLogitsProcessor(top_k=3, alpha=0.2)
+    assert plain.circle_depth(ids, torch.tensor([[2]])).tolist() == [[3]]  # the mechanism would penalise it
+    proc = MomentumLogitsProcessor(top_k=3, alpha=0.2, excluded_token_ids=[2])
+    assert proc.excluded_token_ids == (2,)
+    assert proc.circle_depth(ids, torch.tensor([[2, 9, 7]])).tolist() == [[0, 0, 1]]
+    out = proc(ids, scores)
+    assert out[0, 2].item() == pytest.approx(0.45, abs=1e-5)  # its probability, no resistance
+    assert out[0, 7].item() == pytest.approx(0.1 - 0.2, abs=1e-5)  # ordinary revisits are still resisted
+    assert out.argmax(-1).item() == 2
+
+
+def test_excluded_tokens_are_not_graph_nodes():
+    # n-grams do not run through an excluded token: "3 1 4" would be a depth-3 circle, with 1 excluded only the
+    # node 4 itself is revisited (depth 1); the excluded 1 is no node (depth 0)
+    ids = torch.tensor([[3, 1, 4, 8, 3, 1]])
+    cands = torch.tensor([[4, 1, 8]])
+    assert MomentumLogitsProcessor().circle_depth(ids, cands).tolist() == [[3, 1, 1]]
+    assert MomentumLogitsProcessor(excluded_token_ids={1}).circle_depth(ids, cands).tolist() == [[1, 0, 1]]
+    # batched rows with left padding and exclusions equal the rows alone
+    proc = MomentumLogitsProcessor(top_k=4, pad_token_id=0, excluded_token_ids=[1, 2])
+    rows = [[3, 1, 4, 8, 3, 1], [9, 2, 9]]
+    padded = torch.tensor([[0] * (6 - len(r)) + r for r in rows])
+    scores = torch.randn(2, 12)
+    scores[:, [1, 2, 4, 9]] += 3.0
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(proc(padded, scores)[i:i + 1], proc(torch.tensor([r]), scores[i:i + 1]))
+
+
+def test_for_model_excludes_special_and_eos_tokens():
+    class Tok:
+        pad_token_id = 0
+        eos_token_id = 2
+        all_special_ids = [0, 1, 2]
+
+    class Model:
+        class generation_config:
+            pad_token_id = 0
+            eos_token_id = [2, 7]
+
+    proc = MomentumLogitsProcessor.for_model(Model(), Tok())
+    assert proc.excluded_token_ids == (0, 1, 2, 7)
+    ids = torch.tensor([[5, 7, 6, 5]])
+    assert proc.circle_depth(ids, torch.tensor([[7, 6]])).tolist() == [[0, 1]]
+    assert MomentumLogitsProcessor.for_model(Model(), Tok(), excluded_token_ids=()).excluded_token_ids == ()
+    assert MomentumLogitsProcessor.for_model(Model(), Tok(), excluded_token_ids=[5]).excluded_token_ids == (5,)
+
+
+@pytest.mark.parametrize("bad", ["2", [1.5], [-1], [True], 3])
+def test_excluded_token_ids_are_validated(bad):
+    with pytest.raises(ValueError, match="excluded_token_ids"):
+        MomentumLogitsProcessor(excluded_token_ids=bad)
+
+
+@pytest.mark.real_model
+def test_chat_eos_is_never_resisted_real_model(smollm):
+    """On a chat prompt, the end of turn (eos) keeps its probability at every step: with the fix momentum ends the
+    answer where greedy does (before it, "<|im_end|>" after "." revisited the ". <|im_end|>" of the prompt and the
+    answer ran on)."""
+    from hf_decoding_ext.core.models import encode_prompts
+
+    model, tokenizer = smollm
+    proc = MomentumLogitsProcessor.for_model(model, tokenizer)
+    eos = tokenizer.eos_token_id
+    assert {eos, *tokenizer.all_special_ids} <= set(proc.excluded_token_ids)
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert im_start in proc.excluded_token_ids
+    enc = encode_prompts(tokenizer, "Name a fruit.")
+    n = enc.input_ids.shape[1]
+    kw = dict(do_sample=False, max_new_tokens=24, return_dict_in_generate=True, output_scores=True,
+              output_logits=True)
+    out = model.generate(**enc, logits_processor=[proc], **kw)
+    greedy = model.generate(**enc, do_sample=False, max_new_tokens=24)[0, n:]
+    steps = 0
+    for t, (score, logit) in enumerate(zip(out.scores, out.logits)):
+        p = logit[0].float().softmax(-1)
+        if eos in logit[0].topk(proc.top_k).indices:  # eos among the candidates: no resistance
+            assert score[0, eos].item() == pytest.approx(p[eos].item(), abs=1e-5)
+            steps += 1
+    assert steps >= 1
+    seq = out.sequences[0, n:]
+    assert int(seq[-1]) == eos and int(greedy[-1]) == eos
+    assert seq.shape[0] <= greedy.shape[0], (tokenizer.decode(seq), tokenizer.decode(greedy))
+
+
+def test_chat_template_token_ids_stub():
+    class Tok:
+        chat_template = "x"
+        all_special_ids = [0, 1]
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = "".join(f"<s>{m['role']}\n{m['content']}</s>\n" for m in messages)
+            return text + ("<s>assistant\n" if add_generation_prompt else "")
+
+        def __call__(self, text, add_special_tokens=False):
+            vocab = {"<s>": 0, "</s>": 1, "\n": 3, "system": 4, "user": 5, "assistant": 6}
+            words = text.replace("<s>", " <s> ").replace("</s>", " </s> ").replace("\n", " \n ").split(" ")
+            return {"input_ids": [vocab.get(w, 99) for w in words if w]}
+
+        def decode(self, ids):
+            return "".join({3: "\n", 99: "text"}.get(i, "w") for i in ids)
+
+    from hf_decoding_ext.sampling.momentum import chat_template_token_ids
+
+    assert chat_template_token_ids(Tok()) == (0, 1, 4, 5, 6)  # role names and markers, not the newline
+
+
+@pytest.mark.real_model
+def test_chat_template_token_ids_real_tokenizer(smollm):
+    from hf_decoding_ext.sampling.momentum import chat_template_token_ids
+
+    _, tokenizer = smollm
+    ids = set(chat_template_token_ids(tokenizer))
+    for text in ("<|im_start|>", "<|im_end|>", "system", "user", "assistant"):  # "assistant" is two tokens
+        assert set(tokenizer(text, add_special_tokens=False)["input_ids"]) <= ids, text
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert not set(newline) & ids
+    proc = MomentumLogitsProcessor.for_model(None, tokenizer, chat_template_tokens=True)
+    assert ids <= set(proc.excluded_token_ids)
+
+
 PROMPTS = [
     "Write a story about a lighthouse keeper who finds a message in a bottle.",
     "Write a story about a robot who wants to learn how to paint.",

@@ -177,3 +177,109 @@ def test_speculative_sampling_matches_target_distribution(rule):
         assert pvalue > 1e-3, (pvalue, tv)
     else:
         assert pvalue < 1e-6, (pvalue, tv)
+
+
+# ------------------------------------------------------------------------------------------------ engine options
+class _CountingTreeDrafter(Drafter):
+    """Proposes ``size``-node random trees of distinct tokens (so no two of its nodes merge) and records, at each
+    observe, how many nodes it was shown."""
+
+    def __init__(self, size=6, seed=0):
+        self.size, self.g, self.seen = size, torch.Generator().manual_seed(seed), []
+
+    def propose(self, state):
+        parents = [int(torch.randint(-1, i, (), generator=self.g)) for i in range(self.size)]
+        return Draft(DraftTree(3 + torch.randperm(12, generator=self.g)[: self.size], parents))
+
+    def observe(self, state, result):
+        self.seen.append(len(result.draft.tree))
+        assert result.tree_logits.shape[0] == len(result.draft.tree) + 1
+        assert all(a < len(result.draft.tree) for a in result.accepted)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_max_draft_nodes_with_merged_drafter(tiny_model, k):
+    """``SpeculativeDecoding(MergedDrafter(...), max_draft_nodes=k)``: token-identical to greedy, at most ``k``
+    draft nodes per step, and every merged drafter observes a result consistent with the tree actually verified."""
+    from hf_decoding_ext.speculative.drafters.merged import MergedDrafter
+    from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingDrafter
+
+    counting = _CountingTreeDrafter()
+    merged = MergedDrafter([PromptLookupDrafter(num_tokens=4), TokenRecyclingDrafter(), counting])
+    loop = SpeculativeDecoding(merged, max_draft_nodes=k)
+    for prompt in ([3, 4, 5, 3, 4, 5, 3, 4], [7, 6, 5, 4, 3, 9, 9]):
+        ids = torch.tensor([prompt])
+        ref = tiny_model.generate(ids, max_new_tokens=20, do_sample=False)
+        out = tiny_model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loop)
+        assert torch.equal(ref, out)
+        assert loop.last_stats and all(s.draft_size <= k for s in loop.last_stats)
+        assert max(s.draft_size for s in loop.last_stats) == k  # the cap binds (every step proposes > k nodes)
+    assert counting.seen and max(counting.seen) <= k
+    for bad in (-1, 2.5, "3", True):
+        with pytest.raises(ValueError, match="max_draft_nodes"):
+            SpeculativeDecoding(merged, max_draft_nodes=bad)
+
+
+class _GeneratorSpy(SpeculativeSamplingAcceptance):
+    """Speculative sampling that records the generator it is handed."""
+
+    generators: list = []
+
+    def accept(self, tree, scores_at, generator=None):
+        type(self).generators.append(generator)
+        return super().accept(tree, scores_at, generator)
+
+
+def test_seeded_generator_lives_on_the_model_device_and_is_reproducible(tiny_llama):
+    ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3]])
+    outs = []
+    for _ in range(2):
+        _GeneratorSpy.generators = []
+        loop = SpeculativeDecoding(PromptLookupDrafter(num_tokens=3), acceptance=_GeneratorSpy(), seed=123)
+        torch.manual_seed(len(outs))  # a different global state each run: only the seed decides
+        outs.append(tiny_llama.generate(ids, max_new_tokens=16, do_sample=True, top_k=0, pad_token_id=0,
+                                        custom_generate=loop))
+        gens = _GeneratorSpy.generators
+        assert gens and all(g is gens[0] for g in gens)  # one generator for the whole call
+        assert isinstance(gens[0], torch.Generator) and gens[0].device == tiny_llama.device
+    assert torch.equal(outs[0], outs[1])
+    other = SpeculativeDecoding(PromptLookupDrafter(num_tokens=3), seed=7)
+    diff = [tiny_llama.generate(ids, max_new_tokens=16, do_sample=True, top_k=0, pad_token_id=0,
+                                custom_generate=other) for _ in range(2)]
+    assert torch.equal(diff[0], diff[1]) and not torch.equal(diff[0], outs[0])  # the seed matters
+    assert SpeculativeDecoding(PromptLookupDrafter(), seed=None).generator_for(tiny_llama.device) is None
+    with pytest.raises(ValueError, match="seed"):
+        SpeculativeDecoding(PromptLookupDrafter(), seed="1")
+
+
+def test_seeded_generator_is_created_on_a_cuda_model_device(monkeypatch):
+    """The CUDA code path without a GPU: the generator is requested on the device the engine is given, not on the
+    CPU (a CPU generator fails ``torch.multinomial`` on CUDA probabilities)."""
+    made = []
+
+    class FakeGenerator:
+        def __init__(self, device="cpu"):
+            made.append(torch.device(device))
+            self.device = torch.device(device)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    loop = SpeculativeDecoding(PromptLookupDrafter(), seed=5)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "Generator", FakeGenerator)
+        g = loop.generator_for(torch.device("cuda", 0))
+    assert made == [torch.device("cuda", 0)] and g.device == torch.device("cuda", 0) and g.seed == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_speculative_sampling_runs_on_cuda(tiny_llama):
+    import copy
+
+    model = copy.deepcopy(tiny_llama).cuda()
+    ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3]], device="cuda")
+    outs = [model.generate(ids, max_new_tokens=16, do_sample=True, top_k=0, pad_token_id=0,
+                           custom_generate=SpeculativeDecoding(PromptLookupDrafter(num_tokens=3), seed=3))
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])

@@ -1,5 +1,13 @@
 """Issue 3's lossless property on the real model: every registered speculative drafter, greedy acceptance, over 20
-benchmark prompts x 32 new tokens, is token-identical to plain greedy ``generate()`` (fp32, CPU).
+benchmark prompts x 32 new tokens, is token-identical to plain greedy ``generate()`` (fp32, CPU) up to
+floating-point near-ties.
+
+Near-ties: the engine verifies a block of tokens in one forward (and, by default, runs the CPU linear layers with
+the weight-left kernel layout of :mod:`hf_decoding_ext.core.kernels`), so its logits differ from plain greedy's in
+the last bits; where the target's top-2 logits are that close, the two may pick different tokens. The test tallies
+every disagreement and passes only if each one is such a near-tie: at the first position where the outputs differ,
+the two tokens are the target's top-2 and their logit gap is below ``NEAR_TIE`` (relative). A real divergence
+fails it.
 
 The drafters run exactly as the registry/CLI builds them (``generate_kwargs``), one instance reused across the
 prompts (so Token Recycling's adjacency matrix and Lookahead's pool persist, as in the benchmark). Parity with
@@ -10,6 +18,7 @@ transformers' prompt lookup and assisted generation is tested in ``test_prompt_l
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hf_decoding_ext.plug import generate_kwargs
 from hf_decoding_ext.bench.parity import greedy_parity, greedy_references
@@ -17,11 +26,49 @@ from hf_decoding_ext.bench.prompts import interleaved_prompts
 from hf_decoding_ext.registry import METHODS
 
 N_PROMPTS = 20
+NEAR_TIE = 1e-3
+"""Relative top-2 logit gap ``(top1 - top2) / max(|top1|, 1)`` below which two tokens are a floating-point tie."""
 MAX_NEW_TOKENS = 32
 DRAFTERS = [m for m in METHODS if m.family == "speculative" and m.kind == "candidate_generator"]
 # the class each registered drafter must build (a new drafter must be added here, and so to this test)
 EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "TokenRecyclingDrafter",
                   "lookahead": "LookaheadDrafter", "jacobi": "JacobiDrafter", "draft-model": "DraftModelDrafter"}
+
+
+@torch.inference_mode()
+def divergences(model, refs, diverged: dict) -> list[dict]:
+    """For each prompt whose loop output ``diverged[id]`` differs from its greedy reference: the first differing
+    position, the two tokens, whether they are the target's top-2 there (plain forward over the greedy prefix) and
+    their relative logit gap (``inf`` when an output is only longer than the other)."""
+    found = []
+    for row, enc, ref in refs:
+        if row["id"] not in diverged:
+            continue
+        got = diverged[row["id"]]
+        n = min(got.shape[1], ref.shape[1])
+        differ = (got[0, :n] != ref[0, :n]).nonzero()
+        if not len(differ):
+            found.append({"id": row["id"], "position": n, "tokens": None, "top2": False, "gap": float("inf")})
+            continue
+        pos = int(differ[0])
+        mask = torch.ones_like(ref[:, :pos]) if "attention_mask" not in enc else torch.cat(
+            [enc["attention_mask"], torch.ones_like(ref[:, enc["attention_mask"].shape[1]:pos])], dim=1)
+        logits = model(input_ids=ref[:, :pos], attention_mask=mask).logits[0, -1].float()
+        top = logits.topk(2)
+        tokens = (int(ref[0, pos]), int(got[0, pos]))
+        gap = float(top.values[0] - top.values[1]) / max(abs(float(top.values[0])), 1.0)
+        found.append({"id": row["id"], "position": pos, "tokens": tokens,
+                      "top2": set(tokens) == set(top.indices.tolist()), "gap": gap})
+    return found
+
+
+def near_tie_tally(model, refs, diverged: dict, tolerance: float = NEAR_TIE) -> int:
+    """Number of diverged prompts; raises ``AssertionError`` naming any divergence that is not a near-tie (the two
+    tokens are not the target's top-2, or their relative gap is at least ``tolerance``)."""
+    found = divergences(model, refs, diverged)
+    real = [d for d in found if not (d["top2"] and d["gap"] < tolerance)]
+    assert not real, f"outputs diverge from greedy beyond floating-point near-ties: {real}"
+    return len(found)
 
 
 def _prompts():
@@ -42,7 +89,8 @@ def test_prompt_selection_spans_every_category():
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("spec", DRAFTERS, ids=lambda m: m.name)
-def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs):
+def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs, record_property):
+    """Token-identical to greedy up to floating-point near-ties (tallied; 0 when every output is identical)."""
     model, tokenizer = smollm
     kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer)
     loop = kwargs["custom_generate"]
@@ -50,7 +98,38 @@ def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs
     assert kwargs["do_sample"] is False
     r = greedy_parity(model, kwargs, greedy_refs, MAX_NEW_TOKENS)
     mismatches, tokens, forwards, accepted = r.mismatches, r.tokens, r.forwards, r.accepted
-    assert not mismatches, f"{spec.name}: output differs from greedy generate() on {mismatches}"
-    assert tokens == sum(r.shape[1] - e["input_ids"].shape[1] for _, e, r in greedy_refs)
+    near_ties = near_tie_tally(model, greedy_refs, r.diverged)
+    record_property("near_ties", near_ties)
+    print(f"{spec.name}: {near_ties} near-tie divergence(s) over {N_PROMPTS} prompts")
+    assert near_ties == len(mismatches)
+    if not mismatches:
+        assert tokens == sum(r.shape[1] - e["input_ids"].shape[1] for _, e, r in greedy_refs)
     # the drafts are used: some draft tokens are accepted, so fewer target forwards than tokens
     assert accepted > 0 and tokens / forwards > 1.0, (spec.name, tokens, forwards)
+
+
+def test_near_tie_tally_fails_on_a_real_divergence(tiny_llama):
+    """The tally's negative control: an output that takes a clearly worse token is not a near-tie; an identical one
+    is not a divergence at all; a top-2 swap at a made-up tie is one."""
+    ids = torch.tensor([[3, 4, 5, 6]])
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ref = tiny_llama.generate(ids, max_new_tokens=6, do_sample=False)
+    refs = [({"id": "p"}, enc, ref)]
+    assert near_tie_tally(tiny_llama, refs, {}) == 0
+    pos = ids.shape[1] + 2
+    with torch.no_grad():
+        logits = tiny_llama(ref[:, :pos]).logits[0, -1]
+    worst = ref.clone()
+    worst[0, pos] = int(logits.argmin())
+    with pytest.raises(AssertionError, match="beyond floating-point near-ties"):
+        near_tie_tally(tiny_llama, refs, {"p": worst})
+    second = ref.clone()
+    second[0, pos] = int(logits.topk(2).indices[1])
+    (found,) = divergences(tiny_llama, refs, {"p": second})
+    assert found["position"] == pos and found["top2"]
+    assert found["gap"] > 0
+    with pytest.raises(AssertionError):  # a random model's top-2 are not tied
+        near_tie_tally(tiny_llama, refs, {"p": second}, tolerance=found["gap"] / 2)
+    assert near_tie_tally(tiny_llama, refs, {"p": second}, tolerance=found["gap"] * 2) == 1  # within tolerance
+    with pytest.raises(AssertionError):
+        near_tie_tally(tiny_llama, refs, {"p": ref[:, :-1]})  # only shorter: not a near-tie

@@ -9,10 +9,12 @@ import torch
 
 @dataclass
 class ParityReport:
-    """Outcome of :func:`greedy_parity`: prompt ids whose output differs, tokens generated, target forwards (engine
-    steps) and draft tokens accepted, summed over the prompts."""
+    """Outcome of :func:`greedy_parity`: prompt ids whose output differs (and the loop's output for each, in
+    ``diverged``), tokens generated, target forwards (engine steps) and draft tokens accepted, summed over the
+    prompts."""
 
     mismatches: list = field(default_factory=list)
+    diverged: dict = field(default_factory=dict)
     tokens: int = 0
     forwards: int = 0
     accepted: int = 0
@@ -38,6 +40,7 @@ def greedy_parity(model, gen_kwargs: dict, refs, max_new_tokens: int) -> ParityR
         out = model.generate(**enc, max_new_tokens=max_new_tokens, **gen_kwargs)
         if not torch.equal(out, ref):
             report.mismatches.append(row["id"])
+            report.diverged[row["id"]] = out
         s = loop.summary()
         report.tokens += s["tokens"]
         report.forwards += s["steps"]

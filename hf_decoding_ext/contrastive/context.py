@@ -20,12 +20,15 @@ The subclasses in this package (one module per paper) only set the combination f
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from hf_decoding_ext.core.lifecycle import StatefulLogitsProcessor
+from hf_decoding_ext.core.loop import select_cache
 from hf_decoding_ext.core.rows import is_new_prompt
 
 SPACES = ("logits", "log_probs")
@@ -118,7 +121,7 @@ def check_strength(name: str, value, minimum: float = 0.0, maximum: float | None
     return float(value)
 
 
-class ContrastiveContextProcessor(LogitsProcessor):
+class ContrastiveContextProcessor(StatefulLogitsProcessor, LogitsProcessor):
     r"""
     [`LogitsProcessor`] combining the main next-token scores with those of a *second view*: ``model`` (the main model
     or another "amateur" model sharing the vocabulary) run on a second-view prompt followed by the tokens generated
@@ -127,7 +130,11 @@ class ContrastiveContextProcessor(LogitsProcessor):
 
     The second view has its own KV cache and handles rollbacks (see the module docstring), so the processor works in
     plain ``generate()`` (greedy, sampling, beam search), in this library's decoding loops and in the speculative
-    engine, which calls processors at draft-tree nodes.
+    engine, which calls processors at draft-tree nodes. It implements the lifecycle of
+    :class:`~hf_decoding_ext.core.lifecycle.StatefulLogitsProcessor`: :meth:`begin` starts a generation,
+    :meth:`select_rows` / :meth:`fork` carry the second view (cache, prompt rows, tokens fed) over to selected or
+    repeated rows, so lookahead rollouts and trials on a branch of some rows keep every generated token in the
+    second view and leave the main rows' state untouched.
 
     Args:
         model: the model of the second view (``forward`` with ``past_key_values``); runs on its own device/dtype.
@@ -164,6 +171,8 @@ class ContrastiveContextProcessor(LogitsProcessor):
     """
 
     space: str = "logits"
+    tracks_prefix = True  # re-synchronises to the common prefix of the tokens of each call
+    state_attributes = ("_prompt", "_cache", "_ids2", "_mask2", "_n_real", "_gen", "_prompt_logits", "_last_logits")
 
     def __init__(
         self,
@@ -241,6 +250,36 @@ class ContrastiveContextProcessor(LogitsProcessor):
         self._prompt_logits: torch.Tensor | None = None  # second view's next-token logits after its prompt
         self._last_logits: torch.Tensor | None = None  # ... after the prompt and _gen
         self.stats = {"second_view_forwards": 0, "second_view_tokens": 0}
+
+    def begin(self, input_ids: torch.LongTensor) -> None:
+        """Start a generation on the main prompts ``input_ids`` (runs the second-view prompts once)."""
+        self._start(input_ids)
+
+    def select_rows(self, indices: torch.LongTensor) -> None:
+        """Keep the rows ``indices`` (rows may repeat) of the second view: prompts, cache, tokens already fed."""
+        if self._prompt is None:
+            return
+        there = torch.as_tensor(indices, dtype=torch.long).to(self._ids2.device)
+        self._cache.batch_select_indices(there)
+        self._select_tensors(indices)
+
+    def _select_tensors(self, indices: torch.LongTensor) -> None:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        here, there = indices.to(self._prompt.device), indices.to(self._ids2.device)
+        self._prompt = self._prompt[here]
+        self._ids2, self._mask2, self._n_real = self._ids2[there], self._mask2[there], self._n_real[there]
+        self._gen = self._gen[there]
+        self._prompt_logits, self._last_logits = self._prompt_logits[there], self._last_logits[there]
+
+    def fork(self, indices: torch.LongTensor | None = None):
+        """The processor itself for the same rows (it tracks the tokens of each call); for ``indices``, a copy whose
+        second view holds those rows (its cache copied once, like a :class:`~hf_decoding_ext.core.rollout.Branch`)."""
+        if indices is None or self._prompt is None:
+            return super().fork(indices)
+        new = copy.copy(self)  # the state tensors are replaced by indexed copies below, never shared
+        new._cache = select_cache(self._cache, torch.as_tensor(indices, dtype=torch.long).to(self._ids2.device))
+        new._select_tensors(indices)
+        return new
 
     @property
     def main_prompt_length(self) -> int | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import GenerationState, select_cache
 
 END_EOS = "eos"
@@ -99,6 +100,11 @@ class Branch:
     nothing. :meth:`keep` drops branch rows (e.g. finished continuations); :meth:`commit` makes a branch holding one
     continuation per state row the state's own continuation.
 
+    :meth:`process` applies the state's logits processors on the branch rows through a :func:`fork
+    <hf_decoding_ext.core.lifecycle.fork>` of them (made on first use): stateful processors (a contrastive second
+    view, Mirostat's ``mu``) continue from the state rows' own state, follow :meth:`keep`, and the state's processors
+    are untouched unless :meth:`commit` adopts the branch's.
+
     Args:
         state: the decoding state to branch.
         rows: state rows to branch (``(m,)``; rows may repeat); ``None``: every row.
@@ -124,6 +130,7 @@ class Branch:
         self.start = state.input_ids.shape[1]
         self._cache = None
         self._committed = False
+        self._processors = None  # fork of the state's logits processors on the branch rows
 
     @property
     def size(self) -> int:
@@ -158,6 +165,19 @@ class Branch:
         self.input_ids = torch.cat([self.input_ids, tokens.to(self.input_ids.dtype)], dim=1)
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(tokens.shape)], dim=1)
 
+    @property
+    def processors(self):
+        """The state's logits processors forked onto the branch rows (made on first use)."""
+        self._check_open()
+        if self._processors is None:
+            self._processors = lifecycle.fork(self.state.logits_processor, self.rows, caller="a Branch")
+        return self._processors
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The state's logits processors (their branch fork) applied to next-token ``logits`` ``(size, vocab)``
+        after each branch sequence."""
+        return self.processors(self.input_ids, logits)
+
     def forward(self, **kwargs):
         """Run the model on the branch's uncached tokens (see :meth:`GenerationState.forward` for ``kwargs``)."""
         return self.state.forward(cache=self.cache, input_ids=self.input_ids, attention_mask=self.attention_mask,
@@ -181,16 +201,21 @@ class Branch:
         self.attention_mask = self.attention_mask[index]
         if self._cache is not None:
             self._cache.batch_select_indices(index)
+        if self._processors is not None:
+            lifecycle.select_rows(self._processors, index)
 
     def commit(self) -> int:
         """Make this branch the state's continuation: the state takes the branch's cache and appends its tokens
-        (through :meth:`GenerationState.append`, so eos, stopping criteria and the streamer apply). The branch must
-        hold exactly one sequence per state row, in order. Returns the number of positions appended."""
+        (through :meth:`GenerationState.append`, so eos, stopping criteria and the streamer apply) and its logits
+        processors adopt the branch fork's state (when :meth:`process` was used). The branch must hold exactly one
+        sequence per state row, in order. Returns the number of positions appended."""
         self._check_open()
         if not torch.equal(self.rows, torch.arange(self.state.batch_size, device=self.rows.device)):
             raise ValueError(f"commit needs one branch row per state row in order, got rows {self.rows.tolist()}")
         if self._cache is not None:
             self.state.cache = self._cache
+        if self._processors is not None:
+            lifecycle.adopt(self.state.logits_processor, self._processors)
         self._committed = True
         return self.state.append(self.tokens) if self.tokens.shape[1] else 0
 
@@ -209,6 +234,10 @@ class Rollout:
         rows: the state row each continuation extends ``(n,)``.
         step_scores, step_logits: with ``return_steps=True``, the processed scores and raw logits that chose each
             token, one ``(length_i, vocab)`` tensor per continuation.
+        processor_states: with ``keep_processor_states=True``, the state's logits processors as each continuation
+            left them (a one-row :func:`~hf_decoding_ext.core.lifecycle.fork` per continuation): adopt the chosen
+            one (:func:`~hf_decoding_ext.core.lifecycle.adopt`) when appending its tokens to the state, so that
+            stateful processors continue exactly as if the state had decoded them.
     """
 
     tokens: torch.Tensor
@@ -219,6 +248,7 @@ class Rollout:
     rows: torch.Tensor
     step_scores: list[torch.Tensor] | None = None
     step_logits: list[torch.Tensor] | None = None
+    processor_states: list | None = None
 
     def token_lists(self) -> list[list[int]]:
         """Each continuation's tokens as a list (without padding)."""
@@ -271,13 +301,24 @@ class _Ends:
         return ends
 
 
+class _BranchProcess:
+    """``process`` hook of a rollout that runs the state's processors on their branch fork."""
+
+    def __init__(self, branch: Branch):
+        self.branch = branch
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.branch.processors(input_ids, logits)
+
+
 @torch.no_grad()
 def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.Tensor | None = None,
             first_tokens: torch.Tensor | None = None, logits: torch.Tensor | None = None,
             scores: torch.Tensor | None = None, process: Processor | None = None, do_sample: bool = False,
             generator: torch.Generator | None = None, max_tokens: int | None = None,
             stop_token_ids: Iterable[int] | None = None, stop_strings: str | Sequence[str] = (), tokenizer=None,
-            stop_on_eos: bool = True, use_stopping_criteria: bool = False, return_steps: bool = False) -> Rollout:
+            stop_on_eos: bool = True, use_stopping_criteria: bool = False, return_steps: bool = False,
+            keep_processor_states: bool = False) -> Rollout:
     r"""Roll out ``k`` continuations of each of the state's ``rows`` in one batch, each until its own end.
 
     The rows are branched (:class:`Branch`: a copy of their cache, the state is left untouched) and every running
@@ -304,7 +345,9 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
         logits: raw next-token logits ``(m, vocab)`` of the rows when the caller already has them (saves a forward);
             ``None``: computed on the branch.
         scores: the processed scores ``(m, vocab)`` that go with ``logits`` (``None``: ``process(logits)``).
-        process: logits processing hook ``(input_ids, logits) -> scores`` (``None``: the raw logits).
+        process: logits processing hook ``(input_ids, logits) -> scores`` (``None``: the raw logits). The state's
+            own ``state.logits_processor`` runs as :meth:`Branch.process`, on a fork of its stateful processors
+            (:mod:`hf_decoding_ext.core.lifecycle`), so the continuations never touch the state's processors.
         do_sample: sample tokens (multinomial over the processed distribution) instead of taking the argmax.
         generator: random generator for sampling.
         max_tokens: cap on a continuation's length (forced first token included).
@@ -312,6 +355,8 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
         stop_on_eos: end a continuation at an eos token.
         use_stopping_criteria: end a continuation when the state's stopping criteria fire.
         return_steps: also return the per-token processed scores and raw logits (:attr:`Rollout.step_scores`).
+        keep_processor_states: also return the state's processors as each continuation left them
+            (:attr:`Rollout.processor_states`).
 
     Returns:
         a :class:`Rollout`.
@@ -333,6 +378,8 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
     """
     ends_of = _Ends(state, max_tokens, stop_token_ids, stop_strings, tokenizer, stop_on_eos, use_stopping_criteria)
     branch = Branch(state, rows, k)
+    if process is not None and process is state.logits_processor:
+        process = _BranchProcess(branch)
     n, m = branch.size, branch.size // k
     device = state.device
     if first_tokens is not None:
@@ -360,6 +407,7 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
     steps_s: list[list[torch.Tensor]] | None = [[] for _ in range(n)] if return_steps else None
     steps_l: list[list[torch.Tensor]] | None = [[] for _ in range(n)] if return_steps else None
     active = torch.arange(n, device=device)  # branch row j holds continuation active[j]
+    proc_states: list | None = [None] * n if keep_processor_states else None
     step = 0
     while True:
         raw_logp = torch.log_softmax(raw, dim=-1)  # before the hook, which may work in place
@@ -391,6 +439,8 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
         for j, w in enumerate(why):
             if w is not None:
                 ends[int(active[j])] = w
+                if proc_states is not None:
+                    proc_states[int(active[j])] = lifecycle.fork(branch.processors, torch.tensor([j]))
         if not still:
             break
         if len(still) < len(why):  # ended continuations leave the batch
@@ -407,4 +457,5 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
         rows=all_rows,
         step_scores=[torch.stack(s) for s in steps_s] if return_steps else None,
         step_logits=[torch.stack(s) for s in steps_l] if return_steps else None,
+        processor_states=proc_states,
     )

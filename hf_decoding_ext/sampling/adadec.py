@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from hf_decoding_ext.core.entropy import entropy
+from hf_decoding_ext.core.lifecycle import require_lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.resources import data_file
 from hf_decoding_ext.core.rollout import rollout
@@ -287,6 +288,7 @@ class AdaDec(DecodingLoop):
     def run(self, state: GenerationState):
         trace: list[dict[str, Any]] = []
         state.stats["pauses"] = 0
+        require_lifecycle(state.logits_processor, type(self).__name__)  # rollouts run them on branched rows
         while not state.done:
             logits, _ = state.next_token_logits()
             scores = state.process(logits)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hf_decoding_ext.core.entropy import entropy
+from hf_decoding_ext.core.lifecycle import adopt, has_stateful, require_lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rollout import (
     DEFAULT_PUNCTUATION,
@@ -107,13 +108,14 @@ class CautiousNTP(DecodingLoop):
         cache), each until punctuation, the caller's stopping criteria or ``max_trial_tokens``."""
         return rollout(state, n, logits=logits, scores=scores, process=state.logits_processor, do_sample=True,
                        max_tokens=self.max_trial_tokens, stop_token_ids=self.punctuation_ids, stop_on_eos=False,
-                       use_stopping_criteria=True,
+                       use_stopping_criteria=True, keep_processor_states=has_stateful(state.logits_processor),
                        return_steps=state.scores is not None or state.logits is not None)
 
     @torch.no_grad()
     def run(self, state: GenerationState):
         trace: list[dict[str, Any]] = []
         state.stats["multi_trial_steps"] = 0
+        require_lifecycle(state.logits_processor, type(self).__name__)  # trials run them on branched rows
         while not state.done:
             logits, _ = state.next_token_logits()
             scores = state.process(logits)
@@ -140,6 +142,8 @@ class CautiousNTP(DecodingLoop):
                 state.scores.extend(x[None] for x in trials.step_scores[best])
             if state.logits is not None:
                 state.logits.extend(x[None] for x in trials.step_logits[best])
+            if trials.processor_states is not None:  # stateful processors continue from the chosen trial
+                adopt(state.logits_processor, trials.processor_states[best])
             appended = state.append(chosen)
             if state.scores is not None:
                 del state.scores[before + appended:]

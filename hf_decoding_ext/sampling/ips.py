@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rollout import Branch
 
@@ -99,6 +100,8 @@ class IsotropicProximalSearch(DecodingLoop):
         ...                      max_new_tokens=30)  # doctest: +SKIP
     """
 
+    needs_uncached_prompt = True  # the context representations are the prompt's hidden states
+
     def __init__(self, alpha: float = 0.6, top_k: int = 5, first_steps: int = 2,
                  eou_token_id: int | Sequence[int] | None = None):
         if not 0.0 <= float(alpha) <= 1.0:
@@ -187,6 +190,8 @@ class IsotropicProximalSearch(DecodingLoop):
                 trace["hidden"].append(cand_hidden)
                 trace["scores"].append(obj)
             branch.commit()
+            # the next scores come from the chosen rows of the candidate forward (kNN-LM reads its hidden state)
+            lifecycle.locate(state.logits_processor, rows=rows * k + choice)
             step += 1
             response.append(cand_hidden[rows, choice])
             next_logits = cand_out.logits[:, -1, :].reshape(batch, k, -1)[rows, choice]

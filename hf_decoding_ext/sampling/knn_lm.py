@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 from hf_decoding_ext.core.anatomy import final_norm, lm_head
+from hf_decoding_ext.core.lifecycle import StatefulLogitsProcessor
 from hf_decoding_ext.core.ngram_lm import shipped_docstrings
 
 FORMAT_VERSION = "1"
@@ -33,13 +34,15 @@ class HiddenStateCapture:
 
     A forward hook on the final norm (``model.model.norm`` for Llama-like models, ``transformer.ln_f`` for GPT-2, ...)
     stores its output, shape ``(batch, seq, hidden)``, at each forward pass; when no final norm is found, a forward
-    pre-hook on the LM head stores the LM head's input instead. Call :meth:`remove` to detach it.
+    pre-hook on the LM head stores the LM head's input instead (only the positions whose logits are computed).
+    ``version`` counts the captured forwards. Call :meth:`remove` to detach it.
     """
 
     def __init__(self, model):
         module, kind = _final_representation_module(model)
         self.kind = kind
         self.hidden: torch.Tensor | None = None
+        self.version = 0
         if kind == "norm":
             self._handle = module.register_forward_hook(self._on_output)
         else:
@@ -47,9 +50,11 @@ class HiddenStateCapture:
 
     def _on_output(self, module, args, output):
         self.hidden = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+        self.version += 1
 
     def _on_input(self, module, args):
         self.hidden = args[0].detach()
+        self.version += 1
 
     def remove(self):
         if self._handle is not None:
@@ -305,7 +310,7 @@ def stdlib_docs_texts() -> list[str]:
     return shipped_docstrings()
 
 
-class KNNLMLogitsProcessor(LogitsProcessor):
+class KNNLMLogitsProcessor(StatefulLogitsProcessor, LogitsProcessor):
     r"""
     [`LogitsProcessor`] for the kNN-LM of "Generalization through Memorization: Nearest Neighbor Language Models"
     (Khandelwal, Levy, Jurafsky, Zettlemoyer and Lewis, ICLR 2020, arXiv:1911.00172), as evaluated for open-ended
@@ -326,7 +331,11 @@ class KNNLMLogitsProcessor(LogitsProcessor):
     registers a forward hook on the model's final norm (:class:`HiddenStateCapture`); every forward pass of the model
     stores the final hidden states and the processor reads the last position of the latest one. Build it with
     :meth:`for_model` (or pass ``model=``), and detach the hook with :meth:`remove` or by using the processor as a
-    context manager. :meth:`interpolate` is the vectorised interpolation shared by the processor and teacher-forced
+    context manager. When the latest forward covers several positions or other rows than the scores (the
+    speculative engine's tree verification, a branch of candidate rows, a superposed forward), the caller says where
+    the query is with :meth:`locate` (the lifecycle of :class:`~hf_decoding_ext.core.lifecycle.StatefulLogitsProcessor`;
+    forks share the hook and each keeps its own location), so each tree node reads the hidden state of its own
+    position. :meth:`interpolate` is the vectorised interpolation shared by the processor and teacher-forced
     evaluation (:func:`evaluate_perplexity`).
 
     Defaults are the paper's: ``k=1024`` neighbours, ``lmbda=0.25`` (their WikiText-103 value) and temperature 1.
@@ -384,8 +393,29 @@ class KNNLMLogitsProcessor(LogitsProcessor):
         self.k = k
         self.temperature = float(temperature)
         self._capture: HiddenStateCapture | None = None
+        self.reset()
         if model is not None:
             self.attach(model)
+
+    # lifecycle ----------------------------------------------------------------------------------------------------
+    state_attributes = ("_located",)
+
+    def reset(self) -> None:
+        """Forget a pending :meth:`locate` (the hook stays attached)."""
+        self._located: tuple | None = None  # (capture version, rows, positions) for the next call
+
+    def copy_state(self, value):
+        return value  # an immutable tuple of tensors that are never modified in place
+
+    def select_rows(self, indices: torch.LongTensor) -> None:
+        """Nothing to carry: the query is read from the model's next forward (use :meth:`locate` when the scores
+        come from rows of the latest forward other than its own)."""
+
+    def locate(self, rows: torch.LongTensor | None = None, positions: torch.LongTensor | None = None) -> None:
+        """Read the next query at rows ``rows`` and positions ``positions`` (``(batch,)``; negative positions count
+        from the end) of the latest captured forward instead of its last position of every row."""
+        version = None if self._capture is None else self._capture.version
+        self._located = (version, rows, positions)
 
     @classmethod
     def for_model(
@@ -498,7 +528,15 @@ class KNNLMLogitsProcessor(LogitsProcessor):
                 "KNNLMLogitsProcessor has no hidden state: build it with KNNLMLogitsProcessor.for_model(model, ...) "
                 "or call .attach(model) before generate()"
             )
-        query = hidden[:, -1, :] if hidden.dim() == 3 else hidden
+        located, self._located = self._located, None
+        if located is not None and located[0] == self._capture.version and hidden.dim() == 3:
+            _, rows, positions = located
+            rows = torch.arange(hidden.shape[0], device=hidden.device) if rows is None else rows.to(hidden.device)
+            positions = (torch.full_like(rows, -1) if positions is None
+                         else torch.as_tensor(positions, device=hidden.device).expand_as(rows))
+            query = hidden[rows, positions % hidden.shape[1]]
+        else:
+            query = hidden[:, -1, :] if hidden.dim() == 3 else hidden
         if query.shape[0] != scores.shape[0]:
             raise ValueError(
                 f"the hooked hidden state has batch {query.shape[0]} but the scores have batch {scores.shape[0]}"

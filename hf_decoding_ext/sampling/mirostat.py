@@ -23,11 +23,13 @@ import math
 import torch
 from transformers import LogitsProcessor
 
+from hf_decoding_ext.core.lifecycle import StatefulLogitsProcessor
+
 _LN2 = math.log(2.0)
 FEEDBACKS = ("original", "truncated")
 
 
-class MirostatLogitsProcessor(LogitsProcessor):
+class MirostatLogitsProcessor(StatefulLogitsProcessor, LogitsProcessor):
     r"""
     [`LogitsProcessor`] for Mirostat sampling (v1 or v2) from "Mirostat: A Neural Text Decoding Algorithm that
     Directly Controls Perplexity" (Basu et al., arXiv:2007.14966). It truncates the next-token distribution so that
@@ -41,6 +43,13 @@ class MirostatLogitsProcessor(LogitsProcessor):
     length + 1, or the batch size or vocabulary size changes) and by :meth:`reset`. Rows must keep their identity
     across steps (no beam search, whose beam reordering the processor cannot see). Rows that already finished and
     receive the pad token, which has zero probability under the stored distribution, keep their ``mu`` unchanged.
+    ``mu_history`` holds ``mu`` after each call (``(batch,)`` tensors).
+
+    **Inside this library's loops and engine** the processor follows the lifecycle of
+    :class:`~hf_decoding_ext.core.lifecycle.StatefulLogitsProcessor`: trials and lookahead rollouts run on a
+    :meth:`fork` of the rows they extend, and the speculative engine scores each draft-tree node with a fork that
+    followed that node's path and then adopts the fork of the last accepted node, so drafted and rejected tokens
+    never update ``mu``: the ``mu`` sequence is the one plain sampling of the same tokens gives.
 
     **Feedback distribution** (``feedback``): the paper controls the surprise of the generated text under the
     model's distribution, and the authors' code computes the observed surprise under the *pre-truncation*
@@ -125,6 +134,25 @@ class MirostatLogitsProcessor(LogitsProcessor):
         self.filter_value = filter_value
         self.reset()
 
+    state_attributes = ("mu", "last_k", "last_surprise", "_prev_logp", "_prev_len", "mu_history")
+
+    def copy_state(self, value):
+        # state tensors are replaced, never modified in place: forks share them; the history list is copied
+        return list(value) if isinstance(value, list) else value
+
+    def select_rows(self, indices: torch.LongTensor) -> None:
+        """Keep the rows ``indices`` (rows may repeat) of ``mu`` and of the stored distribution."""
+        if self.mu is None:
+            return
+        idx = torch.as_tensor(indices, dtype=torch.long)
+
+        def pick(t):
+            return None if t is None else t[idx.to(t.device)]
+
+        self.mu, self.last_k, self.last_surprise = pick(self.mu), pick(self.last_k), pick(self.last_surprise)
+        self._prev_logp = pick(self._prev_logp)
+        self.mu_history = [pick(m) for m in self.mu_history]
+
     def reset(self) -> None:
         """Forget all per-row state; the next call starts a new generation with ``mu = 2 * tau``."""
         self.mu: torch.Tensor | None = None
@@ -132,6 +160,7 @@ class MirostatLogitsProcessor(LogitsProcessor):
         self.last_surprise: torch.Tensor | None = None  # observed surprise (bits) used in the last mu update
         self._prev_logp: torch.Tensor | None = None
         self._prev_len: int | None = None
+        self.mu_history: list[torch.Tensor] = []  # mu after each call
 
     def _update_mu(self, input_ids: torch.LongTensor, vocab: int) -> None:
         batch, length = input_ids.shape
@@ -146,6 +175,7 @@ class MirostatLogitsProcessor(LogitsProcessor):
             device = input_ids.device
             self.mu = torch.full((batch,), 2.0 * self.tau, dtype=torch.float32, device=device)
             self.last_surprise = None
+            self.mu_history = []
             return
         token = input_ids[:, -1].to(self._prev_logp.device).long().clamp(0, vocab - 1)
         surprise = -self._prev_logp.gather(-1, token[:, None]).squeeze(-1) / _LN2
@@ -195,6 +225,7 @@ class MirostatLogitsProcessor(LogitsProcessor):
         else:
             self._prev_logp = torch.log_softmax(logp.masked_fill(~keep, -float("inf")), dim=-1)
         self._prev_len = input_ids.shape[1]
+        self.mu_history = self.mu_history + [self.mu]
         return scores.masked_fill(~keep, self.filter_value)
 
 

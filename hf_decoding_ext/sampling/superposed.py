@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.ngram_lm import NGramLM
 
@@ -161,6 +162,7 @@ class SuperposedDecoding(DecodingLoop):
             raise ValueError("SuperposedDecoding returns num_drafts sequences for one prompt; streamers (batch 1) "
                              "are not supported")
         k = self.num_drafts
+        lifecycle.require_lifecycle(state.logits_processor, type(self).__name__)  # drafts branch and reorder rows
         embed = state.model.get_input_embeddings()
         pad = state.pad_token_id if state.pad_token_id is not None else torch.tensor(0, device=state.device)
 
@@ -170,9 +172,8 @@ class SuperposedDecoding(DecodingLoop):
         first_scores, first_tokens = cand[0].topk(k)
         if not torch.isfinite(first_scores).all():
             raise ValueError(f"the logits processors left fewer than num_drafts={k} candidate tokens")
-        state.input_ids = state.input_ids.repeat(k, 1)
-        state.attention_mask = state.attention_mask.repeat(k, 1)
-        state.unfinished = state.unfinished.repeat(k)
+        # the prompt row becomes k draft rows (the cache stays one row: superposed forwards share it)
+        state.select_rows(torch.zeros(k, dtype=torch.long), cache=False)
         draft_scores = first_scores.clone()
         state.record(cand.expand(k, -1), logits.expand(k, -1))
         state.append(first_tokens)
@@ -188,6 +189,8 @@ class SuperposedDecoding(DecodingLoop):
             out = state.forward(input_ids=state.input_ids[:1], attention_mask=state.attention_mask[:1],
                                 inputs_embeds=superposed)
             logits = out.logits[:, -1, :]  # (1, V)
+            # every draft reads the one superposed forward (processors that read the model's forward, e.g. kNN-LM)
+            lifecycle.locate(state.logits_processor, rows=torch.zeros(k, dtype=torch.long, device=state.device))
             processed = state.process(logits.expand(k, -1).clone(), state.input_ids)
             cand = self.interpolated_scores(processed, state.input_ids)  # (k, V)
             total = draft_scores[:, None] + cand
@@ -199,8 +202,7 @@ class SuperposedDecoding(DecodingLoop):
             tokens[idx] = flat % vocab
             new_scores = draft_scores.clone()
             new_scores[idx] = best
-            state.input_ids = state.input_ids[parents]
-            state.unfinished = state.unfinished[parents]
+            state.select_rows(parents, cache=False)  # sequences, finished flags and processor states follow
             dead = idx[~torch.isfinite(best)]  # processors left too few candidates: the draft ends here
             if dead.numel():
                 state.unfinished[dead] = False

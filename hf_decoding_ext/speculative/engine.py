@@ -13,12 +13,60 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.kernels import small_batch_linear as _small_batch_linear
 from hf_decoding_ext.speculative.acceptance import ACCEPTANCE_RULES, AcceptanceRule, get_acceptance_rule
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult, check_needs
 from hf_decoding_ext.core.kv import check_compactable, keep_positions
 from hf_decoding_ext.core.tree import DraftTree, VerifyBlock, build_verify_inputs
+
+
+class _NodeScores:
+    """``scores_at(node)`` of the acceptance rules: the caller's processors applied at the root (``-1``) and at tree
+    nodes, lazily and once per node, with the node's path appended to ``input_ids``.
+
+    Stateful processors (:mod:`hf_decoding_ext.core.lifecycle`) score each node on a fork of their state after the
+    node's parent, so each node sees exactly the state of its own path, and are told the position of the node in the
+    verification forward (``locate``: the root is the last committed token, node ``i`` the ``i``-th block token).
+    :meth:`commit` makes the caller's processors adopt the state after the last accepted node: drafted and rejected
+    tokens never enter it.
+    """
+
+    def __init__(self, state: GenerationState, tree: DraftTree, scores: torch.Tensor, n_block: int):
+        self.state, self.tree, self.scores, self.n_block = state, tree, scores, n_block
+        self.processors = state.logits_processor
+        self.stateful = lifecycle.has_stateful(self.processors)
+        self.memo: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def _processors_after(self, node: int):
+        """A fork of the processors as they are after scoring ``node``'s parent (``node == -1``: the state's)."""
+        if node < 0:
+            return lifecycle.fork(self.processors)
+        parent = int(self.tree.parents[node])
+        self(parent)
+        return lifecycle.fork(self.memo[parent][1])
+
+    def __call__(self, node: int) -> torch.Tensor:
+        if len(self.processors) == 0:
+            return self.scores[node + 1]
+        if node not in self.memo:
+            path = self.tree.path_to(node) if node >= 0 else []
+            ids = self.state.input_ids
+            if path:
+                ids = torch.cat([ids, self.tree.tokens[path].to(ids.device)[None]], dim=1)
+            procs = self.processors
+            if self.stateful:
+                procs = self._processors_after(node)
+                position = torch.tensor([node - self.n_block], device=ids.device)  # from the end of the forward
+                lifecycle.locate(procs, positions=position)
+            self.memo[node] = (procs(ids, self.scores[node + 1][None].clone())[0], procs)
+        return self.memo[node][0]
+
+    def commit(self, node: int) -> None:
+        """The caller's stateful processors take over the state after scoring ``node`` (the last accepted one)."""
+        if self.stateful and node in self.memo:
+            lifecycle.adopt(self.processors, self.memo[node][1])
 
 
 @dataclass
@@ -37,8 +85,12 @@ class SpeculativeDecoding(DecodingLoop):
     """Speculative decoding with tree verification, for any drafter of this library.
 
     Use it as ``model.generate(..., custom_generate=SpeculativeDecoding(drafter))``. With ``do_sample=False`` and
-    the default rule the output is token-identical to plain greedy ``generate()`` (fp32); with ``do_sample=True``
-    speculative sampling keeps the target distribution. The caller's logits processors (temperature, top-k/p,
+    the default rule the output is token-identical to plain greedy ``generate()`` up to floating-point near-ties
+    (fp32): the target verifies a block of tokens per forward, and by default with another kernel layout
+    (``small_batch_linear``), so its logits may differ from plain decoding's in the last bits, and where the top-2
+    logits are that close the other token may win (``tests/test_speculative_lossless.py`` tallies these on the real
+    model). With ``do_sample=True`` speculative sampling keeps the target distribution. The caller's logits
+    processors (temperature, top-k/p,
     repetition penalty, ...) are applied at verification exactly as in plain decoding; eos, stopping criteria,
     streamers and ``max_new_tokens`` are honoured inside an accepted run.
 
@@ -50,12 +102,16 @@ class SpeculativeDecoding(DecodingLoop):
             or speculative sampling following ``do_sample``; ``"greedy"``, ``"speculative"``, ``"typical"`` (lossy)
             and any registered rule) or an :class:`AcceptanceRule`. A lossless rule refuses (``ValueError``) a draft
             whose ``sibling_scheme`` it is not lossless for.
-        max_draft_nodes: cap on tree nodes per step (``None``: the drafter's own size).
-        seed: seed of the acceptance rule's random draws (``None``: torch's global generator).
+        max_draft_nodes: cap on tree nodes per step: the drafter's tree is cut to its first ``max_draft_nodes``
+            nodes (a valid tree, parents come first) before verification (``None``: the drafter's own size).
+        seed: seed of the acceptance rule's random draws: a ``torch.Generator`` on the model's device is created
+            from it at the start of every ``generate()`` call (:meth:`generator_for`), so a seeded call is
+            reproducible; ``None``: torch's global generator.
         small_batch_linear: run the target's (and the drafter's modules') float32 CPU linear layers with the
             weight-left kernel layout of :mod:`hf_decoding_ext.core.kernels` while decoding, which makes
             a verification forward over a few tokens cheaper than PyTorch's default on MKL CPUs (a kernel choice,
-            not part of any method; no effect on GPU or in other dtypes). ``False`` keeps PyTorch's kernels.
+            not part of any method; no effect on GPU or in other dtypes). ``False`` keeps PyTorch's kernels (the
+            verification forward still covers several tokens, so greedy parity stays up to near-ties).
 
     The drafter's :attr:`~hf_decoding_ext.speculative.drafters.base.Drafter.needs` (checked here) decide what the
     verification forward hands back to it. :meth:`verification_scores` is the hook that changes the distribution
@@ -73,6 +129,7 @@ class SpeculativeDecoding(DecodingLoop):
 
     supports_batch = False
     accepts_assistant_model = True
+    supports_sliding_window = False  # tree masks and KV compaction assume full attention
 
     def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
                  max_draft_nodes: int | None = None, seed: int | None = None, small_batch_linear: bool = True):
@@ -86,11 +143,14 @@ class SpeculativeDecoding(DecodingLoop):
         known = isinstance(acceptance, str) and acceptance in ACCEPTANCE_RULES
         if not (known or isinstance(acceptance, AcceptanceRule)):
             get_acceptance_rule(acceptance, do_sample=False)  # raises the table's error
-        if max_draft_nodes is not None and max_draft_nodes < 0:
-            raise ValueError("max_draft_nodes must be >= 0")
+        if max_draft_nodes is not None and (isinstance(max_draft_nodes, bool) or not isinstance(max_draft_nodes, int)
+                                            or max_draft_nodes < 0):
+            raise ValueError(f"max_draft_nodes must be an int >= 0 or None, got {max_draft_nodes!r}")
         self.drafter = drafter
         self.acceptance = acceptance
         self.max_draft_nodes = max_draft_nodes
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         if not isinstance(small_batch_linear, bool):
             raise ValueError(f"small_batch_linear must be a bool, got {small_batch_linear!r}")
@@ -125,23 +185,25 @@ class SpeculativeDecoding(DecodingLoop):
         return tree_logits
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _processed_scores(self, state: GenerationState, tree: DraftTree, scores: torch.Tensor):
-        """Lazy processed scores at the root (-1) and tree nodes, with the path appended to ``input_ids``."""
-        processors = state.logits_processor
-        memo: dict[int, torch.Tensor] = {}
-        if len(processors) == 0:
-            return lambda node: scores[node + 1]
+    def generator_for(self, device: torch.device | str) -> torch.Generator | None:
+        """The acceptance rule's random generator for a call on ``device`` (the model's): ``None`` without ``seed``
+        (torch's global generator), else a fresh ``torch.Generator`` on that device seeded with ``seed`` (a CUDA
+        model samples its verification distributions on CUDA, which needs a CUDA generator).
 
-        def scores_at(node: int) -> torch.Tensor:
-            if node not in memo:
-                path = tree.path_to(node) if node >= 0 else []
-                ids = state.input_ids
-                if path:
-                    ids = torch.cat([ids, tree.tokens[path].to(ids.device)[None]], dim=1)
-                memo[node] = processors(ids, scores[node + 1][None].clone())[0]
-            return memo[node]
+        Example:
+            >>> from hf_decoding_ext.speculative import SpeculativeDecoding
+            >>> from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+            >>> SpeculativeDecoding(PromptLookupDrafter(), seed=0).generator_for("cpu").device
+            device(type='cpu')
+        """
+        if self.seed is None:
+            return None
+        return torch.Generator(device=torch.device(device)).manual_seed(self.seed)
 
-        return scores_at
+    def _processed_scores(self, state: GenerationState, tree: DraftTree, scores: torch.Tensor, n_block: int):
+        """Lazy processed scores at the root (-1) and tree nodes, with the path appended to ``input_ids``
+        (a :class:`_NodeScores`; ``n_block`` is the number of tree and side nodes of the verification forward)."""
+        return _NodeScores(state, tree, scores, n_block)
 
     def verify(self, state: GenerationState, draft: Draft):
         """One target forward over the uncached committed tokens, the tree and side nodes.
@@ -187,9 +249,8 @@ class SpeculativeDecoding(DecodingLoop):
         check_compactable(state.cache)
         check_needs(self.drafter.needs, type(self.drafter).__name__)
         rule = get_acceptance_rule(self.acceptance, state.do_sample)
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        lifecycle.require_lifecycle(state.logits_processor, type(self).__name__)  # scored at rejected tree nodes
+        generator = self.generator_for(state.device)
         self.last_stats = []
         self.drafter.begin(state)
         with _small_batch_linear(state.model, *self.drafter.kernel_modules(), enabled=self.small_batch_linear):
@@ -211,8 +272,11 @@ class SpeculativeDecoding(DecodingLoop):
             rule.check_tree(tree)
             t1 = time.perf_counter()
             tree_logits, side_logits, committed_logits, committed_len, hidden = self.verify(state, draft)
-            scores_at = self._processed_scores(state, tree, self.verification_scores(state, draft, tree_logits))
+            n_block = len(tree) + (0 if side_logits is None else side_logits.shape[0])
+            scores_at = self._processed_scores(state, tree, self.verification_scores(state, draft, tree_logits),
+                                               n_block)
             accepted, bonus = rule.accept(tree, scores_at, generator)
+            scores_at.commit(accepted[-1] if accepted else -1)  # stateful processors follow the accepted path only
             keep_positions(state.cache, committed_len, torch.tensor(accepted, dtype=torch.long))
             tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
             t2 = time.perf_counter()

@@ -485,6 +485,8 @@ class ExactExtractiveDecoding(DecodingLoop):
     """
 
     supports_sampling = False
+    supports_output_scores = False  # a search over spans: no per-step scores
+    supports_sliding_window = False  # trie attention masks assume full attention
 
     def __init__(self, context_ids, eos_token_id=None, max_span_tokens: int | None = None,
                  nodes_per_forward: int | None = 16, search: str = "best_first"):

@@ -3,8 +3,8 @@
 - :class:`GreedyAcceptance` (``"greedy"``): a child is accepted when it is the target's argmax. Token-identical to
   greedy decoding.
 - :class:`SpeculativeSamplingAcceptance` (``"speculative"``): rejection sampling (Leviathan et al. 2023, Chen et al.
-  2023), recursive over a tree's children (SpecInfer). Lossless in distribution for deterministic drafts and i.i.d.
-  siblings.
+  2023), recursive over a tree's children (SpecInfer, and Recursive Speculative Decoding for siblings drawn without
+  replacement). Lossless in distribution for every sibling scheme.
 - :class:`TypicalAcceptance` (``"typical"``): Medusa's typical acceptance, lossy.
 - ``"auto"``: greedy without sampling, speculative sampling with it.
 

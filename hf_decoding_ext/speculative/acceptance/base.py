@@ -71,8 +71,10 @@ class AcceptanceRule(abc.ABC):
 
     # ------------------------------------------------------------------------------------------------ random draws
     def draw_bernoulli(self, prob: float, generator: torch.Generator | None = None) -> bool:
-        """True with probability ``prob`` (one uniform draw)."""
-        return float(torch.rand((), generator=generator)) < prob
+        """True with probability ``prob`` (one uniform draw, on the generator's device: a CUDA generator cannot
+        draw a CPU tensor)."""
+        device = generator.device if generator is not None else None
+        return float(torch.rand((), generator=generator, device=device)) < prob
 
     def draw_token(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
         """A token sampled from ``probs`` ``(vocab,)``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.acceptance.base import AcceptanceRule, target_probs
 
 
@@ -11,16 +12,17 @@ class SpeculativeSamplingAcceptance(AcceptanceRule):
     """Speculative sampling, from "Fast Inference from Transformers via Speculative Decoding" (Leviathan, Kalman and
     Matias, arXiv 2211.17192) and "Accelerating Large Language Model Decoding with Speculative Sampling" (Chen et
     al., arXiv 2302.01318), extended to trees by recursive rejection over the children (SpecInfer, Miao et al.,
-    arXiv 2305.09781).
+    arXiv 2305.09781) and to siblings sampled without replacement (Recursive Speculative Decoding, Jeon et al.,
+    arXiv 2402.14160).
 
     At a node with target distribution ``p``, children ``x_1..x_k`` are tried in order: ``x_i`` is accepted with
-    probability ``min(1, p(x_i) / q(x_i))``; on rejection ``p <- norm(max(p - q, 0))``. ``q`` is the child's
-    ``draft_probs`` row, or one-hot on ``x_i`` for deterministic drafts (then a rejected token is removed from the
-    residual). If every child is rejected, the bonus token is sampled from the residual ``p``.
-
-    Lossless for deterministic drafts and for siblings drawn i.i.d. from ``draft_probs``. Siblings drawn *without
-    replacement* are not i.i.d. (the second one cannot repeat the first), so dividing by ``q`` is wrong for them;
-    :meth:`check_tree` refuses such drafts (Recursive Speculative Decoding's rule handles them).
+    probability ``min(1, p(x_i) / q_i(x_i))``; on rejection ``p <- norm(max(p - q_i, 0))`` (:meth:`residual`). ``q_i``
+    (:meth:`draft_distribution`) is the distribution ``x_i`` was drawn from given the earlier siblings: one-hot on
+    ``x_i`` for deterministic drafts (a rejected token is removed from the residual), the child's ``draft_probs``
+    row for i.i.d. siblings, and that row with the earlier siblings' tokens removed and renormalised for siblings
+    drawn without replacement. If every child is rejected, the bonus token is sampled from the residual ``p``
+    (:meth:`bonus_distribution`). Each stage keeps the residual's distribution exactly, so the emitted tokens follow
+    the target for all three sibling schemes.
 
     Example:
         >>> import torch
@@ -32,39 +34,50 @@ class SpeculativeSamplingAcceptance(AcceptanceRule):
         ([0], 2)
     """
 
-    lossless_schemes = frozenset({"deterministic", "iid"})
+    lossless_schemes = frozenset({"deterministic", "iid", "without_replacement"})
+
+    def draft_distribution(self, tree: DraftTree, child: int, earlier: list[int], p: torch.Tensor) -> torch.Tensor:
+        """``q_i``: the distribution ``(vocab,)`` child ``child`` was drawn from, given its earlier siblings' tokens
+        ``earlier`` (all rejected); ``p`` gives the device and size."""
+        x = int(tree.tokens[child])
+        if tree.draft_probs is None:
+            return torch.zeros_like(p).index_fill_(0, torch.tensor([x], device=p.device), 1.0)
+        q = tree.draft_probs[child].to(p.device, torch.float32)
+        if tree.sibling_scheme == "without_replacement" and earlier:
+            q = q.index_fill(0, torch.tensor(earlier, device=p.device), 0.0)
+            q = q / q.sum()
+        return q
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """The target after rejecting a draft from ``q``: ``norm(max(p - q, 0))`` (``None`` when nothing is left,
+        which happens only numerically, since ``p == q`` accepts surely)."""
+        residual = (p - q).clamp(min=0)
+        total = residual.sum()
+        return residual / total if total > 0 else None
+
+    def bonus_distribution(self, residual: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The distribution the bonus token is drawn from at the last accepted node: the residual after every
+        rejected child there (``target`` itself when the node has no children)."""
+        return residual
 
     def accept(self, tree, scores_at, generator=None):
         accepted, node = [], -1
         while True:
-            p = target_probs(scores_at(node))
-            chosen = None
+            target = target_probs(scores_at(node))
+            p, chosen, earlier = target, None, []
             for c in tree.children(node):
                 x = int(tree.tokens[c])
-                if tree.draft_probs is None:
-                    px = float(p[x])
-                    if px > 0 and self.draw_bernoulli(px, generator):
-                        chosen = c
-                        break
-                    p = p.clone()
-                    p[x] = 0.0
-                    total = p.sum()
-                    if total <= 0:  # numerically everything was rejected: fall back to the target argmax
-                        p = target_probs(scores_at(node))
-                        break
-                    p = p / total
-                else:
-                    q = tree.draft_probs[c].to(p.device, torch.float32)
-                    ratio = float(p[x]) / max(float(q[x]), 1e-20)
-                    if self.draw_bernoulli(min(1.0, ratio), generator):
-                        chosen = c
-                        break
-                    residual = (p - q).clamp(min=0)
-                    total = residual.sum()
-                    if total <= 0:
-                        break
-                    p = residual / total
+                q = self.draft_distribution(tree, c, earlier, p)
+                px, qx = float(p[x]), float(q[x])
+                if px > 0 and qx > 0 and self.draw_bernoulli(min(1.0, px / qx), generator):
+                    chosen = c
+                    break
+                residual = self.residual(p, q)
+                if residual is None:
+                    break
+                p = residual
+                earlier.append(x)
             if chosen is None:
-                return accepted, self.draw_token(p, generator)
+                return accepted, self.draw_token(self.bonus_distribution(p, target), generator)
             accepted.append(chosen)
             node = chosen

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.speculative.policies.draft_length import SCHEDULES, DraftLengthPolicy, draft_length_policy
@@ -21,7 +22,11 @@ class DraftModelDrafter(Drafter):
     acceptance are both lossless) and, like transformers' assisted generation, stops a draft early once the draft
     model's probability of its own token falls below ``confidence_threshold``. With ``do_sample=True`` it samples
     from the draft model's distribution after the caller's logits processors and hands those distributions to the
-    speculative-sampling rule.
+    speculative-sampling rule. The processors run on a :func:`~hf_decoding_ext.core.lifecycle.fork` of the caller's
+    (stateful processors such as Mirostat follow the draft on the copy; the caller's state only ever sees the
+    tokens the engine accepts). A processor that reads the model's forward (kNN-LM) reads the latest forward of the
+    model it hooks, which may be the target's last verification rather than the draft model: the draft is then
+    built from an approximate distribution, which costs acceptance but not exactness.
 
     Args:
         assistant_model: the draft model; its vocabulary must match the target's. ``None``: the model passed as
@@ -168,11 +173,12 @@ class DraftModelDrafter(Drafter):
         tokens, probs, kept = [], [], []
         room = state.generation_config.max_length - ids.shape[1] - 1
         cur_ids, cur_mask = ids, mask
+        processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
         for _ in range(max(0, min(self.length_policy.length(), room))):
             logits = self._step(cur_ids, cur_mask)
             if self.keep_logits:
                 kept.append(logits[0])
-            scores = state.process(logits, cur_ids)
+            scores = processors(cur_ids, logits)
             p = torch.softmax(scores, dim=-1)
             if state.do_sample:
                 tok = torch.multinomial(p, 1)[:, 0]

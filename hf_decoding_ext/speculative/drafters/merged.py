@@ -101,15 +101,18 @@ class MergedDrafter(Drafter):
         return Draft(tree)
 
     def observe(self, state, result: VerifyResult) -> None:
+        # the engine may have cut the merged tree (``SpeculativeDecoding(max_draft_nodes=...)``) to its first nodes:
+        # merged nodes past the verified tree were not verified, like nodes cut by ``max_nodes``
+        verified = len(result.draft.tree)
         for j, (drafter, draft) in enumerate(zip(self.drafters, self._drafts)):
             if drafter.needs & {"last_hidden_state", "all_hidden_states", "target_cache"}:
                 # feature-conditioned heads track the features of every committed token, including tokens accepted
                 # from another drafter's nodes: they observe the merged tree and the whole accepted path
                 drafter.observe(state, result)
                 continue
-            own = self._maps[j]
+            own = [m if m < verified else -1 for m in self._maps[j]]
             kept = [i for i, m in enumerate(own) if m >= 0]
-            if len(kept) < len(own):  # nodes cut by max_nodes: the drafter sees the kept subtree
+            if len(kept) < len(own):  # nodes cut (max_nodes, the engine's cap): the drafter sees the kept subtree
                 remap = {old: new for new, old in enumerate(kept)}
                 parents = [remap.get(int(draft.tree.parents[i]), -1) for i in kept]
                 draft = Draft(DraftTree(draft.tree.tokens[kept], torch.tensor(parents, dtype=torch.long)),
