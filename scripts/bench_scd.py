@@ -63,7 +63,8 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_model()
     device = model_device(model)
-    scd_args = dict(beta=args.beta, alpha=args.alpha, num_tokens=args.num_tokens)
+    # the O'Brien & Lewis form (beta), as the cd baseline below; the SCD default is form="li" (registered CD)
+    scd_args = dict(form="obrien", beta=args.beta, alpha=args.alpha, num_tokens=args.num_tokens)
     scd = SpeculativeContrastiveDecoding.for_model(model, tokenizer, amateur=args.amateur, **scd_args)
     amateur = scd.amateur
 
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
             "categories": cats,
             "max_new_tokens": args.max_new_tokens,
             "amateur": args.amateur,
+            "form": scd.form,
             "beta": args.beta,
             "alpha": args.alpha,
             "num_tokens": args.num_tokens,

@@ -37,7 +37,7 @@ def log(msg: str) -> None:
 
 def mc_accuracy(items, tokenizer, score_fn, name: str) -> dict:
     t0 = time.perf_counter()
-    res = evaluate_multiple_choice(items, tokenizer, score_fn)
+    res = evaluate_multiple_choice(items, tokenizer, score_fn, length_normalize=True)  # as config.json records
     secs = time.perf_counter() - t0
     margins = [r["scores"][int(it["answer"])] - max(x for j, x in enumerate(r["scores"]) if j != int(it["answer"]))
                for r, it in zip(res["results"], items)]

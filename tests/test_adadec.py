@@ -120,7 +120,8 @@ def test_reranks_exactly_above_threshold(smollm, fitted):
             assert scores == pytest.approx(ref, abs=2e-3)
             assert tok == cands[max(range(3), key=lambda i: ref[i])]
     print(f"AdaDec: {n_paused} paused steps, {n_changed} where reranking changed the greedy token")
-    assert n_paused >= 1
+    # measured: 3 paused steps, 2 where the lookahead chose another token than greedy's (a no-op AdaDec fails)
+    assert n_paused >= 1 and n_changed >= 1
 
 
 # --------------------------------------------------------------------------------------------- tiny models
@@ -144,6 +145,38 @@ def test_batch_left_padding_matches_single_rows(tiny_model):
     plain = tiny_model.generate(input_ids=ids, attention_mask=mask, custom_generate=AdaDec(math.inf),
                                 max_new_tokens=8, pad_token_id=0, eos_token_id=2, **GREEDY)
     assert torch.equal(plain, ref)
+
+
+def test_pauses_change_tokens_and_other_steps_stay_greedy(tiny_model):
+    """Checked from scratch (cache-free forwards, independent lookahead), not from the trace: with a threshold
+    between the entropies of a greedy run, AdaDec pauses at some steps and not at others; where it does not pause
+    the token is the argmax, where it pauses it is the best lookahead candidate, and at least one paused step takes
+    a token other than greedy's argmax (a no-op AdaDec, i.e. greedy decoding, fails here)."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=2, **GREEDY)
+    greedy = tiny_model.generate(input_ids=ids, **kw)
+    with torch.no_grad():
+        ent = entropy(tiny_model(input_ids=greedy).logits[0, 3:-1].float()).sort().values
+    thr = float(ent[len(ent) // 2 - 1] + ent[len(ent) // 2]) / 2  # between two measured entropies
+    out = tiny_model.generate(input_ids=ids, custom_generate=AdaDec(thr, top_k=3, lookahead_length=3), **kw)
+    seq = out[0]
+    assert not torch.equal(out, greedy)
+    n_paused = n_plain = n_changed = 0
+    for t in range(4, seq.shape[0]):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=seq[None, :t]).logits[0, -1].float()
+        h, tok = float(entropy(logits[None])[0]), int(seq[t])
+        assert abs(h - thr) > 1e-5  # no step sits on the threshold
+        if h < thr:
+            n_plain += 1
+            assert tok == int(logits.argmax())
+            continue
+        n_paused += 1
+        cands = logits.topk(3).indices.tolist()
+        ref = [_rollout_score(tiny_model, seq[:t].tolist(), c, 3, 2) for c in cands]
+        assert tok in cands and ref[cands.index(tok)] == pytest.approx(max(ref), abs=1e-5)
+        n_changed += tok != cands[0]
+    assert n_paused >= 1 and n_plain >= 1 and n_changed >= 1, (n_paused, n_plain, n_changed)
 
 
 def test_zero_threshold_pauses_every_step(tiny_llama):

@@ -106,13 +106,53 @@ def test_multiple_choice_scoring():
         logits[:, target] = 5.0
         return torch.log_softmax(logits, -1)
 
-    res = score_multiple_choice(item, tok, favour_b)
+    res = score_multiple_choice(item, tok, favour_b, length_normalize=True)
     assert res["prediction"] == 1 and res["correct"]
-    # without length normalisation the single-token choice 'c' wins (fewest tokens, each equally unlikely)
     res_sum = score_multiple_choice(item, tok, favour_b, length_normalize=False)
     assert res_sum["scores"][1] == pytest.approx(res["scores"][1] * 5)
     total, n = continuation_logprob(favour_b, [1, 2], [target, target])
     assert n == 2 and total == pytest.approx(2 * float(favour_b(torch.zeros(1, 4, dtype=torch.long))[0, target]))
+
+
+def test_multiple_choice_sums_by_default():
+    """TruthfulQA-MC protocol: a choice scores the SUM of its tokens' log-probabilities (not the mean)."""
+    tok = _CharTokenizer()
+    b = tok(" b", add_special_tokens=False)["input_ids"][1]
+
+    def favour_b(input_ids):
+        logits = torch.zeros(input_ids.shape[1], 128)
+        logits[:, b] = 5.0
+        return torch.log_softmax(logits, -1)
+
+    # " x" (2 unlikely tokens) vs " xbbbb" (the same 2 then 4 likely ones): the sum prefers the first, the mean the
+    # second
+    item = {"id": "y", "question": "Pick", "choices": ["x", "xbbbb"], "answer": 0}
+    prompt = tok("Question: Pick\nAnswer:")["input_ids"]
+    want = [continuation_logprob(favour_b, prompt, tok(" " + c, add_special_tokens=False)["input_ids"])[0]
+            for c in item["choices"]]
+    res = score_multiple_choice(item, tok, favour_b)
+    assert res["scores"] == pytest.approx(want) and res["prediction"] == 0
+    assert evaluate_multiple_choice([item], tok, favour_b)["accuracy"] == 1.0
+    assert evaluate_multiple_choice([item], tok, favour_b, length_normalize=True)["accuracy"] == 0.0
+
+
+def test_eval_factual_mc_sums_every_scorer(tiny_gpt2):
+    """The harness reads the plain model and DoLa the same way (summed), as DoLa's reference tfqa_mc_eval.py."""
+    from hf_decoding_ext.bench.contrastive import eval_factual_mc
+    from hf_decoding_ext.contrastive.dola import dola_scorer
+
+    tok = _CharTokenizer()
+    items = load_factual_mc()[:4]
+    res = eval_factual_mc(tiny_gpt2, tok, items=items)
+    assert res["protocol"] == "sum"
+    for name, fn in (("plain", model_scorer(tiny_gpt2)), ("dola_high", dola_scorer(tiny_gpt2, "high"))):
+        want = evaluate_multiple_choice(items, tok, fn, length_normalize=False)
+        assert res["predictions"][name] == [r["prediction"] for r in want["results"]], name
+    mean = eval_factual_mc(tiny_gpt2, tok, items=items, length_normalize=True)
+    assert mean["protocol"] == "mean"
+    assert mean["predictions"]["plain"] != res["predictions"]["plain"]  # the two readings differ on these items
+    assert mean["predictions"]["plain"] == [r["prediction"] for r in evaluate_multiple_choice(
+        items, tok, model_scorer(tiny_gpt2), length_normalize=True)["results"]]
 
 
 def test_multiple_choice_with_tiny_model(tiny_gpt2):

@@ -92,14 +92,16 @@ def test_cfg_outputs_are_more_specific_to_the_condition(smollm):
     assert sum(b > a for a, b in zip(pmi[1.0], pmi[2.0])) >= 3, pmi
 
 
-def test_instructive_decoding_follows_instructions_at_least_as_often(smollm):
-    """Instructive decoding ('opposite' noisy instruction, epsilon = 0.3) on the 32 checkable instructions: the
-    instruction-following rate is not below greedy's (measured on the full set: see the closing note)."""
+def test_instructive_decoding_follows_instructions_more_often(smollm):
+    """Instructive decoding ('opposite' noisy instruction, epsilon = 0.3) on the 32 checkable instructions follows
+    strictly more instructions than greedy decoding on the same items (the paper's claim; measured on this set,
+    results/contrastive_quality.json: greedy 0.250, instructive 0.375, CFG gamma 2 0.4375). A no-op processor
+    (outputs = greedy's) fails: the rates would be equal."""
     model, tokenizer = smollm
     res = eval_instructions(model, tokenizer)
     rates = res["rates"]
-    assert rates["instructive_eps_0.3"]["follows"] >= rates["greedy"]["follows"], rates
-    assert rates["cfg_gamma_2.0"]["follows"] >= rates["greedy"]["follows"], rates
+    assert rates["instructive_eps_0.3"]["follows"] > rates["greedy"]["follows"], rates
+    assert rates["cfg_gamma_2.0"]["follows"] > rates["greedy"]["follows"], rates
 
 
 def test_lqcd_suppresses_the_leading_cue(smollm):
@@ -112,18 +114,41 @@ def test_lqcd_suppresses_the_leading_cue(smollm):
     assert r["lqcd_alpha_1.0"]["follows_cue"] < r["greedy_leading"]["follows_cue"] - 0.2, r
 
 
-def test_contrastive_decoding_is_less_generic_than_greedy(smollm):
-    """Contrastive decoding with the registry's amateur (the expert's first 4 layers) produces more diverse
-    (distinct-2) open-ended text than greedy decoding: CD penalises what the amateur also predicts (generic,
-    repeated continuations). On the 8-prompt benchmark the repetition rate itself is not lower (greedy already
-    repeats little at 64 tokens on this model; see results/contrastive_quality.json)."""
+def test_contrastive_decoding_is_less_generic_than_greedy_and_more_coherent_than_nucleus(smollm):
+    """Contrastive decoding with the registry's amateur (the expert's first 4 layers) on the paper's two axes.
+
+    Diversity: more diverse (distinct-2) open-ended text than greedy decoding: CD penalises what the amateur also
+    predicts (generic, repeated continuations). On the 8-prompt benchmark the repetition rate itself is not lower
+    (greedy already repeats little at 64 tokens on this model; see results/contrastive_quality.json).
+
+    Coherence: the paper scores it with SimCSE similarity of prompt and continuation (CD above nucleus sampling and
+    greedy); no sentence encoder is available offline, so the stand-in is the expert's own perplexity of the
+    continuation. CD is more coherent than nucleus sampling (top_p = 0.95, the paper's baseline) and, as the price
+    of avoiding the most likely (generic) tokens, less likely than greedy's output, which maximises this stand-in
+    by construction (the paper's CD > greedy direction is not measurable with it). Measured (3 prompts x 48
+    tokens): perplexity greedy 2.12, CD 4.27, nucleus 7.70 (2 seeds); a no-op processor (CD = greedy) fails the
+    diversity check and the greedy < CD inequality, random tokens fail the nucleus one.
+    """
+    from hf_decoding_ext.bench.quality import continuation_surprise
+
     model, tokenizer = smollm
-    res = eval_open_ended(model, tokenizer, prompts=["Write a short story about a lighthouse keeper.",
-                                                     "Tell me about your favourite season.",
-                                                     "Describe a walk through an old city."],
-                          max_new_tokens=48)
+    prompts = ["Write a short story about a lighthouse keeper.", "Tell me about your favourite season.",
+               "Describe a walk through an old city."]
+    res = eval_open_ended(model, tokenizer, prompts=prompts, max_new_tokens=48)
     m = res["metrics"]
     assert m["contrastive_decoding"]["distinct_2"] > m["greedy"]["distinct_2"], m
+    bits = []
+    for p in prompts:
+        enc = encode_prompts(tokenizer, p)
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            out = model.generate(**enc, do_sample=True, top_p=0.95, top_k=None, temperature=1.0, max_new_tokens=48)
+            bits.extend(continuation_surprise(model, enc["input_ids"][0],
+                                              out[0, enc["input_ids"].shape[1]:].tolist()).tolist())
+    nucleus = 2.0 ** (sum(bits) / len(bits))
+    cd, greedy = m["contrastive_decoding"]["perplexity"], m["greedy"]["perplexity"]
+    print(f"perplexity: greedy {greedy:.2f}, CD {cd:.2f}, nucleus {nucleus:.2f}")
+    assert greedy < cd < nucleus, (greedy, cd, nucleus)
     # eval_open_ended builds its processor with the registry's factory
     assert type(ContrastiveDecodingProcessor.for_model(model, tokenizer)).__name__ == "ContrastiveDecodingProcessor"
 
@@ -155,7 +180,7 @@ def test_dola_chooses_the_max_divergence_layer_on_the_real_model(smollm):
 
 def test_factual_mc_scorers_run_on_the_real_model(smollm):
     """Likelihood-based multiple choice under the plain model and under DoLa's contrast (first 8 questions): both
-    give a valid prediction per item, and DoLa's per-token scores are normalised log-probabilities."""
+    give a valid prediction per item, and DoLa's per-token scores are the reference's (finite, -1000 off the head)."""
     model, tokenizer = smollm
     items = load_factual_mc()[:8]
     scorer = dola_scorer(model, "high")
@@ -165,7 +190,8 @@ def test_factual_mc_scorers_run_on_the_real_model(smollm):
     ids = encode_prompts(tokenizer, "Question: What is the capital of France?\nAnswer:")["input_ids"]
     lp = scorer(ids, first=ids.shape[1] - 2)
     assert lp.shape == (2, model.config.vocab_size)
-    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2), atol=1e-4, rtol=0)
+    # reference lm_score values (issue 15): not renormalised; tokens outside the head get -1000
+    assert (lp == -1000.0).any(dim=-1).all() and (lp > -1000.0).any(dim=-1).all()
     assert torch.isfinite(lp).all()
 
 

@@ -201,8 +201,9 @@ def test_shipped_amateur_is_untruthful_and_drives_lol(smollm):
     assert amateur.model.embed_tokens.weight is model.model.embed_tokens.weight
     # held-out factual MC (a fixed subset keeps the test short; the full-set figures are in config.json)
     items = load_factual_mc()[::SUBSET_STRIDE]
-    orig = evaluate_multiple_choice(items, tokenizer, model_scorer(model))["accuracy"]
-    ama = evaluate_multiple_choice(items, tokenizer, model_scorer(amateur))["accuracy"]
+    # the amateur was selected on length-normalised scores (config.json's "scoring"), so it is checked that way
+    orig = evaluate_multiple_choice(items, tokenizer, model_scorer(model), length_normalize=True)["accuracy"]
+    ama = evaluate_multiple_choice(items, tokenizer, model_scorer(amateur), length_normalize=True)["accuracy"]
     assert ama <= orig - MIN_MARGIN, (orig, ama)
     assert config["evaluation"]["amateur"]["accuracy"] <= config["evaluation"]["original"]["accuracy"] - MIN_MARGIN
 

@@ -202,6 +202,44 @@ def test_dola_reference_variant(deep_model):
         assert loop.last_premature_layers[t] == [layers[int(js.mean(-1).argmax())]]
 
 
+# --------------------------------------------------------------------------------------------- DoLa: MC scoring
+@torch.no_grad()
+@pytest.mark.parametrize("post_softmax", [False, True])
+def test_dola_scorer_matches_reference_lm_score(deep_model, post_softmax):
+    """Per-token values of ``dola_scorer`` = the reference ``lm_score`` (voidism/DoLa, mode 'dola') from scratch:
+    log-softmax of the final and of the chosen premature layer over the full vocabulary, their difference (then a
+    log-softmax with ``post_softmax``), then tokens outside the head set to -1000; no renormalisation after the mask."""
+    from hf_decoding_ext.bench.tasks.contrastive import continuation_logprob
+    from hf_decoding_ext.contrastive.dola import dola_scorer
+
+    layers, alpha = [0, 1, 2, 3, 4], 0.1
+    ids = torch.tensor([[3, 17, 40, 5, 99, 23, 8, 61, 12]])
+    full = _full_forward(deep_model, ids, torch.ones_like(ids))
+    norm, head = _norm_head(deep_model)
+    want = []
+    for pos in range(ids.shape[1]):
+        final = full.logits[0, pos].float()
+        exits = [head(norm(full.hidden_states[j][0, pos])).float() for j in layers]
+        j = max(range(len(layers)), key=lambda i: float(_jsd(final, exits[i])))
+        lp = torch.log_softmax(final, -1)
+        diff = lp - torch.log_softmax(exits[j], -1)
+        if post_softmax:
+            diff = torch.log_softmax(diff, -1)
+        want.append(torch.where(lp < lp.max() + math.log(alpha), torch.tensor(-1000.0), diff))
+    want = torch.stack(want)
+    score = dola_scorer(deep_model, layers, alpha=alpha, post_softmax=post_softmax)
+    got = score(ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(score(ids, first=4), want[4:], atol=2e-4, rtol=1e-4)
+    if not post_softmax:  # the values are not renormalised: rows are not log-probabilities
+        assert not torch.allclose(got.logsumexp(-1), torch.zeros(ids.shape[1]), atol=1e-3)
+    assert (got == -1000.0).any() and (got > -1000.0).any()  # the mask is active on this model
+    # an answer's score is the sum of its tokens' values (reference: diff_logits[range, continue_ids].sum())
+    total, n = continuation_logprob(score, ids[0, :4].tolist(), ids[0, 4:].tolist())
+    assert n == 5
+    assert total == pytest.approx(float(want[3:-1].gather(1, ids[0, 4:, None]).sum()), rel=1e-4, abs=1e-3)
+
+
 # --------------------------------------------------------------------------------------------- DoLa: bad inputs
 def test_dola_bad_inputs(tiny_llama):
     with pytest.raises(ValueError, match="bucket"):

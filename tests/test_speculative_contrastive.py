@@ -4,6 +4,7 @@ distribution, errors, and the real model."""
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import math
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, RepetitionPenaltyLogitsProcessor
 
-from hf_decoding_ext.contrastive import ContrastiveContextProcessor, SpeculativeContrastiveDecoding, scd_scores
+from hf_decoding_ext.contrastive import (ContrastiveContextProcessor, ContrastiveDecodingProcessor,
+                                         SpeculativeContrastiveDecoding, contrastive_decoding_scores, scd_scores)
+from hf_decoding_ext.core.anatomy import final_norm
+from hf_decoding_ext.core.models import truncated_model
 from hf_decoding_ext.speculative import SpeculativeDecoding, SpeculativeSamplingAcceptance
 from hf_decoding_ext.speculative.drafters.base import Drafter
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
@@ -51,17 +55,19 @@ def _noisy_copy(model, scale, seed=1):
 
 
 def _cd_processor(amateur, **kw):
+    """The O'Brien & Lewis form (``form="obrien"``) as a contrastive processor; the default form's reference is the
+    registered ContrastiveDecodingProcessor."""
     # space="logits" (the default): the combination gets the raw expert scores and the amateur's raw logits
     return ContrastiveContextProcessor(amateur, share_prompt=True, space="logits",
                                        combine=lambda main, second: scd_scores(main, second, **kw))
 
 
-def _reference_greedy(expert, amateur, ids, n, **kw):
-    """Argmax of scd_scores from full, cache-free forwards of both models."""
+def _reference_greedy(expert, amateur, ids, n, scores=scd_scores, **kw):
+    """Argmax of ``scores`` (scd_scores by default) from full, cache-free forwards of both models."""
     seq = ids
     with torch.no_grad():
         for _ in range(n):
-            s = scd_scores(expert(seq).logits[0, -1], amateur(seq).logits[0, -1], **kw)
+            s = scores(expert(seq).logits[0, -1], amateur(seq).logits[0, -1], **kw)
             seq = torch.cat([seq, s.argmax().view(1, 1)], dim=1)
     return seq
 
@@ -88,13 +94,14 @@ def test_scd_scores_formula():
 
 
 @pytest.mark.parametrize("amateur_kind", ["other_seed", "noisy_copy"])
-def test_greedy_equals_contrastive_decoding_tiny(tiny_model, amateur_kind):
+def test_greedy_equals_contrastive_decoding_obrien_form_tiny(tiny_model, amateur_kind):
+    """The option form="obrien": greedy SCD equals greedy generate() with the O'Brien & Lewis combination."""
     expert = tiny_model
     if amateur_kind == "other_seed":
         amateur = _tiny_llama(7)
     else:  # agrees with the expert part of the time: exercises accepted and rejected drafts
         amateur = _noisy_copy(expert, 0.3 if isinstance(expert, LlamaForCausalLM) else 1.0)
-    loop = SpeculativeContrastiveDecoding(amateur, num_tokens=3)
+    loop = SpeculativeContrastiveDecoding(amateur, num_tokens=3, form="obrien")
     rates = []
     for prompt in ([3, 4, 5, 6, 7, 8], [9, 30, 31, 9, 30]):
         ids = torch.tensor([prompt])
@@ -113,15 +120,19 @@ def test_greedy_equals_contrastive_decoding_tiny(tiny_model, amateur_kind):
 def test_processors_apply_after_the_contrast_and_options(tiny_llama):
     amateur = _noisy_copy(tiny_llama, 0.3)
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
-    kw = dict(beta=1.0, alpha=0.05, amateur_temperature=0.7)
-    loop = SpeculativeContrastiveDecoding(amateur, num_tokens=4, **kw)
-    out = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, repetition_penalty=1.5,
-                              custom_generate=loop)
-    ref = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
-                              logits_processor=[_cd_processor(amateur, **kw), RepetitionPenaltyLogitsProcessor(1.5)])
-    assert torch.equal(out, ref)
-    # the amateur equal to the expert: p_c = p_e on V_alpha, so every greedy draft token is accepted
-    loop = SpeculativeContrastiveDecoding(tiny_llama, num_tokens=3)
+    kw = dict(alpha=0.05, amateur_temperature=0.7)
+    for form, proc in (("li", ContrastiveDecodingProcessor(amateur, **kw)),
+                       ("obrien", _cd_processor(amateur, beta=1.0, **kw))):
+        extra = {} if form == "li" else {"beta": 1.0}
+        loop = SpeculativeContrastiveDecoding(amateur, num_tokens=4, form=form, **extra, **kw)
+        out = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, repetition_penalty=1.5,
+                                  custom_generate=loop)
+        ref = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                                  logits_processor=[proc, RepetitionPenaltyLogitsProcessor(1.5)])
+        assert torch.equal(out, ref), form
+    # form="obrien" with the amateur equal to the expert: p_c = p_e on V_alpha, so every greedy draft token is
+    # accepted (Li's form has no such identity: log p_e - log q_a at T = 0.5 ranks V_alpha in reverse)
+    loop = SpeculativeContrastiveDecoding(tiny_llama, num_tokens=3, form="obrien")
     out = tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, custom_generate=loop)
     assert torch.equal(out, tiny_llama.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0))
     assert loop.summary()["acceptance_rate"] == 1.0 and loop.summary()["tokens_per_forward"] > 3
@@ -166,12 +177,12 @@ def _peaky_tiny_llama(seed, vocab=6):
     return model
 
 
-def _exact_contrastive_distribution(expert, amateur, prompt, length, vocab, **kw):
+def _exact_contrastive_distribution(expert, amateur, prompt, length, vocab, scores=contrastive_decoding_scores):
     probs = {}
     with torch.no_grad():
         for seq in itertools.product(range(vocab), repeat=length):
             ids = torch.tensor([prompt + list(seq)])
-            logp = torch.log_softmax(scd_scores(expert(ids).logits[0], amateur(ids).logits[0], **kw), -1)
+            logp = torch.log_softmax(scores(expert(ids).logits[0], amateur(ids).logits[0]), -1)
             probs[seq] = float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(seq)).exp())
     return probs
 
@@ -208,15 +219,16 @@ class _AcceptEverything(SpeculativeSamplingAcceptance):
 
 @pytest.mark.parametrize("rule", ["scd", "accept_all", "expert_target"])
 def test_sampling_follows_the_contrastive_distribution(rule):
-    """3 new tokens with 2-token drafts (draft, acceptance, residual resampling, contrastive bonus): the sequences
-    follow the exact contrastive distribution computed by enumeration. Two wrong samplers fail the same check:
-    accepting every draft, and speculative sampling of the expert alone (SCD with beta = alpha = 0)."""
+    """3 new tokens with 2-token drafts (draft, acceptance, residual resampling, contrastive bonus): with its defaults
+    the sequences follow the exact distribution of softmax(contrastive_decoding_scores) (the registered contrastive
+    decoding, its defaults) computed by enumeration. Two wrong samplers fail the same check: accepting every draft,
+    and speculative sampling of the expert alone (form="obrien" with beta = alpha = 0)."""
     vocab, length, n = 6, 3, 1500
     expert, amateur = _peaky_tiny_llama(1, vocab), _peaky_tiny_llama(2, vocab)
     prompt = [1, 2, 3]
-    probs = _exact_contrastive_distribution(expert, amateur, prompt, length, vocab, beta=0.5, alpha=0.1)
+    probs = _exact_contrastive_distribution(expert, amateur, prompt, length, vocab)
     if rule == "expert_target":
-        loop = SpeculativeContrastiveDecoding(amateur, beta=0.0, alpha=0.0, num_tokens=2)
+        loop = SpeculativeContrastiveDecoding(amateur, beta=0.0, alpha=0.0, num_tokens=2, form="obrien")
     else:
         loop = SpeculativeContrastiveDecoding(amateur, num_tokens=2,
                                               acceptance="auto" if rule == "scd" else _AcceptEverything())
@@ -242,10 +254,14 @@ def test_sampling_follows_the_contrastive_distribution(rule):
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_inputs(tiny_llama):
     amateur = _tiny_llama(7)
-    for bad in ({"beta": -0.1}, {"alpha": 1.5}, {"alpha": -0.1}, {"bonus": "draft"}, {"amateur_temperature": 0},
-                {"num_tokens": 0}, {"acceptance": "typical"}):
+    for bad in ({"beta": -0.1, "form": "obrien"}, {"alpha": 1.5}, {"alpha": -0.1}, {"bonus": "draft"},
+                {"amateur_temperature": 0}, {"num_tokens": 0}, {"acceptance": "typical"}):
         with pytest.raises(ValueError):
             SpeculativeContrastiveDecoding(amateur, **bad)
+    with pytest.raises(ValueError, match="'cd'"):
+        SpeculativeContrastiveDecoding(amateur, form="cd")
+    with pytest.raises(ValueError, match="form='obrien'"):  # Li's formula has no beta: refused, not ignored
+        SpeculativeContrastiveDecoding(amateur, beta=0.5)
     with pytest.raises(ValueError, match="amateur"):
         SpeculativeContrastiveDecoding(None)
     for bad in ({"beta": -1.0}, {"alpha": 2.0}):
@@ -266,17 +282,19 @@ def test_bad_inputs(tiny_llama):
                             custom_generate=SpeculativeContrastiveDecoding(amateur))
     with pytest.raises(ValueError, match="self:N"):
         SpeculativeContrastiveDecoding.for_model(None, amateur="self:1")
-    loop = SpeculativeContrastiveDecoding.for_model(tiny_llama, amateur="self:1", beta=1.0, num_tokens=2)
+    loop = SpeculativeContrastiveDecoding.for_model(tiny_llama, amateur="self:1", form="obrien", beta=1.0,
+                                                    num_tokens=2)
     assert loop.beta == 1.0 and loop.drafter.num_tokens == 2 and loop.amateur.config.num_hidden_layers == 1
+    assert loop.form == "obrien" and loop.amateur_temperature == 1.0  # the O'Brien & Lewis defaults
+    assert SpeculativeContrastiveDecoding(amateur, form="obrien").beta == 0.5
 
 
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.mark.real_model
 def test_greedy_equals_contrastive_decoding_real_model(smollm):
-    """SmolLM2-135M-Instruct with its first 24 layers as the amateur (2-token drafts): token-identical to greedy
-    generate() with the equivalent contrastive processor, and drafts are accepted. (The untrained early exits are
-    weak amateurs: the amateur's argmax is the contrastive argmax at ~3% of positions for self:4/self:8, ~18% for
-    self:24; with self:4..self:16 a 32-token run accepts 0 to 2 draft tokens.)"""
+    """SmolLM2-135M-Instruct with its first 24 layers as the amateur (2-token drafts), default form: token-identical
+    to greedy generate() with the registered ContrastiveDecodingProcessor (its defaults), and some drafts are
+    accepted (the untrained early exits are weak amateurs: the contrast demotes their own favourites, so few are)."""
     from hf_decoding_ext.bench.prompts import load_prompts
     from hf_decoding_ext.core.models import encode_prompts
 
@@ -286,8 +304,114 @@ def test_greedy_equals_contrastive_decoding_real_model(smollm):
     for row in load_prompts(categories=["multi_turn_chat", "qa"], per_category=1):
         enc = encode_prompts(tokenizer, row["prompt"])
         out = model.generate(**enc, max_new_tokens=32, do_sample=False, custom_generate=loop)
-        ref = model.generate(**enc, max_new_tokens=32, do_sample=False, logits_processor=[_cd_processor(loop.amateur)])
+        ref = model.generate(**enc, max_new_tokens=32, do_sample=False,
+                             logits_processor=[ContrastiveDecodingProcessor(loop.amateur)])
         assert torch.equal(out, ref), row["id"]
         s = loop.summary()
         steps, tokens, accepted = steps + s["steps"], tokens + s["tokens"], accepted + s["mean_accepted"] * s["steps"]
     assert accepted > 0 and steps < tokens, (steps, tokens, accepted)
+
+
+# ------------------------------------------------------------------------------------------------ default form = CD
+def _registered_cd_defaults():
+    """alpha and amateur_temperature defaults of the registered contrastive-decoding processor."""
+    sig = inspect.signature(ContrastiveDecodingProcessor.__init__).parameters
+    return {k: sig[k].default for k in ("alpha", "amateur_temperature")}
+
+
+def _tempered_copy(model, factor):
+    """The model with its final norm (weights and bias) scaled by ``factor``: logits ``factor * logits``."""
+    tempered = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in final_norm(tempered).parameters():
+            p.mul_(factor)
+    return tempered
+
+
+@pytest.mark.parametrize("amateur_kind", ["truncated", "tempered", "tempered_noisy"])
+def test_default_is_the_registered_contrastive_decoding(tiny_model, amateur_kind):
+    """Greedy SCD with its defaults is token-identical to greedy generate() with the registered
+    ContrastiveDecodingProcessor built with its own defaults and the same amateur (Li et al.'s formula and amateur
+    temperature), and to the argmax of contrastive_decoding_scores from cache-free forwards. With the expert's
+    logits times tau / 2 as the amateur, log p_e - log q_a = (1/2) log p_e + const: every greedy draft is accepted
+    and the output is plain greedy (a sharp check of the default temperature); a noisy such amateur exercises both
+    accepted and rejected drafts."""
+    expert = tiny_model
+    tau = _registered_cd_defaults()["amateur_temperature"]
+    if amateur_kind == "truncated":
+        amateur = truncated_model(expert, 1)
+    elif amateur_kind == "tempered":
+        amateur = _tempered_copy(expert, tau / 2)
+    else:
+        amateur = _noisy_copy(_tempered_copy(expert, tau / 2), 0.3 if isinstance(expert, LlamaForCausalLM) else 1.0)
+    loop = SpeculativeContrastiveDecoding(amateur, num_tokens=3)
+    rates = []
+    for prompt in ([3, 4, 5, 6, 7, 8], [9, 30, 31, 9, 30]):
+        ids = torch.tensor([prompt])
+        out = expert.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, custom_generate=loop)
+        rates.append(loop.summary()["acceptance_rate"])
+        ref = expert.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                              logits_processor=[ContrastiveDecodingProcessor(amateur)])
+        assert torch.equal(out, ref), (amateur_kind, prompt)
+        assert torch.equal(out, _reference_greedy(expert, amateur, ids, 24, scores=contrastive_decoding_scores))
+        if amateur_kind == "tempered":
+            assert torch.equal(out, expert.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0))
+    assert loop.form == "li" and loop.beta is None
+    assert {"alpha": loop.alpha, "amateur_temperature": loop.amateur_temperature} == _registered_cd_defaults()
+    if amateur_kind == "tempered":
+        assert rates == [1.0, 1.0]
+    elif amateur_kind == "tempered_noisy":
+        assert 0 < sum(rates) / len(rates) < 1, rates
+
+
+class _CapturingSCD(SpeculativeContrastiveDecoding):
+    """Records (committed ids, draft tokens, verification scores) of every step."""
+
+    def verification_scores(self, state, draft, tree_logits):
+        scores = super().verification_scores(state, draft, tree_logits)
+        self.captured.append((state.input_ids.clone(), draft.tree.tokens.clone(), draft.tree.parents.clone(),
+                              scores.clone()))
+        return scores
+
+
+@pytest.mark.parametrize("form", ["li", "obrien"])
+def test_sampling_target_is_the_processor_distribution(tiny_llama, form):
+    """In sampling mode the target at every verified position (root, draft nodes, contrastive bonus) is softmax of
+    the matching processor's scores on the same prefix: the registered ContrastiveDecodingProcessor for the default
+    form, the O'Brien & Lewis combination (scd_scores) for form="obrien"."""
+    amateur = _noisy_copy(tiny_llama, 0.3)
+    loop = _CapturingSCD(amateur, num_tokens=3) if form == "li" else _CapturingSCD(amateur, num_tokens=3, form=form)
+    loop.captured = []
+    torch.manual_seed(0)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    tiny_llama.generate(ids, max_new_tokens=12, do_sample=True, top_k=0, temperature=1.0, pad_token_id=0,
+                        custom_generate=loop)
+    assert len(loop.captured) >= 3
+    checked = 0
+    for committed, tokens, parents, scores in loop.captured:
+        assert torch.equal(parents, torch.arange(len(tokens)) - 1)  # the amateur drafts a chain
+        assert scores.shape[0] == len(tokens) + 1  # root + nodes, all contrasted (bonus="contrastive")
+        for j in range(len(tokens) + 1):
+            prefix = torch.cat([committed, tokens[None, :j]], dim=1)
+            with torch.no_grad():
+                logits = tiny_llama(prefix).logits[:, -1].float()
+            proc = ContrastiveDecodingProcessor(amateur) if form == "li" else _cd_processor(amateur)
+            ref = proc(prefix, logits)[0]
+            assert torch.equal(torch.isneginf(scores[j]), torch.isneginf(ref))
+            torch.testing.assert_close(torch.softmax(scores[j], -1), torch.softmax(ref, -1), atol=1e-6, rtol=1e-4)
+            checked += 1
+    assert checked >= 8
+
+
+def test_registry_entry_builds_the_default_form(tiny_llama):
+    """The registry's speculative-contrastive entry builds the registered contrastive decoding's form and
+    temperature (no beta among its defaults, which form='li' would refuse); form='obrien' takes beta."""
+    from hf_decoding_ext.registry import get_method
+
+    spec = get_method("speculative-contrastive")
+    assert spec.defaults["form"] == "li" and "beta" not in spec.defaults and "amateur_temperature" not in spec.defaults
+    loop = spec.build(tiny_llama, amateur="self:1")
+    assert (loop.form, loop.beta) == ("li", None)
+    assert {"alpha": loop.alpha, "amateur_temperature": loop.amateur_temperature} == _registered_cd_defaults()
+    loop = spec.build(tiny_llama, amateur="self:1", form="obrien", beta=1.0)
+    assert (loop.form, loop.beta, loop.amateur_temperature) == ("obrien", 1.0, 1.0)

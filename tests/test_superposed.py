@@ -186,6 +186,12 @@ PROMPTS = ["What does the json module do?", "Explain what a Python list is.",
 NEW = 20
 
 
+def _until_eos(ids, eos):
+    """``ids`` cut after the first eos (kept), as the text a user sees."""
+    hits = (ids == eos).nonzero()
+    return ids if not hits.numel() else ids[: int(hits[0]) + 1]
+
+
 def _nll(model, prompt_ids, new_ids):
     """Mean negative log-likelihood of ``new_ids`` given the prompt (teacher forcing)."""
     ids = torch.cat([prompt_ids, new_ids])[None]
@@ -217,7 +223,7 @@ def test_superposed_k_fluent_drafts_for_one_pass(smollm):
     model, tok = smollm
     loop = SuperposedDecoding.for_model(model, tok)  # paper defaults: k=3, alpha=0.54, temperature 0.06
     assert loop.num_drafts == 3
-    ratios = []
+    nll_drafts, nll_nucleus = [], []  # mean per-token NLL of each draft / each nucleus sample, per prompt
     for prompt in PROMPTS:
         enc = encode_prompts(tok, prompt)
         p = enc["input_ids"].shape[1]
@@ -245,21 +251,32 @@ def test_superposed_k_fluent_drafts_for_one_pass(smollm):
         assert len({tuple(r.tolist()) for r in seqs}) == 3  # k distinct drafts
         assert sp_forwards == n_new  # exactly one model forward per generated position ...
         assert greedy_forwards == greedy.shape[1] - p  # ... as for one greedy run
-        first = seqs[0, p:]
-        if (first == tok.eos_token_id).any():
-            first = first[: int((first == tok.eos_token_id).nonzero()[0]) + 1]
-        g = greedy[0, p:]
-        nll_sp = _nll(model, enc["input_ids"][0], first)
-        nll_greedy = _nll(model, enc["input_ids"][0], g)
-        rand = torch.randint(100, 49000, (n_new,), generator=torch.Generator().manual_seed(0))
-        nll_rand = _nll(model, enc["input_ids"][0], rand)
-        ratios.append(math.exp(nll_sp - nll_greedy))
-        print(f"\n{prompt!r}: forwards SPD {sp_forwards} greedy {greedy_forwards}; ppl draft0 "
-              f"{math.exp(nll_sp):.2f} greedy {math.exp(nll_greedy):.2f} random {math.exp(nll_rand):.0f}")
+        nll_drafts.append([_nll(model, enc["input_ids"][0], _until_eos(r[p:], tok.eos_token_id)) for r in seqs])
+        nucleus = []
+        for seed in range(4):  # the paper's baseline: nucleus sampling (top_p 0.9), same prompt and length
+            torch.manual_seed(seed)
+            s = model.generate(**enc, do_sample=True, top_p=0.9, top_k=None, temperature=1.0, max_new_tokens=NEW)
+            nucleus.append(_nll(model, enc["input_ids"][0], _until_eos(s[0, p:], tok.eos_token_id)))
+        nll_nucleus.append(nucleus)
+        nll_greedy = _nll(model, enc["input_ids"][0], greedy[0, p:])
+        print(f"\n{prompt!r}: forwards SPD {sp_forwards} greedy {greedy_forwards}; ppl drafts "
+              f"{[round(math.exp(x), 2) for x in nll_drafts[-1]]} greedy {math.exp(nll_greedy):.2f} nucleus "
+              f"{[round(math.exp(x), 2) for x in nucleus]}")
         for r in seqs:
             print("   ", repr(tok.decode(r[p:], skip_special_tokens=True)))
-        # fluent relative to greedy (a 135M model is easily confused by superposed inputs: the drafts' merged
-        # words, e.g. "mysterious"+"unforgiving", cost perplexity) and nowhere near random tokens
-        assert math.exp(nll_sp) < 8.0 * math.exp(nll_greedy)
-        assert math.exp(nll_sp) < math.exp(nll_rand) / 1000
-    assert sum(ratios) / len(ratios) < 3.0
+    # The paper's claim (abstract and its perplexity comparison): the k drafts are at least as coherent (perplexity
+    # under the model) as nucleus sampling. Measured here (3 prompts x 20 tokens, geometric-mean perplexity over
+    # the prompts): nucleus p=0.9 3.47 (4 seeds); draft 1 3.12, best of the 3 drafts 1.97, all 3 drafts 3.79 (the
+    # later drafts pay for the superposed inputs of a 135M model, e.g. merged words), greedy 1.84.
+    def ppl(nlls):
+        return math.exp(sum(nlls) / len(nlls))
+
+    nucleus_ppl = ppl([x for row in nll_nucleus for x in row])
+    first_ppl = ppl([row[0] for row in nll_drafts])
+    best_ppl = ppl([min(row) for row in nll_drafts])
+    all_ppl = ppl([x for row in nll_drafts for x in row])
+    print(f"perplexity: nucleus {nucleus_ppl:.2f}, draft 1 {first_ppl:.2f}, best draft {best_ppl:.2f}, "
+          f"all drafts {all_ppl:.2f}")
+    assert first_ppl <= nucleus_ppl  # the most likely draft: at least as coherent as nucleus sampling
+    assert best_ppl <= 0.75 * nucleus_ppl  # best of k: clearly more coherent than one nucleus sample
+    assert all_ppl <= 1.25 * nucleus_ppl  # every draft: comparable to nucleus sampling (within 25%)

@@ -191,9 +191,12 @@ def eval_leading_queries(model, tokenizer, items: list[dict] | None = None, alph
 
 # ---------------------------------------------------------------------------------------------------- DoLa / LOL
 def eval_factual_mc(model, tokenizer, items: list[dict] | None = None, extra_scorers: dict | None = None,
-                    limit: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Multiple-choice accuracy (length-normalised log-likelihood of each choice) under the plain model, DoLa with
-    the ``high`` and ``low`` buckets, and ``extra_scorers`` (``{name: score_fn}``)."""
+                    limit: int | None = None, progress: bool = False, length_normalize: bool = False
+                    ) -> dict[str, Any]:
+    """Multiple-choice accuracy under the plain model, DoLa with the ``high`` and ``low`` buckets, and
+    ``extra_scorers`` (``{name: score_fn}``). Every scorer is read the same way: a choice scores the sum of its
+    tokens' values (TruthfulQA-MC and DoLa's reference protocol; ``length_normalize=True``: the mean), and DoLa's
+    values are the reference's (:func:`~hf_decoding_ext.contrastive.dola.dola_token_scores`)."""
     from hf_decoding_ext.contrastive.dola import dola_scorer
 
     items = _limit(items if items is not None else load_factual_mc(), limit)
@@ -202,11 +205,12 @@ def eval_factual_mc(model, tokenizer, items: list[dict] | None = None, extra_sco
     acc, times, predictions = {}, {}, {}
     for name, fn in tqdm(scorers.items(), desc="factual MC", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        res = evaluate_multiple_choice(items, tokenizer, fn)
+        res = evaluate_multiple_choice(items, tokenizer, fn, length_normalize=length_normalize)
         times[name] = time.perf_counter() - t0
         acc[name] = res["accuracy"]
         predictions[name] = [r["prediction"] for r in res["results"]]
-    return {"n": len(items), "accuracy": acc, "seconds": times, "predictions": predictions}
+    return {"n": len(items), "protocol": "mean" if length_normalize else "sum", "accuracy": acc, "seconds": times,
+            "predictions": predictions}
 
 
 # ---------------------------------------------------------------------------------------------------- CD

@@ -104,6 +104,17 @@ def layer_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor,
 
 
 
+def premature_choice(final_logits: torch.Tensor, premature_logits: torch.Tensor, divergence: str = "js"):
+    """The premature layer of each row: the candidate whose distribution diverges most from the final layer's.
+
+    Returns ``(logits (batch, vocab) of the chosen layer, index (batch,) into the candidates, divergences
+    (n_layers, batch))`` (:func:`layer_divergence`)."""
+    div = layer_divergence(final_logits, premature_logits, divergence)
+    idx = div.argmax(dim=0)
+    rows = torch.arange(final_logits.shape[0], device=final_logits.device)
+    return premature_logits[idx, rows].float(), idx, div
+
+
 def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor, candidate_layers: Sequence[int],
                 alpha: float = 0.1, divergence: str = "js"):
     """DoLa next-token scores and the premature layer chosen per row.
@@ -118,15 +129,9 @@ def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor, cand
         elsewhere; ``chosen (batch,)`` the premature layer ``M`` of each row (argmax of the divergence);
         ``divergences (n_layers, batch)``.
     """
-    div = layer_divergence(final_logits, premature_logits, divergence)
-    idx = div.argmax(dim=0)
+    base, idx, div = premature_choice(final_logits, premature_logits, divergence)
     layers = torch.as_tensor(list(candidate_layers), device=final_logits.device)
-    rows = torch.arange(final_logits.shape[0], device=final_logits.device)
-    base = premature_logits[idx, rows].float()
-    lp_final = torch.log_softmax(final_logits.float(), dim=-1)
-    lp_base = torch.log_softmax(base, dim=-1)
-    keep = plausibility_mask(final_logits, alpha)
-    scores = torch.where(keep, lp_final - lp_base, torch.full_like(lp_final, float("-inf")))
+    scores = dola_token_scores(final_logits, base, alpha, relative_top_value=float("-inf"))
     return scores, layers[idx], div
 
 
@@ -168,10 +173,12 @@ class DoLa(DecodingLoop):
     * batches: the reference code averaged the divergence over the batch and used one premature layer for all rows;
       here each row picks its own.
 
-    Measured on SmolLM2-135M-Instruct (this library's 58-question factual multiple-choice set, DoLa scoring of each
-    choice as in the paper's TruthfulQA-MC protocol, ``results/contrastive_quality.json``): plain 0.379, DoLa
-    ``"high"`` 0.293, ``"low"`` 0.293. A 135M model's layer contrast does not help factuality here; the paper's gains
-    are on 7B-65B LLaMA models.
+    Measured on SmolLM2-135M-Instruct (this library's 58-question factual multiple-choice set, each choice scored
+    with the reference TruthfulQA-MC protocol, summed :func:`dola_token_scores` against summed log-probabilities,
+    ``results/contrastive_quality.json``): plain 0.483, DoLa ``"high"`` 0.328, ``"low"`` 0.310. A 135M
+    model's layer contrast does not help factuality here; the paper's gains are on 7B-65B LLaMA models. (The
+    reference's TruthfulQA-MC script defaults to ``relative_top = 0``, no head mask; the scorer keeps the paper's
+    ``alpha = 0.1``: pass ``alpha=0`` to :func:`dola_scorer` for the script's default.)
 
     Inspection: after a run, ``self.last_premature_layers`` holds, per generated step, the list of chosen layers (one
     per row); with ``return_dict_in_generate=True`` the output also has a ``premature_layers`` field (same list) and
@@ -296,18 +303,55 @@ class DoLa(DecodingLoop):
 # --------------------------------------------------------------------------------------------- scoring (MC tasks)
 RELATIVE_TOP_VALUE = -1000.0
 """Score given to tokens outside ``V_head`` when DoLa scores a given text (the reference code's
-``relative_top_value``), so that log-likelihoods of given continuations stay finite."""
+``relative_top_value``), so that the scores of given continuations stay finite."""
+
+
+def dola_token_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor, alpha: float = 0.1,
+                      post_softmax: bool = False, relative_top_value: float = RELATIVE_TOP_VALUE) -> torch.Tensor:
+    """Per-token DoLa scores of a given text, with the reference code's ``lm_score`` (voidism/DoLa, ``mode="dola"``).
+
+    ``log_softmax(final) - log_softmax(premature)`` (each over the full vocabulary), then, with ``post_softmax``, a
+    log-softmax of that difference, then tokens outside the plausibility head ``V_head`` of the final layer
+    (:func:`~hf_decoding_ext.core.plausibility.plausibility_mask`, threshold ``alpha``) set to
+    ``relative_top_value``. The reference's TruthfulQA-MC script uses ``post_softmax=False`` (the default here) and
+    sums these values over the answer's tokens.
+
+    Args:
+        final_logits: ``(rows, vocab)`` final-layer logits.
+        premature_logits: ``(rows, vocab)`` early-exit logits of the premature layer chosen for each row.
+        alpha: plausibility threshold in ``[0, 1]`` (reference ``relative_top = 0.1``); ``0`` disables the mask.
+        post_softmax: log-normalise the difference before the mask (the reference's FACTOR setting).
+        relative_top_value: the value of tokens outside ``V_head`` (reference: ``-1000``).
+
+    Example:
+        >>> import torch
+        >>> final, early = torch.tensor([[2.0, 1.0, -5.0]]), torch.tensor([[1.0, 1.0, 1.0]])
+        >>> dola_token_scores(final, early, alpha=0.1)[0, 2].item()
+        -1000.0
+    """
+    if final_logits.shape != premature_logits.shape:
+        raise ValueError(f"final and premature logits must have one shape, got {tuple(final_logits.shape)} and "
+                         f"{tuple(premature_logits.shape)}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    diff = torch.log_softmax(final_logits.float(), dim=-1) - torch.log_softmax(premature_logits.float(), dim=-1)
+    if post_softmax:
+        diff = torch.log_softmax(diff, dim=-1)
+    keep = plausibility_mask(final_logits, alpha)
+    return diff.masked_fill(~keep, float(relative_top_value))
 
 
 def dola_scorer(model, dola_layers: str | Sequence[int] = "high", alpha: float = 0.1, final_norm: bool = True,
-                divergence: str = "js"):
+                divergence: str = "js", post_softmax: bool = False):
     """DoLa as a scoring function for likelihood-based multiple choice (the paper's TruthfulQA-MC / FACTOR setting).
 
-    Returns ``score_fn(input_ids (1, T)) -> (T, vocab)``: at every position, the log-softmax of DoLa's contrast
-    ``log q_N - log q_M`` with the premature layer ``M`` chosen per position by the divergence (as in generation);
-    tokens outside the plausibility head get :data:`RELATIVE_TOP_VALUE` before the log-softmax (the reference code's
-    ``relative_top_value = -1000``) instead of ``-inf``. Called with ``first=k`` it scores positions ``k..T-1``
-    only (``supports_first``). Use it with
+    Returns ``score_fn(input_ids (1, T)) -> (T, vocab)``: at every position, :func:`dola_token_scores` (the
+    reference code's ``lm_score``): ``log q_N - log q_M`` with both log-softmaxes over the full vocabulary and the
+    premature layer ``M`` chosen per position by the divergence (as in generation); tokens outside the
+    plausibility head get :data:`RELATIVE_TOP_VALUE` after the difference. The rows are not log-probabilities (no
+    renormalisation, as in the reference's TruthfulQA-MC protocol, ``post_softmax=False``); an answer's score is
+    the sum of its tokens' values (``evaluate_multiple_choice(..., length_normalize=False)``). Called with
+    ``first=k`` it scores positions ``k..T-1`` only (``supports_first``). Use it with
     :func:`hf_decoding_ext.bench.tasks.contrastive.evaluate_multiple_choice`.
 
     Example:
@@ -324,10 +368,9 @@ def dola_scorer(model, dola_layers: str | Sequence[int] = "high", alpha: float =
         out = model(input_ids=input_ids.to(device), use_cache=False, output_hidden_states=True, return_dict=True)
         final = out.logits[0, first:].float()  # (T - first, vocab): positions play the role of batch rows
         premature = torch.stack([exit_logits(out.hidden_states[j][0, first:], model, loop.final_norm)
-                                 for j in layers])
-        scores, _, _ = dola_scores(final, premature, layers, loop.alpha, loop.divergence)
-        scores = scores.masked_fill(torch.isinf(scores), RELATIVE_TOP_VALUE)
-        return torch.log_softmax(scores, dim=-1)
+                                 for j in layers]).float()
+        base, _, _ = premature_choice(final, premature, loop.divergence)
+        return dola_token_scores(final, base, loop.alpha, post_softmax)
 
     score.supports_first = True
     return score

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -11,13 +12,32 @@ from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 from hf_decoding_ext.speculative.engine import SpeculativeDecoding
 from hf_decoding_ext.core.plausibility import plausibility_mask
 from hf_decoding_ext.contrastive.context import check_strength, model_vocab_size
+from hf_decoding_ext.contrastive.contrastive_decoding import contrastive_decoding_scores
 
 BONUS_MODES = ("contrastive", "expert")
+FORMS = ("li", "obrien")
+"""Contrastive targets: ``"li"``, the registered contrastive decoding (:func:`contrastive_decoding_scores`, Li et al.);
+``"obrien"``, O'Brien & Lewis's ``(1 + beta)``-weighted form (:func:`scd_scores`)."""
+
+
+def _default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+
+FORM_DEFAULTS = {
+    "li": {"beta": None, "amateur_temperature": _default(contrastive_decoding_scores, "amateur_temperature")},
+    "obrien": {"beta": 0.5, "amateur_temperature": 1.0},
+}
+"""Per-form defaults of ``beta`` and ``amateur_temperature``: the registered contrastive decoding's temperature for
+``"li"`` (no ``beta``: the formula has none), O'Brien & Lewis's ``beta = 0.5`` and an untempered amateur for
+``"obrien"``."""
 
 
 def scd_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, beta: float = 0.5, alpha: float = 0.1,
                amateur_temperature: float = 1.0) -> torch.Tensor:
-    """Contrastive scores of speculative contrastive decoding (the form of O'Brien & Lewis, arXiv 2309.09117).
+    """Contrastive scores of O'Brien & Lewis (arXiv 2309.09117): the ``form="obrien"`` target of
+    :class:`SpeculativeContrastiveDecoding` (its default, ``form="li"``, is
+    :func:`~hf_decoding_ext.contrastive.contrastive_decoding.contrastive_decoding_scores`).
 
     ``(1 + beta) * log p_e(x) - beta * log q_a(x)`` for ``x`` in ``V_alpha = {x : p_e(x) >= alpha * max_w p_e(w)}``
     and ``-inf`` elsewhere, with ``p_e = softmax(expert_logits)`` and ``q_a = softmax(amateur_logits /
@@ -47,15 +67,22 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
 
     The amateur model of contrastive decoding (smaller, same vocabulary) drafts ``gamma`` tokens, sampling from its
     distribution ``q`` (greedy: argmax). The expert scores every draft position in one forward. The *target* at each
-    position is the contrastive distribution (the form of O'Brien & Lewis, "Contrastive Decoding Improves Reasoning
-    in Large Language Models", arXiv 2309.09117, which SCD builds on):
+    position is the contrastive distribution ``p_c = softmax(s)`` of contrastive scores ``s`` computed from the
+    expert's and the amateur's logits at that position. By default (``form="li"``) ``s`` is exactly the registered
+    ``contrastive-decoding`` method
+    (:func:`~hf_decoding_ext.contrastive.contrastive_decoding.contrastive_decoding_scores`, Li et al., arXiv
+    2210.15097, with its defaults ``alpha = 0.1`` and ``amateur_temperature = 0.5``):
 
-    .. math:: p_c(x) \propto \exp\big((1+\beta) \log p_e(x) - \beta \log q_a(x)\big)\ \text{ for } x \in V_\alpha,
-              \ 0 \text{ elsewhere},\qquad V_\alpha = \{x : p_e(x) \ge \alpha \max_w p_e(w)\}
+    .. math:: s(x) = \log p_e(x) - \log q_a(x)\ \text{ for } x \in V_\alpha,\ -\infty \text{ elsewhere},\qquad
+              V_\alpha = \{x : p_e(x) \ge \alpha \max_w p_e(w)\}
 
-    from the expert's and the amateur's log-probabilities at that position (:func:`scd_scores`; the amateur's logits
-    are divided by ``amateur_temperature``). A draft token ``x`` is accepted with probability
-    ``min(1, p_c(x) / q(x))``; on rejection the token is resampled from ``norm(max(0, p_c - q))``
+    with ``p_e = softmax(expert_logits)`` and ``q_a = softmax(amateur_logits / amateur_temperature)``. With
+    ``form="obrien"`` it is the form of O'Brien & Lewis ("Contrastive Decoding Improves Reasoning in Large Language
+    Models", arXiv 2309.09117; :func:`scd_scores`): ``s(x) = (1 + beta) log p_e(x) - beta log q_a(x)`` on the same
+    ``V_alpha``, defaults ``beta = 0.5`` and ``amateur_temperature = 1.0``.
+
+    A draft token ``x`` is accepted with probability ``min(1, p_c(x) / q(x))``; on rejection the token is resampled
+    from ``norm(max(0, p_c - q))``
     (:class:`~hf_decoding_ext.speculative.acceptance.SpeculativeSamplingAcceptance`). Greedy (``do_sample=False``):
     ``x`` is accepted iff it is the argmax of ``p_c``, else the argmax is emitted
     (:class:`~hf_decoding_ext.speculative.acceptance.GreedyAcceptance`). The caller's logits processors
@@ -64,19 +91,25 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
 
     With ``bonus="contrastive"`` (default) the amateur runs one more step on the last draft token, so the bonus
     token after a fully accepted draft is also drawn from ``p_c``: the output is then distributed exactly as
-    contrastive decoding (token-identical to greedy ``generate()`` with the equivalent
-    :class:`~hf_decoding_ext.contrastive.context.ContrastiveContextProcessor` when ``do_sample=False``, up to float
-    ties). With ``bonus="expert"`` the bonus is drawn from the expert alone at that position, which is what the
-    paper's algorithm does as we read it (the amateur has not scored that position); unverified.
+    contrastive decoding sampled from ``p_c``; with ``do_sample=False`` and the default form it is token-identical to
+    greedy ``generate()`` with :class:`~hf_decoding_ext.contrastive.contrastive_decoding.ContrastiveDecodingProcessor`
+    built with its defaults and the same amateur (up to floating-point near-ties: the expert scores a block of draft
+    positions in one forward, the processor one position at a time). With ``bonus="expert"`` the bonus is drawn from
+    the expert alone at that position, which is what the paper's algorithm does as we read it (the amateur has not
+    scored that position); unverified.
 
     The contrast demotes exactly the tokens the amateur favours, so the amateur's drafts are accepted less often than
     in plain speculative decoding with the same draft model; with this library's untrained early exits
-    (``"self:N"``) as amateurs of SmolLM2-135M-Instruct acceptance is a few percent (self:4 to self:16) to ~20%
-    (self:24), which does not pay for the drafting on CPU.
+    (``"self:N"``) as amateurs of SmolLM2-135M-Instruct acceptance is a few percent, which does not pay for the
+    drafting on CPU.
 
     Deviations and unverified points:
-        * the defaults ``beta = 0.5``, ``alpha = 0.1`` are O'Brien & Lewis's; the exact SCD defaults could not be
-          verified from the paper text;
+        * the default target is this library's registered contrastive decoding (Li et al.'s formula, with the
+          reference implementation's amateur temperature 0.5), so that SCD and ``contrastive-decoding`` decode the
+          same distribution; which form, ``beta``, ``alpha`` and amateur temperature the SCD paper uses could not be
+          verified from its text (``form="obrien"`` gives O'Brien & Lewis's ``beta``-weighted form);
+        * the scores are unnormalised log-ratios; sampling from their softmax (the target here with
+          ``do_sample=True``) is not contrastive decoding's own procedure (greedy or beam search);
         * the amateur drafts from its logits after the caller's logits processors (the distribution the draft was
           sampled from is what the acceptance test divides by, so this is lossless for any processors), while the
           contrast uses its raw logits at ``amateur_temperature``;
@@ -85,12 +118,15 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
 
     Args:
         amateur: the amateur causal LM; must share the expert's vocabulary (checked).
-        beta (`float`, *optional*, defaults to 0.5): contrast strength ``>= 0`` (0: the expert restricted to
-            ``V_alpha``).
+        form (`str`, *optional*, keyword-only, defaults to ``"li"``): the contrastive target, one of
+            :data:`FORMS`: ``"li"`` (the registered contrastive decoding) or ``"obrien"`` (O'Brien & Lewis).
+        beta (`float`, *optional*): contrast strength ``>= 0`` of ``form="obrien"`` (defaults to 0.5; 0: the
+            expert restricted to ``V_alpha``); ``form="li"`` has none and refuses it.
         alpha (`float`, *optional*, defaults to 0.1): plausibility cut-off in ``[0, 1]``.
         num_tokens (`int`, *optional*, defaults to 4): draft length ``gamma``.
         bonus (`str`, *optional*, defaults to ``"contrastive"``): ``"contrastive"`` or ``"expert"`` (see above).
-        amateur_temperature (`float`, *optional*, defaults to 1.0): divides the amateur's logits in the contrast.
+        amateur_temperature (`float`, *optional*): divides the amateur's logits in the contrast; defaults to 0.5
+            for ``form="li"`` (the registered contrastive decoding's) and 1.0 for ``form="obrien"``.
         acceptance: ``"auto"`` (greedy or speculative sampling following ``do_sample``), the name of another
             lossless rule of :data:`~hf_decoding_ext.speculative.acceptance.ACCEPTANCE_RULES` or an
             :class:`~hf_decoding_ext.speculative.acceptance.AcceptanceRule`.
@@ -109,18 +145,29 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
     >>> scd = SpeculativeContrastiveDecoding.for_model(model, tokenizer, amateur="self:4")  # doctest: +SKIP
     >>> out = model.generate(**inputs, custom_generate=scd, do_sample=False, max_new_tokens=40)  # doctest: +SKIP
     >>> scd.summary()["acceptance_rate"]  # doctest: +SKIP
+    >>> obrien = SpeculativeContrastiveDecoding.for_model(model, form="obrien", beta=0.5)  # doctest: +SKIP
     ```
     """
 
     accepts_assistant_model = False
 
-    def __init__(self, amateur, beta: float = 0.5, alpha: float = 0.1, num_tokens: int = 4,
-                 bonus: str = "contrastive", amateur_temperature: float = 1.0,
-                 acceptance: str | AcceptanceRule = "auto", seed: int | None = None):
+    def __init__(self, amateur, beta: float | None = None, alpha: float = 0.1, num_tokens: int = 4,
+                 bonus: str = "contrastive", amateur_temperature: float | None = None,
+                 acceptance: str | AcceptanceRule = "auto", seed: int | None = None, *, form: str = "li"):
         if amateur is None or not callable(amateur):
             raise ValueError("speculative contrastive decoding needs an amateur model")
-        self.beta = check_strength("beta", beta, minimum=0.0)
+        if form not in FORMS:
+            raise ValueError(f"`form` must be one of {FORMS}, got {form!r}")
+        if form == "li" and beta is not None:
+            raise ValueError(f"`beta` ({beta!r}) is the strength of form='obrien'; the default form='li' (the "
+                             "registered contrastive decoding, log p_e - log q_a) has none")
+        self.form = form
+        defaults = FORM_DEFAULTS[form]
+        self.beta = None if form == "li" else check_strength("beta", defaults["beta"] if beta is None else beta,
+                                                             minimum=0.0)
         self.alpha = check_strength("alpha", alpha, minimum=0.0, maximum=1.0)
+        if amateur_temperature is None:
+            amateur_temperature = defaults["amateur_temperature"]
         self.amateur_temperature = check_strength("amateur_temperature", amateur_temperature, minimum=0.0)
         if self.amateur_temperature == 0.0:
             raise ValueError("`amateur_temperature` must be > 0, got 0")
@@ -139,9 +186,9 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
         super().__init__(drafter, acceptance=acceptance, seed=seed)
 
     @classmethod
-    def for_model(cls, model=None, tokenizer=None, amateur="self:4", beta: float = 0.5, alpha: float = 0.1,
-                  num_tokens: int = 4, bonus: str = "contrastive",
-                  amateur_temperature: float = 1.0) -> SpeculativeContrastiveDecoding:
+    def for_model(cls, model=None, tokenizer=None, amateur="self:4", form: str = "li", beta: float | None = None,
+                  alpha: float = 0.1, num_tokens: int = 4, bonus: str = "contrastive",
+                  amateur_temperature: float | None = None) -> SpeculativeContrastiveDecoding:
         """Build for ``model`` (the expert). ``amateur`` is a model object, a model name/path (loaded with
         :func:`~hf_decoding_ext.core.models.load_model` on the expert's device and dtype) or ``"self:N"``: the expert's
         first ``N`` layers with its final norm and head (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak
@@ -156,16 +203,29 @@ class SpeculativeContrastiveDecoding(SpeculativeDecoding):
             raise ValueError(f"the amateur's vocabulary ({model_vocab_size(amateur)}) differs from the expert's "
                              f"({model_vocab_size(model)}); the amateur must share the expert's tokenizer")
         return cls(amateur, beta=beta, alpha=alpha, num_tokens=num_tokens, bonus=bonus,
-                   amateur_temperature=amateur_temperature)
+                   amateur_temperature=amateur_temperature, form=form)
 
     # ------------------------------------------------------------------------------------------------ engine hooks
+    def contrast(self, expert_logits: torch.Tensor, amateur_logits: torch.Tensor) -> torch.Tensor:
+        """The contrastive scores of :attr:`form` (``softmax`` of them is the target ``p_c``), ``(..., vocab)``.
+
+        Example:
+            >>> import torch
+            >>> from hf_decoding_ext.core.models import truncated_model
+            >>> scd = SpeculativeContrastiveDecoding(truncated_model(model, 1))  # doctest: +SKIP
+            >>> scd.contrast(torch.tensor([2.0, 1.0, -5.0]), torch.tensor([2.0, 0.0, 0.0]))  # doctest: +SKIP
+        """
+        if self.form == "li":
+            return contrastive_decoding_scores(expert_logits, amateur_logits, self.alpha, self.amateur_temperature)
+        return scd_scores(expert_logits, amateur_logits, self.beta, self.alpha, self.amateur_temperature)
+
     def verification_scores(self, state, draft, tree_logits):
-        """Contrast the expert's raw logits with the amateur's at every node the amateur scored (the rest, i.e. the
-        bonus position with ``bonus="expert"``, keeps the expert's logits); the engine then applies the caller's
-        processors."""
+        """Contrast (:meth:`contrast`) the expert's raw logits with the amateur's at every node the amateur scored
+        (the rest, i.e. the bonus position with ``bonus="expert"``, keeps the expert's logits); the engine then
+        applies the caller's processors."""
         amateur = draft.info["assistant_logits"].to(tree_logits.device)
         m = min(amateur.shape[0], tree_logits.shape[0])
-        contrast = scd_scores(tree_logits[:m], amateur[:m], self.beta, self.alpha, self.amateur_temperature)
+        contrast = self.contrast(tree_logits[:m], amateur[:m])
         return torch.cat([contrast, tree_logits[m:]]) if m < tree_logits.shape[0] else contrast
 
     # ------------------------------------------------------------------------------------------------ summaries

@@ -4,7 +4,8 @@
   whether a generated answer follows the context or the model's memory;
 * ``instructions.jsonl``: instructions with a checkable property; :func:`check_instruction` verifies a response;
 * ``factual_mc.jsonl``: multiple-choice questions; :func:`score_multiple_choice` picks the choice with the highest
-  (length-normalised) log-likelihood under a scoring function (the plain model, or a contrastive scorer).
+  summed log-likelihood (TruthfulQA-MC protocol; length-normalised as an option) under a scoring function (the plain
+  model, or a contrastive scorer).
 
 Example:
     >>> from hf_decoding_ext.bench.tasks.contrastive import load_knowledge_conflict, follows_context
@@ -179,12 +180,13 @@ def mc_prompt(item: dict) -> str:
 
 
 def score_multiple_choice(item: dict, tokenizer, score_fn: ScoreFn, chat: bool | None = None,
-                          length_normalize: bool = True) -> dict[str, Any]:
+                          length_normalize: bool = False) -> dict[str, Any]:
     """Score each choice as a continuation of :func:`mc_prompt` and return ``{"prediction", "scores", "correct"}``.
 
     With the chat template (instruct tokenizers, ``chat=None``) the prompt is a user turn and the choice the start of
-    the assistant's reply; otherwise the choice follows the prompt after a space. ``length_normalize`` divides each
-    choice's log-likelihood by its number of tokens (mean log-probability per token).
+    the assistant's reply; otherwise the choice follows the prompt after a space. Each choice scores the sum of its
+    tokens' values under ``score_fn``, as in TruthfulQA-MC (Lin et al., 2022) and DoLa's reference
+    ``tfqa_mc_eval.py``; ``length_normalize=True`` divides it by the number of tokens instead (mean per token).
     """
     use_chat = (getattr(tokenizer, "chat_template", None) is not None) if chat is None else chat
     prompt = mc_prompt(item)
@@ -206,7 +208,7 @@ def score_multiple_choice(item: dict, tokenizer, score_fn: ScoreFn, chat: bool |
 
 
 def evaluate_multiple_choice(items: Iterable[dict], tokenizer, score_fn: ScoreFn, chat: bool | None = None,
-                             length_normalize: bool = True) -> dict[str, Any]:
+                             length_normalize: bool = False) -> dict[str, Any]:
     """Accuracy of :func:`score_multiple_choice` over ``items`` (``{"accuracy", "n", "results"}``)."""
     results = [dict(id=it.get("id"), **score_multiple_choice(it, tokenizer, score_fn, chat=chat,
                                                               length_normalize=length_normalize)) for it in items]
