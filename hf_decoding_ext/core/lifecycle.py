@@ -25,6 +25,7 @@ with a ``ValueError`` by the loops that would corrupt it (:func:`require_lifecyc
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Iterable
 
@@ -32,7 +33,7 @@ import torch
 from transformers import LogitsProcessorList
 
 
-class StatefulLogitsProcessor:
+class StatefulLogitsProcessor(abc.ABC):
     r"""Mixin for logits processors with per-row state that this library's loops and engine keep exact.
 
     Subclasses implement :meth:`reset` and :meth:`select_rows` and list the attributes holding their per-call state
@@ -82,13 +83,13 @@ class StatefulLogitsProcessor:
         """A new generation starts on the prompts ``input_ids`` ``(batch, len)``; the default forgets everything."""
         self.reset()
 
+    @abc.abstractmethod
     def reset(self) -> None:
         """Forget all per-generation state."""
-        raise NotImplementedError(f"{type(self).__name__} must implement reset()")
 
+    @abc.abstractmethod
     def select_rows(self, indices: torch.LongTensor) -> None:
         """Keep the rows ``indices`` (``(n,)`` long, rows may repeat) of the per-row state, in that order."""
-        raise NotImplementedError(f"{type(self).__name__} must implement select_rows()")
 
     def locate(self, rows: torch.LongTensor | None = None, positions: torch.LongTensor | None = None) -> None:
         """The next call's scores come from rows ``rows`` and positions ``positions`` (``(batch,)`` each, indices
