@@ -25,6 +25,8 @@ _FACE = {
     "load_model": "hf_decoding_ext.core.models",
     "encode_prompts": "hf_decoding_ext.core.models",
     "generate_kwargs": "hf_decoding_ext.plug",
+    "fast_generate": "hf_decoding_ext.plug",
+    "fast_kernels": "hf_decoding_ext.core.kernels",
     "METHODS": "hf_decoding_ext.registry",
     "MethodSpec": "hf_decoding_ext.registry",
     "get_method": "hf_decoding_ext.registry",

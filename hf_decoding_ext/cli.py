@@ -58,7 +58,7 @@ def _cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from hf_decoding_ext.plug import engine_options, generate_kwargs
+    from hf_decoding_ext.plug import engine_options, fast_generate, generate_kwargs
     from hf_decoding_ext.core.models import encode_prompts, load_model
     from hf_decoding_ext.registry import get_method
 
@@ -79,8 +79,8 @@ def _cmd_generate(args) -> int:
     enc = encode_prompts(tokenizer, args.prompt, chat=False if args.no_chat else None, device=model.device)
     torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
-    out = model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer, tokenizer=tokenizer,
-                         **gen_kwargs)
+    out = fast_generate(model, **enc, max_new_tokens=args.max_new_tokens, streamer=streamer, tokenizer=tokenizer,
+                        kernels=args.kernels, **gen_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
     if streamer is None:
         for row in sequences:
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--greedy", dest="sample", action="store_false", help="force do_sample=False")
     pg.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     pg.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    pg.add_argument("--kernels", default="auto", choices=["auto", "pytorch", "weight_left", "padded_weight_left",
+                                                           "onednn"],
+                    help="CPU linear kernels (default auto: the fastest per layer shape, measured once per machine; "
+                         "pytorch: PyTorch's own)")
     pg.set_defaults(func=_cmd_generate)
 
     pb = sub.add_parser("bench", help="run the benchmark harness")

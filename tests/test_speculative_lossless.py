@@ -108,6 +108,24 @@ def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs
     assert accepted > 0 and tokens / forwards > 1.0, (spec.name, tokens, forwards)
 
 
+@pytest.mark.real_model
+def test_plain_greedy_with_fast_kernels_is_token_identical(smollm, greedy_refs, record_property):
+    """``fast_generate`` (the measured per-shape CPU kernels) equals stock greedy on the same prompts, up to
+    floating-point near-ties (tallied)."""
+    from hf_decoding_ext.plug import fast_generate
+
+    model, _ = smollm
+    diverged = {}
+    for row, enc, ref in greedy_refs:
+        out = fast_generate(model, **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        if not torch.equal(out, ref):
+            diverged[row["id"]] = out
+    near_ties = near_tie_tally(model, greedy_refs, diverged)
+    record_property("near_ties", near_ties)
+    print(f"fast_generate: {near_ties} near-tie divergence(s) over {N_PROMPTS} prompts")
+    assert near_ties == len(diverged)
+
+
 def test_near_tie_tally_fails_on_a_real_divergence(tiny_llama):
     """The tally's negative control: an output that takes a clearly worse token is not a near-tie; an identical one
     is not a divergence at all; a top-2 swap at a made-up tie is one."""

@@ -1,87 +1,470 @@
-"""A faster CPU kernel layout for linear layers fed a few rows (speculative verification and drafting).
+"""CPU kernels for linear layers while decoding: the fastest product per layer shape and row count, by measurement.
 
-PyTorch computes ``nn.Linear`` as ``x @ W.T`` (``addmm`` with a transposed weight). On CPU with MKL, for a
-handful of rows (2 to a few dozen: a verification forward over a small draft tree) that layout runs far below the
-memory bandwidth: on the 2-core development machine a 2-4-token forward of SmolLM2-135M cost 1.4-2.0x a 1-token
-forward. Computing the same product as ``(W @ x.T).T`` (the weight as the left, row-major operand) is much faster
-there: the 2-4-token forward then costs 0.55-0.73x a 1-token forward (which runs PyTorch's matrix-vector kernel), 6
-tokens about 1x and 16 tokens 1.4x (``results/verify_cost.json``, ``scripts/verify_cost.py``). The result is the
-same product with a different summation order (logits differ by ~1e-5, the argmax is unchanged in the lossless
-tests).
+PyTorch computes ``nn.Linear`` as ``x @ W.T`` (``addmm`` with a transposed weight). On CPU that is not always the
+fastest way to compute the same product for the few rows of a decoding step (1 row) or of a speculative verification
+forward (2 to a few dozen rows). On the 2-core development machine (MKL on AMD) the 1-row product of the default
+model's lm_head (49152 x 576, float32) ran at a fraction of the memory bandwidth, and 2-8 rows cost 2-3x one row.
+Other CPU paths PyTorch offers compute the same product faster there:
 
-:func:`small_batch_linear` swaps the kernel layout of a model's plain ``nn.Linear`` layers for the duration of a
-``with`` block (instance attributes only, restored on exit, no global state). Single-row calls keep PyTorch's own
-kernel, so a patched model decodes one token exactly as before. Layers wrapped by accelerate hooks (offloading,
-``device_map``), subclasses of ``nn.Linear`` (quantised layers, LoRA) and layers that are not float32 on CPU are
-left alone.
+* ``"pytorch"``: ``torch.nn.functional.linear`` (PyTorch's default layout);
+* ``"weight_left"``: ``(W @ x.T).T``, the weight as the left, row-major operand;
+* ``"padded_weight_left"``: for 1 row only, the row padded to 2 rows in the weight-left layout (MKL's matrix-vector
+  kernel is the slow path, a 2-column product is not);
+* ``"onednn"``: oneDNN's linear with the weight prepacked once (``torch.ops.mkldnn._reorder_linear_weight`` and
+  ``torch.ops.mkldnn._linear_pointwise``, the kernels inductor's CPU backend emits for linear layers), float32 and
+  bfloat16 (AVX512-BF16 / AMX where the CPU has them).
 
-Deviation note for benchmarks: this is a kernel choice, not part of any paper's method. Plain greedy ``generate()``
-is not patched (its 1-row products do not benefit), so speed ratios of the speculative engine include this effect;
-``SpeculativeDecoding(small_batch_linear=False)`` measures without it.
+:func:`fast_kernels` patches a model's eligible linear layers for the duration of a ``with`` block (instance
+attributes only, restored on exit; no global state). Each layer then dispatches every call, by its number of rows, to
+the kernel of a :class:`KernelPlan`. ``plan="auto"`` (default) measures the candidates on each distinct
+``(dtype, out_features, in_features)`` shape at a few row counts the first time the shape is seen on this machine (a
+short interleaved microbenchmark with the layer's own weights, a few seconds for the default model) and caches the
+choice in ``$HF_DECODING_EXT_CACHE/kernel_plans/`` per machine (CPU model, thread count, torch version) and dtype;
+later runs read the cache. ``plan="pytorch"`` (or any kernel name) forces one kernel; a :class:`KernelPlan` or a
+dict overrides the choice; the environment variable ``HF_DECODING_EXT_KERNELS`` (a kernel name) replaces ``"auto"``
+everywhere, e.g. ``HF_DECODING_EXT_KERNELS=pytorch`` to switch the feature off.
+
+All kernels compute the same product up to the summation order (logits differ in the last bits, ~1e-5 for the
+default model): greedy decoding with them equals PyTorch's greedy decoding token for token except at floating-point
+near-ties of the top-2 logits (the lossless tests tally them). Layers that are not a plain ``nn.Linear`` (GPT-2's
+``Conv1D``, quantised or LoRA layers), not on CPU, not float32/bfloat16, wrapped by accelerate hooks, or with their
+forward already overridden are left alone; with autograd enabled a call planned for ``"onednn"`` keeps PyTorch's
+kernel (the prepacked weight carries no gradient); on GPU :func:`fast_kernels` is a no-op.
+
+Memory: a layer whose plan uses ``"onednn"`` at some row count gets a prepacked copy of its weight, built at the
+first ``with`` block and kept (weakly, per weight tensor) for later ones, so a generation does not pay the repacking
+(about 0.2 s for the default model); :attr:`PatchReport.extra_bytes` says how much is held (for the default model in
+float32 about 0.5 GB, a second copy of the linear weights) and :func:`release_packed` frees it.
+
+Deviation note for benchmarks: this is a kernel choice, not part of any paper's method. Every speed table of this
+library reports the method against greedy decoding *with the same kernels* (the method's own speed-up) beside stock
+greedy ``generate()``.
 
 Example:
     >>> import torch
-    >>> from hf_decoding_ext.core.kernels import small_batch_linear
+    >>> from hf_decoding_ext.core.kernels import fast_kernels
     >>> layer = torch.nn.Linear(8, 4)
     >>> x = torch.randn(3, 8)
-    >>> with small_batch_linear(layer):
+    >>> with torch.no_grad(), fast_kernels(layer, plan="weight_left") as report:
     ...     y = layer(x)
-    >>> torch.allclose(y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
-    True
+    >>> report.patched, torch.allclose(y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    (1, True)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
 import types
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+__all__ = [
+    "KERNELS", "ROW_BUCKETS", "KernelPlan", "PatchReport", "available_kernels", "eligible", "fast_kernels",
+    "measure_plan", "release_packed", "small_batch_linear",
+]
+
+KERNELS = ("pytorch", "weight_left", "padded_weight_left", "onednn")
+"""The kernels a plan can choose from (see the module docstring)."""
+
+_CODE = {name: i for i, name in enumerate(KERNELS)}
+
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 256)
+"""Row counts the automatic plan measures; a call with ``r`` rows uses the choice of the smallest bucket ``>= r``
+(above the last bucket: the last bucket's choice)."""
+
+DTYPES = (torch.float32, torch.bfloat16)
+"""Weight dtypes the kernels are used for (others keep PyTorch's kernel)."""
+
 DEFAULT_MAX_ROWS = 32
-"""Row counts up to this use the weight-left layout (measured faster or equal for 2-32 rows on the development CPU)."""
+"""Row limit of the legacy :func:`small_batch_linear` (weight-left for 2 to this many rows)."""
+
+_PLAN_VERSION = 1
 
 
-def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows < 2 or rows > self._sbl_max_rows:
-        return nn.functional.linear(x, self.weight, self.bias)
-    y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
-    if self.bias is not None:
-        y += self.bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+def _onednn_ok(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.bfloat16:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(check()) if check is not None else False
+        except Exception:  # noqa: BLE001 - a build without the query
+            return False
+    return dtype == torch.float32
+
+
+def available_kernels(dtype: torch.dtype = torch.float32, rows: int = 2) -> tuple[str, ...]:
+    """Kernels that can run a ``rows``-row product in ``dtype`` on this CPU build (``padded_weight_left`` is a 1-row
+    kernel; ``onednn`` needs oneDNN, and AVX512-BF16 support for bfloat16)."""
+    names = ["pytorch", "weight_left"]
+    if rows == 1:
+        names.append("padded_weight_left")
+    if _onednn_ok(dtype):
+        names.append("onednn")
+    return tuple(names)
 
 
 def eligible(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain float32 ``nn.Linear`` on CPU without accelerate hooks or a forward override."""
-    return (type(module) is nn.Linear and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32 and not hasattr(module, "_hf_hook")
-            and "forward" not in module.__dict__)
+    """Whether ``module`` is a plain float32/bfloat16 ``nn.Linear`` on CPU without accelerate hooks or a forward
+    override (the layers :func:`fast_kernels` may patch)."""
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in DTYPES
+            and not hasattr(module, "_hf_hook") and "forward" not in module.__dict__)
+
+
+def _shape_key(layer: nn.Linear) -> str:
+    dtype = str(layer.weight.dtype).removeprefix("torch.")
+    return f"{dtype}:{layer.out_features}x{layer.in_features}"
+
+
+_PACKED: dict[int, tuple] = {}
+"""Prepacked oneDNN weights kept across ``with`` blocks: ``id(weight) -> (weakref, (data_ptr, version), packed)``;
+an entry dies with its weight and is rebuilt when the weight changes in place."""
+
+
+def _prepack(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight prepacked for oneDNN's linear (cached per weight tensor, see :func:`release_packed`)."""
+    weight = layer.weight
+    stamp = (weight.data_ptr(), weight._version)
+    hit = _PACKED.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+        return hit[2]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    key = id(weight)
+    _PACKED[key] = (weakref.ref(weight, lambda _ref, key=key: _PACKED.pop(key, None)), stamp, packed)
+    return packed
+
+
+def release_packed(*modules: nn.Module) -> int:
+    """Drop the cached prepacked weights of ``modules``' layers (all of them when called without arguments); returns
+    the bytes released. They are rebuilt at the next :func:`fast_kernels` block that needs them."""
+    if modules:
+        keys = {id(m.weight) for root in modules for m in root.modules() if isinstance(m, nn.Linear)}
+    else:
+        keys = set(_PACKED)
+    freed = 0
+    for key in keys & set(_PACKED):
+        ref, _, packed = _PACKED.pop(key)
+        freed += packed.numel() * packed.element_size() if ref() is not None else 0
+    return freed
+
+
+def _run(kind: int, x2: torch.Tensor, weight: torch.Tensor, bias, packed) -> torch.Tensor:
+    """The ``(rows, out)`` product of a 2-D ``x2`` with kernel ``kind`` (an index into :data:`KERNELS`)."""
+    if kind == 3:
+        return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+    if kind == 1 or (kind == 2 and x2.shape[0] != 1):
+        y = (weight @ x2.T).T.contiguous()
+    elif kind == 2:
+        y = (weight @ torch.cat([x2, x2]).T).T[:1].contiguous()
+    else:
+        return nn.functional.linear(x2, weight, bias)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    features = x.shape[-1]
+    rows = x.numel() // features if features else 0
+    table = self._hk_table
+    kind = table[rows] if rows < len(table) else table[-1]
+    if kind == 0 or rows == 0 or x.dtype != self.weight.dtype or (kind == 3 and torch.is_grad_enabled()):
+        return nn.functional.linear(x, self.weight, self.bias)
+    y = _run(kind, x.reshape(rows, features), self.weight, self.bias, self._hk_packed)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@dataclass
+class KernelPlan:
+    """Which kernel each linear shape uses at each row count.
+
+    Args:
+        choices: ``{shape_key: {rows: kernel}}`` with ``shape_key = "<dtype>:<out>x<in>"`` (e.g.
+            ``"float32:576x576"``), ``rows`` a bucket of :data:`ROW_BUCKETS` (or any positive int) and ``kernel`` a
+            name of :data:`KERNELS`. A call with ``r`` rows uses the entry of the smallest listed row count ``>= r``
+            (above the largest: the largest's).
+        default: the kernel for shapes not in ``choices`` (``None``: measure them when ``auto``, else PyTorch's).
+        auto: measure unknown shapes on first use and store them in the machine's cache file.
+        timings: the measured milliseconds ``{shape_key: {rows: {kernel: ms}}}`` behind automatic choices.
+
+    Example:
+        >>> plan = KernelPlan({"float32:4x8": {1: "pytorch", 8: "weight_left"}})
+        >>> plan.table("float32:4x8", 10)
+        ['pytorch', 'pytorch', 'weight_left', 'weight_left', 'weight_left', 'weight_left', 'weight_left', \
+'weight_left', 'weight_left', 'weight_left']
+    """
+
+    choices: dict = field(default_factory=dict)
+    default: str | None = None
+    auto: bool = False
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.default is not None and self.default not in KERNELS:
+            raise ValueError(f"default must be one of {KERNELS} or None, got {self.default!r}")
+        clean = {}
+        for key, per_rows in dict(self.choices).items():
+            if not isinstance(per_rows, dict) or not per_rows:
+                raise ValueError(f"choices[{key!r}] must be a non-empty dict rows -> kernel, got {per_rows!r}")
+            entry = {}
+            for rows, kernel in per_rows.items():
+                r = int(rows)
+                if r < 1:
+                    raise ValueError(f"row counts must be >= 1, got {rows!r} for {key!r}")
+                if kernel not in KERNELS:
+                    raise ValueError(f"unknown kernel {kernel!r} for {key!r} (choose from {KERNELS})")
+                entry[r] = kernel
+            clean[str(key)] = dict(sorted(entry.items()))
+        self.choices = clean
+
+    @classmethod
+    def coerce(cls, plan) -> KernelPlan:
+        """A plan from ``"auto"``, a kernel name, a dict of choices or a :class:`KernelPlan`."""
+        if isinstance(plan, KernelPlan):
+            return plan
+        if plan == "auto":
+            forced = os.environ.get("HF_DECODING_EXT_KERNELS", "auto")
+            if forced != "auto":
+                if forced not in KERNELS:
+                    raise ValueError(f"HF_DECODING_EXT_KERNELS must be 'auto' or one of {KERNELS}, got {forced!r}")
+                return cls(default=forced)
+            return cls(auto=True)
+        if isinstance(plan, str):
+            if plan not in KERNELS:
+                raise ValueError(f"plan must be 'auto', a kernel name {KERNELS}, a dict or a KernelPlan, got "
+                                 f"{plan!r}")
+            return cls(default=plan)
+        if isinstance(plan, dict):
+            return cls(plan)
+        raise ValueError(f"plan must be 'auto', a kernel name {KERNELS}, a dict or a KernelPlan, got {plan!r}")
+
+    def kernel(self, key: str, rows: int) -> str:
+        """The kernel for a call of ``rows`` rows on shape ``key``."""
+        per_rows = self.choices.get(key)
+        if per_rows is None:
+            kernel = self.default or "pytorch"
+            return "pytorch" if kernel == "padded_weight_left" and rows != 1 else kernel
+        for r, kernel in per_rows.items():
+            if rows <= r:
+                return kernel
+        return per_rows[max(per_rows)]
+
+    def table(self, key: str, length: int) -> list[str]:
+        """Kernels for ``0 .. length - 1`` rows (``0`` rows: PyTorch's)."""
+        return ["pytorch"] + [self.kernel(key, r) for r in range(1, length)]
+
+
+def _machine_fingerprint() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def plan_cache_file() -> Path:
+    """The JSON file holding this machine's measured kernel choices (per CPU model, thread count and torch
+    version) under ``$HF_DECODING_EXT_CACHE/kernel_plans/``."""
+    from hf_decoding_ext.core.models import cache_dir
+
+    digest = hashlib.sha256(_machine_fingerprint().encode()).hexdigest()[:16]
+    return cache_dir() / "kernel_plans" / f"{digest}.json"
+
+
+_MEMO: dict[str, dict] = {}
+"""The machine cache file's content as read or written by this process (path -> data)."""
+
+
+def _read_cache(path: Path) -> dict:
+    if str(path) in _MEMO:
+        return _MEMO[str(path)]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    data = data if data.get("version") == _PLAN_VERSION else {}
+    _MEMO[str(path)] = data
+    return data
+
+
+def _write_cache(path: Path, shapes: dict) -> None:
+    _MEMO.pop(str(path), None)  # re-read: another process may have added shapes
+    data = _read_cache(path)
+    merged = {**data.get("shapes", {}), **shapes}
+    data = {"version": _PLAN_VERSION, "machine": _machine_fingerprint(), "shapes": merged}
+    _MEMO[str(path)] = data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_plan(layer: nn.Linear, buckets=ROW_BUCKETS, reps: int = 7, budget_s: float = 1.0,
+                 tolerance: float = 0.03) -> tuple[dict, dict]:
+    """Measure the candidate kernels on ``layer``'s weights at each row count of ``buckets`` (interleaved
+    repetitions, median); return ``({rows: kernel}, {rows: {kernel: ms}})``. PyTorch's kernel is kept unless another
+    is faster by more than ``tolerance``; ``budget_s`` caps the repetitions for large layers (at least 3)."""
+    dtype = layer.weight.dtype
+    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    packed = _prepack(layer) if _onednn_ok(dtype) else None
+    gen = torch.Generator().manual_seed(0)
+    choices, timings = {}, {}
+    with torch.no_grad():
+        for rows in buckets:
+            x = torch.randn(rows, layer.in_features, generator=gen).to(dtype)
+            names = available_kernels(dtype, rows)
+            fns = {n: (lambda k=_CODE[n]: _run(k, x, weight, bias, packed)) for n in names}
+            for fn in fns.values():  # warm-up, and a first estimate of the cost
+                fn()
+            probe = _median_ms(fns["pytorch"], 1) / 1e3
+            n_reps = max(3, min(reps, int(budget_s / max(probe * len(fns) * len(buckets), 1e-9))))
+            samples = {n: [] for n in names}
+            for _ in range(n_reps):
+                for n, fn in fns.items():
+                    samples[n].append(_median_ms(fn, 1))
+            ms = {n: statistics.median(v) for n, v in samples.items()}
+            best = min(ms, key=ms.get)
+            if ms[best] > (1 - tolerance) * ms["pytorch"]:
+                best = "pytorch"
+            choices[rows], timings[rows] = best, {n: round(v, 5) for n, v in ms.items()}
+    return choices, timings
+
+
+@dataclass
+class PatchReport:
+    """What :func:`fast_kernels` did: ``patched`` layers, the ``plan`` used (with any new measurements), the
+    ``extra_bytes`` of prepacked weights held, and ``measured`` shape keys measured in this call."""
+
+    patched: int = 0
+    plan: KernelPlan | None = None
+    extra_bytes: int = 0
+    measured: list = field(default_factory=list)
+
+    def __int__(self) -> int:
+        return self.patched
+
+
+def _resolve_auto(plan: KernelPlan, layers: list[nn.Linear]) -> list[str]:
+    """Fill ``plan.choices`` for the layers' shapes from the machine cache, measuring (and caching) the missing."""
+    path = plan_cache_file()
+    cached = _read_cache(path).get("shapes", {})
+    new, measured = {}, []
+    for layer in layers:
+        key = _shape_key(layer)
+        if key in plan.choices:
+            continue
+        if key in cached:
+            plan.choices[key] = {int(r): k for r, k in cached[key]["choices"].items()}
+            continue
+        choices, timings = measure_plan(layer)
+        plan.choices[key] = choices
+        plan.timings[key] = timings
+        new[key] = {"choices": choices, "ms": timings}
+        measured.append(key)
+    if new:
+        try:
+            _write_cache(path, new)
+        except OSError:  # a read-only cache folder: keep the plan for this call only
+            pass
+    return measured
 
 
 @contextmanager
-def small_batch_linear(*modules: nn.Module | None, max_rows: int = DEFAULT_MAX_ROWS, enabled: bool = True):
-    """Run the eligible ``nn.Linear`` layers inside ``modules`` with the weight-left kernel layout for calls of
-    2 to ``max_rows`` rows; restore them on exit (also on errors). ``None`` entries are skipped; a layer shared by
-    several modules is patched once."""
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
-        raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
+def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = 512, enabled: bool = True):
+    """Run the eligible linear layers inside ``modules`` with the kernels of ``plan`` (see the module docstring);
+    restore them on exit (also on errors). ``None`` entries are skipped; a layer shared by several modules is
+    patched once. Yields a :class:`PatchReport`.
+
+    Args:
+        modules: models or layers.
+        plan: ``"auto"`` (measured per machine, cached), a kernel name of :data:`KERNELS` for every call, a dict
+            ``{shape_key: {rows: kernel}}`` or a :class:`KernelPlan`.
+        max_rows: calls with more rows than this use the largest row count's choice (the table's length).
+        enabled: ``False`` patches nothing (a convenience for callers with an on/off option).
+
+    Example:
+        >>> from hf_decoding_ext.core.models import load_model, encode_prompts  # doctest: +SKIP
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+        >>> with fast_kernels(model):  # doctest: +SKIP
+        ...     out = model.generate(**encode_prompts(tokenizer, "Hi"), max_new_tokens=32, do_sample=False)
+    """
+    plan = KernelPlan.coerce(plan)
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+    report = PatchReport(plan=plan)
     patched: list[nn.Linear] = []
     try:
         if enabled:
             seen: set[int] = set()
+            layers = []
             for root in modules:
                 if root is None:
                     continue
                 for m in root.modules():
-                    if id(m) in seen or not eligible(m):
-                        continue
-                    seen.add(id(m))
-                    m._sbl_max_rows = max_rows
-                    m.forward = types.MethodType(_forward, m)
-                    patched.append(m)
-        yield len(patched)
+                    if id(m) not in seen and eligible(m):
+                        seen.add(id(m))
+                        layers.append(m)
+            if plan.auto and layers:
+                report.measured = _resolve_auto(plan, layers)
+            packs: dict[int, torch.Tensor] = {}
+            for m in layers:
+                key = _shape_key(m)
+                names = plan.table(key, max_rows + 1)
+                if "onednn" in names and not _onednn_ok(m.weight.dtype):
+                    names = ["pytorch" if n == "onednn" else n for n in names]
+                if all(n == "pytorch" for n in names):
+                    continue
+                packed = None
+                if "onednn" in names:
+                    wid = id(m.weight)
+                    if wid not in packs:
+                        packs[wid] = _prepack(m)
+                        report.extra_bytes += m.weight.numel() * m.weight.element_size()
+                    packed = packs[wid]
+                m._hk_table = [_CODE[n] for n in names]
+                m._hk_packed = packed
+                m.forward = types.MethodType(_forward, m)
+                patched.append(m)
+        report.patched = len(patched)
+        yield report
     finally:
         for m in patched:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_sbl_max_rows", None)
+            for attr in ("forward", "_hk_table", "_hk_packed"):
+                m.__dict__.pop(attr, None)
+
+
+def small_batch_linear(*modules: nn.Module | None, max_rows: int = DEFAULT_MAX_ROWS, enabled: bool = True):
+    """The weight-left layout for calls of 2 to ``max_rows`` rows, PyTorch's kernel otherwise (the engine's kernel
+    before :func:`fast_kernels` chose per shape; kept for comparisons). Yields a :class:`PatchReport`."""
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
+        raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
+
+    class _Legacy(KernelPlan):
+        def kernel(self, key, rows):
+            return "weight_left" if 2 <= rows <= max_rows else "pytorch"
+
+    return fast_kernels(*modules, plan=_Legacy(), max_rows=max_rows + 1, enabled=enabled)

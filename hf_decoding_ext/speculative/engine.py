@@ -15,7 +15,7 @@ import torch
 
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
-from hf_decoding_ext.core.kernels import small_batch_linear as _small_batch_linear
+from hf_decoding_ext.core.kernels import KernelPlan, fast_kernels, small_batch_linear as _small_batch_linear
 from hf_decoding_ext.speculative.acceptance import ACCEPTANCE_RULES, AcceptanceRule, get_acceptance_rule
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult, check_needs
 from hf_decoding_ext.core.kv import check_compactable, keep_positions
@@ -86,8 +86,8 @@ class SpeculativeDecoding(DecodingLoop):
 
     Use it as ``model.generate(..., custom_generate=SpeculativeDecoding(drafter))``. With ``do_sample=False`` and
     the default rule the output is token-identical to plain greedy ``generate()`` up to floating-point near-ties
-    (fp32): the target verifies a block of tokens per forward, and by default with another kernel layout
-    (``small_batch_linear``), so its logits may differ from plain decoding's in the last bits, and where the top-2
+    (fp32): the target verifies a block of tokens per forward, and by default with other CPU kernels
+    (``kernels``), so its logits may differ from plain decoding's in the last bits, and where the top-2
     logits are that close the other token may win (``tests/test_speculative_lossless.py`` tallies these on the real
     model). With ``do_sample=True`` speculative sampling keeps the target distribution. The caller's logits
     processors (temperature, top-k/p,
@@ -107,11 +107,16 @@ class SpeculativeDecoding(DecodingLoop):
         seed: seed of the acceptance rule's random draws: a ``torch.Generator`` on the model's device is created
             from it at the start of every ``generate()`` call (:meth:`generator_for`), so a seeded call is
             reproducible; ``None``: torch's global generator.
-        small_batch_linear: run the target's (and the drafter's modules') float32 CPU linear layers with the
-            weight-left kernel layout of :mod:`hf_decoding_ext.core.kernels` while decoding, which makes
-            a verification forward over a few tokens cheaper than PyTorch's default on MKL CPUs (a kernel choice,
-            not part of any method; no effect on GPU or in other dtypes). ``False`` keeps PyTorch's kernels (the
-            verification forward still covers several tokens, so greedy parity stays up to near-ties).
+        kernels: the CPU linear kernels of the target (and the drafter's modules) while decoding, a ``plan`` of
+            :func:`~hf_decoding_ext.core.kernels.fast_kernels`: ``"auto"`` (default: per layer shape and row count
+            the fastest of PyTorch's layout, weight-left and oneDNN's prepacked linear, measured once per machine
+            and cached), ``"pytorch"`` (PyTorch's kernels), another kernel name, or a
+            :class:`~hf_decoding_ext.core.kernels.KernelPlan`. A kernel choice, not part of any method; no effect on
+            GPU or in dtypes other than float32/bfloat16. Compare a method with greedy decoding under the same
+            kernels (``hf_decoding_ext.fast_generate``) to see its own speed-up.
+        small_batch_linear: legacy switch: ``False`` = ``kernels="pytorch"``; ``True`` = the former default, the
+            weight-left layout for 2-32 rows (:func:`~hf_decoding_ext.core.kernels.small_batch_linear`);
+            ``None`` (default): ``kernels`` decides.
 
     The drafter's :attr:`~hf_decoding_ext.speculative.drafters.base.Drafter.needs` (checked here) decide what the
     verification forward hands back to it. :meth:`verification_scores` is the hook that changes the distribution
@@ -132,7 +137,8 @@ class SpeculativeDecoding(DecodingLoop):
     supports_sliding_window = False  # tree masks and KV compaction assume full attention
 
     def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
-                 max_draft_nodes: int | None = None, seed: int | None = None, small_batch_linear: bool = True):
+                 max_draft_nodes: int | None = None, seed: int | None = None,
+                 kernels: str | dict | KernelPlan = "auto", small_batch_linear: bool | None = None):
         if drafter is None:
             from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 
@@ -152,9 +158,11 @@ class SpeculativeDecoding(DecodingLoop):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
-        if not isinstance(small_batch_linear, bool):
-            raise ValueError(f"small_batch_linear must be a bool, got {small_batch_linear!r}")
+        if small_batch_linear is not None and not isinstance(small_batch_linear, bool):
+            raise ValueError(f"small_batch_linear must be a bool or None, got {small_batch_linear!r}")
         self.small_batch_linear = small_batch_linear
+        KernelPlan.coerce(kernels)  # validates
+        self.kernels = "pytorch" if small_batch_linear is False else kernels
         self.last_stats: list[StepStats] = []
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -253,7 +261,10 @@ class SpeculativeDecoding(DecodingLoop):
         generator = self.generator_for(state.device)
         self.last_stats = []
         self.drafter.begin(state)
-        with _small_batch_linear(state.model, *self.drafter.kernel_modules(), enabled=self.small_batch_linear):
+        modules = (state.model, *self.drafter.kernel_modules())
+        kernel_context = (_small_batch_linear(*modules) if self.small_batch_linear
+                          else fast_kernels(*modules, plan=self.kernels))
+        with kernel_context:
             self._decode(state, rule, generator)
         state.truncate_cache()
         return {"spec_stats": self.last_stats} if state.return_dict else None
