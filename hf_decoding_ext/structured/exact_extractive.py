@@ -28,6 +28,7 @@ from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rows import broadcast_rows
 from hf_decoding_ext.core.scoring import LogProbScorer
 from hf_decoding_ext.core.tree import additive_mask
+from hf_decoding_ext.structured.prompt_rows import PromptTrackingProcessor
 
 SEARCHES = ("best_first", "exhaustive")
 """Search strategies of :class:`ExactExtractiveDecoding`."""
@@ -240,7 +241,7 @@ def _contexts_from_text(tokenizer, context, word_starts: bool, max_span_tokens: 
 
 
 # --------------------------------------------------------------------------------------------- the processor
-class ExtractiveSpanLogitsProcessor(LogitsProcessor):
+class ExtractiveSpanLogitsProcessor(PromptTrackingProcessor, LogitsProcessor):
     r"""
     [`LogitsProcessor`] that restricts generation to a span of a given context followed by eos, the extractive
     constraint of "How Optimal is Greedy Decoding for Extractive Question Answering?" (Castel, Ram, Efrat and Levy,
@@ -251,9 +252,14 @@ class ExtractiveSpanLogitsProcessor(LogitsProcessor):
     then always a span). Greedy search with this processor is the paper's "greedy" decoding made extractive; sampling
     draws spans. Use :class:`ExactExtractiveDecoding` for the most probable span.
 
-    The processor follows each row's prefix incrementally (its occurrences in the context): it records the prompt
-    length at the first call and restarts automatically when a new generation begins (different batch size, or
-    ``input_ids`` that do not continue the previous call's); :meth:`reset` restarts explicitly. Rows that emitted eos
+    Each row's state (the occurrences of its generated prefix in the context) is a function of the row's tokens
+    after the prompt, walked down the trie and memoised per prefix, so any call order gives the masks of plain
+    ``generate()``: tree nodes of the speculative engine, drafts, lookahead branches. The processor records the
+    prompt at the first call and restarts automatically when a new generation begins (different batch size, or
+    ``input_ids`` that do not continue the prompt); :meth:`reset` restarts explicitly. Inside this library's loops
+    it follows branched and reordered rows through the lifecycle of :mod:`hf_decoding_ext.core.lifecycle`
+    (:class:`~hf_decoding_ext.structured.prompt_rows.PromptTrackingProcessor`), so each row keeps its prompt and,
+    with one context per row, its context. Rows that emitted eos
     keep their scores unchanged (``generate()`` pads them). When another processor (e.g. top-k) has already removed
     every allowed token of a row, the allowed tokens get score 0 (uniform) so the output stays a span.
 
@@ -307,49 +313,52 @@ class ExtractiveSpanLogitsProcessor(LogitsProcessor):
             eos_token_id = _default_eos(model, tokenizer)
         return cls(indices, eos_token_id=eos_token_id, max_span_tokens=max_span_tokens)
 
-    def reset(self) -> None:
-        """Forget the per-row state; the next call starts a new generation."""
-        self._prev_ids: torch.Tensor | None = None
-        self._occ: list[torch.Tensor | None] = []
-        self._depth: list[int] = []
-        self._done: list[bool] = []
+    state_attributes = PromptTrackingProcessor.state_attributes + ("_contexts",)
 
-    def _advance(self, input_ids: torch.Tensor, rows: list[SpanIndex]) -> None:
-        batch, length = input_ids.shape
-        ids = input_ids.detach().to("cpu", torch.long)
-        fresh = (self._prev_ids is None or self._prev_ids.shape[0] != batch
-                 or self._prev_ids.shape[1] + 1 != length or not torch.equal(self._prev_ids, ids[:, :-1]))
-        if fresh:
-            self._occ = [None] * batch  # None: the root (empty prefix)
-            self._depth = [0] * batch
-            self._done = [False] * batch
-        else:
-            last = ids[:, -1].tolist()
-            for b in range(batch):
-                if self._done[b]:
-                    continue
-                if self._depth[b] >= 1 and last[b] in self.eos_token_ids:
-                    self._done[b] = True
-                    continue
-                occ = rows[b].root() if self._occ[b] is None else self._occ[b]
-                self._occ[b] = rows[b].advance(occ, last[b])
-                self._depth[b] += 1
-        self._prev_ids = ids
+    def reset(self) -> None:
+        """Forget the prompt; the next call starts a new generation."""
+        super().reset()
+        self._contexts: list[SpanIndex] = []  # the context of each prompt row
+        self._memo: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor | None, int, bool]] = {}
+
+    def _start(self, input_ids: torch.LongTensor) -> None:
+        super()._start(input_ids)
+        self._contexts = _rows(self.indices, input_ids.shape[0], type(self).__name__)
+        self._memo = {}
+
+    def prefix_state(self, origin: int, generated: Sequence[int]) -> tuple[torch.Tensor | None, int, bool]:
+        """``(occurrences, depth, done)`` after ``generated`` for prompt row ``origin``: the occurrences of the
+        span in the context (``None``: the root), its length, and whether it ended with eos (later tokens are
+        padding). Memoised per prefix: from the longest known prefix, one trie step per further token."""
+        tokens = tuple(int(t) for t in generated)
+        n = len(tokens)
+        while n > 0 and (origin, tokens[:n]) not in self._memo:
+            n -= 1
+        state = self._memo.get((origin, tokens[:n]), (None, 0, False))
+        index = self._contexts[origin]
+        for i in range(n, len(tokens)):
+            occ, depth, done = state
+            if done or (depth >= 1 and tokens[i] in self.eos_token_ids):
+                state = (occ, depth, True)
+            else:
+                state = (index.advance(index.root() if occ is None else occ, tokens[i]), depth + 1, False)
+            self._memo[(origin, tokens[: i + 1])] = state
+        return state
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch, vocab = scores.shape
-        rows = _rows(self.indices, batch, type(self).__name__)
-        self._advance(input_ids, rows)
+        generated = self.generated(input_ids)
         allowed = torch.zeros(batch, vocab, dtype=torch.bool)
         eos = torch.tensor([e for e in self.eos_token_ids if e < vocab], dtype=torch.long)
         for b in range(batch):
-            if self._done[b]:
+            origin = self.origin(b)
+            occ, depth, done = self.prefix_state(origin, generated[b])
+            if done:
                 allowed[b] = True
                 continue
-            depth = self._depth[b]
             if self.max_span_tokens is None or depth < self.max_span_tokens:
-                occ = rows[b].root() if self._occ[b] is None else self._occ[b]
-                nxt = rows[b].next_tokens(occ)
+                index = self._contexts[origin]
+                nxt = index.next_tokens(index.root() if occ is None else occ)
                 allowed[b, nxt[nxt < vocab]] = True
             if depth >= 1:  # the prefix is a (non-empty) span: it may end here
                 allowed[b, eos] = True

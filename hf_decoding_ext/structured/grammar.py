@@ -387,6 +387,25 @@ class RowMatchers:
         self.matchers, self.consumed = new_m, new_c
         self.sync_seconds += time.perf_counter() - t0
 
+    def select(self, indices: Sequence[int], copy: bool = False) -> RowMatchers:
+        """Matchers for the rows ``indices`` of these (rows may repeat, in the new order): the first use of each
+        matcher is the matcher itself (this object should then be dropped), further uses, or all with ``copy``,
+        are deep copies."""
+        indices = [int(i) for i in indices]
+        new = RowMatchers.__new__(RowMatchers)
+        new.compiled = self.compiled
+        used: set[int] = set()
+        new.matchers, new.consumed = [], []
+        for i in indices:
+            m = self.matchers[i]
+            new.matchers.append(m.deep_copy() if copy or i in used else m)
+            new.consumed.append(list(self.consumed[i]))
+            used.add(i)
+        new.dead = {r for r, i in enumerate(indices) if i in self.dead}
+        new.bitmask = torch.full((len(indices), self.bitmask.shape[1]), -1, dtype=torch.int32)
+        new.mask_seconds, new.sync_seconds = self.mask_seconds, self.sync_seconds
+        return new
+
     def rollback(self, num_tokens: int, row: int | None = None) -> None:
         """Undo the last ``num_tokens`` tokens of ``row`` (all rows when ``None``): the hook for rejected drafts."""
         rows = range(len(self.matchers)) if row is None else [row]

@@ -8,11 +8,17 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from hf_decoding_ext.core.rows import is_new_prompt
-from hf_decoding_ext.structured.grammar import Grammar, RowMatchers, as_grammar, compile_grammar, eos_ids_of
+from hf_decoding_ext.structured.grammar import (
+    Grammar,
+    RowMatchers,
+    as_grammar,
+    compile_grammar,
+    eos_ids_of,
+)
+from hf_decoding_ext.structured.prompt_rows import PromptTrackingProcessor
 
 
-class GrammarConstrainedLogitsProcessor(LogitsProcessor):
+class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor):
     r"""
     Constrain generation to a JSON schema, a regular expression or a context-free grammar: at every step the tokens
     the grammar does not allow get ``-inf``, and eos is allowed only where the output so far is a complete sentence
@@ -41,7 +47,11 @@ class GrammarConstrainedLogitsProcessor(LogitsProcessor):
             does not support (the message names it), or when the tokenizer cannot be used by the engine.
 
     One processor instance tracks one ``generate()`` call at a time; a new call is recognised when the prompt
-    changes (call :meth:`reset` to reuse it with a prompt that extends the previous output). If ``max_new_tokens``
+    changes (call :meth:`reset` to reuse it with a prompt that extends the previous output). Inside this library's
+    loops (lookahead branches, trials, Superposed drafts, beam reordering, the speculative engine) the processor
+    follows the lifecycle of :mod:`hf_decoding_ext.core.lifecycle` (see
+    :class:`~hf_decoding_ext.structured.prompt_rows.PromptTrackingProcessor`): branched and reordered rows keep
+    their prompt, so every mask is the one plain ``generate()`` gives the same tokens. If ``max_new_tokens``
     ends generation before the grammar is complete, the output is a valid *prefix* only; check
     :meth:`is_complete`.
 
@@ -67,8 +77,7 @@ class GrammarConstrainedLogitsProcessor(LogitsProcessor):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
         self.compiled = compile_grammar(tokenizer, self.grammar, self.eos_token_ids, self.vocab_size)
-        self.rows: RowMatchers | None = None
-        self._prompt: torch.Tensor | None = None
+        self.reset()
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, grammar=None, **kwargs) -> GrammarConstrainedLogitsProcessor:
@@ -84,20 +93,29 @@ class GrammarConstrainedLogitsProcessor(LogitsProcessor):
         return cls(tokenizer, grammar, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ state
+    state_attributes = PromptTrackingProcessor.state_attributes + ("rows",)
+
     def reset(self) -> None:
         """Forget the current generation (the next call starts a new one)."""
-        self.rows = None
-        self._prompt = None
+        super().reset()
+        self.rows: RowMatchers | None = None
 
-    def _generated(self, input_ids: torch.Tensor) -> list[list[int]]:
-        if self.rows is None or is_new_prompt(self._prompt, input_ids):
-            self._prompt = input_ids.clone()
-            self.rows = RowMatchers(self.compiled, input_ids.shape[0])
-        return input_ids[:, self._prompt.shape[1]:].tolist()
+    def _start(self, input_ids: torch.LongTensor) -> None:
+        super()._start(input_ids)
+        self.rows = RowMatchers(self.compiled, input_ids.shape[0])
+
+    def select_rows(self, indices: torch.LongTensor) -> None:
+        """Keep the rows ``indices`` (rows may repeat): their prompts and matchers follow."""
+        super().select_rows(indices)
+        if self.rows is not None:
+            self.rows = self.rows.select(torch.as_tensor(indices).tolist())
+
+    def copy_state(self, value):
+        return value.select(range(len(value)), copy=True) if isinstance(value, RowMatchers) else value
 
     def allowed_tokens(self, input_ids: torch.LongTensor, vocab_size: int | None = None) -> torch.BoolTensor:
         """``(batch, vocab)`` boolean mask of the tokens the grammar allows after ``input_ids``."""
-        generated = self._generated(input_ids)
+        generated = self.generated(input_ids)
         self.rows.sync(generated)
         return self.rows.allowed(vocab_size or self.vocab_size, input_ids.device)
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 Phrase = tuple[int, ...]
@@ -182,6 +183,10 @@ class DynamicBeamAllocation(DecodingLoop):
     its constraints is only returned when nothing better exists (a warning says so; ``return_dict_in_generate=True``
     outputs carry a ``constraints_met`` boolean per returned sequence).
 
+    The caller's logits processors act on every beam's log-probabilities; processors with per-row state follow the
+    beams as they are reordered (:func:`hf_decoding_ext.core.lifecycle.select_rows`), and a processor that declares
+    per-row state without that lifecycle is refused with a ``ValueError``.
+
     Deviations from the paper:
         - Finished hypotheses leave the beam for a pool (``generate()``'s convention) instead of occupying beam slots
           until the end, so that the unconstrained case equals Hugging Face beam search; candidate set (a) is the top
@@ -297,8 +302,10 @@ class DynamicBeamAllocation(DecodingLoop):
             for p in phrases:
                 if set(p) & set(eos_ids):
                     raise ValueError(f"constraint {list(p)} contains an end-of-sequence token {eos_ids}")
+        lifecycle.require_lifecycle(state.logits_processor, type(self).__name__)  # beams are reordered
         if expand != k:  # re-expand the prompt rows to the beam size
             idx = (torch.arange(batch, device=device) * expand).repeat_interleave(k)
+            lifecycle.select_rows(state.logits_processor, idx, caller=type(self).__name__)
             state.input_ids = state.input_ids[idx]
             state.attention_mask = state.attention_mask[idx]
             if state.cache.get_seq_length() > 0:
@@ -416,6 +423,7 @@ class DynamicBeamAllocation(DecodingLoop):
                     new_hyps.append(None)
 
             beam_idx = torch.tensor(new_src, dtype=torch.long, device=device)
+            lifecycle.select_rows(state.logits_processor, beam_idx, caller=type(self).__name__)  # processors follow
             tok_t = torch.tensor(new_tok, dtype=state.input_ids.dtype, device=device)
             state.input_ids = torch.cat([state.input_ids[beam_idx], tok_t[:, None]], dim=1)
             state.attention_mask = torch.cat([state.attention_mask[beam_idx],

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from transformers import LogitsProcessor
 
-from hf_decoding_ext.core.rows import is_new_prompt
+from hf_decoding_ext.structured.prompt_rows import PromptTrackingProcessor
 
 __all__ = ["find_dereference", "is_identifier_char", "JediMemberResolver", "IdentifierTokenIndex",
            "MonitorGuidedLogitsProcessor"]
@@ -277,7 +277,7 @@ class IdentifierTokenIndex:
         return sorted(allowed)
 
 
-class MonitorGuidedLogitsProcessor(LogitsProcessor):
+class MonitorGuidedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor):
     r"""
     [`LogitsProcessor`] for monitor-guided decoding (MGD) from "Guiding Language Models of Code with Global Context
     using Monitors" (Agrawal, Kanade, Goyal, Lahiri and Rajamani, NeurIPS 2023, arXiv 2306.10763), with the paper's
@@ -300,7 +300,11 @@ class MonitorGuidedLogitsProcessor(LogitsProcessor):
       longer ends at a dereference and the monitor is back in wait.
 
     The state is re-derived from each row's text at every step (the trigger's member set is cached), so rows are
-    independent, left padding is fine, and it works with greedy search, sampling and beam search.
+    independent, left padding is fine, and it works with greedy search, sampling and beam search. The only state
+    kept across calls is each row's prompt (its code prefix); inside this library's loops (lookahead branches,
+    trials, Superposed drafts, the speculative engine) it follows the rows through the lifecycle of
+    :mod:`hf_decoding_ext.core.lifecycle` (:class:`~hf_decoding_ext.structured.prompt_rows.PromptTrackingProcessor`),
+    so branched rows keep their code prefix and generated text. ``stats`` counts every call, branches included.
 
     Args:
         tokenizer: the model's Hugging Face tokenizer (to decode the generated tokens).
@@ -379,17 +383,19 @@ class MonitorGuidedLogitsProcessor(LogitsProcessor):
                    file_path=file_path, fused_min_prob=fused_min_prob)
 
     # ------------------------------------------------------------------------------------------------ state
+    state_attributes = PromptTrackingProcessor.state_attributes + ("_prefixes", "last_active")
+
     def reset(self) -> None:
         """Forget the recorded prompt (the next call starts a new generation); the analysis cache is kept."""
-        self._prompt: torch.Tensor | None = None
-        self._prefixes: list[str] | None = None
+        super().reset()
+        self._prefixes: list[str] | None = None  # code prefix of each prompt row
         self.last_active: list[bool] = []  # per row: was the monitor masking at the last step
         self.stats = {"steps": 0, "masked_steps": 0, "triggers": 0, "fused_blocked": 0}
         self._seen_triggers: set[tuple[int, str]] = set()
 
     def _start(self, input_ids: torch.Tensor) -> None:
+        super()._start(input_ids)
         rows = input_ids.shape[0]
-        self._prompt = input_ids.detach().clone()
         if self.prompt_code is None:
             self._prefixes = [self.tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                               for row in input_ids.tolist()]
@@ -403,14 +409,17 @@ class MonitorGuidedLogitsProcessor(LogitsProcessor):
             per = rows // n
             self._prefixes = [self.prompt_code[r // per] for r in range(rows)]
 
-    def _needs_reset(self, input_ids: torch.Tensor) -> bool:
-        return is_new_prompt(self._prompt, input_ids)
+    def select_rows(self, indices: torch.LongTensor) -> None:
+        """Keep the rows ``indices`` (rows may repeat): their prompts, code prefixes and ``last_active`` follow."""
+        super().select_rows(indices)
+        if self.last_active:
+            self.last_active = [self.last_active[i] for i in torch.as_tensor(indices).tolist()]
 
     def code_of_row(self, input_ids: torch.Tensor, row: int) -> str:
-        """The code the monitor analyses for ``row``: prompt code + the text generated so far."""
-        gen = input_ids[row, self._prompt.shape[1]:].tolist()
+        """The code the monitor analyses for ``row``: its prompt's code + the text generated so far."""
+        gen = input_ids[row, self.prompt_length:].tolist()
         text = self.tokenizer.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False) if gen else ""
-        return self._prefixes[row] + text
+        return self._prefixes[self.origin(row)] + text
 
     # ------------------------------------------------------------------------------------------------ monitor
     def allowed_token_ids(self, code: str) -> list[int] | None:
@@ -481,9 +490,7 @@ class MonitorGuidedLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[0] != scores.shape[0]:
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows but scores has {scores.shape[0]}")
-        if self._needs_reset(input_ids):
-            self.reset()
-            self._start(input_ids)
+        self.generated(input_ids)  # a new generation starts when input_ids does not continue the prompt
         rows, vocab = scores.shape
         block = torch.zeros(rows, vocab, dtype=torch.bool)
         active = []
@@ -498,8 +505,8 @@ class MonitorGuidedLogitsProcessor(LogitsProcessor):
                 if keep.any():
                     block[r] = ~keep
                     upto_dot = find_dereference(code)[0]
-                    if (r, upto_dot) not in self._seen_triggers:
-                        self._seen_triggers.add((r, upto_dot))
+                    if (self.origin(r), upto_dot) not in self._seen_triggers:
+                        self._seen_triggers.add((self.origin(r), upto_dot))
                         self.stats["triggers"] += 1
                 else:
                     keep = None
