@@ -71,7 +71,9 @@ class _NodeScores:
 
 @dataclass
 class StepStats:
-    """Statistics of one engine step: tokens appended (accepted + bonus), draft and verify seconds."""
+    """Statistics of one engine step: tokens appended (accepted + bonus), draft and verify seconds, and the indices of
+    the accepted tree nodes (in the drafter's node order; the acceptance statistics that size trees are counted from
+    them, see :mod:`hf_decoding_ext.speculative.policies.tuning`)."""
 
     draft_size: int
     accepted: int
@@ -79,6 +81,7 @@ class StepStats:
     draft_time: float
     verify_time: float
     total_time: float
+    accepted_nodes: tuple[int, ...] = ()
 
 
 class SpeculativeDecoding(DecodingLoop):
@@ -301,7 +304,7 @@ class SpeculativeDecoding(DecodingLoop):
                     state.record(scores_at(node)[None], tree_logits[node + 1][None])
             appended = state.append(torch.tensor([tokens], device=state.device))
             self.last_stats.append(StepStats(len(tree), len(accepted), appended, t1 - t0, t2 - t1,
-                                             time.perf_counter() - t0))
+                                             time.perf_counter() - t0, tuple(int(a) for a in accepted)))
 
     # ------------------------------------------------------------------------------------------------ summaries
     def summary(self) -> dict:

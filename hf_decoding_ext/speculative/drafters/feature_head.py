@@ -117,13 +117,30 @@ class FeatureHeadDrafter(Drafter):
             raise ValueError(f"tree choices reach depth {deepest}, the head drafts {self.max_depth} tokens")
         return choices
 
+    def expected_gains(self, max_nodes: int = 64) -> list[float] | None:
+        """Expected acceptance of each node of the head's best-first tree, in pick order: the path products of the
+        per-depth accuracies measured on held-out self-distillation data (``head_accuracies``), the acceptance
+        statistics ``max_nodes="auto"`` sizes the tree with (``None`` without measured accuracies or with explicit
+        ``tree_choices``)."""
+        acc = self.head.config.head_accuracies
+        if not acc or self.tree_choices is not None:
+            return None
+        paths = choices_from_accuracies(acc, max_nodes, max_depth=self.max_depth)
+        values = []
+        for path in paths:
+            value = 1.0
+            for depth, rank in enumerate(path):
+                value *= float(acc[depth][rank])
+            values.append(value)
+        return sorted(values, reverse=True)
+
     # ------------------------------------------------------------------------------------------------ engine hooks
     def begin(self, state) -> None:
         if self._model_id != id(state.model) or not self.head.attached:
             self.head.attach(state.model)
             self._model_id = id(state.model)
         if self.budget.is_auto:
-            size = self.budget.resolve(state.model.device)
+            size = self.budget.resolve(state.model.device, gains=self.expected_gains(), model=state.model)
             if size != self._size:
                 self._size = size
                 self.choices = self._resolve_choices(self.tree_choices)

@@ -37,13 +37,14 @@ class MergedDrafter(Drafter):
         >>> out = model.generate(**inputs, max_new_tokens=128, custom_generate=loop)  # doctest: +SKIP
     """
 
-    def __init__(self, drafters: Sequence[Drafter], max_nodes: int | str | None = None):
+    def __init__(self, drafters: Sequence[Drafter], max_nodes: int | str | None = None,
+                 gains: str | list | None = None):
         drafters = list(drafters)
         if not drafters or not all(isinstance(d, Drafter) for d in drafters):
             raise ValueError("MergedDrafter needs a non-empty list of Drafter instances")
         if any("assistant_model" in d.needs for d in drafters):
             raise ValueError("MergedDrafter does not take draft-model drafters (their drafts are sampled)")
-        self.budget = NodeBudget(max_nodes, accelerator=None)
+        self.budget = NodeBudget(max_nodes, accelerator=None, gains=gains)
         self.drafters = drafters
         self.max_nodes = max_nodes
         self._cap = self.budget.resolve("cpu")  # "auto": the CPU cap until a generate() call sees the device
@@ -56,7 +57,7 @@ class MergedDrafter(Drafter):
             d.reset()
 
     def begin(self, state) -> None:
-        self._cap = self.budget.resolve(state.model.device)
+        self._cap = self.budget.resolve(state.model.device, model=state.model)
         for d in self.drafters:
             d.begin(state)
 

@@ -40,6 +40,12 @@ NODE_PRIORITY: list[tuple[int, ...]] = [
 # NodeBudget (which, without acceptance estimates, would pick 5 nodes); the accelerator size is the whole template.
 CPU_MAX_NODES = 16
 
+GAINS_NAME = "token-recycling"
+"""Name of the acceptance statistics (``hf_decoding_ext/data/acceptance/gains.json``, counted on the distillation
+prompts by ``scripts/tune_drafters.py``) that size ``max_nodes="auto"`` with the verify-cost curve measured on the
+running device (:mod:`hf_decoding_ext.speculative.policies.tuning`); :data:`CPU_MAX_NODES` is the fallback when they
+are missing."""
+
 
 def expand_template(children: dict[tuple[int, ...], int]) -> list[tuple[int, ...]]:
     """Breadth-first list of node paths (parents before children) of a ``{path: n_children}`` template."""
@@ -96,7 +102,7 @@ class TokenRecyclingDrafter(Drafter):
             paths = [p for p in paths if len(p) <= max_depth]
         if any(i >= k for p in paths for i in p):
             raise ValueError(f"the tree template uses candidate ranks >= k={k}")
-        self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=None)
+        self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=None, gains=GAINS_NAME)
         self.k = k
         self.max_nodes = max_nodes
         template = set(paths)
@@ -132,7 +138,7 @@ class TokenRecyclingDrafter(Drafter):
 
     def begin(self, state) -> None:
         if self.budget.is_auto:
-            size = self.budget.resolve(state.model.device)
+            size = self.budget.resolve(state.model.device, model=state.model)
             self._set_tree(len(self._template) if size is None else min(size, len(self._template)))
         vocab = state.model.get_output_embeddings().weight.shape[0]
         if self.adjacency is None or self.adjacency.shape[0] != vocab:

@@ -199,6 +199,10 @@ class NodeBudget:
         accelerator: the ``"auto"`` size off CPU (``None``: no cap). Default :data:`ACCELERATOR_MAX_NODES`.
         curve: the cost curve of the ``"auto"`` CPU rule (``None``: the packaged one, loaded when first needed).
         max_cost: the curve rule's cost limit when no gains are given (see :func:`node_budget`).
+        gains: acceptance gains per node (a list) or the name of shipped ones
+            (:func:`~hf_decoding_ext.speculative.policies.tuning.shipped_gains`): with them, and the model passed to
+            :meth:`resolve`, ``"auto"`` is the measured rule on every device (``cpu``/``accelerator`` are fallbacks
+            for when no gains exist).
 
     Example:
         >>> import torch
@@ -211,8 +215,13 @@ class NodeBudget:
 
     def __init__(self, max_nodes: int | str | None = "auto", cpu: int | None = None,
                  accelerator: int | None = ACCELERATOR_MAX_NODES, curve: VerifyCostCurve | None = None,
-                 max_cost: float = 1.0):
+                 max_cost: float = 1.0, gains: str | list | None = None):
         check_max_nodes(max_nodes)
+        if gains is not None and not isinstance(gains, str):
+            gains = [float(g) for g in gains]
+            if any(not g >= 0 or math.isinf(g) for g in gains):
+                raise ValueError(f"gains must be finite and >= 0, got {gains}")
+        self.gains = gains
         for name, value in (("cpu", cpu), ("accelerator", accelerator)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
@@ -228,11 +237,28 @@ class NodeBudget:
     def is_auto(self) -> bool:
         return self.max_nodes == "auto"
 
-    def resolve(self, device, gains=None) -> int | None:
+    def measured_gains(self) -> list[float] | None:
+        """The acceptance gains of the tuned rule: the list given, or the ones shipped under the name given."""
+        if isinstance(self.gains, str):
+            from hf_decoding_ext.speculative.policies.tuning import shipped_gains
+
+            return shipped_gains(self.gains)
+        return self.gains
+
+    def resolve(self, device, gains=None, model=None) -> int | None:
         """The node cap on ``device`` (a ``torch.device`` or its string; ``None`` = no cap). ``gains`` feed the
-        curve rule (see :func:`node_budget`), whose result is raised to at least 1 node."""
+        curve rule (see :func:`node_budget`), whose result is raised to at least 1 node.
+
+        With acceptance gains (``gains`` here, or the budget's own) and the ``model``, ``"auto"`` is tuned by
+        measurement on any device: :func:`node_budget` on the model's measured verify-cost curve
+        (:func:`~hf_decoding_ext.speculative.policies.tuning.device_curve`) and the gains."""
         if not self.is_auto:
             return self.max_nodes
+        gains = gains if gains is not None else self.measured_gains()
+        if gains is not None and model is not None:
+            from hf_decoding_ext.speculative.policies.tuning import device_curve
+
+            return max(1, node_budget(device_curve(model), gains))
         if torch.device(device).type != "cpu":
             return self.accelerator
         if self.cpu is not None:
