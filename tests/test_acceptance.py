@@ -189,18 +189,19 @@ class _Recorder(Drafter):
 
 
 def test_needs_are_validated_and_the_old_flags_are_views():
-    assert DRAFTER_NEEDS == {"last_hidden_state", "all_hidden_states", "committed_logits", "assistant_model",
-                             "target_cache"}
+    assert DRAFTER_NEEDS == {"last_hidden_state", "all_hidden_states", "committed_logits", "committed_top_k",
+                             "assistant_model", "target_cache"}
     with pytest.raises(ValueError, match="'hidden_state'"):
         SpeculativeDecoding(_Recorder({"hidden_state"}))
     with pytest.raises(ValueError, match="set of need names"):
         SpeculativeDecoding(_Recorder("last_hidden_state"))  # a bare string is not a set of names
     # every drafter declares its needs in one set; the former booleans read it
-    assert TokenRecyclingDrafter().needs == {"committed_logits"} and TokenRecyclingDrafter().wants_committed_logits
+    assert TokenRecyclingDrafter().needs == {"committed_top_k"} and TokenRecyclingDrafter().committed_k == 8
     assert DraftModelDrafter().needs == {"assistant_model"} and DraftModelDrafter().uses_assistant_model
     assert PromptLookupDrafter().needs == set() and not PromptLookupDrafter().wants_hidden_states
     merged = MergedDrafter([PromptLookupDrafter(), TokenRecyclingDrafter(), _Recorder({"last_hidden_state"})])
-    assert merged.needs == {"committed_logits", "last_hidden_state"} and merged.wants_hidden_states
+    assert merged.needs == {"committed_top_k", "last_hidden_state"} and merged.wants_hidden_states
+    assert merged.committed_k == 8
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
 
@@ -224,6 +225,40 @@ def test_engine_hands_over_only_what_is_declared(tiny_llama):
         _, r = d.results[0]
         assert r.hidden_states is None and r.all_hidden_states is None and r.target_cache is None
         assert r.committed_logits.shape[0] == (3 if needs else 0)  # the prompt before the root, when declared
+
+
+def test_prompt_is_prefilled_causally_with_features_and_chunked_top_k(tiny_llama, monkeypatch):
+    """Issue 16 (memory): without "committed_logits", the prompt but its last token is run through the model's
+    normal causal path (2D mask, one kept logit) before the first verification; the features the drafter needs at
+    the prompt (final-norm output by a hook) and the top-k ids (in chunks) equal those of one full forward."""
+    from hf_decoding_ext.speculative import engine as E
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    feats = torch.randn(5, 32)
+    torch.testing.assert_close(E._chunked_top_k(tiny_llama, feats, 3, chunk=2),
+                               tiny_llama.lm_head(feats).topk(3).indices, atol=0, rtol=0)
+    calls = []
+    original_forward = tiny_llama.forward
+
+    def spy(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        calls.append((kwargs["input_ids"].shape[1], None if mask is None else mask.dim(), kwargs.get("logits_to_keep")))
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_llama, "forward", spy)
+    d = _Recorder({"last_hidden_state", "committed_top_k"})
+    d.committed_k = 3
+    tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=SpeculativeDecoding(d))
+    monkeypatch.undo()
+    assert calls[0] == (6, 2, 1)  # the prefill: 6 prompt tokens, a 2D mask, one logit
+    assert calls[1][1] == 4  # then the first verification with the tree mask
+    _, r = d.results[0]
+    with torch.no_grad():
+        full = tiny_llama(ids, output_hidden_states=True)
+    n = r.hidden_states.shape[0] - len(r.draft.tree)
+    torch.testing.assert_close(r.hidden_states[:n], full.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
+    assert r.committed_top_k.shape == (6, 3)
+    assert torch.equal(r.committed_top_k, full.logits[0, :6].topk(3).indices)
 
 
 def test_all_hidden_states_are_every_layer_at_every_position(tiny_llama):

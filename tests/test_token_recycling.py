@@ -81,7 +81,7 @@ def test_tree_is_filled_from_the_adjacency_matrix_and_updated_from_logits(tiny_l
     vocab = d.adjacency.shape[0]
     logits = torch.randn(1 + 4, vocab)
     committed = torch.randn(2, vocab)  # at tokens 3 and 4 (uncached prompt)
-    d.observe(state, VerifyResult(draft, logits, None, [0], [10, 7], committed))
+    d.observe(state, VerifyResult(draft, logits, None, [0], [10, 7], committed_top_k=committed.topk(2).indices))
     top = lambda x: x.topk(2).indices.tolist()  # noqa: E731
     assert d.adjacency[5].tolist() == top(logits[0])
     for node, tok in enumerate([10, 11, 20, 21]):

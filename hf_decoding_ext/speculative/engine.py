@@ -18,6 +18,7 @@ from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.kernels import KernelPlan, fast_kernels, small_batch_linear as _small_batch_linear
 from hf_decoding_ext.speculative.acceptance import ACCEPTANCE_RULES, AcceptanceRule, get_acceptance_rule
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult, check_needs
+from hf_decoding_ext.core.anatomy import final_norm
 from hf_decoding_ext.core.kv import check_compactable, keep_positions
 from hf_decoding_ext.core.tree import DraftTree, VerifyBlock, build_verify_inputs
 
@@ -67,6 +68,45 @@ class _NodeScores:
         """The caller's stateful processors take over the state after scoring ``node`` (the last accepted one)."""
         if self.stateful and node in self.memo:
             lifecycle.adopt(self.processors, self.memo[node][1])
+
+
+class _FeatureHook:
+    """Captures the final norm's output (the lm_head's input) of ``model``'s forwards inside the ``with`` block
+    (``features``: ``(seq, hidden)`` of the first row); ``model=None`` captures nothing."""
+
+    def __init__(self, model):
+        self.module = None if model is None else final_norm(model)
+        self.features = None
+        self._handle = None
+
+    def _hook(self, module, args, output):
+        self.features = (output[0] if isinstance(output, tuple) else output)[0]
+
+    def __enter__(self):
+        if self.module is not None:
+            self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+        return False
+
+
+def _has_final_norm(model) -> bool:
+    try:
+        final_norm(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _chunked_top_k(model, features: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
+    """Top-``k`` token ids ``(n, k)`` of the LM head's logits at ``features`` ``(n, hidden)``, ``chunk`` rows at a
+    time (never a ``(n, vocab)`` tensor for a long prompt)."""
+    head = model.get_output_embeddings()
+    parts = [head(rows).float().topk(k, dim=-1).indices for rows in features.split(chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long, device=features.device)
 
 
 @dataclass
@@ -216,41 +256,88 @@ class SpeculativeDecoding(DecodingLoop):
         (a :class:`_NodeScores`; ``n_block`` is the number of tree and side nodes of the verification forward)."""
         return _NodeScores(state, tree, scores, n_block)
 
+    def prefill(self, state: GenerationState, n_tokens: int, want: str | None):
+        """Run the first ``n_tokens`` uncached committed tokens (the prompt but its last token, at the first step)
+        through the model's normal causal path (a 2D padding mask, no tree mask) and return the features the drafter
+        needs at them: ``want="last"``: the final norm's output ``(n, hidden)`` (captured by a hook, not every
+        layer), ``"all"``: every layer's hidden states (a tuple), ``None``: nothing. No logits are kept but the
+        last position's."""
+        cache_len = state.cache.get_seq_length()
+        ids = state.input_ids[:, cache_len:cache_len + n_tokens]
+        mask = state.attention_mask[:, :cache_len + n_tokens]
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_len:]
+        with _FeatureHook(state.model if want == "last" else None) as hook:
+            out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
+                              use_cache=True, logits_to_keep=1, return_dict=True,
+                              **({"output_hidden_states": True} if want == "all" else {}))
+        if want == "last":
+            return hook.features
+        return tuple(h[0] for h in out.hidden_states) if want == "all" else None
+
     def verify(self, state: GenerationState, draft: Draft):
         """One target forward over the uncached committed tokens, the tree and side nodes.
 
-        Returns ``(tree_logits, side_logits, committed_logits, committed_length, hidden)``: float32 raw logits at the
-        root and tree nodes, at the side nodes (or ``None``), at the committed tokens before the root (empty unless
-        the drafter needs ``"committed_logits"``), the committed length (the cache position of the first tree node)
-        and, when the drafter needs hidden states, the tuple of the embeddings and every layer's output at the
-        committed tokens and block nodes (else ``None``).
+        Returns ``(tree_logits, side_logits, committed_logits, committed_length, hidden, committed_top_k)``: float32
+        raw logits at the root and tree nodes, at the side nodes (or ``None``), at the committed tokens before the
+        root (empty unless the drafter needs ``"committed_logits"``), the committed length (the cache position of
+        the first tree node), the features the drafter needs at the committed tokens and block nodes (``None``
+        unless it needs hidden states; ``(last,)`` for ``"last_hidden_state"``, the embeddings and every layer's
+        output for ``"all_hidden_states"``) and the top-k token ids at the committed tokens before the root for
+        ``"committed_top_k"``.
+
+        Memory: when more than one committed token is uncached (the prompt, at the first step) and the drafter does
+        not need full ``"committed_logits"``, all but the last of them are first run through the model's normal
+        causal path (:meth:`prefill`): no dense prompt-by-prompt float mask, no logits at the prompt, features by a
+        hook on the final norm, top-k ids computed from them in chunks.
         """
+        needs = self.drafter.needs
+        want = "all" if "all_hidden_states" in needs else "last" if needs & {"last_hidden_state",
+                                                                            "committed_top_k"} else None
+        if want == "last" and not _has_final_norm(state.model):
+            want = "all"  # no hookable final norm: the model's own hidden states (the last is the lm_head's input)
+        cache_len = state.cache.get_seq_length()
+        uncached = state.input_ids.shape[1] - cache_len
+        pre_hidden = pre_top_k = None
+        if uncached > 1 and "committed_logits" not in needs:
+            pre_hidden = self.prefill(state, uncached - 1, want)
+            state.stats["prefill_forwards"] = state.stats.get("prefill_forwards", 0) + 1
+            if "committed_top_k" in needs:
+                features = pre_hidden[-1] if want == "all" else pre_hidden
+                pre_top_k = _chunked_top_k(state.model, features, self.drafter.committed_k)
+            cache_len = state.cache.get_seq_length()
         block = VerifyBlock.from_tree(draft.tree)
         if draft.side_tokens is not None and draft.side_tokens.numel():
             block = block.extend(draft.side_tokens, draft.side_allowed, draft.side_depth)
-        cache_len = state.cache.get_seq_length()
         committed = state.input_ids[:, cache_len:]
         ids, mask, pos = build_verify_inputs(committed, state.attention_mask, cache_len, block,
                                              dtype=state.model.dtype)
         s = committed.shape[1]
         n_block = block.tokens.shape[0]
-        needs = self.drafter.needs
-        keep = n_block + s if "committed_logits" in needs else n_block + 1
-        want_hidden = bool(needs & {"last_hidden_state", "all_hidden_states"})
-        out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
-                          use_cache=True, logits_to_keep=keep, return_dict=True,
-                          **({"output_hidden_states": True} if want_hidden else {}))
+        keep = n_block + s if needs & {"committed_logits", "committed_top_k"} else n_block + 1
+        with _FeatureHook(state.model if want == "last" else None) as hook:
+            out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
+                              use_cache=True, logits_to_keep=keep, return_dict=True,
+                              **({"output_hidden_states": True} if want == "all" else {}))
         state.stats["forwards"] += 1
-        # embeddings then every layer's output (the last after the final norm: the lm_head's input) at the committed
-        # tokens and block nodes
-        hidden = tuple(h[0] for h in out.hidden_states) if want_hidden else None
+        if want == "all":
+            hidden = tuple(h[0] for h in out.hidden_states)
+            if pre_hidden is not None:
+                hidden = tuple(torch.cat([a, b]) for a, b in zip(pre_hidden, hidden))
+        elif want == "last":
+            hidden = (hook.features if pre_hidden is None else torch.cat([pre_hidden, hook.features]),)
+        else:
+            hidden = None
         logits = out.logits[0].float()  # (..., vocab): [committed before the root], root, block nodes
         committed_logits = logits[: keep - n_block - 1]
         logits = logits[keep - n_block - 1:]
+        committed_top_k = None
+        if "committed_top_k" in needs:
+            here = committed_logits.topk(self.drafter.committed_k, dim=-1).indices
+            committed_top_k = here if pre_top_k is None else torch.cat([pre_top_k, here])
         n_tree = len(draft.tree)
         tree_logits = logits[: n_tree + 1]
         side_logits = logits[n_tree + 1:] if logits.shape[0] > n_tree + 1 else None
-        return tree_logits, side_logits, committed_logits, cache_len + s, hidden
+        return tree_logits, side_logits, committed_logits, cache_len + s, hidden, committed_top_k
 
     # ------------------------------------------------------------------------------------------------ loop
     def run(self, state: GenerationState):
@@ -285,7 +372,8 @@ class SpeculativeDecoding(DecodingLoop):
             tree = draft.tree
             rule.check_tree(tree)
             t1 = time.perf_counter()
-            tree_logits, side_logits, committed_logits, committed_len, hidden = self.verify(state, draft)
+            tree_logits, side_logits, committed_logits, committed_len, hidden, committed_top_k = self.verify(
+                state, draft)
             n_block = len(tree) + (0 if side_logits is None else side_logits.shape[0])
             scores_at = self._processed_scores(state, tree, self.verification_scores(state, draft, tree_logits),
                                                n_block)
@@ -298,7 +386,8 @@ class SpeculativeDecoding(DecodingLoop):
             self.drafter.observe(state, VerifyResult(
                 draft, tree_logits, side_logits, accepted, tokens, committed_logits,
                 hidden[-1] if "last_hidden_state" in needs else None,
-                hidden if "all_hidden_states" in needs else None, state.cache if shares_cache else None))
+                hidden if "all_hidden_states" in needs else None, state.cache if shares_cache else None,
+                committed_top_k))
             if state.scores is not None or state.logits is not None:
                 for node in ([-1] + accepted)[: max(0, state.generation_config.max_length - state.input_ids.shape[1])]:
                     state.record(scores_at(node)[None], tree_logits[node + 1][None])

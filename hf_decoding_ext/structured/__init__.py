@@ -2,6 +2,8 @@
 
 * :mod:`~hf_decoding_ext.structured.grammar`: the shared grammar machinery over llguidance (grammar sources,
   compilation cache, per-row matchers with rollback, token masks, a per-token grammar predicate).
+* :class:`~hf_decoding_ext.structured.prompt_rows.PromptTrackingProcessor`: the processor lifecycle shared by the
+  structured processors (each row remembers the prompt row it descends from when loops branch or reorder rows).
 * :class:`~hf_decoding_ext.structured.json_schema.GrammarConstrainedLogitsProcessor` and
   :class:`~hf_decoding_ext.structured.json_schema.JsonSchemaLogitsProcessor`: grammar / JSON-schema constrained
   decoding as a logits processor (JSONSchemaBench).

@@ -43,6 +43,9 @@ class VerifyResult:
     - ``all_hidden_states``: a tuple of ``num_layers + 1`` tensors ``(s + n_block, hidden)``, the embeddings then the
       output of every decoder layer at the same positions (the model's ``output_hidden_states``; for Llama-like
       models the last entry is after the final norm): ``"all_hidden_states"``;
+    - ``committed_top_k`` ``(s - 1, k)`` the target's top-``k`` token ids (``k`` = the drafter's ``committed_k``) at
+      the uncached committed tokens before the root, computed in chunks (a long prompt never needs a
+      ``(s, vocab)`` logits tensor): ``"committed_top_k"``;
     - ``target_cache``: the target's KV cache, compacted to the committed tokens plus the accepted path (the bonus
       token is not in it yet): ``"target_cache"``. Read only; the drafter may append during ``propose()``, the engine
       crops it back.
@@ -57,17 +60,20 @@ class VerifyResult:
     hidden_states: torch.Tensor | None = None
     all_hidden_states: tuple[torch.Tensor, ...] | None = None
     target_cache: object | None = None
+    committed_top_k: torch.Tensor | None = None
 
 
-DRAFTER_NEEDS = frozenset({"last_hidden_state", "all_hidden_states", "committed_logits", "assistant_model",
-                           "target_cache"})
+DRAFTER_NEEDS = frozenset({"last_hidden_state", "all_hidden_states", "committed_logits", "committed_top_k",
+                           "assistant_model", "target_cache"})
 """What a drafter may ask of the engine in :attr:`Drafter.needs`:
 
 - ``"last_hidden_state"``: the target's last-layer features in :attr:`VerifyResult.hidden_states`;
 - ``"all_hidden_states"``: every layer's hidden states in :attr:`VerifyResult.all_hidden_states` (self-speculative
   and layer-skip drafters);
 - ``"committed_logits"``: the target's logits at the uncached committed tokens in
-  :attr:`VerifyResult.committed_logits`;
+  :attr:`VerifyResult.committed_logits` (the whole prompt's logits at the first step);
+- ``"committed_top_k"``: only their top-``committed_k`` token ids, in :attr:`VerifyResult.committed_top_k` (the
+  drafter defines an int attribute ``committed_k``), computed in chunks;
 - ``"assistant_model"``: ``generate(..., assistant_model=...)`` feeds this drafter (the engine refuses an assistant
   model otherwise);
 - ``"target_cache"``: read access to the target's KV cache (``state.cache`` in ``propose()``,

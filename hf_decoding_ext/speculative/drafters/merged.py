@@ -52,6 +52,11 @@ class MergedDrafter(Drafter):
         self._maps: list[list[int]] = []
         self._drafts: list[Draft] = []
 
+    @property
+    def committed_k(self) -> int:
+        """The widest ``committed_k`` of the merged drafters (each reads its own first columns)."""
+        return max((getattr(d, "committed_k", 0) for d in self.drafters), default=0)
+
     def reset(self) -> None:
         for d in self.drafters:
             d.reset()
@@ -129,4 +134,5 @@ class MergedDrafter(Drafter):
             has_side = draft.side_tokens is not None and draft.side_tokens.numel()
             drafter.observe(state, VerifyResult(draft, result.tree_logits[rows],
                                                 result.side_logits if has_side else None, accepted,
-                                                result.tokens, result.committed_logits))
+                                                result.tokens, result.committed_logits,
+                                                committed_top_k=result.committed_top_k))

@@ -88,7 +88,7 @@ class TokenRecyclingDrafter(Drafter):
         >>> out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)  # doctest: +SKIP
     """
 
-    needs = frozenset({"committed_logits"})
+    needs = frozenset({"committed_top_k"})
 
     def __init__(self, k: int = 8, tree: dict[tuple[int, ...], int] | None = None, max_depth: int | None = None,
                  max_nodes: int | str | None = "auto"):
@@ -130,6 +130,11 @@ class TokenRecyclingDrafter(Drafter):
             self._levels.append((idx, self._parents[idx], self._ranks[idx]))
 
     @property
+    def committed_k(self) -> int:
+        """Top-k ids the engine computes at the prompt's tokens (``"committed_top_k"``): the adjacency width."""
+        return self.k
+
+    @property
     def num_nodes(self) -> int:
         return len(self._depths)
 
@@ -162,10 +167,9 @@ class TokenRecyclingDrafter(Drafter):
     def observe(self, state, result: VerifyResult) -> None:
         tree = result.draft.tree
         inputs = torch.cat([state.input_ids[0, -1:].cpu(), tree.tokens])
-        logits = result.tree_logits
-        if result.committed_logits is not None and result.committed_logits.shape[0]:
-            c = result.committed_logits.shape[0]
+        top = result.tree_logits.topk(self.k, dim=-1).indices.cpu()
+        if result.committed_top_k is not None and result.committed_top_k.shape[0]:
+            c = result.committed_top_k.shape[0]
             inputs = torch.cat([state.input_ids[0, -1 - c:-1].cpu(), inputs])
-            logits = torch.cat([result.committed_logits, logits])
-        top = logits.topk(self.k, dim=-1).indices.cpu()
+            top = torch.cat([result.committed_top_k[:, : self.k].cpu(), top])
         self.adjacency[inputs] = top
