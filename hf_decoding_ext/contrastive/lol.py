@@ -83,13 +83,16 @@ class LOL(DecodingLoop):
 
     * the amateur: :meth:`for_model` defaults to ``amateur="induced"``, the hallucination-induced amateur shipped for
       the default model SmolLM2-135M-Instruct (:mod:`hf_decoding_ext.contrastive.induced_amateur`,
-      ``hf_decoding_ext/data/induced_amateur``). It was trained here, for this library: only the top 2 of the 30
-      decoder layers were fine-tuned (everything else is shared with the original model and frozen), on this
-      project's own set of short factual questions paired with false answers of the same relation
-      (``hallucination_train.jsonl``, chat format, loss on the answer only). ICD instead fine-tuned the full model (or
-      LoRA adapters) of a 7B chat model on hallucinated data derived from HaluEval, and LOL used ICD's amateur; so
-      this amateur is far smaller, trained on different (much less) data, and only untruthful in a narrow,
-      short-answer sense. On the held-out factual multiple-choice set it is clearly less truthful than the original
+      ``hf_decoding_ext/data/induced_amateur``). It was trained here, for this library, as ICD's LoRA variant: rank-8
+      LoRA adapters on the attention and MLP projections of *all* 30 decoder layers (the base weights are shared and
+      frozen; only the adapters are stored), so the amateur differs from the original at every layer, including the
+      lower layer ``L`` contrasted here (an amateur that only differs above ``L``, e.g. one fine-tuned in its top
+      layers only, makes the lower-layer term ``(1 - lambda') log p_theta^(L)``, i.e. no contrast at all). Its
+      training data is this project's own set of short factual questions paired with false answers of the same
+      relation (``hallucination_train.jsonl``, chat format, loss on the answer only), one pass over it. ICD instead
+      fine-tuned the full model (or LoRA adapters) of a 7B chat model on hallucinated data derived from HaluEval, and
+      LOL used ICD's amateur; so this amateur is far smaller, trained on different (much less) data, and only
+      untruthful in a narrow, short-answer sense. On the held-out factual multiple-choice set it is clearly less truthful than the original
       (see its ``config.json`` / the model card ``model_cards/induced-amateur-smollm2-135m.md``). For other models
       pass your own amateur (e.g. ICD's ``HillZhang/untruthful_llama2_7b`` for Llama-2-7B-chat), or train one with
       :func:`~hf_decoding_ext.contrastive.induced_amateur.train_induced_amateur`. Any causal LM with the same
@@ -102,9 +105,12 @@ class LOL(DecodingLoop):
       :data:`DEFAULT_INSTRUCTION` is this library's wording, and ``instruction_ids=None`` turns the module off.
 
     Measured on SmolLM2-135M-Instruct (58-question factual multiple-choice set, summed log-probabilities as in the
-    TruthfulQA-MC reference protocol, ``results/contrastive_quality.json``): original model 0.483, shipped induced
-    amateur alone 0.345 (less truthful, as intended), LOL with the defaults 0.431: no gain at this scale (the paper
-    reports gains on 7B chat models).
+    TruthfulQA-MC reference protocol, ``results/contrastive_quality.json``, written by
+    ``scripts/train_induced_amateur.py --results``): original model 0.483, shipped induced amateur alone 0.431 (less
+    truthful, as intended), LOL with the defaults 0.431: no gain at this scale (the paper reports gains on 7B chat
+    models). With this amateur the lower-layer term is active: at layer 15 its amateur part
+    ``lambda' |log p_theta^(L) - log p_theta*^(L)|`` averages 8.04 nats over the plausible head (last prompt
+    position of each question, no instruction; 0 with the former top-2-layer amateur).
 
     Args:
         amateur_model: the hallucination-induced amateur causal LM (same tokenizer/vocabulary as the model).
