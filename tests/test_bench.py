@@ -289,3 +289,38 @@ def test_repeat_last_token_reference_is_lossless(tiny_llama):
     assert all(s.draft_size == 1 for s in loop.last_stats)
     repeats = sum(int(out[0, i] == out[0, i - 1]) for i in range(x.shape[1], out.shape[1]))
     assert sum(s.accepted for s in loop.last_stats) <= repeats
+
+
+def test_speed_protocol_repeats_same_kernel_baseline_and_warmup_outside(tiny_llama):
+    """Issue 16's methodology: several interleaved passes with their spread, the ratio against greedy under the
+    same kernels beside the one against stock greedy, warm-up prompts outside the measured set and persistent
+    drafters reset after it."""
+    from hf_decoding_ext.bench.speed import benchmark_speed
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+    from hf_decoding_ext.speculative.drafters.token_recycling import TokenRecyclingDrafter
+
+    loop = SpeculativeDecoding(TokenRecyclingDrafter(max_nodes=4))
+    resets = []
+    real_reset = loop.drafter.reset
+    loop.drafter.reset = lambda: (resets.append(loop.drafter.adjacency is not None), real_reset())
+    methods = {"greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+               "token-recycling": {"custom_generate": loop, "do_sample": False}}
+    warm = [{"id": "w", "category": "qa", "input_ids": [7, 8, 9, 10, 11]}]
+    res = benchmark_speed(tiny_llama, None, methods, _tiny_prompts(2), max_new_tokens=6, repeats=2,
+                          warmup_prompts=warm, same_kernel="greedy/fast-kernels", progress=False,
+                          track_memory=False)
+    assert len(res["rows"]) == 2 * 2 * 3 and {r["rep"] for r in res["rows"]} == {0, 1}
+    assert "w" not in {r["prompt_id"] for r in res["rows"]}
+    assert resets == [True]  # reset once, after the warm-up had filled its adjacency matrix
+    for name in ("greedy/fast-kernels", "token-recycling"):
+        overall = res["methods"][name]["overall"]
+        assert len(overall["speed_ratio_per_rep"]) == 2
+        assert 0 < overall["speed_ratio_min"] <= overall["speed_ratio_max"]
+        assert "speed_ratio_same_kernel" in overall and overall["match_baseline_rate"] == 1.0
+    same = res["methods"]["greedy/fast-kernels"]["overall"]
+    assert same["speed_ratio_same_kernel"] == pytest.approx(1.0)
+    assert res["settings"]["repeats"] == 2 and res["settings"]["same_kernel_baseline"] == "greedy/fast-kernels"
+    with pytest.raises(ValueError, match="same_kernel"):
+        benchmark_speed(tiny_llama, None, methods, _tiny_prompts(1), same_kernel="nope", progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        benchmark_speed(tiny_llama, None, methods, _tiny_prompts(1), repeats=0, progress=False)

@@ -99,6 +99,7 @@ def run_speed(
     progress: bool = True,
     model_name: str | None = None,
     track_memory: bool = True,
+    **protocol,
 ) -> dict[str, Any]:
     """Benchmark ``methods`` against plain greedy ``generate()`` and write ``<out_dir>/<tag>.json`` (+ ``.png``).
 
@@ -121,6 +122,8 @@ def run_speed(
         progress: tqdm progress bars on stderr.
         model_name: name recorded in the results.
         track_memory: record the peak memory of each run.
+        **protocol: ``repeats``, ``warmup_prompts`` and ``same_kernel`` of
+            :func:`~hf_decoding_ext.bench.speed.benchmark_speed`.
 
     Returns:
         the result dict (see :func:`hf_decoding_ext.bench.speed.benchmark_speed`), with ``"files"`` listing what
@@ -129,7 +132,8 @@ def run_speed(
     model, tokenizer, name = _model_and_tokenizer(model, tokenizer)
     rows = select_prompts(prompts, categories, per_category)
     res = benchmark_speed(model, tokenizer, methods, rows, max_new_tokens=max_new_tokens, warmup=warmup, seed=seed,
-                          track_memory=track_memory, progress=progress, model_name=model_name or name, tag=tag)
+                          track_memory=track_memory, progress=progress, model_name=model_name or name, tag=tag,
+                          **protocol)
     return _write(res, out_dir, tag, plot, "speed")
 
 

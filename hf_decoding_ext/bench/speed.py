@@ -312,12 +312,19 @@ def generate_once(model, enc, gen_kwargs: Mapping[str, Any], max_new_tokens: int
     if "max_new_tokens" in gen_kwargs or "max_length" in gen_kwargs:
         raise ValueError("max_new_tokens/max_length are set by the benchmark runner; remove them from the method")
     kwargs = dict(gen_kwargs)
+    kernels = kwargs.pop("kernels", None)
     if pad_id is not None:
         kwargs.setdefault("pad_token_id", pad_id)
     device = enc["input_ids"].device
     torch.manual_seed(seed)
     mem = PeakMemory(device) if track_memory else contextlib.nullcontext()
-    with ForwardCounter(model) as counter, mem, torch.inference_mode():
+    if kernels is None:
+        kernel_context = contextlib.nullcontext()
+    else:
+        from hf_decoding_ext.core.kernels import fast_kernels
+
+        kernel_context = fast_kernels(model, kwargs.get("assistant_model"), plan=kernels)
+    with ForwardCounter(model) as counter, mem, torch.inference_mode(), kernel_context:
         _sync(device)
         t0 = time.perf_counter()
         out = model.generate(**enc, max_new_tokens=max_new_tokens, **kwargs)
@@ -341,15 +348,41 @@ def generate_once(model, enc, gen_kwargs: Mapping[str, Any], max_new_tokens: int
     }
 
 
+def reset_persistent(methods) -> int:
+    """Reset the drafters of the ``custom_generate`` loops among ``methods`` (``generate()`` kwargs dicts); returns
+    how many were reset. Callables and registered names are built afresh per run and need no reset."""
+    count = 0
+    for method in methods:
+        if callable(method) and not isinstance(method, Mapping):
+            method = method()  # a factory (maybe returning a persistent loop): resolve it to its kwargs
+        loop = method.get("custom_generate") if isinstance(method, Mapping) else None
+        drafter = getattr(loop, "drafter", None)
+        if drafter is not None and hasattr(drafter, "reset"):
+            drafter.reset()
+            count += 1
+    return count
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) and b > 0 else float("nan")
 
 
-def summarise(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
-    """Per-method overall and per-category figures from per-run rows (see the module docstring)."""
+def summarise(rows: list[dict], baseline: str = BASELINE, same_kernel: str | None = None) -> dict[str, dict]:
+    """Per-method overall and per-category figures from per-run rows (see the module docstring). Runs are paired
+    with the baseline's run of the same prompt and repetition; with ``same_kernel`` (the name of greedy decoding
+    under the methods' kernels) the figures also hold ``speed_ratio_same_kernel``, and ``overall`` holds the
+    per-repetition ratios and their spread."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    base_by_prompt = {r["prompt_id"]: r for r in rows if r["method"] == baseline}
+    key = lambda r: (r["prompt_id"], r.get("rep", 0))  # noqa: E731
+    base_by_run = {key(r): r for r in rows if r["method"] == baseline}
+    same_by_run = {key(r): r for r in rows if same_kernel is not None and r["method"] == same_kernel}
     cats = list(dict.fromkeys(r["category"] for r in rows))
+
+    def against(sel, ref):
+        paired = [ref[key(r)] for r in sel if key(r) in ref]
+        return _ratio(_ratio(sum(r["new_tokens"] for r in sel), sum(r["wall_s"] for r in sel)),
+                      _ratio(sum(r["new_tokens"] for r in paired), sum(r["wall_s"] for r in paired))) \
+            if paired else float("nan")
 
     def figures(sel: list[dict]) -> dict[str, Any]:
         if not sel:
@@ -358,20 +391,19 @@ def summarise(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
         wall = sum(r["wall_s"] for r in sel)
         fwd = sum(r["forwards"] for r in sel)
         fwd_s = sum(r.get("forward_s", float("nan")) for r in sel)
-        base = [base_by_prompt[r["prompt_id"]] for r in sel if r["prompt_id"] in base_by_prompt]
-        btok = sum(r["new_tokens"] for r in base)
-        bwall = sum(r["wall_s"] for r in base)
-        per_prompt = [_ratio(r["tokens_per_s"], base_by_prompt[r["prompt_id"]]["tokens_per_s"])
-                      for r in sel if r["prompt_id"] in base_by_prompt]
+        base = [base_by_run[key(r)] for r in sel if key(r) in base_by_run]
+        per_prompt = [_ratio(r["tokens_per_s"], base_by_run[key(r)]["tokens_per_s"])
+                      for r in sel if key(r) in base_by_run]
         per_prompt = [x for x in per_prompt if not math.isnan(x)]
         mems = [r["peak_mem_mb"] for r in sel if r.get("peak_mem_mb") is not None]
         tps = _ratio(tok, wall)
-        return {
-            "n_prompts": len(sel),
+        out = {
+            "n_prompts": len({r["prompt_id"] for r in sel}),
+            "n_runs": len(sel),
             "new_tokens": tok,
             "wall_s": wall,
             "tokens_per_s": tps,
-            "speed_ratio": _ratio(tps, _ratio(btok, bwall)) if base else float("nan"),
+            "speed_ratio": against(sel, base_by_run) if base else float("nan"),
             "speed_ratio_mean_per_prompt": sum(per_prompt) / len(per_prompt) if per_prompt else float("nan"),
             "forwards": fwd,
             "tokens_per_forward": _ratio(tok, fwd),
@@ -379,12 +411,26 @@ def summarise(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
             "peak_mem_mb": max(mems) if mems else None,
             "match_baseline_rate": (sum(bool(r.get("matches_baseline")) for r in sel) / len(sel)) if base else None,
         }
+        if same_kernel is not None:
+            out["speed_ratio_same_kernel"] = against(sel, same_by_run)
+        return out
 
     out = {}
+    reps = sorted({r.get("rep", 0) for r in rows})
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
+        overall = figures(sel)
+        if len(reps) > 1:
+            for name, ref in (("speed_ratio", base_by_run), ("speed_ratio_same_kernel", same_by_run)):
+                if name == "speed_ratio_same_kernel" and same_kernel is None:
+                    continue
+                per_rep = [against([r for r in sel if r.get("rep", 0) == k], ref) for k in reps]
+                per_rep = [x for x in per_rep if not math.isnan(x)]
+                if per_rep:
+                    overall[f"{name}_per_rep"] = per_rep
+                    overall[f"{name}_min"], overall[f"{name}_max"] = min(per_rep), max(per_rep)
         out[m] = {
-            "overall": figures(sel),
+            "overall": overall,
             "per_category": {c: figures([r for r in sel if r["category"] == c]) for c in cats
                              if any(r["category"] == c for r in sel)},
         }
@@ -393,7 +439,9 @@ def summarise(rows: list[dict], baseline: str = BASELINE) -> dict[str, dict]:
 
 def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts: list[dict], *,
                     max_new_tokens: int = 128, warmup: int = 1, seed: int = 0, track_memory: bool = True,
-                    progress: bool = True, model_name: str | None = None, tag: str = "speed") -> dict[str, Any]:
+                    progress: bool = True, model_name: str | None = None, tag: str = "speed",
+                    repeats: int = 1, warmup_prompts: list[dict] | None = None,
+                    same_kernel: str | None = None) -> dict[str, Any]:
     """Run the speed protocol of this module and return the result dict (nothing is written to disk).
 
     Args:
@@ -404,7 +452,16 @@ def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts
         prompts: prompt rows (``id``, ``category`` and ``prompt`` or ``input_ids``), e.g. from
             :func:`hf_decoding_ext.bench.prompts.load_prompts`.
         max_new_tokens: the same budget for every run.
-        warmup: number of leading prompts also run once per method beforehand, excluded from the figures.
+        warmup: number of leading prompts also run once per method beforehand, excluded from the figures (ignored
+            when ``warmup_prompts`` is given).
+        warmup_prompts: prompts outside the measured set, run once per method before the measurement; afterwards
+            every persistent drafter (a ``custom_generate`` loop with a ``drafter``) is reset, so no method starts
+            the measured runs with state learnt on them.
+        repeats: passes over the prompts (each pass interleaved and rotated; the figures pool every pass, and
+            ``overall`` gives the per-pass ratios and their spread).
+        same_kernel: name of the method that is greedy decoding under the accelerators' CPU kernels
+            (e.g. ``{"kernels": "auto", **GREEDY_KWARGS}``): every method then also reports
+            ``speed_ratio_same_kernel``, its own speed-up apart from the kernel choice.
         seed: base seed; run on prompt ``i`` uses ``seed + i``.
         track_memory: measure the peak memory of each run.
         progress: show a tqdm bar (on stderr).
@@ -427,6 +484,10 @@ def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if same_kernel is not None and same_kernel not in methods:
+        raise ValueError(f"same_kernel must name one of the methods, got {same_kernel!r}")
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise ValueError("prompt ids must be unique")
@@ -441,20 +502,25 @@ def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts
         return generate_once(model, enc, kwargs, max_new_tokens, s, eos_ids, pad_id, track_memory)
 
     encoded = [encode_prompt(p, tokenizer, device) for p in prompts]
-    for i in range(min(warmup, len(prompts))):
+    warm = ([encode_prompt(p, tokenizer, device) for p in warmup_prompts] if warmup_prompts is not None
+            else encoded[: min(warmup, len(prompts))])
+    for i, enc in enumerate(warm):
         for name, method in tqdm(entries, desc=f"{tag}: warm-up", file=sys.stderr, disable=not progress,
                                  leave=False):
-            run(name, method, encoded[i], seed + i)
+            run(name, method, enc, seed + i)
+    if warmup_prompts is not None:
+        reset_persistent(method for _, method in entries)
 
     rows: list[dict] = []
-    bar = tqdm(list(enumerate(prompts)), desc=f"{tag}: prompts", file=sys.stderr, disable=not progress)
-    for i, p in bar:
-        k = i % len(entries)
+    passes = [(rep, i, p) for rep in range(repeats) for i, p in enumerate(prompts)]
+    bar = tqdm(passes, desc=f"{tag}: runs", file=sys.stderr, disable=not progress)
+    for rep, i, p in bar:
+        k = (i + rep) % len(entries)
         order = entries[k:] + entries[:k]
         results = {}
         for pos, (name, method) in enumerate(order):
             r = run(name, method, encoded[i], seed + i)
-            r.update(prompt_id=p["id"], category=p["category"], method=name, order=pos)
+            r.update(prompt_id=p["id"], category=p["category"], method=name, order=pos, rep=rep)
             results[name] = r
         base_ids = results[BASELINE]["token_ids"]
         for name, _ in entries:
@@ -466,12 +532,15 @@ def benchmark_speed(model, tokenizer, methods: Mapping[str, MethodLike], prompts
         if progress:
             bar.set_postfix({n: f"{results[n]['tokens_per_s']:.1f}t/s" for n, _ in entries[:4]})
 
-    summary = summarise(rows, BASELINE)
+    summary = summarise(rows, BASELINE, same_kernel)
     return {
         **result_header("speed", tag, model, model_name, device),
         "settings": {
             "max_new_tokens": max_new_tokens,
-            "warmup_prompts": min(warmup, len(prompts)),
+            "warmup_prompts": (f"{len(warm)} prompts outside the measured set, persistent drafters reset after"
+                               if warmup_prompts is not None else min(warmup, len(prompts))),
+            "repeats": repeats,
+            "same_kernel_baseline": same_kernel,
             "seed": seed,
             "batch_size": 1,
             "n_prompts": len(prompts),

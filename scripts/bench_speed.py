@@ -1,0 +1,76 @@
+"""The speed table of every accelerator under one methodology (issue 16), default model, greedy, batch 1.
+
+    nohup python scripts/bench_speed.py --per-category 6 --repeats 3 --max-new-tokens 128 > /tmp/speed.log 2>&1 &
+
+One interleaved run (rotated order per prompt and pass) of: stock greedy ``generate()`` (the ``greedy`` baseline),
+greedy under the CPU kernels the accelerators use (``greedy/fast-kernels``: the baseline that isolates a method's own
+effect), transformers' prompt lookup under both kernels, the engine's repeat-last-token reference drafter (about
+one token per forward: what the engine and its kernels give without useful drafts), and every registered lossless
+accelerator of the speculative and trained-heads families exactly as the CLI builds it (one instance reused across
+prompts). Warm-up on distillation prompts (outside the measured set), persistent drafters reset afterwards;
+``--repeats`` passes; every category with ``--per-category`` prompts. Writes ``<out>/speed.json`` and ``.png``:
+per method ``speed_ratio_same_kernel`` (the headline: the method's own speed-up), ``speed_ratio`` (over stock
+greedy), the per-pass ratios, tokens per target forward and the share of prompts identical to greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hf_decoding_ext.bench.prompts import load_distill_prompts
+from hf_decoding_ext.bench.references import RepeatLastTokenDrafter
+from hf_decoding_ext.bench.run import run_speed
+from hf_decoding_ext.bench.speed import GREEDY_KWARGS
+from hf_decoding_ext.core.models import load_model
+from hf_decoding_ext.plug import generate_kwargs
+from hf_decoding_ext.registry import METHODS
+from hf_decoding_ext.speculative import SpeculativeDecoding
+
+FAMILIES = ("speculative", "trained-heads")
+
+
+def methods_to_time(model, tokenizer, only=None) -> dict:
+    entries = {
+        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
+        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
+                                                      **GREEDY_KWARGS},
+        "repeat-last-token (reference)": {"custom_generate": SpeculativeDecoding(RepeatLastTokenDrafter()),
+                                          "do_sample": False},
+    }
+    for spec in METHODS:
+        if spec.family not in FAMILIES or not spec.lossless or (only and spec.name not in only):
+            continue
+        if spec.name == "draft-model":
+            continue  # needs an assistant model: timed in its own table
+        entries[spec.name] = generate_kwargs(spec, model=model, tokenizer=tokenizer)
+    return entries
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-category", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--warmup-prompts", type=int, default=1, help="distillation prompts per category for warm-up")
+    ap.add_argument("--methods", nargs="*", default=None, help="only these registered methods")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--tag", default="speed")
+    args = ap.parse_args(argv)
+    model, tokenizer = load_model()
+    warm = load_distill_prompts(limit=args.warmup_prompts)[:: 3]
+    res = run_speed(methods_to_time(model, tokenizer, args.methods), model, tokenizer,
+                    per_category=args.per_category, max_new_tokens=args.max_new_tokens, out_dir=args.out,
+                    tag=args.tag, repeats=args.repeats, warmup_prompts=warm, same_kernel="greedy/fast-kernels")
+    for name, m in res["methods"].items():
+        o = m["overall"]
+        print(f"{name:42s} own x{o.get('speed_ratio_same_kernel', float('nan')):.3f} "
+              f"[{o.get('speed_ratio_same_kernel_min', float('nan')):.2f}-"
+              f"{o.get('speed_ratio_same_kernel_max', float('nan')):.2f}]  stock x{o['speed_ratio']:.3f}  "
+              f"tokens/forward {o['tokens_per_forward']:.2f}  overhead {o['overhead_frac']:.3f}  "
+              f"= greedy {o['match_baseline_rate']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
