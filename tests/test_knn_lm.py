@@ -12,6 +12,7 @@ from hf_decoding_ext.sampling.knn_lm import (
     default_datastore_path,
     evaluate_perplexity,
     stdlib_docs_texts,
+    token_scores,
 )
 from hf_decoding_ext.core.ngram import distinct_n, rep_n
 
@@ -122,6 +123,42 @@ def test_interpolation_formula(tiny_store):
     out = proc.interpolate(hidden, banned)
     assert torch.isneginf(out[:, vals[:, 0]]).all()
     assert torch.allclose(out.exp().sum(-1), torch.ones(5), atol=1e-5)
+
+
+def test_token_scores_per_position_gold_log_probs_and_entropies(tiny_model, tiny_store):
+    proc = KNNLMLogitsProcessor(tiny_store, k=16, lmbda=0.4, model=tiny_model)
+    ids = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    out = token_scores(tiny_model, proc, ids, mask, chunk_size=3, entropies=True)  # chunks cross rows
+    assert set(out) == {"log_p_lm", "log_p_knn_lm", "entropy_lm", "entropy_knn"}
+    assert all(v.shape == (2, 4) for v in out.values())
+    assert all(torch.isnan(v[1, 2:]).all() and not torch.isnan(v[1, :2]).any() for v in out.values())
+    for i, length in enumerate((5, 3)):  # each row alone, scored from scratch
+        hidden, logits = _final_hidden(tiny_model, ids[i:i + 1, :length])
+        hidden, logits, gold = hidden[0, :-1], logits[0, :-1], ids[i, 1:length, None]
+        log_lm = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(out["log_p_lm"][i, :length - 1], log_lm.gather(-1, gold)[:, 0], atol=1e-4,
+                                   rtol=1e-4)
+        mixed = proc.interpolate(hidden, logits)
+        torch.testing.assert_close(out["log_p_knn_lm"][i, :length - 1], mixed.gather(-1, gold)[:, 0], atol=1e-4,
+                                   rtol=1e-4)
+        p_knn = proc.knn_log_probs(hidden, 128).exp()
+        h_knn = -(p_knn * p_knn.clamp_min(1e-30).log()).sum(-1)
+        torch.testing.assert_close(out["entropy_knn"][i, :length - 1], h_knn, atol=1e-4, rtol=1e-4)
+        h_lm = -(log_lm.exp() * log_lm).sum(-1)
+        torch.testing.assert_close(out["entropy_lm"][i, :length - 1], h_lm, atol=1e-4, rtol=1e-4)
+    assert bool((out["entropy_knn"][0] > 0).any())  # 16 neighbours at T=1 on a tiny model: not one-hot
+    # without entropies only the gold log-probabilities; a precomputed log_knn gives the same interpolation
+    assert set(token_scores(tiny_model, proc, ids, mask)) == {"log_p_lm", "log_p_knn_lm"}
+    hidden, logits = _final_hidden(tiny_model, ids[:1])
+    log_knn = proc.knn_log_probs(hidden[0], 128)
+    torch.testing.assert_close(proc.interpolate(hidden[0], logits[0], log_knn=log_knn),
+                               proc.interpolate(hidden[0], logits[0]))
+    with pytest.raises(ValueError, match="log_knn"):
+        proc.interpolate(hidden[0], logits[0], log_knn=log_knn[:2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_scores(tiny_model, proc, ids, mask, chunk_size=0)
+    proc.remove()
 
 
 def test_hook_lifecycle_and_errors(tiny_model, tiny_store):
@@ -243,3 +280,44 @@ def test_real_generate_consistency_save_load_and_open_ended(smollm, smollm_store
         print(f"\n{name}: rep-2 {sum(rep_n(r, 2) for r in rows) / len(rows):.3f} "
               f"rep-3 {sum(rep_n(r, 3) for r in rows) / len(rows):.3f} distinct-2 {distinct_n(rows, 2):.3f} "
               f"distinct-3 {distinct_n(rows, 3):.3f}")
+
+
+# ------------------------------------------------------------------------------- the paper's finding, as measured
+def _results(name):
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent.parent / "results" / name).read_text())
+
+
+def test_registry_verdict_and_figures_follow_the_open_ended_measurement():
+    """``scripts/bench_knn_lm_open_ended.py``'s JSON: its verdict follows its figures, and the registry entry and the
+    processor's docstring quote them (a changed measurement without a changed note fails)."""
+    from hf_decoding_ext.registry import get_method
+
+    r = _results("knn_lm_open_ended.json")
+    assert r["held_out_mode"] == "split" and r["held_out"]["examples"] >= 100 and len(r["settings"]["seeds"]) >= 2
+    ppl, gen, v = r["per_token"], r["generation"], r["verdict"]
+    diffs = [k["mauve"] - b["mauve"] for k, b in zip(gen["knn-lm"]["per_seed"], gen["base"]["per_seed"])]
+    assert v["mauve_knn_minus_base_per_seed"] == pytest.approx(diffs)
+    assert v["perplexity_improves"] == (ppl["ppl_knn_lm"] < ppl["ppl_lm"])
+    assert v["mauve_improves"] == (all(d > 0 for d in diffs) and r["mauve_difference_bootstrap"]["ci90"][0] > 0)
+    assert v["finding_1_reproduced"] == (v["perplexity_improves"] and not v["mauve_improves"])
+    assert ppl["share_tokens_loss_up"] + ppl["share_tokens_loss_down"] <= 1.0
+    ent = r["entropy"]["knn-lm generations"]
+    assert v["retrieval_entropy_grows_faster_on_generated_text"] == (
+        ent["entropy_knn_slope_per_token"] > ent["entropy_lm_slope_per_token"])
+    spec = get_method("knn-lm")
+    assert spec.effect == ("reproduced" if v["finding_1_reproduced"] else "not reproduced")
+    note, doc = spec.effect_note, " ".join(KNNLMLogitsProcessor.__doc__.split())
+    quoted = [f"perplexity {ppl['ppl_lm']:.2f} -> {ppl['ppl_knn_lm']:.2f}",
+              f"{gen['knn-lm']['mauve']:.3f} kNN-LM vs {gen['base']['mauve']:.3f} base",
+              f"loss of {ppl['share_tokens_loss_up']:.2f} of the"]
+    quoted += [f"{d:.3f}" for d in diffs]
+    assert all(q in note for q in quoted), [q for q in quoted if q not in note]
+    assert f"{ppl['ppl_lm']:.2f} -> {ppl['ppl_knn_lm']:.2f}" in doc
+    assert f"MAUVE {gen['knn-lm']['mauve']:.3f} vs the base model's {gen['base']['mauve']:.3f}" in doc
+    assert f"{ppl['share_tokens_loss_up']:.0%} of held-out tokens" in doc
+    assert ("third finding is not" in doc) == (not v["retrieval_entropy_grows_faster_on_generated_text"])
+    other = _results("knn_lm_open_ended_other_modules.json")["per_token"]
+    assert f"{other['ppl_lm']:.2f} -> {other['ppl_knn_lm']:.2f}" in note

@@ -167,6 +167,8 @@ def test_effects_agree_with_the_committed_figures():
     lol = get_method("lol")
     assert lol.effect == "not reproduced" and mc["lol"] <= mc["plain"]
     assert f"LOL {mc['lol']:.3f}, plain {mc['plain']:.3f}" in lol.effect_note
+    assert f"induced amateur alone {mc['lol_amateur']:.3f}" in lol.effect_note
+    assert f"mean {c['factual_mc']['lol_lower_layer_term']['mean_abs']:.2f} nats" in lol.effect_note
     kc = c["knowledge_conflict"]["rates"]
     cad = get_method("cad")
     assert cad.effect == "reproduced" and kc["cad_alpha_1.0"]["context"] > kc["greedy"]["context"] + 0.2

@@ -48,8 +48,10 @@ def drafter(tiny_llama):
 
 @pytest.fixture(scope="module")
 def exported(drafter, tmp_path_factory):
+    """The EAGLE-3 storage layout, requested explicitly (the default is the EAGLE-1 type)."""
     out = tmp_path_factory.mktemp("eagle3")
-    export_speculators(drafter, out, verifier_name_or_path="tiny-llama", verifier_architectures=["LlamaForCausalLM"])
+    export_speculators(drafter, out, verifier_name_or_path="tiny-llama", verifier_architectures=["LlamaForCausalLM"],
+                       speculators_model_type="eagle3")
     with open(out / "config.json") as f:
         return out, json.load(f), load_file(out / "model.safetensors")
 
@@ -69,6 +71,25 @@ def _draft(drafter, seed=1):
 
 
 # ---------------------------------------------------------------------------------------------------- config
+def test_default_type_is_eagle_1(drafter, tiny_llama, tmp_path):
+    """The drafter reads one feature layer fused with the token embedding (EAGLE-1's architecture): without a
+    type argument the export is speculators' EAGLE-1/HASS type with its config fields, none of EAGLE-3's."""
+    export_speculators(drafter, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle"
+    assert cfg["speculators_config"]["algorithm"] == "eagle"
+    assert cfg["architectures"] == ["EagleSpeculator", "LlamaDecoderLayer"]
+    assert cfg["transformer_layer_architecture"] == "LlamaDecoderLayer"
+    assert cfg["layernorms"] is False and cfg["fusion_bias"] is True
+    assert not {"draft_vocab_size", "norm_before_residual", "target_hidden_size",
+                "eagle_aux_hidden_state_layer_ids"} & cfg.keys()
+    assert cfg["transformer_layer_config"]["num_hidden_layers"] == 1
+    t = load_file(tmp_path / "model.safetensors")
+    assert t["fusion_fc.weight"].shape == (H, 2 * H)  # one feature + one embedding: EAGLE-1's fusion
+    assert not {"fc.weight", "d2t", "t2d", "lm_head.weight"} & t.keys()
+    _assert_same_drafter(load_speculators(tmp_path), drafter, tiny_llama)
+
+
 def test_config_fields(exported, drafter):
     _, cfg, _ = exported
     assert cfg["speculators_model_type"] == "eagle3"
@@ -189,7 +210,7 @@ def test_round_trip_gpt2_base_full_vocab_unattached(tiny_gpt2, tmp_path):
     drafter = _drafter(tiny_gpt2, vocab_ids=torch.randperm(V, generator=torch.Generator().manual_seed(5)))
     unattached = EagleDrafterModel(drafter.config)
     unattached.load_state_dict(drafter.state_dict())
-    export_speculators(unattached, tmp_path)
+    export_speculators(unattached, tmp_path, speculators_model_type="eagle3")  # EAGLE-3's vocabulary convention
     t = load_file(tmp_path / "model.safetensors")
     assert not {"d2t", "t2d", "lm_head.weight", "embed_tokens.weight"} & t.keys()  # D == V: no vocabulary maps
     assert json.loads((tmp_path / "config.json").read_text())["draft_vocab_size"] == V

@@ -90,6 +90,9 @@ DEFAULT_MAX_ROWS = 32
 
 _PLAN_VERSION = 1
 
+_SHARED: dict = {}
+"""Plans shared within the process: one per kernel name, one automatic plan per cache folder and thread count."""
+
 
 def _onednn_ok(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -238,13 +241,21 @@ class KernelPlan:
             if forced != "auto":
                 if forced not in KERNELS:
                     raise ValueError(f"HF_DECODING_EXT_KERNELS must be 'auto' or one of {KERNELS}, got {forced!r}")
-                return cls(default=forced)
-            return cls(auto=True)
+                plan = forced
+            else:  # one shared automatic plan per process and cache file (its tables are memoised)
+                from hf_decoding_ext.core.models import cache_dir
+
+                key = ("auto", str(cache_dir()), torch.get_num_threads())
+                if key not in _SHARED:
+                    _SHARED[key] = cls(auto=True)
+                return _SHARED[key]
         if isinstance(plan, str):
             if plan not in KERNELS:
                 raise ValueError(f"plan must be 'auto', a kernel name {KERNELS}, a dict or a KernelPlan, got "
                                  f"{plan!r}")
-            return cls(default=plan)
+            if plan not in _SHARED:
+                _SHARED[plan] = cls(default=plan)
+            return _SHARED[plan]
         if isinstance(plan, dict):
             return cls(plan)
         raise ValueError(f"plan must be 'auto', a kernel name {KERNELS}, a dict or a KernelPlan, got {plan!r}")
@@ -260,9 +271,23 @@ class KernelPlan:
                 return kernel
         return per_rows[max(per_rows)]
 
+    def codes(self, key: str, length: int, onednn: bool = True) -> list[int]:
+        """:meth:`table` as kernel indices (``onednn=False``: oneDNN calls replaced by PyTorch's), memoised."""
+        memo = self.__dict__.setdefault("_codes", {})
+        hit = memo.get((key, length, onednn))
+        if hit is None:
+            hit = [_CODE[n] if onednn or n != "onednn" else 0 for n in self.table(key, length)]
+            memo[(key, length, onednn)] = hit
+        return hit
+
     def table(self, key: str, length: int) -> list[str]:
-        """Kernels for ``0 .. length - 1`` rows (``0`` rows: PyTorch's)."""
-        return ["pytorch"] + [self.kernel(key, r) for r in range(1, length)]
+        """Kernels for ``0 .. length - 1`` rows (``0`` rows: PyTorch's); memoised per shape and length (a plan is
+        not meant to be edited after its first use)."""
+        memo = self.__dict__.setdefault("_tables", {})
+        hit = memo.get((key, length))
+        if hit is None:
+            hit = memo[(key, length)] = ["pytorch"] + [self.kernel(key, r) for r in range(1, length)]
+        return hit
 
 
 def _machine_fingerprint() -> str:
@@ -394,7 +419,7 @@ def _resolve_auto(plan: KernelPlan, layers: list[nn.Linear]) -> list[str]:
 
 
 @contextmanager
-def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = 512, enabled: bool = True):
+def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BUCKETS[-1], enabled: bool = True):
     """Run the eligible linear layers inside ``modules`` with the kernels of ``plan`` (see the module docstring);
     restore them on exit (also on errors). ``None`` entries are skipped; a layer shared by several modules is
     patched once. Yields a :class:`PatchReport`.
@@ -432,20 +457,17 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = 512, e
                 report.measured = _resolve_auto(plan, layers)
             packs: dict[int, torch.Tensor] = {}
             for m in layers:
-                key = _shape_key(m)
-                names = plan.table(key, max_rows + 1)
-                if "onednn" in names and not _onednn_ok(m.weight.dtype):
-                    names = ["pytorch" if n == "onednn" else n for n in names]
-                if all(n == "pytorch" for n in names):
+                codes = plan.codes(_shape_key(m), max_rows + 1, _onednn_ok(m.weight.dtype))
+                if not any(codes):
                     continue
                 packed = None
-                if "onednn" in names:
+                if _CODE["onednn"] in codes:
                     wid = id(m.weight)
                     if wid not in packs:
                         packs[wid] = _prepack(m)
                         report.extra_bytes += m.weight.numel() * m.weight.element_size()
                     packed = packs[wid]
-                m._hk_table = [_CODE[n] for n in names]
+                m._hk_table = codes
                 m._hk_packed = packed
                 m.forward = types.MethodType(_forward, m)
                 patched.append(m)

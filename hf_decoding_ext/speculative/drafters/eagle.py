@@ -21,7 +21,10 @@ class EagleDrafter(FeatureHeadDrafter):
     predicted feature that proposed it) with a tree attention mask, depth by depth, as in EAGLE's tree drafting. Tree
     entries are dropped from the drafter's cache after each step (the accepted tokens are re-fed next step with the
     target's true features). The tree's shape follows the drafter's measured per-depth accuracies (static choices
-    tree, EAGLE-1 style). Greedy acceptance keeps the output token-identical to greedy decoding.
+    tree, EAGLE-1 style; FSPAD's official code uses EAGLE-2's dynamic tree instead). Greedy acceptance keeps the output
+    token-identical to greedy decoding. Which parts follow the papers and which are this library's reading:
+    :data:`~hf_decoding_ext.speculative.heads.eagle.PAPER_FIDELITY`. A plain EAGLE drafter (FSPAD's components off,
+    :data:`~hf_decoding_ext.speculative.heads.eagle.ABLATION_ARMS`) drafts through the same class.
 
     Args:
         drafter: an :class:`~hf_decoding_ext.speculative.heads.eagle.EagleDrafterModel`, a folder or Hub id, or

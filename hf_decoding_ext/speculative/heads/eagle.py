@@ -7,21 +7,26 @@ which token was sampled); it outputs a predicted feature ``f^_{p+1}``, and the b
 distribution over ``x_{p+2}``. Drafting continues on the drafter's own predicted features.
 
 FSPAD (Gui et al., "Boosting Lossless Speculative Decoding via Feature Sampling and Partial Alignment
-Distillation", arXiv 2408.15562) adds two components, implemented here from the paper's description:
+Distillation", arXiv 2408.15562) adds two components on top of EAGLE, each switched by a config option
+(:data:`FSPAD_COMPONENTS`; both ``False`` is plain EAGLE, the ablation's other arm, :data:`ABLATION_ARMS`):
 
-- **Feature sampling**: before the fusion layer the feature is "sampled" with the token embedding in a higher
-  dimensional space: ``s = W_d((W_f f) * (W_e e))`` (expansion ``fs_expansion``), an embedding-dependent selection
-  of feature components, added to the feature (``f + s``) so that an untrained sampler (``W_d = 0``) is EAGLE's
-  input exactly.
-- **Partial alignment distillation**: the predicted feature ``f^`` is aligned to the target's feature (Smooth-L1,
-  the autoregressive path), while the logits are read through a small residual adapter ``g(f^)`` and distilled from
-  the target's tokens (cross-entropy), so logit confidence no longer fights exact feature alignment.
+- **Feature sampling** (``feature_sampling``): the feature is "sampled" with the token embedding in a higher
+  dimensional space: ``s = W_d((W_f f) * (W_e e))`` (width ``fs_expansion * H``), added to the feature (``f + s``)
+  before the fusion layer; ``W_d`` starts at zero, so an untrained sampler is EAGLE's input exactly.
+- **Partial alignment distillation** (``partial_alignment``): the predicted feature ``f^`` is aligned to the
+  target's feature (Smooth-L1) and is what drafting feeds back, while the logits are read through a small residual
+  adapter ``g(f^) = f^ + SiLU(W f^ + b)`` (identity at initialisation) and distilled from the target's tokens, so
+  logit confidence no longer fights exact feature alignment.
 
-Deviations: the full FSPAD text was not available offline; the two components follow the abstract's description
-(the exact parametrisation of the sampler and of the partial alignment is this library's reading). The decoder layer
-is a standard Llama layer (with its input norm), the geometry of the base model's layers, so the drafter exports to
-vLLM's ``speculators`` format (:mod:`hf_decoding_ext.speculative.heads.speculators_export`).
+What follows the papers and what is this library's reading is listed item by item in :data:`PAPER_FIDELITY`
+(rendered below and in the model card). Sources checked: the EAGLE paper and its official code (SafeAILab/EAGLE,
+``eagle/model/cnets.py``, ``eagle/train/main.py``), FSPAD's abstract and its official code (Luc4Gui/FSPAD,
+``eagle/model/cnets_fspad.py``, ``eagle/train/main_fspad.py``); the full FSPAD paper text was not available. Both
+FSPAD components are this library's parametrisation of the abstract and differ from the official code; the decoder
+layer is a standard Llama layer (with its input norm) so that the drafter exports to vLLM's ``speculators`` format
+as the EAGLE-1 type (:mod:`hf_decoding_ext.speculative.heads.speculators_export`).
 """
+
 
 from __future__ import annotations
 
@@ -33,6 +38,94 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from hf_decoding_ext.core.tree import additive_mask
 from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
+
+#: The config options that switch FSPAD's components on; at ``False`` the drafter is plain EAGLE (same fusion layer,
+#: decoder layer, loss and feature noise), which is what the ablation (``scripts/ablate_eagle_fspad.py``) compares.
+FSPAD_COMPONENTS = ("feature_sampling", "partial_alignment")
+
+#: Head options of the two ablation arms; everything else (data, steps, batch, lr, seed, ``cls_weight``,
+#: ``feature_noise``) is shared, so the arms differ only in FSPAD's components.
+ABLATION_ARMS = {
+    "fspad": {name: True for name in FSPAD_COMPONENTS},
+    "eagle": {name: False for name in FSPAD_COMPONENTS},
+}
+
+#: What this drafter takes from the papers and what is this library's reading, one entry per component:
+#: ``(component, "follows" | "own reading", source checked, what this library does (and what the source does))``.
+PAPER_FIDELITY = (
+    ("feature + token fusion", "follows",
+     ("EAGLE paper (feature-level autoregression with the token sequence advanced by one); official "
+      "eagle/model/cnets.py (fc = Linear(2H -> H, bias) over concat(embedding, feature))"),
+     ("fc(concat(embedding(x_{p+1}), f_p)), Linear(2H -> H) with bias, f_p the base model's last hidden state "
+      "after its final norm (the lm_head input)")),
+    ("one decoder layer, frozen base embedding and lm_head", "follows",
+     "EAGLE paper (auto-regression head: FC layer + one decoder layer); official configs (num_hidden_layers 1)",
+     ("one Llama decoder layer with the base model's layer geometry; the base embedding and lm_head are reused, "
+      "frozen")),
+    ("feature regression loss", "follows",
+     "EAGLE paper (L_reg, Smooth L1); official eagle/train/main.py (SmoothL1Loss, v_w = 1.0)",
+     "Smooth-L1 between the predicted and the target's next feature, weight 1"),
+    ("drafting on predicted features, tree attention, lossless verification", "follows",
+     "EAGLE paper (tree-structured drafts verified in one forward; greedy and speculative sampling lossless)",
+     "the drafter feeds back its own predicted features; tree nodes attend to their ancestors; the engine verifies"),
+    ("input norm of the decoder layer", "own reading",
+     "official cnets.py and cnets_fspad.py skip input_layernorm in the first (only) layer",
+     ("kept (a standard transformers LlamaDecoderLayer, the geometry of speculators' transformer_layer_config; "
+      "speculators' EAGLE-1 model with layernorms=False has no such norm, see speculators_export)")),
+    ("token loss and its weight", "own reading",
+     ("EAGLE paper (w_cls = 0.1); official main.py / main_fspad.py: p_w = 0.1, cross-entropy against the full "
+      "softmax of lm_head(target feature)"),
+     ("cross-entropy against the base model's greedy token (the argmax of that distribution), weight cls_weight "
+      "(default 0.1; the shipped head used 0.25, a choice of this library's recipe, not from either paper)")),
+    ("feature noise", "own reading",
+     ("EAGLE paper (uniform noise U(-0.1, 0.1) on the features); official main.py: (U(0,1) - 0.5) * 0.2 * 512 / "
+      "sequence length"),
+     "uniform noise of half-width feature_noise (0.1) times the feature's RMS"),
+    ("draft tree", "own reading",
+     "EAGLE-1 paper: a static tree; FSPAD's official code drafts with EAGLE-2's dynamic tree (topK_genrate)",
+     "a static tree built from the drafter's measured per-depth accuracies (EAGLE-1 style)"),
+    ("training data", "own reading",
+     ("EAGLE and FSPAD official code train on a fixed dataset (ShareGPT conversations, features extracted by "
+      "ge_data), not on the target's own answers"),
+     ("self-distillation: the base model's greedy answers to distill.jsonl (as Medusa-2), every position counted "
+      "with the base model's next-token prediction as label")),
+    ("draft vocabulary", "own reading",
+     "not in EAGLE-1 or FSPAD (EAGLE-3 introduced a reduced draft vocabulary)",
+     "the 8192 most frequent response tokens (lm_head rows of those tokens)"),
+    ("FSPAD feature sampling", "own reading",
+     ("FSPAD abstract (sample features in a high-dimensional space using the token embedding); official "
+      "cnets_fspad.py (Efc): after fc, x + down(act(gate(e)) * up(norm(x))) at the intermediate size"),
+     ("s = W_d((W_f f) * (W_e e)) at width fs_expansion * H (1 by default), no activation, added to f before fc, "
+      "W_d zero-initialised")),
+    ("FSPAD partial alignment distillation", "own reading",
+     ("FSPAD abstract (partial alignment: the feature alignment and the logit distillation no longer conflict); "
+      "official cnets_fspad.py: the layer's MLP outputs 2H, the first half feeds lm_head (token loss only), the "
+      "second half is regressed to the target feature and fed back"),
+     ("the layer output f^ is regressed and fed back; the logits are read through a residual adapter g(f^) "
+      "(identity at initialisation)")),
+)
+
+
+def fidelity_markdown() -> str:
+    """:data:`PAPER_FIDELITY` as two Markdown lists: what follows the papers, then this library's reading.
+
+    Example:
+        >>> from hf_decoding_ext.speculative.heads.eagle import fidelity_markdown
+        >>> fidelity_markdown().splitlines()[0]
+        'Follows the papers (source checked):'
+    """
+    out = []
+    for verdict, title in (("follows", "Follows the papers (source checked):"),
+                           ("own reading", "This library's reading (differs from, or is not in, the source):")):
+        out.append(title)
+        out += [f"- **{name}**: {ours}. Source: {source}." for name, v, source, ours in PAPER_FIDELITY
+                if v == verdict]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __doc__ is not None:  # None under python -OO
+    __doc__ += "\n" + fidelity_markdown()
 
 _LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "rms_norm_eps", "max_position_embeddings", "hidden_act")
@@ -46,11 +139,12 @@ class EagleDrafterConfig(DraftHeadConfig):
             ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps``, ``rope_theta``,
             ``max_position_embeddings``); by default copied from the base model (:meth:`from_base_config`).
         num_draft_tokens: tree depth (tokens drafted after the root).
-        feature_sampling: FSPAD's feature sampling (``False``: plain EAGLE fusion).
+        feature_sampling: FSPAD's feature sampling, this library's parametrisation (``False``: plain EAGLE fusion).
         fs_expansion: width multiplier of the sampling space.
-        partial_alignment: FSPAD's partial alignment (logits through an adapter); ``False``: EAGLE's logits straight
-            from the predicted feature.
-        cls_weight: weight of the token cross-entropy against the feature regression (EAGLE: 0.1).
+        partial_alignment: FSPAD's partial alignment, this library's parametrisation (logits through an adapter);
+            ``False``: EAGLE's logits straight from the predicted feature.
+        cls_weight: weight of the token cross-entropy against the feature regression (EAGLE's paper and official
+            code: 0.1; the shipped head's recipe: 0.25).
         feature_noise: half-width of the uniform noise added to input features in training, relative to the
             features' RMS (EAGLE's data augmentation: U(-0.1, 0.1)).
     """
@@ -229,7 +323,8 @@ class EagleDrafterModel(DraftHeadModel):
 
     def training_loss(self, batch: dict, t2d: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """FSPAD / EAGLE loss: Smooth-L1 of ``f^_{p+1}`` to ``f_{p+1}`` plus ``cls_weight`` x cross-entropy of the
-        logits against the base model's greedy token after ``x_{p+1}``. With the base model's predictions cached
+        logits (through the partial-alignment adapter when on) against the base model's greedy token after
+        ``x_{p+1}`` (the official code distils the full distribution instead: :data:`PAPER_FIDELITY`). With the base model's predictions cached
         (``batch["labels"]``, :func:`~hf_decoding_ext.training.data.base_predictions`) every position counts, prompt
         included (distillation on fixed text, as EAGLE trains); otherwise only the generated responses, whose next
         tokens are those predictions."""

@@ -6,6 +6,12 @@ drafter next to its verifier. Papers: EAGLE (Li et al., arXiv 2401.15077), HASS 
 EAGLE-3 (Li et al., "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via Training-Time Test",
 arXiv 2503.01840), FSPAD (Gui et al., arXiv 2408.15562).
 
+**Default type: ``"eagle"`` (EAGLE-1).** The drafter reads *one* feature (the verifier's last hidden state) and
+fuses it with the next token's embedding through one ``Linear(2H -> H)``: that is EAGLE-1's architecture, so the
+export is speculators' EAGLE-1/HASS type (``EagleSpeculatorConfig``) unless asked otherwise. ``"eagle3"`` is kept
+only as an explicitly requested *storage layout* (EAGLE-3's key names, draft-vocabulary maps and base weights) with
+the caveat below: it is not an EAGLE-3 drafter, and exporting it logs a warning.
+
 **Compatibility, stated plainly.** Our drafter is an EAGLE-1/HASS-style drafter with FSPAD additions: ``fc`` fuses
 ``[embedding(x_{p+1}), f_p]`` (``2H -> H``, with bias) where ``f_p`` is the verifier's *last* hidden state after
 its final norm; one standard ``LlamaDecoderLayer`` (its ``input_layernorm`` applied to the fused vector); no final
@@ -29,8 +35,8 @@ norm; the verifier's lm_head rows of the draft vocabulary. No runtime executes t
   they are stored under the ``hf_decoding_ext.`` key prefix, which a strict loader rejects and
   :func:`load_speculators` restores. Zeroed (untrained) they are the identity, but a trained drafter needs them.
 
-So: ``"eagle"`` is the honest type; ``"eagle3"`` (the default) is the EAGLE-3 family layout with the draft
-vocabulary maps and base weights, a faithful container but not an EAGLE-3 drafter. Either way
+So: ``"eagle"`` (the default) is the honest type; ``"eagle3"`` (only when requested) is the EAGLE-3 family layout
+with the draft vocabulary maps and base weights, a faithful container but not an EAGLE-3 drafter. Either way
 :func:`load_speculators` restores the exact drafter.
 
 **config.json** (field names of ``speculators.config.SpeculatorModelConfig`` / ``SpeculatorsConfig`` /
@@ -40,7 +46,7 @@ vocabulary maps and base weights, a faithful container but not an EAGLE-3 drafte
 ==============================================  =====================================================================
 field                                           value
 ==============================================  =====================================================================
-``speculators_model_type``                      ``"eagle3"`` or ``"eagle"``
+``speculators_model_type``                      ``"eagle"`` (default) or ``"eagle3"`` (when requested)
 ``architectures``                               ``["Eagle3Speculator"]`` / ``["EagleSpeculator", "LlamaDecoderLayer"]``
 ``transformer_layer_config``                    ``config.llama_config()`` as a dict (``model_type: "llama"``,
                                                 ``num_hidden_layers: 1``, ``vocab_size`` = verifier vocab, plus
@@ -119,7 +125,7 @@ SPECULATORS_FORMAT_VERSION = "0.3.0"
 """The speculators release whose config layout this export follows (``speculators_version``)."""
 
 EXTRA_PREFIX = "hf_decoding_ext."
-_TYPES = ("eagle3", "eagle")
+_TYPES = ("eagle", "eagle3")  # the first is the default
 _EXTRA_MODULES = ("fs_feature.", "fs_embed.", "fs_out.", "logit_adapter.")
 _ARCHITECTURES = {"eagle3": ["Eagle3Speculator"], "eagle": ["EagleSpeculator", "LlamaDecoderLayer"]}
 _EXTRA_DOCS = {
@@ -188,7 +194,7 @@ def _proposal(speculative_tokens: int) -> dict:
 
 def export_speculators(drafter: EagleDrafterModel, out_dir: str | os.PathLike, verifier_name_or_path: str | None = None,
                        verifier_architectures: list[str] | None = None, speculative_tokens: int | None = None,
-                       include_base_weights: bool = True, speculators_model_type: str = "eagle3",
+                       include_base_weights: bool = True, speculators_model_type: str = "eagle",
                        speculators_version: str = SPECULATORS_FORMAT_VERSION) -> str:
     """Write ``drafter`` to ``out_dir`` as a speculators checkpoint (``config.json`` + ``model.safetensors``).
 
@@ -207,8 +213,10 @@ def export_speculators(drafter: EagleDrafterModel, out_dir: str | os.PathLike, v
         speculative_tokens: the greedy proposal's ``speculative_tokens``; default ``config.num_draft_tokens``.
         include_base_weights: ``"eagle3"`` only: write ``lm_head.weight`` (the base lm_head rows of the draft
             vocabulary) and ``embed_tokens.weight`` (the base embeddings); needs an attached drafter.
-        speculators_model_type: ``"eagle3"`` (EAGLE-3 family layout, default) or ``"eagle"`` (EAGLE-1/HASS layout,
-            the honest architectural type; see the module docstring).
+        speculators_model_type: ``"eagle"`` (default: speculators' EAGLE-1/HASS type, the drafter's architecture:
+            one feature layer fused with the token embedding) or ``"eagle3"`` (EAGLE-3 family storage layout, only
+            when requested explicitly; not a runnable EAGLE-3 drafter, a warning is logged; see the module
+            docstring).
         speculators_version: value of ``speculators_version``.
 
     Returns:
@@ -228,6 +236,10 @@ def export_speculators(drafter: EagleDrafterModel, out_dir: str | os.PathLike, v
     if verifier_architectures is None:
         verifier_architectures = []
     layout = speculators_model_type
+    if layout == "eagle3":
+        logger.warning("export_speculators: 'eagle3' is EAGLE-3's storage layout only; this drafter reads one "
+                       "feature layer (EAGLE-1 architecture) and is not a runnable EAGLE-3 drafter (vLLM's "
+                       "Eagle3LlamaForCausalLM should refuse its fc shape); use the default 'eagle' type")
     h, vocab = config.hidden_size, config.vocab_size
     d2t = drafter.d2t.detach().cpu()
     n_draft = int(d2t.numel())
