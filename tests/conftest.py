@@ -203,3 +203,16 @@ def tiny_custom_generate(char_tokenizer):
         return spec, SpeculativeDecoding(component) if spec.kind == "candidate_generator" else component
 
     return build
+
+
+def perturbed_copy(model, scale: float, seed: int = 3):
+    """A copy of ``model`` with every weight perturbed by ``scale`` times its standard deviation (a draft model that
+    agrees with the target most of the time)."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
+    return draft

@@ -60,6 +60,20 @@ def trained_lora():
 
 
 # --------------------------------------------------------------------------------------------- data
+
+def _assert_reloads(model, amateur, loaded, folder, stored_param):
+    """The reloaded amateur equals the trained one and differs from the base; its float16 copy (the default
+    storage) is upcast on load (``stored_param(half)`` is float32) and close to it."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, amateur(ids).logits)
+        assert not torch.allclose(loaded(ids).logits, model(ids).logits)
+    save_induced_amateur(amateur, folder / "half", base_model_name="tiny-llama")  # default: float16 storage
+    half = load_induced_amateur(model, folder / "half")
+    assert stored_param(half).dtype == torch.float32  # upcast on load
+    with torch.no_grad():
+        torch.testing.assert_close(half(ids).logits, amateur(ids).logits, atol=2e-2, rtol=0)
+
 def test_hallucination_data_is_large_wrong_and_held_out():
     items = load_hallucination_data()
     assert len(items) >= 300
@@ -144,16 +158,7 @@ def test_save_load_round_trip(trained, tmp_path):
     loaded = load_induced_amateur(model, tmp_path)
     assert loaded.model.embed_tokens.weight is model.model.embed_tokens.weight
     assert loaded.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.weight
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, amateur(ids).logits)
-        assert not torch.allclose(loaded(ids).logits, model(ids).logits)
-
-    save_induced_amateur(amateur, tmp_path / "half", base_model_name="tiny-llama")  # default: float16 storage
-    half = load_induced_amateur(model, tmp_path / "half")
-    assert half.model.layers[3].mlp.up_proj.weight.dtype == torch.float32  # upcast on load
-    with torch.no_grad():
-        torch.testing.assert_close(half(ids).logits, amateur(ids).logits, atol=2e-2, rtol=0)
+    _assert_reloads(model, amateur, loaded, tmp_path, lambda half: half.model.layers[3].mlp.up_proj.weight)
 
 
 def test_base_mismatch_is_a_clear_error(trained, tmp_path):
@@ -262,15 +267,7 @@ def test_lora_save_load_round_trip(trained_lora, tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
     for name, a in lora_adapters(loaded).items():
         assert torch.equal(a.lora_A, adapters[name].lora_A) and torch.equal(a.lora_B, adapters[name].lora_B)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, amateur(ids).logits)
-        assert not torch.allclose(loaded(ids).logits, model(ids).logits)
-    save_induced_amateur(amateur, tmp_path / "half", base_model_name="tiny-llama")  # default: float16 storage
-    half = load_induced_amateur(model, tmp_path / "half")
-    assert half.model.layers[1].mlp.up_proj.lora_B.dtype == torch.float32  # upcast on load
-    with torch.no_grad():
-        torch.testing.assert_close(half(ids).logits, amateur(ids).logits, atol=2e-2, rtol=0)
+    _assert_reloads(model, amateur, loaded, tmp_path, lambda half: half.model.layers[1].mlp.up_proj.lora_B)
     with pytest.raises(ValueError, match="trained for tiny-llama"):
         load_induced_amateur(_llama(layers=5), tmp_path)
 

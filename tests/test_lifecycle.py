@@ -6,7 +6,6 @@ from scratch on the same tokens (a fresh processor, one full forward per positio
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from hf_decoding_ext.sampling.superposed import SuperposedDecoding
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+from conftest import perturbed_copy
 
 PROMPT = torch.tensor([[1, 17, 33, 45, 9, 60, 71]])
 SECOND = torch.tensor([[1, 45, 9]])  # the "no context" view: a shorter prompt
@@ -118,19 +118,11 @@ def _mu_replay(model, sequences, prompt_length, steps, **kwargs):
     return proc
 
 
-def _perturbed(model, scale: float):
-    """A copy of ``model`` with every weight perturbed (a draft model that agrees with the target most of the time)."""
-    draft = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
-    return draft
 
 
 def test_mirostat_under_speculative_sampling_keeps_the_plain_mu_sequence(tiny_llama):
     proc = MirostatLogitsProcessor(tau=2.0, eta=0.5)
-    loop = SpeculativeDecoding(DraftModelDrafter(_perturbed(tiny_llama, 0.3), num_tokens=3), seed=0)
+    loop = SpeculativeDecoding(DraftModelDrafter(perturbed_copy(tiny_llama, 0.3), num_tokens=3), seed=0)
     torch.manual_seed(0)
     out = tiny_llama.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), logits_processor=[proc],
                               custom_generate=loop, do_sample=True, top_k=0, max_new_tokens=12, pad_token_id=0,

@@ -14,7 +14,6 @@ through its beam reordering, and refuse a stateful processor without the lifecyc
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from hf_decoding_ext.structured.json_schema import (
     JsonSchemaLogitsProcessor,
 )
 from hf_decoding_ext.structured.lexical_dba import DynamicBeamAllocation
+from conftest import perturbed_copy
 
 VOCAB, EOS = 128, 2
 REGEX = r"[a-z]{1,4}( [a-z]{1,4}){0,5}"
@@ -122,13 +122,6 @@ def _check_valid(sequences, reference):
 
 
 # ------------------------------------------------------------------------------------------------ the loops
-def _perturbed(model, scale: float):
-    draft = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
-    return draft
 
 
 class _PathTree(Drafter):
@@ -161,9 +154,9 @@ LOOPS = {
     "tree-greedy": (lambda model, ref: SpeculativeDecoding(_PathTree(ref)), False),
     "tree-sampling": (lambda model, ref: SpeculativeDecoding(_PathTree(ref), seed=0), True),
     "prompt-lookup": (lambda model, ref: SpeculativeDecoding(PromptLookupDrafter(num_tokens=3)), False),
-    "draft-model-greedy": (lambda model, ref: SpeculativeDecoding(DraftModelDrafter(_perturbed(model, 0.3),
+    "draft-model-greedy": (lambda model, ref: SpeculativeDecoding(DraftModelDrafter(perturbed_copy(model, 0.3),
                                                                                     num_tokens=3)), False),
-    "draft-model-sampling": (lambda model, ref: SpeculativeDecoding(DraftModelDrafter(_perturbed(model, 0.3),
+    "draft-model-sampling": (lambda model, ref: SpeculativeDecoding(DraftModelDrafter(perturbed_copy(model, 0.3),
                                                                                       num_tokens=3), seed=0), True),
     "dba": (lambda model, ref: DynamicBeamAllocation(constraints=None, num_beams=2), False),  # plain beam search
 }
