@@ -216,3 +216,17 @@ def perturbed_copy(model, scale: float, seed: int = 3):
         for p in draft.parameters():
             p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
     return draft
+
+
+class StatefulWithoutLifecycle:
+    """A logits processor that declares per-row state (a call counter) without the lifecycle: loops that branch or
+    reorder rows must refuse it."""
+
+    stateful = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        return scores

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from hf_decoding_ext.contrastive.cad import ContextAwareDecodingProcessor
 from hf_decoding_ext.core.tree import DraftTree
@@ -25,7 +25,7 @@ from hf_decoding_ext.sampling.superposed import SuperposedDecoding
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
-from conftest import perturbed_copy
+from conftest import StatefulWithoutLifecycle, perturbed_copy
 
 PROMPT = torch.tensor([[1, 17, 33, 45, 9, 60, 71]])
 SECOND = torch.tensor([[1, 45, 9]])  # the "no context" view: a shorter prompt
@@ -214,17 +214,7 @@ def test_knn_lm_with_ips_reads_the_chosen_candidates_hidden_state(tiny_llama):
 
 
 # ------------------------------------------------------------------------------------------------ refusal
-class _CountingProcessor(LogitsProcessor):
-    """Keeps per-row state (a call counter) without the lifecycle."""
-
-    stateful = True
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        return scores
+_CountingProcessor = StatefulWithoutLifecycle
 
 
 @pytest.mark.parametrize("loop, sample", [

@@ -19,6 +19,7 @@ from hf_decoding_ext.core.models import truncated_model
 from hf_decoding_ext.speculative import SpeculativeDecoding, SpeculativeSamplingAcceptance
 from hf_decoding_ext.speculative.drafters.base import Drafter
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+from conftest import perturbed_copy
 
 
 @pytest.fixture(autouse=True)
@@ -46,12 +47,7 @@ def _tiny_llama(seed, vocab=128, layers=2):
 
 def _noisy_copy(model, scale, seed=1):
     """The model with Gaussian noise on every weight: an amateur that agrees with it some of the time."""
-    noisy = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
-    return noisy
+    return perturbed_copy(model, scale, seed=seed)
 
 
 def _cd_processor(amateur, **kw):

@@ -35,7 +35,7 @@ from hf_decoding_ext.structured.json_schema import (
     JsonSchemaLogitsProcessor,
 )
 from hf_decoding_ext.structured.lexical_dba import DynamicBeamAllocation
-from conftest import perturbed_copy
+from conftest import StatefulWithoutLifecycle, perturbed_copy
 
 VOCAB, EOS = 128, 2
 REGEX = r"[a-z]{1,4}( [a-z]{1,4}){0,5}"
@@ -240,15 +240,7 @@ def test_dba_reorders_the_processors_rows_with_its_beams(tiny_llama):
     assert history.reorders > 0  # beams were reordered, and the processor was told
 
 
-class _Unsupported(LogitsProcessor):
-    stateful = True
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        return scores
+_Unsupported = StatefulWithoutLifecycle
 
 
 def test_dba_refuses_a_stateful_processor_without_the_lifecycle(tiny_llama):
