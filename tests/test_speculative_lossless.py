@@ -21,54 +21,16 @@ import pytest
 import torch
 
 from hf_decoding_ext.plug import generate_kwargs
-from hf_decoding_ext.bench.parity import greedy_parity, greedy_references
+from hf_decoding_ext.bench.parity import divergences, greedy_parity, greedy_references, near_tie_tally  # noqa: F401
 from hf_decoding_ext.bench.prompts import interleaved_prompts
 from hf_decoding_ext.registry import METHODS
 
 N_PROMPTS = 20
-NEAR_TIE = 1e-3
-"""Relative top-2 logit gap ``(top1 - top2) / max(|top1|, 1)`` below which two tokens are a floating-point tie."""
 MAX_NEW_TOKENS = 32
 DRAFTERS = [m for m in METHODS if m.family == "speculative" and m.kind == "candidate_generator"]
 # the class each registered drafter must build (a new drafter must be added here, and so to this test)
 EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "TokenRecyclingDrafter",
                   "lookahead": "LookaheadDrafter", "jacobi": "JacobiDrafter", "draft-model": "DraftModelDrafter"}
-
-
-@torch.inference_mode()
-def divergences(model, refs, diverged: dict) -> list[dict]:
-    """For each prompt whose loop output ``diverged[id]`` differs from its greedy reference: the first differing
-    position, the two tokens, whether they are the target's top-2 there (plain forward over the greedy prefix) and
-    their relative logit gap (``inf`` when an output is only longer than the other)."""
-    found = []
-    for row, enc, ref in refs:
-        if row["id"] not in diverged:
-            continue
-        got = diverged[row["id"]]
-        n = min(got.shape[1], ref.shape[1])
-        differ = (got[0, :n] != ref[0, :n]).nonzero()
-        if not len(differ):
-            found.append({"id": row["id"], "position": n, "tokens": None, "top2": False, "gap": float("inf")})
-            continue
-        pos = int(differ[0])
-        mask = torch.ones_like(ref[:, :pos]) if "attention_mask" not in enc else torch.cat(
-            [enc["attention_mask"], torch.ones_like(ref[:, enc["attention_mask"].shape[1]:pos])], dim=1)
-        logits = model(input_ids=ref[:, :pos], attention_mask=mask).logits[0, -1].float()
-        top = logits.topk(2)
-        tokens = (int(ref[0, pos]), int(got[0, pos]))
-        gap = float(top.values[0] - top.values[1]) / max(abs(float(top.values[0])), 1.0)
-        found.append({"id": row["id"], "position": pos, "tokens": tokens,
-                      "top2": set(tokens) == set(top.indices.tolist()), "gap": gap})
-    return found
-
-
-def near_tie_tally(model, refs, diverged: dict, tolerance: float = NEAR_TIE) -> int:
-    """Number of diverged prompts; raises ``AssertionError`` naming any divergence that is not a near-tie (the two
-    tokens are not the target's top-2, or their relative gap is at least ``tolerance``)."""
-    found = divergences(model, refs, diverged)
-    real = [d for d in found if not (d["top2"] and d["gap"] < tolerance)]
-    assert not real, f"outputs diverge from greedy beyond floating-point near-ties: {real}"
-    return len(found)
 
 
 def _prompts():
