@@ -228,9 +228,10 @@ def test_engine_hands_over_only_what_is_declared(tiny_llama):
 
 
 def test_prompt_is_prefilled_causally_with_features_and_chunked_top_k(tiny_llama, monkeypatch):
-    """Issue 16 (memory): without "committed_logits", the prompt but its last token is run through the model's
-    normal causal path (2D mask, one kept logit) before the first verification; the features the drafter needs at
-    the prompt (final-norm output by a hook) and the top-k ids (in chunks) equal those of one full forward."""
+    """Issue 16 (memory): without "committed_logits", a prompt longer than ``prefill_above`` (all but its last
+    token) is run through the model's normal causal path (2D mask, one kept logit) before the first verification;
+    the features the drafter needs at the prompt (final-norm output by a hook) and the top-k ids (in chunks) equal
+    those of one full forward, and so do they when a short prompt shares the first verification forward."""
     from hf_decoding_ext.speculative import engine as E
 
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
@@ -248,7 +249,9 @@ def test_prompt_is_prefilled_causally_with_features_and_chunked_top_k(tiny_llama
     monkeypatch.setattr(tiny_llama, "forward", spy)
     d = _Recorder({"last_hidden_state", "committed_top_k"})
     d.committed_k = 3
-    tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=SpeculativeDecoding(d))
+    loop = SpeculativeDecoding(d)
+    loop.prefill_above = 4  # (default 1024: shorter prompts share the first verification forward)
+    tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=loop)
     monkeypatch.undo()
     assert calls[0] == (6, 2, 1)  # the prefill: 6 prompt tokens, a 2D mask, one logit
     assert calls[1][1] == 4  # then the first verification with the tree mask
@@ -259,6 +262,11 @@ def test_prompt_is_prefilled_causally_with_features_and_chunked_top_k(tiny_llama
     torch.testing.assert_close(r.hidden_states[:n], full.hidden_states[-1][0], atol=1e-5, rtol=1e-5)
     assert r.committed_top_k.shape == (6, 3)
     assert torch.equal(r.committed_top_k, full.logits[0, :6].topk(3).indices)
+    short = _Recorder({"committed_top_k"})
+    short.committed_k = 3
+    tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=SpeculativeDecoding(short))
+    _, r = short.results[0]  # default prefill_above: one forward, top-k from the hooked features
+    assert r.hidden_states is None and torch.equal(r.committed_top_k, full.logits[0, :6].topk(3).indices)
 
 
 def test_all_hidden_states_are_every_layer_at_every_position(tiny_llama):

@@ -177,6 +177,11 @@ class SpeculativeDecoding(DecodingLoop):
 
     supports_batch = False
     accepts_assistant_model = True
+    prefill_above = 1024
+    """Uncached committed tokens above which the prompt is prefilled on its own, through the causal path (see
+    :meth:`verify`); up to it the prompt and the first tree share one forward, as in transformers' assisted
+    generation (the same number of target forwards; the dense 4D mask then holds at most about 1025 x 1025
+    entries, 4 MB in float32)."""
     supports_sliding_window = False  # tree masks and KV compaction assume full attention
 
     def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
@@ -285,10 +290,11 @@ class SpeculativeDecoding(DecodingLoop):
         output for ``"all_hidden_states"``) and the top-k token ids at the committed tokens before the root for
         ``"committed_top_k"``.
 
-        Memory: when more than one committed token is uncached (the prompt, at the first step) and the drafter does
-        not need full ``"committed_logits"``, all but the last of them are first run through the model's normal
-        causal path (:meth:`prefill`): no dense prompt-by-prompt float mask, no logits at the prompt, features by a
-        hook on the final norm, top-k ids computed from them in chunks.
+        Memory: when more than :attr:`prefill_above` committed tokens are uncached (a long prompt, at the first
+        step) and the drafter does not need full ``"committed_logits"``, all but the last of them are first run
+        through the model's normal causal path (:meth:`prefill`): no dense prompt-by-prompt float mask, no logits at
+        the prompt, features by a hook on the final norm, top-k ids computed from them in chunks. Shorter prompts
+        go with the tree in one forward, as transformers' assisted generation does (one forward fewer).
         """
         needs = self.drafter.needs
         want = "all" if "all_hidden_states" in needs else "last" if needs & {"last_hidden_state",
@@ -298,7 +304,7 @@ class SpeculativeDecoding(DecodingLoop):
         cache_len = state.cache.get_seq_length()
         uncached = state.input_ids.shape[1] - cache_len
         pre_hidden = pre_top_k = None
-        if uncached > 1 and "committed_logits" not in needs:
+        if uncached > self.prefill_above and "committed_logits" not in needs:
             pre_hidden = self.prefill(state, uncached - 1, want)
             state.stats["prefill_forwards"] = state.stats.get("prefill_forwards", 0) + 1
             if "committed_top_k" in needs:
@@ -313,7 +319,7 @@ class SpeculativeDecoding(DecodingLoop):
                                              dtype=state.model.dtype)
         s = committed.shape[1]
         n_block = block.tokens.shape[0]
-        keep = n_block + s if needs & {"committed_logits", "committed_top_k"} else n_block + 1
+        keep = n_block + s if "committed_logits" in needs else n_block + 1
         with _FeatureHook(state.model if want == "last" else None) as hook:
             out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                               use_cache=True, logits_to_keep=keep, return_dict=True,
@@ -331,8 +337,8 @@ class SpeculativeDecoding(DecodingLoop):
         committed_logits = logits[: keep - n_block - 1]
         logits = logits[keep - n_block - 1:]
         committed_top_k = None
-        if "committed_top_k" in needs:
-            here = committed_logits.topk(self.drafter.committed_k, dim=-1).indices
+        if "committed_top_k" in needs:  # from the features at the committed tokens before the root, in chunks
+            here = _chunked_top_k(state.model, hidden[-1][: s - 1], self.drafter.committed_k)
             committed_top_k = here if pre_top_k is None else torch.cat([pre_top_k, here])
         n_tree = len(draft.tree)
         tree_logits = logits[: n_tree + 1]
