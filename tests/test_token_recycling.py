@@ -63,10 +63,25 @@ def test_max_nodes_keeps_the_most_often_accepted_nodes():
     assert set(shallow) == set([p for p in ranking if len(p) <= 2][:10])
 
 
-def test_auto_size_follows_the_device(tiny_llama):
+def test_auto_size_follows_the_device(tiny_llama, monkeypatch):
+    """max_nodes="auto": the node budget of the verify-cost curve measured on the running model and the shipped
+    acceptance gains (issue 16); without gains, the hand-set CPU size."""
+    from hf_decoding_ext.speculative.policies import tuning
+    from hf_decoding_ext.speculative.policies.tree_policy import VerifyCostCurve, node_budget
+
+    curve = VerifyCostCurve((1, 4, 8, 16, 96), (1.0, 1.0, 1.1, 1.5, 4.0))
+    monkeypatch.setattr(tuning, "device_curve", lambda model, kernels="auto": curve)
+    gains = tuning.shipped_gains("token-recycling")
+    assert gains is not None and len(gains) == 80  # counted on the distillation prompts, one per template node
     d = TokenRecyclingDrafter()
     d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))
-    assert d.num_nodes == CPU_MAX_NODES  # CPU model: the small tree
+    assert d.num_nodes == node_budget(curve, gains)
+    monkeypatch.setattr(tuning, "device_curve", lambda model, kernels="auto": VerifyCostCurve((1, 96), (1.0, 1.0)))
+    d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))
+    assert d.num_nodes == 80  # verification free of cost: every node pays
+    monkeypatch.setattr(tuning, "shipped_gains", lambda name: None)
+    d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))
+    assert d.num_nodes == CPU_MAX_NODES  # no statistics: the hand-set CPU size
 
 
 def test_tree_is_filled_from_the_adjacency_matrix_and_updated_from_logits(tiny_llama):
@@ -125,7 +140,7 @@ def test_hot_start_and_lossless_on_real_model(smollm):
     from hf_decoding_ext.bench.prompts import load_prompts
 
     model, tokenizer = smollm
-    drafter = TokenRecyclingDrafter()
+    drafter = TokenRecyclingDrafter(max_nodes=CPU_MAX_NODES)  # a fixed size: "auto" depends on the machine's timing
     loop = SpeculativeDecoding(drafter)
     rows = load_prompts(categories=["qa", "math_reasoning"], per_category=1)
     encs = [encode_prompts(tokenizer, row["prompt"]) for row in rows]
