@@ -19,6 +19,7 @@ from hf_decoding_ext.speculative.policies.tree_policy import NodeBudget, VerifyC
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DECODING_EXT_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning, "_CURVES", {})
+    monkeypatch.setattr(tuning, "_BY_MODEL", {})
     return tmp_path
 
 
@@ -51,6 +52,7 @@ def test_device_curve_is_measured_once_and_cached(tiny_llama, fresh_cache, monke
     assert curve.tokens == (1, 2, 4, 8) and curve.cost[0] == pytest.approx(1.0)
     assert tuning.device_curve(tiny_llama) is curve and len(calls) == 1
     monkeypatch.setattr(tuning, "_CURVES", {})  # another process reads the file
+    monkeypatch.setattr(tuning, "_BY_MODEL", {})
     again = tuning.device_curve(tiny_llama)
     assert len(calls) == 1 and again.cost == curve.cost
     (path,) = (fresh_cache / "verify_cost").glob("*.json")

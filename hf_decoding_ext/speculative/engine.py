@@ -71,11 +71,11 @@ class _NodeScores:
 
 
 class _FeatureHook:
-    """Captures the final norm's output (the lm_head's input) of ``model``'s forwards inside the ``with`` block
-    (``features``: ``(seq, hidden)`` of the first row); ``model=None`` captures nothing."""
+    """Captures the output of ``norm`` (the model's final norm: the lm_head's input) in the forwards inside the
+    ``with`` block (``features``: ``(seq, hidden)`` of the first row); ``norm=None`` captures nothing."""
 
-    def __init__(self, model):
-        self.module = None if model is None else final_norm(model)
+    def __init__(self, norm):
+        self.module = norm
         self.features = None
         self._handle = None
 
@@ -93,12 +93,12 @@ class _FeatureHook:
         return False
 
 
-def _has_final_norm(model) -> bool:
+def _hookable_norm(model):
+    """The model's final norm, or ``None`` for an architecture without a recognisable one."""
     try:
-        final_norm(model)
+        return final_norm(model)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _chunked_top_k(model, features: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
@@ -271,7 +271,7 @@ class SpeculativeDecoding(DecodingLoop):
         ids = state.input_ids[:, cache_len:cache_len + n_tokens]
         mask = state.attention_mask[:, :cache_len + n_tokens]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_len:]
-        with _FeatureHook(state.model if want == "last" else None) as hook:
+        with _FeatureHook(_hookable_norm(state.model) if want == "last" else None) as hook:
             out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                               use_cache=True, logits_to_keep=1, return_dict=True,
                               **({"output_hidden_states": True} if want == "all" else {}))
@@ -299,7 +299,8 @@ class SpeculativeDecoding(DecodingLoop):
         needs = self.drafter.needs
         want = "all" if "all_hidden_states" in needs else "last" if needs & {"last_hidden_state",
                                                                             "committed_top_k"} else None
-        if want == "last" and not _has_final_norm(state.model):
+        norm = _hookable_norm(state.model) if want == "last" else None
+        if want == "last" and norm is None:
             want = "all"  # no hookable final norm: the model's own hidden states (the last is the lm_head's input)
         cache_len = state.cache.get_seq_length()
         uncached = state.input_ids.shape[1] - cache_len
@@ -320,7 +321,7 @@ class SpeculativeDecoding(DecodingLoop):
         s = committed.shape[1]
         n_block = block.tokens.shape[0]
         keep = n_block + s if "committed_logits" in needs else n_block + 1
-        with _FeatureHook(state.model if want == "last" else None) as hook:
+        with _FeatureHook(norm) as hook:
             out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                               use_cache=True, logits_to_keep=keep, return_dict=True,
                               **({"output_hidden_states": True} if want == "all" else {}))

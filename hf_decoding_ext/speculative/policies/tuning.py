@@ -49,6 +49,8 @@ COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 GAINS_FILE = ("acceptance", "gains.json")
 
 _CURVES: dict[str, VerifyCostCurve] = {}
+_BY_MODEL: dict[tuple, VerifyCostCurve] = {}
+"""Curves by (model id, dtype, kernels, threads) within the process: ``generate()`` calls skip the model key."""
 
 
 def acceptance_gains(stats, max_nodes: int | None = None) -> list[float]:
@@ -133,8 +135,13 @@ def device_curve(model, kernels="auto") -> VerifyCostCurve:
     dtype and kernels (:func:`measure_verify_cost`), then read from ``$HF_DECODING_EXT_CACHE/verify_cost/``."""
     from hf_decoding_ext.core.models import cache_dir
 
+    param = next(model.parameters())
+    fast = (id(model), id(model.config), param.dtype, param.device, str(kernels), torch.get_num_threads())  # no config serialisation per generate() call
+    if fast in _BY_MODEL:
+        return _BY_MODEL[fast]
     key = _model_key(model, kernels if isinstance(kernels, str) else repr(kernels))
     if key in _CURVES:
+        _BY_MODEL[fast] = _CURVES[key]
         return _CURVES[key]
     path = cache_dir() / "verify_cost" / f"{key}.json"
     curve = None
@@ -151,5 +158,5 @@ def device_curve(model, kernels="auto") -> VerifyCostCurve:
             os.replace(tmp, path)
         except OSError:
             pass
-    _CURVES[key] = curve
+    _CURVES[key] = _BY_MODEL[fast] = curve
     return curve
