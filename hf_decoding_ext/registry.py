@@ -347,7 +347,7 @@ METHODS: list[MethodSpec] = [
        title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.prompt_lookup:PromptLookupDrafter", lossless=True,
-       needs_training=False, status="done",
+       needs_training=False, status="done", defaults={"num_tokens": "auto"},
        summary="n-gram lookup in the prompt and output so far (prompt lookup decoding), verified by the engine",
        effect="reproduced",
        effect_note=(
@@ -365,6 +365,18 @@ METHODS: list[MethodSpec] = [
        effect_note=(
            "1.15x greedy (2.20 tokens per forward), token-identical, 12 prompts x 256 tokens, PyTorch kernels "
            "on both sides (results/speculative_speed.json): a speed-up, smaller than the paper's GPU figures")),
+    _m(name="auto-speculative", aliases=("best available accelerator", "PLD+TR"),
+       title="Turning Trash into Treasure: Accelerating Inference of Large Language Models "
+       "with Token Recycling", arxiv="2408.08696", family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.auto_speculative:AutoSpeculativeDrafter", lossless=True,
+       needs_training=False, status="done",
+       summary="not a paper's method: prompt lookup and token recycling merged into one verified tree, its size "
+               "tuned from the measured verify-cost curve and the merged nodes' acceptance on the distillation "
+               "prompts (cites token recycling, the larger part of its tree)",
+       effect="not measurable here",
+       effect_note=(
+           "a configuration, not a paper's claim: its speed on the benchmark prompts is in results/speed.json "
+           "(2.85 tokens per forward for the whole merged tree on the distillation prompts)")),
     _m(name="lookahead", aliases=("lookahead decoding", "LADE"),
        title="Break the Sequential Dependency of LLM Inference Using Lookahead Decoding",
        arxiv="2402.02057", family="speculative", kind="candidate_generator",

@@ -169,6 +169,7 @@ TINY_COMPONENT_PARAMS = {
     "ips": dict(),
     "prompt-lookup": dict(),
     "token-recycling": dict(),
+    "auto-speculative": dict(),
     "lookahead": dict(window_size=3, ngram_size=3),
     "jacobi": dict(),
     "draft-model": dict(assistant="self:1"),

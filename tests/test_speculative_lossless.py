@@ -30,7 +30,8 @@ MAX_NEW_TOKENS = 32
 DRAFTERS = [m for m in METHODS if m.family == "speculative" and m.kind == "candidate_generator"]
 # the class each registered drafter must build (a new drafter must be added here, and so to this test)
 EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "TokenRecyclingDrafter",
-                  "lookahead": "LookaheadDrafter", "jacobi": "JacobiDrafter", "draft-model": "DraftModelDrafter"}
+                  "lookahead": "LookaheadDrafter", "jacobi": "JacobiDrafter", "draft-model": "DraftModelDrafter",
+                  "auto-speculative": "AutoSpeculativeDrafter"}
 
 
 def _prompts():

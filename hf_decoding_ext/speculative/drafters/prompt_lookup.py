@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.speculative.policies.tree_policy import NodeBudget
 from hf_decoding_ext.core.tree import DraftTree
+
+GAINS_NAME = "prompt-lookup"
+"""Acceptance statistics per chain position (``hf_decoding_ext/data/acceptance/gains.json``, counted on the
+distillation prompts with 16-token drafts by ``scripts/tune_drafters.py``) that size ``num_tokens="auto"``."""
+
+AUTO_MAX_TOKENS = 16
+"""The longest draft ``num_tokens="auto"`` may pick (the length the gains were counted with)."""
 
 
 class PromptLookupDrafter(Drafter):
@@ -21,7 +29,11 @@ class PromptLookupDrafter(Drafter):
     text being generated more closely.
 
     Args:
-        num_tokens: draft length (transformers' ``prompt_lookup_num_tokens``; default 10).
+        num_tokens: draft length (transformers' ``prompt_lookup_num_tokens``; default 10). ``"auto"``: the length
+            maximising expected accepted tokens per unit of verification time, from the verify-cost curve measured
+            on the running device and model (cached) and the acceptance per chain position counted on the
+            distillation prompts (:data:`GAINS_NAME`; at most :data:`AUTO_MAX_TOKENS`), resolved at each
+            ``generate()`` call.
         max_ngram: longest n-gram to match (transformers' ``max_matching_ngram_size``; default 2).
         min_ngram: shortest n-gram to match (default 1).
         match: ``"last"`` (most recent occurrence, default) or ``"first"`` (earliest, transformers' choice).
@@ -33,20 +45,25 @@ class PromptLookupDrafter(Drafter):
         >>> out = model.generate(**inputs, max_new_tokens=128, custom_generate=loop)  # doctest: +SKIP
     """
 
-    def __init__(self, num_tokens: int = 10, max_ngram: int = 2, min_ngram: int = 1, match: str = "last"):
+    def __init__(self, num_tokens: int | str = 10, max_ngram: int = 2, min_ngram: int = 1, match: str = "last"):
         if match not in ("first", "last"):
             raise ValueError(f"match must be 'first' or 'last', got {match!r}")
         self.match = match
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if num_tokens != "auto" and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int)
+                                     or num_tokens < 1):
+            raise ValueError(f"num_tokens must be an int >= 1 or 'auto', got {num_tokens!r}")
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.num_tokens = num_tokens
+        self.budget = NodeBudget(num_tokens, accelerator=AUTO_MAX_TOKENS, gains=GAINS_NAME)
+        self.num_tokens = AUTO_MAX_TOKENS if num_tokens == "auto" else num_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self._eos: set[int] = set()
 
     def begin(self, state) -> None:
+        if self.budget.is_auto:
+            size = self.budget.resolve(state.model.device, model=state.model)
+            self.num_tokens = AUTO_MAX_TOKENS if size is None else min(size, AUTO_MAX_TOKENS)
         eos = state.generation_config.eos_token_id
         self._eos = set([eos] if isinstance(eos, int) else (eos or []))
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from hf_decoding_ext.core.kernels import _machine_fingerprint, fast_kernels
+from hf_decoding_ext.core.kernels import _PLAN_VERSION, _machine_fingerprint, fast_kernels
 from hf_decoding_ext.core.resources import data_file
 from hf_decoding_ext.speculative.policies.tree_policy import VerifyCostCurve
 
@@ -89,7 +89,7 @@ def _model_key(model, kernels) -> str:
     device = next(model.parameters()).device
     name = device.type if device.type == "cpu" else torch.cuda.get_device_name(device) if device.type == "cuda" \
         else device.type
-    text = f"{_machine_fingerprint()}|{name}|{dtype}|{kernels}|{cfg}"
+    text = f"{_machine_fingerprint()}|{name}|{dtype}|{kernels}|plan-v{_PLAN_VERSION}|{cfg}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
