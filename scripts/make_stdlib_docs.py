@@ -1,5 +1,5 @@
 """Build hf_decoding_ext/data/stdlib_docs.jsonl: docstrings of Python standard-library objects (PSF license)."""
-import importlib, inspect, json, sys
+import importlib, inspect, json
 mods = ["json","collections","itertools","functools","os.path","pathlib","re","string","textwrap","datetime",
         "heapq","bisect","statistics","random","math","shutil","tempfile","csv","argparse","logging",
         "subprocess","threading","queue","hashlib","base64","urllib.parse","email.message","http.client",
