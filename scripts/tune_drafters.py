@@ -38,7 +38,8 @@ CONFIGS = {
                                                TokenRecyclingDrafter(max_nodes=None)]),
 }
 DESCRIPTION = {
-    "token-recycling": "TokenRecyclingDrafter(max_nodes=None): the whole 80-node template, NODE_PRIORITY order",
+    "token-recycling": "TokenRecyclingDrafter(max_nodes=None): the whole 80-node template; gains per node path "
+                       "(paths: the drafter's layout, nodes it dropped counted by id)",
     "prompt-lookup": "PromptLookupDrafter(num_tokens=16): chain positions",
     "auto-speculative": "MergedDrafter([PromptLookupDrafter(num_tokens=16), TokenRecyclingDrafter(max_nodes=None)]): "
                         "merged order (the drafters' nodes in turn)",
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
             "prompts": f"distill.jsonl, first {args.per_category} per category ({len(rows)})",
             "max_new_tokens": args.max_new_tokens, "seconds": round(time.time() - started, 1),
         }
+        if hasattr(drafter, "paths"):  # token recycling: the node each gain belongs to
+            data["drafters"][name]["paths"] = [list(p) for p in drafter.paths]
         print(f"{name}: {len(stats)} steps, {tokens / max(len(stats), 1):.3f} tokens/forward, "
               f"gains[:8] {[round(g, 3) for g in gains[:8]]}", flush=True)
         data["source"] = ("scripts/tune_drafters.py on SmolLM2-135M-Instruct (greedy, float32, whole trees "

@@ -52,15 +52,30 @@ def _drafter_paths(d: TokenRecyclingDrafter) -> list[tuple[int, ...]]:
 
 
 def test_max_nodes_keeps_the_most_often_accepted_nodes():
-    """The best-first tree scored by measured acceptance rank keeps the first ``n`` nodes of the ranking
-    (:data:`NODE_PRIORITY`, then the template breadth-first), laid out breadth-first."""
+    """The tree of ``n`` nodes is the best-first tree by the acceptance counted per node on the distillation prompts
+    (shipped gains): the first ``n`` nodes of that order, laid out in it (parents first)."""
+    full = TokenRecyclingDrafter(max_nodes=None)
+    order, gains = full._template, full.node_gains
+    assert gains is not None and len(order) == len(gains) == 80 and order[0] == (0,)
+    assert set(order) == set(expand_template(PAPER_TREE_CHILDREN))
+    for i, path in enumerate(order):  # best-first: the highest gain among the nodes whose parent is picked
+        frontier = [p for p in order[i:] if len(p) == 1 or p[:-1] in set(order[:i])]
+        assert gains[i] >= max(gains[order.index(p)] for p in frontier) - 1e-12
+    for n in (1, 3, 16, 40, 80, 200):
+        paths = _drafter_paths(TokenRecyclingDrafter(max_nodes=n))
+        assert paths == order[:n]
+    shallow = _drafter_paths(TokenRecyclingDrafter(max_depth=2, max_nodes=10))
+    assert shallow == [p for p in order if len(p) <= 2][:10]
+
+
+def test_without_shipped_gains_the_fallback_priority_is_used(monkeypatch):
+    from hf_decoding_ext.speculative.policies import tuning
+
+    monkeypatch.setattr(tuning, "shipped_entry", lambda name: None)
     bfs = expand_template(PAPER_TREE_CHILDREN)
     ranking = list(NODE_PRIORITY) + [p for p in bfs if p not in set(NODE_PRIORITY)]
-    for n in (1, 3, 16, len(NODE_PRIORITY), 40, 80, 200):
-        paths = _drafter_paths(TokenRecyclingDrafter(max_nodes=n))
-        assert set(paths) == set(ranking[:n]) and paths == sorted(paths, key=lambda p: (len(p), p))
-    shallow = _drafter_paths(TokenRecyclingDrafter(max_depth=2, max_nodes=10))
-    assert set(shallow) == set([p for p in ranking if len(p) <= 2][:10])
+    d = TokenRecyclingDrafter(max_nodes=16)
+    assert d.node_gains is None and _drafter_paths(d) == ranking[:16]
 
 
 def test_auto_size_follows_the_device(tiny_llama, monkeypatch):
@@ -71,15 +86,18 @@ def test_auto_size_follows_the_device(tiny_llama, monkeypatch):
 
     curve = VerifyCostCurve((1, 4, 8, 16, 96), (1.0, 1.0, 1.1, 1.5, 4.0))
     monkeypatch.setattr(tuning, "device_curve", lambda model, kernels="auto": curve)
-    gains = tuning.shipped_gains("token-recycling")
-    assert gains is not None and len(gains) == 80  # counted on the distillation prompts, one per template node
     d = TokenRecyclingDrafter()
+    gains = d.node_gains  # counted on the distillation prompts, one per template node, in pick order
+    assert gains is not None and len(gains) == 80
     d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))
     assert d.num_nodes == node_budget(curve, gains)
     monkeypatch.setattr(tuning, "device_curve", lambda model, kernels="auto": VerifyCostCurve((1, 96), (1.0, 1.0)))
     d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))
-    assert d.num_nodes == 80  # verification free of cost: every node pays
+    free = node_budget(VerifyCostCurve((1, 96), (1.0, 1.0)), gains)
+    assert d.num_nodes == free == max(i for i, g in enumerate(gains) if g > 0) + 1  # free: every accepted node pays
+    monkeypatch.setattr(tuning, "shipped_entry", lambda name: None)
     monkeypatch.setattr(tuning, "shipped_gains", lambda name: None)
+    d = TokenRecyclingDrafter()
     d.begin(_State(tiny_llama, torch.tensor([[3, 4]])))
     assert d.num_nodes == CPU_MAX_NODES  # no statistics: the hand-set CPU size
 
@@ -92,14 +110,16 @@ def test_tree_is_filled_from_the_adjacency_matrix_and_updated_from_logits(tiny_l
     d.adjacency[5] = torch.tensor([10, 11])
     d.adjacency[10] = torch.tensor([20, 21])
     draft = d.propose(state)  # 11's row is empty: its child is pruned
-    assert draft.tree.tokens.tolist() == [10, 11, 20, 21] and draft.tree.parents.tolist() == [-1, -1, 0, 0]
+    assert _drafter_paths(d) == [(0,), (0, 0), (1,), (1, 0), (0, 1)]  # by acceptance on the distillation prompts
+    assert draft.tree.tokens.tolist() == [10, 20, 11, 21] and draft.tree.parents.tolist() == [-1, 0, -1, 0]
+    assert draft.info["node_ids"] == [0, 1, 2, 4]  # node 3, (1, 0), dropped
     vocab = d.adjacency.shape[0]
     logits = torch.randn(1 + 4, vocab)
     committed = torch.randn(2, vocab)  # at tokens 3 and 4 (uncached prompt)
     d.observe(state, VerifyResult(draft, logits, None, [0], [10, 7], committed_top_k=committed.topk(2).indices))
     top = lambda x: x.topk(2).indices.tolist()  # noqa: E731
     assert d.adjacency[5].tolist() == top(logits[0])
-    for node, tok in enumerate([10, 11, 20, 21]):
+    for node, tok in enumerate([10, 20, 11, 21]):
         assert d.adjacency[tok].tolist() == top(logits[node + 1])
     assert d.adjacency[3].tolist() == top(committed[0]) and d.adjacency[4].tolist() == top(committed[1])
     d.reset()

@@ -122,6 +122,9 @@ class StepStats:
     verify_time: float
     total_time: float
     accepted_nodes: tuple[int, ...] = ()
+    drafted_nodes: tuple[int, ...] | None = None
+    """The drafter's node ids of the verified tree when it dropped some nodes of its layout (``Draft.info
+    ["node_ids"]``, e.g. token recycling's nodes without a candidate yet); ``accepted_nodes`` are then ids too."""
 
 
 class SpeculativeDecoding(DecodingLoop):
@@ -399,8 +402,13 @@ class SpeculativeDecoding(DecodingLoop):
                 for node in ([-1] + accepted)[: max(0, state.generation_config.max_length - state.input_ids.shape[1])]:
                     state.record(scores_at(node)[None], tree_logits[node + 1][None])
             appended = state.append(torch.tensor([tokens], device=state.device))
-            self.last_stats.append(StepStats(len(tree), len(accepted), appended, t1 - t0, t2 - t1,
-                                             time.perf_counter() - t0, tuple(int(a) for a in accepted)))
+            ids = draft.info.get("node_ids") if draft.info else None
+            if ids is not None and len(ids) < len(tree):
+                ids = None  # the engine cut the tree after the drafter named its nodes: indices are kept
+            self.last_stats.append(StepStats(
+                len(tree), len(accepted), appended, t1 - t0, t2 - t1, time.perf_counter() - t0,
+                tuple(int(a) if ids is None else int(ids[a]) for a in accepted),
+                None if ids is None else tuple(int(i) for i in ids[: len(tree)])))
 
     # ------------------------------------------------------------------------------------------------ summaries
     def summary(self) -> dict:

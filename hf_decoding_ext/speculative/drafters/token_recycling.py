@@ -47,6 +47,16 @@ running device (:mod:`hf_decoding_ext.speculative.policies.tuning`); :data:`CPU_
 are missing."""
 
 
+def _shipped_path_gains() -> dict[tuple[int, ...], float] | None:
+    """``{node path: acceptance gain}`` counted on the distillation prompts (:data:`GAINS_NAME`), if shipped."""
+    from hf_decoding_ext.speculative.policies.tuning import shipped_entry
+
+    entry = shipped_entry(GAINS_NAME)
+    if not entry or "paths" not in entry or len(entry["paths"]) != len(entry["gains"]):
+        return None
+    return {tuple(p): float(g) for p, g in zip(entry["paths"], entry["gains"])}
+
+
 def expand_template(children: dict[tuple[int, ...], int]) -> list[tuple[int, ...]]:
     """Breadth-first list of node paths (parents before children) of a ``{path: n_children}`` template."""
     nodes, frontier = [], [()]
@@ -102,13 +112,27 @@ class TokenRecyclingDrafter(Drafter):
             paths = [p for p in paths if len(p) <= max_depth]
         if any(i >= k for p in paths for i in p):
             raise ValueError(f"the tree template uses candidate ranks >= k={k}")
-        self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=None, gains=GAINS_NAME)
         self.k = k
         self.max_nodes = max_nodes
         template = set(paths)
         ranked = [p for p in NODE_PRIORITY if p in template]
-        self._template = ranked + [p for p in paths if p not in set(ranked)]
-        self._children: dict[tuple[int, ...], list[int]] = {}
+        fallback = ranked + [p for p in paths if p not in set(ranked)]
+        children: dict[tuple[int, ...], list[int]] = {}
+        for p in fallback:
+            children.setdefault(p[:-1], []).append(p[-1])
+        gain_of = _shipped_path_gains()
+        rank = {p: i for i, p in enumerate(fallback)}
+        if gain_of is not None and template <= set(gain_of):
+            # the nodes most often accepted on the distillation prompts first (ties: NODE_PRIORITY's order)
+            self._template = best_first_paths(
+                lambda path, _: [(r, gain_of[path + (r,)] - 1e-9 * rank[path + (r,)]) for r in children.get(path, [])],
+                len(fallback))
+            self.node_gains: list[float] | None = [gain_of[p] for p in self._template]
+        else:
+            self._template, self.node_gains = fallback, None
+        self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=None,
+                                 gains=self.node_gains if self.node_gains is not None else GAINS_NAME)
+        self._children = {}
         for p in self._template:
             self._children.setdefault(p[:-1], []).append(p[-1])
         self._score = {p: -float(i) for i, p in enumerate(self._template)}  # earlier in the template = better
@@ -116,10 +140,11 @@ class TokenRecyclingDrafter(Drafter):
         self.adjacency: torch.Tensor | None = None
 
     def _set_tree(self, n: int) -> None:
-        """Use the ``n`` best template nodes (the first ``n``: parents precede children), laid out breadth-first."""
-        chosen = best_first_paths(lambda path, _: [(r, self._score[path + (r,)]) for r in self._children.get(path, [])],
-                                  n)
-        paths = sorted(chosen, key=lambda p: (len(p), p))
+        """Use the ``n`` best template nodes (the first ``n``: parents precede children), laid out in that order (so
+        a merged tree cut to its first nodes keeps the best ones)."""
+        paths = best_first_paths(lambda path, _: [(r, self._score[path + (r,)]) for r in self._children.get(path, [])],
+                                 n)
+        self.paths = paths
         index = {p: i for i, p in enumerate(paths)}
         self._parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in paths], dtype=torch.long)
         self._ranks = torch.tensor([p[-1] for p in paths], dtype=torch.long)
@@ -162,7 +187,7 @@ class TokenRecyclingDrafter(Drafter):
         new_index = torch.cumsum(keep.long(), 0) - 1
         parents = self._parents[keep]
         parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
-        return Draft(DraftTree(tokens[keep], parents))
+        return Draft(DraftTree(tokens[keep], parents), info={"node_ids": keep.nonzero().flatten().tolist()})
 
     def observe(self, state, result: VerifyResult) -> None:
         tree = result.draft.tree

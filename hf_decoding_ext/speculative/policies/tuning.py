@@ -41,7 +41,8 @@ from hf_decoding_ext.core.kernels import _PLAN_VERSION, _machine_fingerprint, fa
 from hf_decoding_ext.core.resources import data_file
 from hf_decoding_ext.speculative.policies.tree_policy import VerifyCostCurve
 
-__all__ = ["COST_SIZES", "acceptance_gains", "device_curve", "measure_verify_cost", "shipped_gains"]
+__all__ = ["COST_SIZES", "acceptance_gains", "device_curve", "measure_verify_cost", "shipped_entry",
+           "shipped_gains"]
 
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 """Forward sizes (new tokens) :func:`device_curve` measures."""
@@ -54,32 +55,44 @@ _BY_MODEL: dict[tuple, VerifyCostCurve] = {}
 
 
 def acceptance_gains(stats, max_nodes: int | None = None) -> list[float]:
-    """Per node index ``i`` (the drafter's order): accepted count / number of steps whose tree had a node ``i``.
+    """Per node index ``i`` (the drafter's order): accepted count / number of steps whose tree had a node ``i``
+    (the drafter's node ids when a step's tree dropped some, :attr:`StepStats.drafted_nodes`).
 
     Args:
         stats: :class:`~hf_decoding_ext.speculative.engine.StepStats` of one or more calls (``accepted_nodes`` set).
         max_nodes: length of the result (``None``: the largest tree seen). Nodes never drafted get gain 0.
     """
     stats = list(stats)
-    size = max((s.draft_size for s in stats), default=0) if max_nodes is None else max_nodes
+
+    def drafted(s):
+        return range(s.draft_size) if s.drafted_nodes is None else s.drafted_nodes
+
+    size = max((max(drafted(s), default=-1) + 1 for s in stats), default=0) if max_nodes is None else max_nodes
     seen, accepted = [0] * size, [0] * size
     for s in stats:
-        for i in range(min(s.draft_size, size)):
-            seen[i] += 1
+        for i in drafted(s):
+            if i < size:
+                seen[i] += 1
         for i in s.accepted_nodes:
             if i < size:
                 accepted[i] += 1
     return [a / n if n else 0.0 for a, n in zip(accepted, seen)]
 
 
-def shipped_gains(name: str) -> list[float] | None:
-    """The acceptance gains shipped for the registered drafter configuration ``name`` (``None`` if there are none).
-    They were counted on the default model: for another target they are a prior, not a measurement."""
+def shipped_entry(name: str) -> dict | None:
+    """The whole entry shipped for the drafter configuration ``name`` in ``data/acceptance/gains.json`` (``gains``,
+    and for token recycling the node ``paths`` they belong to), or ``None``."""
     try:
         data = json.loads(data_file(*GAINS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    entry = data.get("drafters", {}).get(name)
+    return data.get("drafters", {}).get(name)
+
+
+def shipped_gains(name: str) -> list[float] | None:
+    """The acceptance gains shipped for the registered drafter configuration ``name`` (``None`` if there are none).
+    They were counted on the default model: for another target they are a prior, not a measurement."""
+    entry = shipped_entry(name)
     return None if entry is None else [float(g) for g in entry["gains"]]
 
 
