@@ -269,6 +269,33 @@ def test_prompt_is_prefilled_causally_with_features_and_chunked_top_k(tiny_llama
     assert r.hidden_states is None and torch.equal(r.committed_top_k, full.logits[0, :6].topk(3).indices)
 
 
+def test_long_prompt_prefill_runs_in_chunks_with_the_same_features(tiny_llama, monkeypatch):
+    """The causal prefill of a long prompt runs ``prefill_chunk`` tokens per forward (the activations of one chunk at
+    a time); features, top-k ids and output equal the one-chunk prefill's."""
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    results = {}
+    for chunk in (512, 4):
+        calls = []
+        original_forward = tiny_llama.forward
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs["input_ids"].shape[1])
+            return original_forward(*args, **kwargs)
+
+        monkeypatch.setattr(tiny_llama, "forward", spy)
+        d = _Recorder({"last_hidden_state", "committed_top_k"})
+        d.committed_k = 3
+        loop = SpeculativeDecoding(d, kernels="pytorch")
+        loop.prefill_above, loop.prefill_chunk = 4, chunk
+        out = tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=loop)
+        monkeypatch.undo()
+        results[chunk] = (out, d.results[0][1], calls)
+    assert results[512][2][0] == 9 and results[4][2][:3] == [4, 4, 1]  # 9 prompt tokens before the root
+    (out_a, r_a, _), (out_b, r_b, _) = results[512], results[4]
+    assert torch.equal(out_a, out_b) and torch.equal(r_a.committed_top_k, r_b.committed_top_k)
+    torch.testing.assert_close(r_a.hidden_states, r_b.hidden_states, atol=1e-5, rtol=1e-5)
+
+
 def test_all_hidden_states_are_every_layer_at_every_position(tiny_llama):
     prompt = [3, 4, 5, 6, 7]
     d = _Recorder({"all_hidden_states", "last_hidden_state"})

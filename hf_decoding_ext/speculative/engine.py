@@ -185,6 +185,8 @@ class SpeculativeDecoding(DecodingLoop):
     :meth:`verify`); up to it the prompt and the first tree share one forward, as in transformers' assisted
     generation (the same number of target forwards; the dense 4D mask then holds at most about 1025 x 1025
     entries, 4 MB in float32)."""
+    prefill_chunk = 512
+    """Tokens per forward of that prefill (the activations of one chunk at a time)."""
     supports_sliding_window = False  # tree masks and KV compaction assume full attention
 
     def __init__(self, drafter: Drafter | None = None, acceptance: str | AcceptanceRule = "auto",
@@ -266,21 +268,32 @@ class SpeculativeDecoding(DecodingLoop):
 
     def prefill(self, state: GenerationState, n_tokens: int, want: str | None):
         """Run the first ``n_tokens`` uncached committed tokens (the prompt but its last token, at the first step)
-        through the model's normal causal path (a 2D padding mask, no tree mask) and return the features the drafter
-        needs at them: ``want="last"``: the final norm's output ``(n, hidden)`` (captured by a hook, not every
-        layer), ``"all"``: every layer's hidden states (a tuple), ``None``: nothing. No logits are kept but the
-        last position's."""
-        cache_len = state.cache.get_seq_length()
-        ids = state.input_ids[:, cache_len:cache_len + n_tokens]
-        mask = state.attention_mask[:, :cache_len + n_tokens]
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_len:]
-        with _FeatureHook(_hookable_norm(state.model) if want == "last" else None) as hook:
-            out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
-                              use_cache=True, logits_to_keep=1, return_dict=True,
-                              **({"output_hidden_states": True} if want == "all" else {}))
+        through the model's normal causal path (a 2D padding mask, no tree mask), in chunks of
+        :attr:`prefill_chunk` tokens (transformers' ``prefill_chunk_size``: the activations of one chunk at a time),
+        and return the features the drafter needs at them: ``want="last"``: the final norm's output ``(n, hidden)``
+        (captured by a hook, not every layer), ``"all"``: every layer's hidden states (a tuple), ``None``: nothing.
+        No logits are kept but each chunk's last position's."""
+        chunks = []
+        for start in range(0, n_tokens, self.prefill_chunk):
+            cache_len = state.cache.get_seq_length()
+            stop = min(n_tokens - start, self.prefill_chunk)
+            ids = state.input_ids[:, cache_len:cache_len + stop]
+            mask = state.attention_mask[:, :cache_len + stop]
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_len:]
+            with _FeatureHook(_hookable_norm(state.model) if want == "last" else None) as hook:
+                out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
+                                  use_cache=True, logits_to_keep=1, return_dict=True,
+                                  **({"output_hidden_states": True} if want == "all" else {}))
+            if want == "last":
+                chunks.append(hook.features)
+            elif want == "all":
+                chunks.append(tuple(h[0] for h in out.hidden_states))
+            del out
         if want == "last":
-            return hook.features
-        return tuple(h[0] for h in out.hidden_states) if want == "all" else None
+            return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if want == "all":
+            return chunks[0] if len(chunks) == 1 else tuple(torch.cat(parts) for parts in zip(*chunks))
+        return None
 
     def verify(self, state: GenerationState, draft: Draft):
         """One target forward over the uncached committed tokens, the tree and side nodes.
@@ -310,7 +323,8 @@ class SpeculativeDecoding(DecodingLoop):
         pre_hidden = pre_top_k = None
         if uncached > self.prefill_above and "committed_logits" not in needs:
             pre_hidden = self.prefill(state, uncached - 1, want)
-            state.stats["prefill_forwards"] = state.stats.get("prefill_forwards", 0) + 1
+            state.stats["prefill_forwards"] = (state.stats.get("prefill_forwards", 0)
+                                               + -(-(uncached - 1) // self.prefill_chunk))
             if "committed_top_k" in needs:
                 features = pre_hidden[-1] if want == "all" else pre_hidden
                 pre_top_k = _chunked_top_k(state.model, features, self.drafter.committed_k)

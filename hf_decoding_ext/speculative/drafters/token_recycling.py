@@ -23,21 +23,18 @@ PAPER_TREE_CHILDREN: dict[tuple[int, ...], int] = {
 }
 
 
-# Nodes of the paper's tree ranked by how often they were on the accepted path, measured with the full tree on
-# SmolLM2-135M-Instruct (greedy, 24 benchmark prompts x 128 tokens, 817 steps, hot start); every node's parent comes
-# before it, so any prefix of this list is a valid subtree. ``max_nodes`` keeps a prefix (then the remaining nodes of
-# the template in breadth-first order). With 16 nodes this subtree kept 2.14 of the full tree's 2.50 tokens per step.
+# Fallback ranking of the paper's tree, used only when the shipped acceptance statistics (GAINS_NAME) are missing:
+# nodes ranked by how often they were on the accepted path with the full tree on SmolLM2-135M-Instruct (greedy, 817
+# steps, hot start) -- counted on 24 *benchmark* prompts by an earlier session, which is why the default order now
+# comes from the distillation prompts instead. Every node's parent comes before it, so any prefix is a valid subtree.
 NODE_PRIORITY: list[tuple[int, ...]] = [
     (0,), (0, 0), (1,), (0, 0, 0), (2,), (0, 1), (1, 0), (0, 0, 0, 0), (0, 0, 1), (3,), (0, 0, 1, 0),
     (0, 0, 0, 0, 0), (0, 1, 0), (4,), (5,), (0, 0, 1, 0, 0), (1, 1), (1, 0, 0), (2, 0), (7,), (0, 2), (6,), (3, 0),
     (0, 0, 2), (0, 0, 0, 1), (0, 1, 0, 0), (0, 5), (1, 2), (0, 0, 0, 0, 0, 0), (0, 3), (0, 6), (4, 0),
 ]
 
-# Tree size used by ``max_nodes="auto"`` on CPU: there a forward over 2-20 new tokens cost ~1.5-1.7x a 1-token
-# forward and ~2.5x beyond 24 (SmolLM2-135M, 2 cores), so the 80-node tree verifies slower than greedy decoding.
-# Chosen before the engine's small-batch linear layout (which makes 2-6-token forwards cheaper than a 1-token one and
-# favours smaller trees, see results/verify_cost.json); not re-tuned since. It overrides the cost-curve rule of
-# NodeBudget (which, without acceptance estimates, would pick 5 nodes); the accelerator size is the whole template.
+# Tree size of ``max_nodes="auto"`` on CPU when no acceptance statistics are shipped (hand-set before the kernel
+# feature; with the statistics the size comes from the measured verify-cost curve, see GAINS_NAME).
 CPU_MAX_NODES = 16
 
 GAINS_NAME = "token-recycling"
@@ -85,11 +82,15 @@ class TokenRecyclingDrafter(Drafter):
         k: candidates per token (the paper's top-k, default 8).
         tree: ``{path: n_children}`` template; default the paper's 80-node tree "2.2.2".
         max_depth: optional cap on tree depth.
-        max_nodes: keep only this many nodes of the template, the most often accepted first (a best-first tree,
-            :func:`~hf_decoding_ext.core.tree.best_first_paths`, scored by rank in :data:`NODE_PRIORITY`, then
-            breadth-first); ``None`` keeps the whole template; ``"auto"`` (default) keeps the whole template when
-            the model runs on an accelerator and :data:`CPU_MAX_NODES` (16) on CPU, where a verification forward over
-            80 nodes costs ~3.7x a 1-token forward (a deviation from the paper, which targets GPUs).
+        max_nodes: keep only this many nodes of the template, the most often accepted first: the best-first tree
+            (:func:`~hf_decoding_ext.core.tree.best_first_paths`) scored by each node's acceptance counted on the
+            distillation prompts (:data:`GAINS_NAME`; :data:`NODE_PRIORITY` when they are missing), laid out in
+            that order; ``None`` keeps the whole template; ``"auto"`` (default) picks, at each ``generate()`` call,
+            the size maximising expected accepted tokens per unit of verification time on the verify-cost curve
+            measured on the running device and model (cached; 11 nodes with the fast kernels on the 2-core
+            development CPU, where 80 nodes cost ~4x a 1-token forward: a deviation from the paper, which targets
+            GPUs and verifies all 80); without the statistics :data:`CPU_MAX_NODES` on CPU, the whole template
+            elsewhere.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
