@@ -23,10 +23,25 @@ from hf_decoding_ext.bench.run import run_speed
 from hf_decoding_ext.bench.speed import GREEDY_KWARGS
 from hf_decoding_ext.core.models import load_model
 from hf_decoding_ext.plug import generate_kwargs
-from hf_decoding_ext.registry import METHODS
+from hf_decoding_ext.registry import METHODS, get_method
 from hf_decoding_ext.speculative import SpeculativeDecoding
 
 FAMILIES = ("speculative", "trained-heads")
+
+
+def draft_model_methods(model, tokenizer) -> dict:
+    """``--draft-model``: the engine's draft-model drafter with its registry assistant, against transformers'
+    assisted generation with the same assistant under both kernels (separate table: the assistant's forwards)."""
+    from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+
+    drafter = DraftModelDrafter.for_model(model, tokenizer, **get_method("draft-model").defaults)
+    assistant = drafter.assistant_model
+    return {
+        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+        "assisted (transformers)": {"assistant_model": assistant, **GREEDY_KWARGS},
+        "assisted (transformers)/fast-kernels": {"assistant_model": assistant, "kernels": "auto", **GREEDY_KWARGS},
+        "draft-model": {"custom_generate": SpeculativeDecoding(drafter), "do_sample": False},
+    }
 
 
 def methods_to_time(model, tokenizer, only=None) -> dict:
@@ -54,12 +69,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--warmup-prompts", type=int, default=1, help="distillation prompts per category for warm-up")
     ap.add_argument("--methods", nargs="*", default=None, help="only these registered methods")
+    ap.add_argument("--draft-model", action="store_true",
+                    help="time the draft-model method against transformers' assisted generation instead")
     ap.add_argument("--out", default="results")
     ap.add_argument("--tag", default="speed")
     args = ap.parse_args(argv)
     model, tokenizer = load_model()
     warm = load_distill_prompts(limit=args.warmup_prompts)[:: 3]
-    res = run_speed(methods_to_time(model, tokenizer, args.methods), model, tokenizer,
+    methods = draft_model_methods(model, tokenizer) if args.draft_model else methods_to_time(model, tokenizer,
+                                                                                             args.methods)
+    res = run_speed(methods, model, tokenizer,
                     per_category=args.per_category, max_new_tokens=args.max_new_tokens, out_dir=args.out,
                     tag=args.tag, repeats=args.repeats, warmup_prompts=warm, same_kernel="greedy/fast-kernels")
     for name, m in res["methods"].items():

@@ -14,6 +14,8 @@ LABELS = {
     "prompt-lookup (transformers)": "transformers' prompt lookup (10)",
     "prompt-lookup (transformers)/fast-kernels": "transformers' prompt lookup (10), fast kernels",
     "repeat-last-token (reference)": "repeat-last-token (reference: no useful drafts)",
+    "assisted (transformers)": "transformers' assisted generation (same assistant)",
+    "assisted (transformers)/fast-kernels": "transformers' assisted generation (same assistant), fast kernels",
 }
 SHORT = {"multi_turn_chat": "chat", "translation": "transl.", "summarization": "summ.", "qa": "QA",
          "math_reasoning": "math", "rag_qa": "RAG"}

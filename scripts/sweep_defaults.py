@@ -30,7 +30,7 @@ def configurations() -> dict:
     for n in (4, 8, 16, 24, 40):
         out[f"token-recycling ({n} nodes)"] = loop(TokenRecyclingDrafter(max_nodes=n))
     out["prompt-lookup (auto)"] = loop(PromptLookupDrafter(num_tokens="auto"))
-    for n in (3, 6, 10):
+    for n in (3, 6, 10, 16):
         out[f"prompt-lookup ({n} tokens)"] = loop(PromptLookupDrafter(num_tokens=n))
     out["auto-speculative (auto)"] = loop(AutoSpeculativeDrafter())
     for n in (6, 16, 24, 40):
@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--only", default=None, help="only the configurations whose name starts with this drafter name")
+    ap.add_argument("--tag", default="defaults_sweep")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     model, tokenizer = load_model()
@@ -52,8 +54,10 @@ def main(argv=None) -> int:
         by_cat.setdefault(row["category"], []).append(row)
     measured = [r for rs in by_cat.values() for r in rs[3:3 + args.per_category]]  # not the tuning prompts
     warm = [rs[-1] for rs in by_cat.values()][::3]
-    res = run_speed(configurations(), model, tokenizer, prompts=measured, max_new_tokens=args.max_new_tokens,
-                    out_dir=args.out, tag="defaults_sweep", repeats=args.repeats, warmup_prompts=warm,
+    configs = {k: v for k, v in configurations().items()
+               if args.only is None or k.startswith(args.only) or k == "greedy/fast-kernels"}
+    res = run_speed(configs, model, tokenizer, prompts=measured, max_new_tokens=args.max_new_tokens,
+                    out_dir=args.out, tag=args.tag, repeats=args.repeats, warmup_prompts=warm,
                     same_kernel="greedy/fast-kernels")
     for name, m in res["methods"].items():
         o = m["overall"]

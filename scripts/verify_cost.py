@@ -1,10 +1,13 @@
 """Cost of a verification forward over n new tokens relative to a 1-token forward, with PyTorch's linear kernel
-layout and with the engine's weight-left layout (:mod:`hf_decoding_ext.core.kernels`), interleaved.
+layout, the older weight-left layout and the automatic kernel plan the engine uses (``fast_kernels``,
+:mod:`hf_decoding_ext.core.kernels`), interleaved.
 
     python scripts/verify_cost.py --out results
 
 Writes ``<out>/verify_cost.json`` and ``.png``: per n, the median forward time (cached prefix of ``--context``
-tokens) for both layouts, and the ratio to the 1-token forward with PyTorch's kernels (plain greedy decoding).
+tokens) for each layout, the ratio to the 1-token forward with PyTorch's kernels (plain greedy decoding) and, for the
+automatic plan, the ratio to its own 1-token forward (``auto_own_ratio``: the curve ``max_nodes="auto"`` sizes trees
+with, as :func:`~hf_decoding_ext.speculative.policies.tuning.device_curve` measures it at first use).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import torch
 from tqdm import tqdm
 
 from hf_decoding_ext.core.models import DEFAULT_MODEL, load_model
-from hf_decoding_ext.core.kernels import small_batch_linear
+from hf_decoding_ext.core.kernels import fast_kernels, small_batch_linear
+
+
+LAYOUTS = ("pytorch", "weight_left", "auto")
 
 
 def main(argv=None) -> int:
@@ -35,7 +41,7 @@ def main(argv=None) -> int:
     model.eval()
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(100, 20000, (1, args.context), generator=gen)
-    times: dict[str, dict[int, list[float]]] = {layout: {n: [] for n in sizes} for layout in ("pytorch", "weight_left")}
+    times: dict[str, dict[int, list[float]]] = {layout: {n: [] for n in sizes} for layout in LAYOUTS}
     with torch.inference_mode():
         cache = model(input_ids=prefix, use_cache=True).past_key_values
         for rep in tqdm(range(args.reps + 1), desc="rounds"):  # round 0 warms up, not recorded
@@ -44,8 +50,10 @@ def main(argv=None) -> int:
                 pos = torch.arange(args.context, args.context + n)[None]
                 mask = torch.zeros(1, 1, n, args.context + n)
                 mask[0, 0, :, args.context:] = torch.triu(torch.full((n, n), torch.finfo(torch.float32).min), 1)
-                for layout in ("pytorch", "weight_left"):
-                    with small_batch_linear(model, enabled=layout == "weight_left"):
+                for layout in LAYOUTS:
+                    ctx = (fast_kernels(model) if layout == "auto"
+                           else small_batch_linear(model, enabled=layout == "weight_left"))
+                    with ctx:
                         t = time.perf_counter()
                         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                               use_cache=True, logits_to_keep=n)
@@ -60,9 +68,11 @@ def main(argv=None) -> int:
             med = statistics.median(times[layout][n])
             row[f"{layout}_ms"] = round(1000 * med, 2)
             row[f"{layout}_ratio"] = round(med / base, 3)
+        row["auto_own_ratio"] = round(statistics.median(times["auto"][n]) / statistics.median(times["auto"][1]), 3)
         rows.append(row)
         print(f"n={n:3d}  pytorch {row['pytorch_ms']:7.1f} ms (x{row['pytorch_ratio']:.2f})  "
-              f"weight-left {row['weight_left_ms']:7.1f} ms (x{row['weight_left_ratio']:.2f})")
+              f"weight-left {row['weight_left_ms']:7.1f} ms (x{row['weight_left_ratio']:.2f})  "
+              f"auto {row['auto_ms']:7.1f} ms (x{row['auto_ratio']:.2f}, own x{row['auto_own_ratio']:.2f})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": DEFAULT_MODEL, "dtype": "float32", "context": args.context, "reps": args.reps,
@@ -75,7 +85,8 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for layout, label in (("pytorch", "PyTorch linear (x @ W.T)"), ("weight_left", "weight-left (W @ x.T)")):
+    for layout, label in (("pytorch", "PyTorch linear (x @ W.T)"), ("weight_left", "weight-left (W @ x.T)"),
+                          ("auto", "automatic kernel plan (fast_kernels)")):
         ax.plot(sizes, [r[f"{layout}_ratio"] for r in rows], marker="o", label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("tokens in the forward")

@@ -177,23 +177,28 @@ def test_effects_agree_with_the_committed_figures():
     ins = c["instructions"]["rates"]
     assert f"greedy {ins['greedy']['follows']:.3f}" in get_method("instructive").effect_note
     assert f"{ins['instructive_eps_0.3']['follows']:.3f}" in get_method("instructive").effect_note
-    # lossless accelerators: the paper's effect is a speed-up at equal output. A trained head counts as reproduced
-    # only if it beats the engine's near-null reference drafter on the same kernels.
-    heads = _json("trained-heads_speed.json")["methods"]
-    ref = heads["repeat-last-token (reference)"]["overall"]["speed_ratio"]
-    for name in ("medusa", "hydra", "mlp-speculator", "eagle-fspad"):
-        spec, ratio = get_method(name), heads[name]["overall"]["speed_ratio"]
-        assert heads[name]["overall"]["match_baseline_rate"] == 1.0
-        assert spec.effect == ("reproduced" if ratio > ref else "not reproduced"), name
-        assert f"{ratio:.2f}x greedy" in spec.effect_note and f"{ref:.2f}x" in spec.effect_note, name
-    spec_speed = _json("speculative_speed.json")["methods"]
-    for name in ("prompt-lookup", "token-recycling", "lookahead", "jacobi", "draft-model"):
-        spec, o = get_method(name), spec_speed[name]["overall"]
-        assert f"{o['speed_ratio']:.2f}x greedy" in spec.effect_note, name
-        if spec.effect == "reproduced":
-            assert o["speed_ratio"] > 1.1 and o["match_baseline_rate"] == 1.0, name
-    for name in ("jacobi", "draft-model"):
-        assert spec_speed[name]["overall"]["speed_ratio"] < 1 and get_method(name).effect == "not reproduced"
+    # lossless accelerators: the paper's effect is a speed-up at equal output, measured against greedy decoding
+    # with the same CPU kernels (the method's own speed-up); "reproduced" needs at least 1.2x there.
+    speed = _json("speed.json")["methods"]
+    ref = speed["repeat-last-token (reference)"]["overall"]["speed_ratio_same_kernel"]
+    for name in ("prompt-lookup", "token-recycling", "auto-speculative", "lookahead", "jacobi", "medusa", "hydra",
+                 "mlp-speculator", "eagle-fspad"):
+        spec, o = get_method(name), speed[name]["overall"]
+        own = o["speed_ratio_same_kernel"]
+        assert o["match_baseline_rate"] == 1.0, name
+        assert f"{own:.2f}x same-kernel greedy [{o['speed_ratio_same_kernel_min']:.2f}-" in spec.effect_note, name
+        assert f"{o['speed_ratio']:.2f}x stock greedy" in spec.effect_note, name
+        assert f"{o['tokens_per_forward']:.2f} tokens per forward" in spec.effect_note, name
+        assert spec.effect == ("reproduced" if own >= 1.2 else "not reproduced"), name
+        if spec.family == "trained-heads":
+            assert f"reference ({ref:.2f}x)" in spec.effect_note, name
+    dm = _json("draft-model_speed.json")["methods"]
+    o, note = dm["draft-model"]["overall"], get_method("draft-model").effect_note
+    assert o["match_baseline_rate"] == 1.0 and f"{o['speed_ratio_same_kernel']:.2f}x same-kernel greedy" in note
+    assisted = dm["assisted (transformers)/fast-kernels"]["overall"]["speed_ratio_same_kernel"]
+    assert f"assisted generation {assisted:.2f}x" in note
+    assert get_method("draft-model").effect == ("reproduced" if o["speed_ratio_same_kernel"] >= 1.2
+                                                else "not reproduced")
     scd = _json("scd_speed.json")["methods"]["scd_greedy"]["overall"]["speed_ratio"]
     assert scd < 1 and f"{scd:.2f}x plain" in get_method("speculative-contrastive").effect_note
     js, note = _json("jsonschemabench.json")["generation"]["metrics"]["all"], get_method("json-schema").effect_note

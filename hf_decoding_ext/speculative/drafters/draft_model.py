@@ -113,6 +113,11 @@ class DraftModelDrafter(Drafter):
                 draft = draft.to(device=model.device, dtype=model.dtype)
         return cls(draft, num_tokens=num_tokens, confidence_threshold=confidence_threshold, schedule=schedule)
 
+    def kernel_modules(self) -> list:
+        """The draft model runs under the same CPU kernel plan as the target (as transformers' assisted generation
+        does under :func:`~hf_decoding_ext.plug.fast_generate`)."""
+        return [self.assistant] if self.assistant is not None else []
+
     def begin(self, state) -> None:
         given = getattr(state, "assistant_model", None)
         if self.assistant_model is not None and given is not None and given is not self.assistant_model:

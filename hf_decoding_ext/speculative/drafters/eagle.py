@@ -30,7 +30,7 @@ class EagleDrafter(FeatureHeadDrafter):
         drafter: an :class:`~hf_decoding_ext.speculative.heads.eagle.EagleDrafterModel`, a folder or Hub id, or
             ``"shipped"`` (trained on SmolLM2-135M-Instruct, shipped with the package).
         tree_choices: explicit tree as candidate-rank paths.
-        max_nodes: size of the default tree; ``"auto"``: by the target's device (see
+        max_nodes: size of the default tree; ``"auto"``: from the verify-cost curve measured on the target's device (see
             :data:`~hf_decoding_ext.speculative.drafters.feature_head.CPU_MAX_NODES`); ``None``: the whole tree.
 
     Example:

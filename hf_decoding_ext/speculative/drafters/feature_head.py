@@ -28,18 +28,16 @@ SHIPPED = {kind: cls.shipped_name for kind, cls in head_classes().items() if cls
 head kind -> folder name, read from the head classes' ``shipped_name`` declarations."""
 
 CPU_MAX_NODES = 3
-"""Tree size of ``max_nodes="auto"`` when the target runs on CPU. With the engine's small-batch linear layout a
-forward over 2-4 tokens costs 0.55-0.73x a 1-token forward on the development CPU, 6 tokens about 1x and 10 tokens
-1.5x (``results/verify_cost.json``), while the shipped heads' acceptance beyond their best few paths is small: in the
-measured sweep (``results/trained-heads_tree_size.json``, 6 prompts x 128 tokens) 3 nodes was the fastest size for
-all four heads (1.50-1.68x over greedy against 1.36-1.47x with 4 nodes and 0.85-0.91x with 10). This measured size
-overrides the cost-curve rule of :class:`~hf_decoding_ext.speculative.policies.tree_policy.NodeBudget`, which ignores
-drafting time and, from the heads' accuracies, would pick 1 node (a 2-token forward is the cheapest point of the
-curve)."""
+"""Fallback tree size of ``max_nodes="auto"`` on CPU, used only when no verify-cost curve can be measured for the
+model (``"auto"`` otherwise sizes the tree from the curve measured on the running device and the head's held-out
+accuracies, :meth:`FeatureHeadDrafter.expected_gains`). It is the fastest size of an end-to-end sweep made with the
+engine's older weight-left kernel (``results/trained-heads_tree_size.json``, 6 prompts x 128 tokens: 3 nodes for all
+four heads, against 4 and 10)."""
 
 DEFAULT_MAX_NODES = "auto"
-"""Default ``max_nodes`` of the feature-head drafters: :data:`CPU_MAX_NODES` on CPU, :data:`ACCELERATOR_MAX_NODES`
-elsewhere (:data:`~hf_decoding_ext.speculative.policies.tree_policy.ACCELERATOR_MAX_NODES`, re-exported here)."""
+"""Default ``max_nodes`` of the feature-head drafters: sized from the measured verify-cost curve (fallbacks
+:data:`CPU_MAX_NODES` on CPU, :data:`ACCELERATOR_MAX_NODES`
+elsewhere (:data:`~hf_decoding_ext.speculative.policies.tree_policy.ACCELERATOR_MAX_NODES`, re-exported here))."""
 
 
 def shipped_head_path(kind: str) -> Path:
@@ -74,8 +72,9 @@ class FeatureHeadDrafter(Drafter):
     Subclasses implement :meth:`prepare` (per-step work from the last feature and root token) and :meth:`topk`
     (ranked candidates for the children of given tree nodes). ``tree_choices`` overrides the head's default tree;
     ``max_nodes`` trims the default tree (derived from the head's measured accuracies) to that many nodes;
-    ``"auto"`` picks :data:`CPU_MAX_NODES` or :data:`ACCELERATOR_MAX_NODES` from the target's device at each
-    ``generate()`` call; ``None`` keeps the head's whole default tree.
+    ``"auto"`` sizes it at each ``generate()`` call from the verify-cost curve measured on the target's device and the
+    head's accuracies (:data:`CPU_MAX_NODES` / :data:`ACCELERATOR_MAX_NODES` without a curve); ``None`` keeps the
+    head's whole default tree.
     """
 
     needs = frozenset({"last_hidden_state"})

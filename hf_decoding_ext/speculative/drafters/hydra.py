@@ -23,7 +23,7 @@ class HydraDrafter(FeatureHeadDrafter):
         heads: a :class:`~hf_decoding_ext.speculative.heads.hydra.HydraHeads`, a folder or Hub id, or ``"shipped"``
             (the checkpoint trained on SmolLM2-135M-Instruct shipped with the package).
         tree_choices: explicit tree as candidate-rank paths, e.g. ``[[0], [1], [0, 0]]``.
-        max_nodes: size of the default tree; ``"auto"``: by the target's device (see
+        max_nodes: size of the default tree; ``"auto"``: from the verify-cost curve measured on the target's device (see
             :data:`~hf_decoding_ext.speculative.drafters.feature_head.CPU_MAX_NODES`); ``None``: the whole tree.
 
     Example:
