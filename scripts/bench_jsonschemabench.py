@@ -3,9 +3,11 @@
     python scripts/bench_jsonschemabench.py --per-subset 40 --max-new-tokens 384 --mask-limit 0 --out results
 
 * generation: ``--per-subset`` schemas from each shipped subset (Glaiveai2K, Github_easy), spread evenly; for each
-  schema, constrained greedy decoding and (interleaved, order alternating) unconstrained greedy decoding with the
-  benchmark's prompt; declared coverage, empirical coverage (Draft 2020-12), compliance, compile time, time per
-  output token and the mask's share of an unconstrained step;
+  schema, three greedy generations with the same token budget, interleaved (order rotated per schema): constrained
+  with the budget-aware processor (told ``max_new_tokens``), constrained without it, and unconstrained; declared
+  coverage, empirical coverage and compliance (Draft 2020-12 with the benchmark's format checks), the share cut by
+  the budget, the budgeted runs against the unbudgeted ones (validity, identical outputs), compile time, time per
+  output token without the prefill and the mask's share of an unconstrained step;
 * masks: every MaskBench case (``--mask-limit 0``) or the first N per subset: valid instances blocked, invalid
   instances admitted, mask time percentiles.
 
@@ -32,7 +34,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-subset", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=384)
-    ap.add_argument("--unconstrained-max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-string-length", type=int, default=None,
+                    help="cap open strings in the budgeted runs (a deviation from the schema; default: no cap)")
+    ap.add_argument("--max-items", type=int, default=None, help="cap open arrays in the budgeted runs")
     ap.add_argument("--shots", type=int, default=0, help="demonstrations in the prompt (0-2)")
     ap.add_argument("--mask-limit", type=int, default=0, help="MaskBench cases per subset (0: all)")
     ap.add_argument("--skip-generation", action="store_true")
@@ -46,11 +50,15 @@ def main(argv=None) -> int:
     model, tokenizer = load_model()
     result = {**result_header("jsonschemabench", "jsonschemabench", model, "smollm2-135m-instruct"),
               "settings": {"per_subset": args.per_subset, "max_new_tokens": args.max_new_tokens,
-                           "unconstrained_max_new_tokens": args.unconstrained_max_new_tokens,
+                           "max_string_length": args.max_string_length, "max_items": args.max_items,
+                           "runs": "budgeted (max_new_tokens given to the processor), constrained (no budget), "
+                                   "unconstrained; same max_new_tokens for all",
                            "mask_limit": args.mask_limit or None, "decoding": "greedy, batch 1",
                            "engine": "llguidance", "json_options": "compact separators ', ' and ': ' for generation; "
                            "flexible whitespace for the mask tests (instances serialised by json.dumps)",
-                           "validator": "jsonschema Draft202012Validator (formats not asserted, as in Draft 2020-12)",
+                           "validator": "jsonschema Draft202012Validator after check_schema, formats asserted "
+                                        "(jsonschema's FormatChecker plus ipv4/ipv6/uuid, as the benchmark's "
+                                        "validation.py), remote $refs never fetched",
                            "prompt": "system: 'You need to generate a JSON object that matches the schema below.'; "
                                      "then `shots` demonstrations (user: schema, assistant: instance); "
                                      "user: the schema as JSON", "shots": args.shots}}
@@ -65,8 +73,9 @@ def main(argv=None) -> int:
             entries = load_schemas(limit=args.per_subset)
             result["generation"] = run_generation(model, tokenizer, entries, args.max_new_tokens, progress=False,
                                                   log=log,
-                                                  unconstrained_max_new_tokens=args.unconstrained_max_new_tokens,
-                                                  shots=args.shots)
+                                                  shots=args.shots, **{k: v for k, v in (
+                                                      ("max_string_length", args.max_string_length),
+                                                      ("max_items", args.max_items)) if v is not None})
             log.write(json.dumps(result["generation"]["metrics"], indent=1) + "\n")
     write_json(result, out / "jsonschemabench.json")
     if "generation" in result:

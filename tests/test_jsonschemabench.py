@@ -56,19 +56,39 @@ def test_metrics_and_validation():
     assert ok
     assert jsb.validate_output("{", {})[1].startswith("not JSON")
     assert jsb.validate_output('{"a": "x"}', {"properties": {"a": {"type": "integer"}}})[1].startswith("invalid")
+    run = lambda valid, complete=True, tokens=11: {  # noqa: E731
+        "tokens": tokens, "seconds": 1.0, "decode_seconds": 0.5, "mask_seconds": 0.01, "valid": valid,
+        "complete": complete, "error": None, "tight_steps": 0, "text": "x" if valid else "y"}
     row = lambda sub, dec, valid, complete=True: {  # noqa: E731
         "subset": sub, "declared": dec, "compile_seconds": 0.001,
-        **({"constrained": {"tokens": 10, "seconds": 1.0, "mask_seconds": 0.01, "valid": valid,
-                            "complete": complete}} if dec else {}),
-        "unconstrained": {"tokens": 10, "seconds": 0.9, "valid": False}}
+        **({"constrained": run(valid, complete), "budgeted": run(True)} if dec else {}),
+        "unconstrained": {**run(False), "decode_seconds": 0.4}}
     m = jsb.metrics([row("A", True, True), row("A", True, False, complete=False), row("A", False, False),
                      row("B", True, True)])
     assert m["A"]["declared_coverage"] == pytest.approx(2 / 3)
-    assert m["A"]["empirical_coverage"] == pytest.approx(1 / 3)
-    assert m["A"]["compliance"] == pytest.approx(1 / 2)
-    assert m["A"]["compliance_of_completed"] == 1.0
+    assert m["A"]["constrained"]["empirical_coverage"] == pytest.approx(1 / 3)
+    assert m["A"]["constrained"]["compliance"] == pytest.approx(1 / 2)
+    assert m["A"]["constrained"]["compliance_of_completed"] == 1.0
+    assert m["A"]["constrained"]["cut_by_budget"] == pytest.approx(1 / 2)
+    assert m["A"]["compliance"] == 1.0 and m["A"]["budgeted"]["cut_by_budget"] == 0  # the budgeted runs lead
+    assert m["A"]["budget_vs_unbudgeted"]["valid_budgeted_only"] == 1
+    assert m["A"]["budget_vs_unbudgeted"]["identical_output"] == pytest.approx(1 / 2)
     assert m["all"]["schemas"] == 4
-    assert m["all"]["mask_share_of_unconstrained_step"] == pytest.approx((0.03 / 30) / (3.6 / 40))
+    # time per output token without the prefill: decode time over the steps after the first token
+    assert m["all"]["tpot_unconstrained_ms"] == pytest.approx(1e3 * 0.4 / 10)
+    assert m["all"]["budgeted"]["tpot_ratio"] == pytest.approx(0.5 / 0.4)
+
+
+def test_validator_checks_formats_refuses_remote_refs_and_catches_everything():
+    assert not jsb.validate_output('"not-an-ip"', {"format": "ipv4"})[0]  # formats asserted, as the benchmark does
+    assert jsb.validate_output('"2001:db8::1"', {"format": "ipv6"})[0]
+    assert not jsb.validate_output('"zz"', {"format": "uuid"})[0]
+    ok, reason = jsb.validate_output('{"a": 1}', {"$ref": "https://example.invalid/schema.json"})
+    assert not ok and "Unresolvable" in reason  # never fetched
+    ok, reason = jsb.validate_output("1", {"type": "no-such-type"})
+    assert not ok and reason.startswith("schema error")
+    ok, reason = jsb.validate_output('"a"', {"pattern": "("})
+    assert not ok
 
 
 @pytest.mark.real_model

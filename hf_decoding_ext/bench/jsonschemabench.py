@@ -176,64 +176,142 @@ def schema_prompt(tokenizer, schema: dict, device=None, shots: int = 0):
     return encode_prompts(tokenizer, [messages], device=device)
 
 
-def validate_output(text: str, schema: dict) -> tuple[bool, str]:
-    """``(valid, reason)``: ``text`` parses as JSON and validates under Draft 2020-12."""
+def _format_checker():
+    """The benchmark's format checker: jsonschema's, plus ``ipv4``, ``ipv6`` and ``uuid`` as the benchmark's
+    validator adds them (its formats are asserted, unlike plain Draft 2020-12)."""
+    import ipaddress
+    import uuid
+
     import jsonschema
+
+    checker = jsonschema.FormatChecker()
+
+    def _string_check(parse):
+        def check(value) -> bool:
+            if isinstance(value, str):
+                parse(value)  # raises ValueError when malformed
+            return True
+        return check
+
+    checker.checks("ipv4", raises=ValueError)(_string_check(ipaddress.IPv4Address))
+    checker.checks("ipv6", raises=ValueError)(_string_check(ipaddress.IPv6Address))
+    checker.checks("uuid", raises=ValueError)(_string_check(uuid.UUID))
+    return checker
+
+
+def _refuse_remote(uri: str):
+    from referencing.exceptions import NoSuchResource
+
+    raise NoSuchResource(ref=uri)
+
+
+def validate_output(text: str, schema: dict) -> tuple[bool, str]:
+    """``(valid, reason)``: ``text`` parses as JSON and validates under Draft 2020-12 with the benchmark's format
+    checks (``format`` asserted, as the benchmark's validator does). The schema is checked first; remote ``$ref``s
+    are never fetched (they fail validation); every exception of the validator is caught and reported."""
+    import jsonschema
+    from referencing import Registry
 
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
-        return False, f"not JSON: {err}"
+    except (ValueError, RecursionError) as err:
+        return False, f"not JSON: {str(err)[:200]}"
     try:
-        jsonschema.Draft202012Validator(schema).validate(value)
-    except jsonschema.ValidationError as err:
-        return False, f"invalid: {err.message[:200]}"
+        jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as err:
         return False, f"schema error: {err.message[:200]}"
+    except Exception as err:  # noqa: BLE001 - a broken schema must not stop the run
+        return False, f"schema error: {type(err).__name__}: {str(err)[:200]}"
+    try:
+        validator = jsonschema.Draft202012Validator(schema, format_checker=_format_checker(),
+                                                    registry=Registry(retrieve=_refuse_remote))
+        validator.validate(value)
+    except jsonschema.ValidationError as err:
+        return False, f"invalid: {err.message[:200]}"
+    except Exception as err:  # noqa: BLE001 - unresolvable $ref, recursion, a format checker's own error, ...
+        return False, f"validator error: {type(err).__name__}: {str(err)[:200]}"
     return True, ""
 
 
-def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 384, constrained: bool = True,
-                        shots: int = 0) -> dict:
-    """One greedy generation for ``schema`` (``shots`` demonstrations in the prompt); with ``constrained`` the
-    JSON-schema processor is used.
+class _TokenClock:
+    """A streamer that records when each generated token arrives (the first ``put`` is the prompt)."""
 
-    Returns ``{"text", "tokens", "seconds", "mask_seconds", "compile_seconds", "complete"}``.
+    def __init__(self):
+        self.times: list[float] = []
+        self.calls = 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls > 1:
+            self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 384, constrained: bool = True,
+                        shots: int = 0, budget: bool = False, **options) -> dict:
+    """One greedy generation for ``schema`` (``shots`` demonstrations in the prompt); with ``constrained`` the
+    JSON-schema processor is used, with ``budget`` it is told ``max_new_tokens`` (budget-aware completion);
+    ``options``: other arguments of the processor (``max_string_length``, ...).
+
+    Returns ``{"text", "tokens", "seconds", "decode_seconds", "mask_seconds", "compile_seconds", "complete",
+    "error"}``: ``decode_seconds`` runs from the first generated token to the last (no prefill), over
+    ``tokens - 1`` steps; ``error`` is the grammar engine's error if it stopped mid-generation (the text is then
+    what was generated before).
     """
     from hf_decoding_ext.structured.json_schema import JsonSchemaLogitsProcessor
 
     inputs = schema_prompt(tokenizer, schema, device=model.device, shots=shots)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    clock = _TokenClock()
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                  streamer=clock)
     proc = None
     compile_seconds = 0.0
     if constrained:
         t0 = time.perf_counter()
-        proc = JsonSchemaLogitsProcessor.for_model(model, tokenizer, schema=schema)
+        proc = JsonSchemaLogitsProcessor.for_model(model, tokenizer, schema=schema,
+                                                   max_new_tokens=max_new_tokens if budget else None, **options)
         compile_seconds = time.perf_counter() - t0
         kwargs["logits_processor"] = [proc]
+    error = None
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**inputs, **kwargs)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, **kwargs)
+        new = out[0, inputs["input_ids"].shape[1]:]
+    except GrammarEngineError as err:
+        error = str(err)[:300]
+        new = torch.tensor(proc.rows.consumed[0] if proc is not None and proc.rows is not None else [])
     seconds = time.perf_counter() - t0
-    new = out[0, inputs["input_ids"].shape[1]:]
     eos = set(eos_ids_of(model, tokenizer))
     n = len(new)
     while n and int(new[n - 1]) in eos | {tokenizer.pad_token_id}:
         n -= 1
+    decode_seconds = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else 0.0
     return {"text": tokenizer.decode(new[:n], skip_special_tokens=True), "tokens": int(new.shape[0]),
-            "seconds": seconds, "mask_seconds": proc.mask_seconds if proc is not None else 0.0,
-            "compile_seconds": compile_seconds, "complete": proc.is_complete(0) if proc is not None else None}
+            "seconds": seconds, "decode_seconds": decode_seconds,
+            "mask_seconds": proc.mask_seconds if proc is not None else 0.0,
+            "compile_seconds": compile_seconds,
+            "complete": (error is None and proc.is_complete(0, out)) if proc is not None else None, "error": error,
+            "tight_steps": proc.budget.tight_steps if proc is not None and proc.budget is not None else None}
+
+
+RUN_KINDS = ("budgeted", "constrained", "unconstrained")
+"""The generations per schema: constrained with the budget-aware processor, constrained without a budget, and
+unconstrained; all with the same ``max_new_tokens``."""
 
 
 def run_generation(model, tokenizer, entries: list[dict], max_new_tokens: int = 384, unconstrained: bool = True,
-                   progress: bool = True, log=None, unconstrained_max_new_tokens: int = 128,
-                   shots: int = 0) -> dict:
-    """Constrained (and, interleaved, unconstrained) greedy generation over ``entries``; per-schema rows and
-    per-subset metrics. ``log``: optional file-like object receiving one line per schema. The unconstrained runs
-    (validity of free generation and the time per token baseline) stop at ``unconstrained_max_new_tokens``."""
+                   progress: bool = True, log=None, shots: int = 0, kinds: Iterable[str] = RUN_KINDS,
+                   **options) -> dict:
+    """Greedy generation over ``entries`` for each of ``kinds`` (interleaved, the order rotated per schema) with the
+    same token budget; per-schema rows and per-subset metrics. ``log``: optional file-like object receiving one line
+    per schema. ``options``: processor arguments of the budgeted run (``max_string_length``, ...)."""
     from tqdm.auto import tqdm
 
     eos = eos_ids_of(model, tokenizer)
+    kinds = [k for k in kinds if unconstrained or k != "unconstrained"]
     rows = []
     for i, e in enumerate(tqdm(entries, desc="JSONSchemaBench", disable=not progress)):
         row = {"subset": e["subset"], "id": e["id"]}
@@ -245,63 +323,81 @@ def run_generation(model, tokenizer, entries: list[dict], max_new_tokens: int = 
         except ValueError as err:
             row["declared"] = False
             row["unsupported"] = str(err)[:200]
-        runs = []
-        if row["declared"]:
-            runs.append("constrained")
-        if unconstrained:
-            runs.append("unconstrained")
-        if i % 2:
-            runs.reverse()  # interleave the order
-        for kind in runs:
-            budget = max_new_tokens if kind == "constrained" else unconstrained_max_new_tokens
-            r = generate_for_schema(model, tokenizer, e["schema"], budget, constrained=kind == "constrained",
-                                    shots=shots)
+        runs = [k for k in kinds if row["declared"] or k == "unconstrained"]
+        shift = i % max(1, len(runs))
+        for kind in runs[shift:] + runs[:shift]:
+            r = generate_for_schema(model, tokenizer, e["schema"], max_new_tokens, constrained=kind != "unconstrained",
+                                    shots=shots, budget=kind == "budgeted", **(options if kind == "budgeted" else {}))
             ok, reason = validate_output(r["text"], e["schema"])
-            row[kind] = {**{k: r[k] for k in ("tokens", "seconds", "mask_seconds", "complete")}, "valid": ok,
-                         "reason": reason, "text": r["text"][:2000]}
+            row[kind] = {**{k: r[k] for k in ("tokens", "seconds", "decode_seconds", "mask_seconds", "complete",
+                                              "error", "tight_steps")},
+                         "valid": ok, "reason": reason, "text": r["text"][:2000]}
         rows.append(row)
         if log is not None:
-            c = row.get("constrained", {})
-            u = row.get("unconstrained", {})
             log.write(f"[{i + 1}/{len(entries)}] {e['subset']}/{e['id']} declared={row['declared']} "
-                      f"constrained_valid={c.get('valid')} unconstrained_valid={u.get('valid')}\n")
+                      + " ".join(f"{k}_valid={row[k]['valid']}" for k in runs if k in row) + "\n")
             log.flush()
     return {"rows": rows, "metrics": metrics(rows)}
 
 
+def _tpot(runs: list[dict]) -> float | None:
+    """Seconds per output token without the prefill: decoding time over the steps after the first token."""
+    steps = sum(max(0, r["tokens"] - 1) for r in runs)
+    return sum(r["decode_seconds"] for r in runs) / steps if steps else None
+
+
 def metrics(rows: list[dict]) -> dict:
-    """Per-subset and overall coverage, compliance and efficiency from :func:`run_generation` rows."""
+    """Per-subset and overall coverage, compliance, budget and efficiency figures from :func:`run_generation`
+    rows. ``compliance`` is that of the budgeted runs when they exist (the processor as users should run it), else
+    of the unbudgeted constrained runs; both are reported."""
     out = {}
     for subset in sorted({r["subset"] for r in rows}) + ["all"]:
         rs = [r for r in rows if subset in ("all", r["subset"])]
         n = len(rs)
         dec = [r for r in rs if r["declared"]]
-        emp = [r for r in dec if r["constrained"]["valid"]]
-        unc = [r for r in rs if "unconstrained" in r]
-        c_tok = sum(r["constrained"]["tokens"] for r in dec)
-        c_sec = sum(r["constrained"]["seconds"] for r in dec)
-        c_mask = sum(r["constrained"]["mask_seconds"] for r in dec)
-        u_tok = sum(r["unconstrained"]["tokens"] for r in unc)
-        u_sec = sum(r["unconstrained"]["seconds"] for r in unc)
-        tpot_c = c_sec / c_tok if c_tok else None
-        tpot_u = u_sec / u_tok if u_tok else None
-        out[subset] = {
-            "schemas": n,
-            "declared_coverage": len(dec) / n if n else None,
-            "empirical_coverage": len(emp) / n if n else None,
-            "compliance": len(emp) / len(dec) if dec else None,
-            "compliance_of_completed": (len(emp) / sum(1 for r in dec if r["constrained"]["complete"])
-                                        if any(r["constrained"]["complete"] for r in dec) else None),
-            "unconstrained_valid": (sum(r["unconstrained"]["valid"] for r in unc) / len(unc)) if unc else None,
-            "incomplete_at_max_tokens": sum(1 for r in dec if not r["constrained"]["complete"]),
-            "compile_ms_median": 1e3 * statistics.median([r["compile_seconds"] for r in dec]) if dec else None,
-            "compile_ms_max": 1e3 * max(r["compile_seconds"] for r in dec) if dec else None,
-            "tpot_constrained_ms": 1e3 * tpot_c if tpot_c else None,
-            "tpot_unconstrained_ms": 1e3 * tpot_u if tpot_u else None,
-            "tpot_ratio": tpot_c / tpot_u if tpot_c and tpot_u else None,
-            "mask_ms_per_token": 1e3 * c_mask / c_tok if c_tok else None,
-            "mask_share_of_unconstrained_step": (c_mask / c_tok) / tpot_u if c_tok and tpot_u else None,
-        }
+        m = {"schemas": n, "declared_coverage": len(dec) / n if n else None}
+        for kind in ("budgeted", "constrained"):
+            runs = [r[kind] for r in dec if kind in r]
+            if not runs:
+                continue
+            valid = sum(x["valid"] for x in runs)
+            complete = [x for x in runs if x["complete"]]
+            m[kind] = {
+                "empirical_coverage": valid / n if n else None,
+                "compliance": valid / len(runs),
+                "compliance_of_completed": (sum(x["valid"] for x in complete) / len(complete)) if complete else None,
+                "cut_by_budget": sum(1 for x in runs if not x["complete"] and not x["error"]) / len(runs),
+                "engine_errors": sum(1 for x in runs if x["error"]),
+                "tpot_ms": 1e3 * (_tpot(runs) or 0),
+                "mask_ms_per_token": 1e3 * sum(x["mask_seconds"] for x in runs) / max(1, sum(x["tokens"] for x in runs)),
+                "mean_tokens": sum(x["tokens"] for x in runs) / len(runs),
+            }
+        pref = m.get("budgeted") or m.get("constrained") or {}
+        m["empirical_coverage"] = pref.get("empirical_coverage")
+        m["compliance"] = pref.get("compliance")
+        unc = [r["unconstrained"] for r in rs if "unconstrained" in r]
+        m["unconstrained_valid"] = sum(x["valid"] for x in unc) / len(unc) if unc else None
+        tpot_u = _tpot(unc) if unc else None
+        m["tpot_unconstrained_ms"] = 1e3 * tpot_u if tpot_u else None
+        for kind in ("budgeted", "constrained"):
+            if kind in m and tpot_u:
+                m[kind]["tpot_ratio"] = m[kind]["tpot_ms"] / (1e3 * tpot_u)
+                m[kind]["mask_share_of_unconstrained_step"] = m[kind]["mask_ms_per_token"] / (1e3 * tpot_u)
+        both = [r for r in dec if "budgeted" in r and "constrained" in r]
+        if both:
+            m["budget_vs_unbudgeted"] = {
+                "schemas": len(both),
+                "identical_output": sum(r["budgeted"]["text"] == r["constrained"]["text"] for r in both) / len(both),
+                "valid_unbudgeted_only": sum(r["constrained"]["valid"] and not r["budgeted"]["valid"] for r in both),
+                "valid_budgeted_only": sum(r["budgeted"]["valid"] and not r["constrained"]["valid"] for r in both),
+                "identical_where_unbudgeted_completed": (
+                    sum(r["budgeted"]["text"] == r["constrained"]["text"] for r in both if r["constrained"]["complete"])
+                    / max(1, sum(1 for r in both if r["constrained"]["complete"]))),
+                "tight_steps_mean": sum(r["budgeted"]["tight_steps"] or 0 for r in both) / len(both),
+            }
+        m["compile_ms_median"] = 1e3 * statistics.median([r["compile_seconds"] for r in dec]) if dec else None
+        m["compile_ms_max"] = 1e3 * max(r["compile_seconds"] for r in dec) if dec else None
+        out[subset] = m
     return out
 
 
@@ -315,18 +411,22 @@ def plot_jsonschemabench(result: dict, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.25
     xs = range(len(subsets))
-    for j, (key, label) in enumerate([("declared_coverage", "declared coverage"),
-                                      ("empirical_coverage", "empirical coverage"), ("compliance", "compliance")]):
-        axes[0].bar([x + (j - 1) * width for x in xs], [m[s][key] or 0 for s in subsets], width, label=label)
+    bars = [("declared coverage", lambda d: d["declared_coverage"]),
+            ("compliance, budgeted", lambda d: (d.get("budgeted") or {}).get("compliance")),
+            ("compliance, no budget", lambda d: (d.get("constrained") or {}).get("compliance"))]
+    for j, (label, get) in enumerate(bars):
+        axes[0].bar([x + (j - 1) * width for x in xs], [get(m[s]) or 0 for s in subsets], width, label=label)
     axes[0].set_xticks(list(xs), subsets)
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("JSONSchemaBench (llguidance, SmolLM2-135M-Instruct, greedy)")
     axes[0].legend(fontsize=8, loc="lower right")
-    for j, (key, label) in enumerate([("tpot_unconstrained_ms", "unconstrained"),
-                                      ("tpot_constrained_ms", "constrained"), ("mask_ms_per_token", "mask only")]):
-        axes[1].bar([x + (j - 1) * width for x in xs], [m[s][key] or 0 for s in subsets], width, label=label)
+    bars = [("unconstrained", lambda d: d["tpot_unconstrained_ms"]),
+            ("budgeted", lambda d: (d.get("budgeted") or {}).get("tpot_ms")),
+            ("mask + budget only", lambda d: (d.get("budgeted") or {}).get("mask_ms_per_token"))]
+    for j, (label, get) in enumerate(bars):
+        axes[1].bar([x + (j - 1) * width for x in xs], [get(m[s]) or 0 for s in subsets], width, label=label)
     axes[1].set_xticks(list(xs), subsets)
-    axes[1].set_ylabel("ms per output token")
+    axes[1].set_ylabel("ms per output token (no prefill)")
     axes[1].set_title("time per output token")
     axes[1].legend(fontsize=8)
     fig.tight_layout()

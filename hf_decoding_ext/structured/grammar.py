@@ -80,6 +80,8 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
             schema = json.loads(schema)
         except json.JSONDecodeError as err:
             raise ValueError(f"schema is not valid JSON: {err}") from err
+        except RecursionError:
+            raise ValueError("the JSON schema text is nested too deeply to be parsed") from None
     if schema is True:
         schema = {}
     if not isinstance(schema, dict):
@@ -87,12 +89,32 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
     options: dict[str, Any] = {"whitespace_flexible": bool(whitespace_flexible), "lenient": bool(lenient)}
     if not whitespace_flexible:
         options.update(item_separator=item_separator, key_separator=key_separator)
+    _check_depth(schema)
     source = json.dumps(schema, sort_keys=True)
     try:
         llg = _llg().LLMatcher.grammar_from_json_schema(schema, overrides=options)
     except (ValueError, TypeError) as err:
         raise ValueError(f"invalid JSON schema: {err}") from err
+    except RecursionError:
+        raise ValueError("the JSON schema is nested too deeply for the grammar engine") from None
     return Grammar("json_schema", source, llg)
+
+
+MAX_SCHEMA_DEPTH = 256
+"""Deepest nesting of objects and lists accepted in a JSON schema (deeper schemas are refused with a
+``ValueError`` before Python's recursion limit or the engine's is reached)."""
+
+
+def _check_depth(value, limit: int = MAX_SCHEMA_DEPTH) -> None:
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"the JSON schema is nested more than {limit} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def regex(pattern: str) -> Grammar:
@@ -222,6 +244,7 @@ class CompiledGrammar:
     eos_token_ids: tuple[int, ...]
     compile_seconds: float
     warnings: list[str]
+    limits: Any = None
 
     def matcher(self):
         """A fresh matcher at the start of the grammar."""
@@ -240,29 +263,60 @@ def validate(grammar: Grammar, llt=None) -> list[str]:
     return list(messages)
 
 
-def compile_grammar(tokenizer, grammar: Grammar, eos_token_ids: Sequence[int], vocab_size: int | None = None
-                    ) -> CompiledGrammar:
-    """Validate and compile ``grammar`` for ``tokenizer`` (cached per tokenizer, eos ids and grammar).
+def parser_limits(**limits):
+    """llguidance's parser limits (``LLParserLimits``) from keyword arguments: ``max_items_in_row``,
+    ``initial_lexer_fuel``, ``step_lexer_fuel``, ``step_max_items``, ``max_lexer_states``, ``max_grammar_size``,
+    ``precompute_large_lexemes``, ``verbose_errors``; unknown names are a ``ValueError``."""
+    names = ("max_items_in_row", "initial_lexer_fuel", "step_lexer_fuel", "step_max_items", "max_lexer_states",
+             "max_grammar_size", "precompute_large_lexemes", "verbose_errors")
+    unknown = sorted(set(limits) - set(names))
+    if unknown:
+        raise ValueError(f"unknown parser limits {unknown}; known: {list(names)}")
+    return _llg().LLParserLimits(**limits)
+
+
+def _limits_key(limits) -> tuple:
+    if limits is None:
+        return ()
+    return tuple(getattr(limits, n) for n in ("max_items_in_row", "initial_lexer_fuel", "step_lexer_fuel",
+                                              "step_max_items", "max_lexer_states", "max_grammar_size"))
+
+
+def compile_grammar(tokenizer, grammar: Grammar, eos_token_ids: Sequence[int], vocab_size: int | None = None,
+                    limits=None, warn: bool = True) -> CompiledGrammar:
+    """Validate and compile ``grammar`` for ``tokenizer`` (cached per tokenizer, eos ids, grammar and limits).
+
+    ``limits``: llguidance's parser limits (:func:`parser_limits`, or a dict of them); ``None``: the engine's
+    defaults. The engine's warnings about the grammar (for example keywords a lenient JSON schema ignores) are kept
+    in :attr:`CompiledGrammar.warnings` and, with ``warn``, issued as a Python ``UserWarning`` the first time the
+    grammar is compiled.
 
     Raises:
         ValueError: the grammar is invalid or uses a feature the engine does not support (the message names it), or
             the tokenizer cannot be used by the engine.
     """
     llguidance = _llg()
+    if isinstance(limits, dict):
+        limits = parser_limits(**limits)
     llt = llg_tokenizer(tokenizer, eos_token_ids, vocab_size)
-    key = (id(llt), grammar.key)
+    key = (id(llt), grammar.key, _limits_key(limits))
     with _LOCK:
         hit = _GRAMMAR_CACHE.get(key)
         if hit is not None and hit.llg_tokenizer is llt:
             _GRAMMAR_CACHE.move_to_end(key)
             return hit
     t0 = time.perf_counter()
-    template = llguidance.LLMatcher(llt, grammar.llg, log_level=0)
+    template = llguidance.LLMatcher(llt, grammar.llg, log_level=0, limits=limits)
     if template.is_error():
         raise ValueError(f"unsupported or invalid {_WHAT[grammar.kind]}: {template.get_error()}")
-    warnings = template.get_grammar_warnings()
+    warnings = list(template.get_grammar_warnings())
+    if warnings and warn:
+        import warnings as _warnings
+
+        _warnings.warn(f"grammar engine warnings for this {_WHAT[grammar.kind]}: {'; '.join(warnings)}",
+                       UserWarning, stacklevel=2)
     compiled = CompiledGrammar(grammar, llt, template, llt.vocab_size, tuple(eos_token_ids),
-                               time.perf_counter() - t0, warnings)
+                               time.perf_counter() - t0, warnings, limits)
     with _LOCK:
         _GRAMMAR_CACHE[key] = compiled
         while len(_GRAMMAR_CACHE) > CACHE_SIZE:
@@ -289,6 +343,17 @@ def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return bits[:, :vocab_size]
     pad = torch.zeros(bitmask.shape[0], vocab_size - bits.shape[1], dtype=torch.bool)
     return torch.cat([bits, pad], dim=1)
+
+
+_EXECUTOR = None
+
+
+def _executor():
+    """llguidance's parallel mask executor (one per process)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = _llg().LLExecutor()
+    return _EXECUTOR
 
 
 class GrammarEngineError(RuntimeError):
@@ -425,9 +490,12 @@ class RowMatchers:
         return alive
 
     def accepting(self, row: int = 0) -> bool:
-        """Whether ``row``'s output so far is a complete sentence of the grammar."""
+        """Whether ``row``'s output so far is a complete sentence of the grammar (never for a row whose tokens the
+        grammar rejected, even if the tokens before the rejected one were complete)."""
+        if row in self.dead:
+            return False
         m = self.matchers[row]
-        return m.is_accepting() or m.is_stopped()
+        return not m.is_error() and (m.is_accepting() or m.is_stopped())
 
     # -------------------------------------------------------------------------------------------- masks
     def allowed(self, vocab_size: int, device=None) -> torch.Tensor:
@@ -436,10 +504,13 @@ class RowMatchers:
         import llguidance.torch as lt
 
         t0 = time.perf_counter()
-        for r, m in enumerate(self.matchers):
-            if r not in self.dead:
+        live = [(m, r) for r, m in enumerate(self.matchers) if r not in self.dead]
+        if len(live) > 1:  # the engine's thread pool computes the rows' masks in parallel
+            lt.fill_next_token_bitmask_par(_executor(), live, self.bitmask)
+        for m, r in live:
+            if len(live) == 1:
                 lt.fill_next_token_bitmask(m, self.bitmask, r)
-                _raise_engine_error(m)
+            _raise_engine_error(m)
         mask = bitmask_to_bool(self.bitmask, vocab_size)
         for r in self.dead:
             mask[r] = False

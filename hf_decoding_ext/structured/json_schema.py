@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from hf_decoding_ext.structured.completion import BudgetGuard, CompletionFinder, json_completer_for
 from hf_decoding_ext.structured.grammar import (
     Grammar,
     RowMatchers,
@@ -41,6 +42,24 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         eos_token_id: eos id(s) allowed when the grammar accepts (default: the tokenizer's eos; use
             :meth:`for_model` to take the model's generation config).
         vocab_size: size of the model's logits (default ``len(tokenizer)``); ids beyond the tokenizer are masked.
+        max_new_tokens: the token budget of the output (pass the ``max_new_tokens`` given to ``generate()``). With
+            it the processor keeps a way to close the document within what is left of the budget
+            (:class:`~hf_decoding_ext.structured.completion.BudgetGuard`): at every step the highest-scored tokens
+            after which no completion fits are removed, and near the end of the budget only tokens that keep a
+            completion in reach are allowed, so a greedy row always ends with a complete document. ``None``
+            (default): no budget, the output may be a valid prefix cut by ``max_new_tokens``.
+        verify_top_k: with ``max_new_tokens``, how many of the highest-scored allowed tokens are checked per step
+            (sampling may draw an unchecked one while the budget is ample; the bound is re-computed after it).
+        slack: with ``max_new_tokens``, how many tokens before the known completion no longer fits the tight zone
+            starts.
+        limits: llguidance's parser limits (a dict of :func:`~hf_decoding_ext.structured.grammar.parser_limits`
+            arguments, e.g. ``{"step_lexer_fuel": 2_000_000}``); ``None``: the engine's defaults. The engine's
+            warnings about the grammar are issued as ``UserWarning`` and kept in ``processor.compiled.warnings``.
+
+    A row left with no allowed token (the grammar's tokens all removed by a processor that ran before this one, such
+    as ``no_repeat_ngram_size``, ``bad_words_ids`` or ``min_new_tokens``, which transformers runs before user
+    processors) raises a ``ValueError`` naming the conflict instead of letting generation pick a token the grammar
+    forbids.
 
     Raises:
         ValueError: at construction, before any generation, when the grammar is invalid or uses a feature the engine
@@ -69,14 +88,21 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
     """
 
     def __init__(self, tokenizer, grammar: Grammar | dict | None = None, *, json_schema=None, regex=None,
-                 lark=None, eos_token_id=None, vocab_size: int | None = None):
+                 lark=None, eos_token_id=None, vocab_size: int | None = None, max_new_tokens: int | None = None,
+                 verify_top_k: int = 4, slack: int = 4, limits: dict | None = None):
         self.grammar = as_grammar(grammar, json_schema_=json_schema, regex_=regex, lark_=lark)
         self.eos_token_ids = eos_ids_of(None, tokenizer, eos_token_id)
         if vocab_size is not None and vocab_size < len(tokenizer):
             raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
-        self.compiled = compile_grammar(tokenizer, self.grammar, self.eos_token_ids, self.vocab_size)
+        self.compiled = compile_grammar(tokenizer, self.grammar, self.eos_token_ids, self.vocab_size, limits=limits,
+                                        warn=True)
+        self.budget: BudgetGuard | None = None
+        if max_new_tokens is not None:
+            finder = CompletionFinder(self.compiled, tokenizer, json=json_completer_for(self.grammar))
+            self.budget = BudgetGuard(finder, max_new_tokens,
+                                      verify_top_k=verify_top_k, slack=slack)
         self.reset()
 
     @classmethod
@@ -103,6 +129,8 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
     def _start(self, input_ids: torch.LongTensor) -> None:
         super()._start(input_ids)
         self.rows = RowMatchers(self.compiled, input_ids.shape[0])
+        if self.budget is not None:
+            self.budget.reset()
 
     def select_rows(self, indices: torch.LongTensor) -> None:
         """Keep the rows ``indices`` (rows may repeat): their prompts and matchers follow."""
@@ -120,8 +148,29 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         return self.rows.allowed(vocab_size or self.vocab_size, input_ids.device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = self.allowed_tokens(input_ids, scores.shape[-1])
-        return scores.masked_fill(~allowed, float("-inf"))
+        generated = self.generated(input_ids)
+        self.rows.sync(generated)
+        allowed = self.rows.allowed(scores.shape[-1], scores.device)
+        if self.budget is not None:
+            for r, row in enumerate(generated):
+                if r not in self.rows.dead:
+                    allowed[r] = self.budget.restrict(self.rows.matchers[r], self.rows.consumed[r], allowed[r],
+                                                      scores[r])
+        out = scores.masked_fill(~allowed, float("-inf"))
+        empty = (out == float("-inf")).all(dim=-1)
+        if bool(empty.any()):
+            self._raise_conflict(int(empty.nonzero()[0]), allowed, scores, generated)
+        return out
+
+    def _raise_conflict(self, row: int, allowed, scores, generated) -> None:
+        kept = allowed[row].nonzero().flatten()[:8].tolist()
+        text = [self.tokenizer.decode([t]) for t in kept]
+        raise ValueError(
+            f"row {row}: no token is left after {len(generated[row])} generated tokens. The grammar allows "
+            f"{int(allowed[row].sum())} token(s) here (e.g. {text}), but every one of them had a score of -inf "
+            "before this processor ran: another processor removed them (transformers runs no_repeat_ngram_size, "
+            "bad_words_ids, min_new_tokens / min_length and sequence_bias before user processors). Relax that "
+            "setting or the grammar.")
 
     # ------------------------------------------------------------------------------------------------ hooks
     def rollback(self, num_tokens: int, row: int | None = None) -> None:
@@ -130,14 +179,54 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         if self.rows is not None:
             self.rows.rollback(num_tokens, row)
 
-    def is_complete(self, row: int = 0) -> bool:
-        """Whether ``row``'s output (as of the last call) is a complete sentence of the grammar."""
+    def is_complete(self, row: int = 0, input_ids: torch.LongTensor | None = None) -> bool:
+        """Whether ``row``'s output is a complete sentence of the grammar: as of the last call, or after
+        ``input_ids`` (the sequences ``generate()`` returned, which end with a token no processor call has seen)."""
+        if input_ids is not None:
+            self.rows.sync(self.generated(input_ids))
         return self.rows is not None and self.rows.accepting(row)
 
     @property
     def mask_seconds(self) -> float:
         """Seconds spent computing token masks in the current generation."""
         return 0.0 if self.rows is None else self.rows.mask_seconds + self.rows.sync_seconds
+
+
+_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "propertyNames", "unevaluatedItems",
+                   "unevaluatedProperties", "if", "then", "else")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+
+
+def cap_open_lengths(schema, max_string_length: int | None = None, max_items: int | None = None, _depth: int = 0):
+    """A copy of ``schema`` where strings without a ``maxLength`` (and without ``enum``/``const``/``format``) get
+    ``maxLength = max_string_length`` and arrays without a ``maxItems`` get ``maxItems = max_items`` (kept at least
+    their ``minLength``/``minItems``). A deviation from the user's schema, for models that repeat themselves inside
+    open strings and arrays; documents valid under the capped schema are valid under the original."""
+    if _depth > 200:
+        raise ValueError("the JSON schema is nested more than 200 levels deep")
+    if isinstance(schema, list):
+        return [cap_open_lengths(s, max_string_length, max_items, _depth + 1) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_KEYS:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = cap_open_lengths(out[key], max_string_length, max_items, _depth + 1)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: cap_open_lengths(v, max_string_length, max_items, _depth + 1) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [cap_open_lengths(v, max_string_length, max_items, _depth + 1) for v in out[key]]
+    types = out.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if (max_string_length is not None and "string" in types and "maxLength" not in out
+            and not any(k in out for k in ("enum", "const", "format"))):
+        out["maxLength"] = max(int(max_string_length), int(out.get("minLength", 0) or 0))
+    if max_items is not None and "array" in types and "maxItems" not in out:
+        out["maxItems"] = max(int(max_items), int(out.get("minItems", 0) or 0))
+    return out
 
 
 class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
@@ -152,7 +241,12 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
         schema: the JSON schema (dict or JSON text); ``True`` or ``{}`` for any JSON value.
         whitespace_flexible: allow free JSON whitespace (default: compact ``", "`` / ``": "`` separators only).
         lenient: ignore unsupported keywords instead of refusing the schema.
-        eos_token_id, vocab_size: as in :class:`GrammarConstrainedLogitsProcessor`.
+        max_string_length: cap the length (in characters) of strings whose schema sets no ``maxLength`` (and no
+            ``enum``, ``const`` or ``format``). A deviation from the schema, off by default: the default model
+            otherwise repeats itself inside open strings until the budget ends (:func:`cap_open_lengths`).
+        max_items: cap the items of arrays whose schema sets no ``maxItems`` (a deviation, off by default).
+        eos_token_id, vocab_size, max_new_tokens, verify_top_k, slack, limits: as in
+            :class:`GrammarConstrainedLogitsProcessor` (``max_new_tokens``: finish the document within that budget).
 
     Example:
         >>> from hf_decoding_ext.structured import JsonSchemaLogitsProcessor
@@ -162,17 +256,37 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
     """
 
     def __init__(self, tokenizer, schema: dict | str | bool = True, *, whitespace_flexible: bool = False,
-                 lenient: bool = False, eos_token_id=None, vocab_size: int | None = None):
+                 lenient: bool = False, eos_token_id=None, vocab_size: int | None = None,
+                 max_new_tokens: int | None = None, verify_top_k: int = 4, slack: int = 4,
+                 max_string_length: int | None = None, max_items: int | None = None, limits: dict | None = None):
         from hf_decoding_ext.structured.grammar import json_schema
 
-        super().__init__(tokenizer, json_schema(schema, whitespace_flexible=whitespace_flexible, lenient=lenient),
-                         eos_token_id=eos_token_id, vocab_size=vocab_size)
+        for name, value in (("max_string_length", max_string_length), ("max_items", max_items)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        grammar_schema = schema
+        if max_string_length is not None or max_items is not None:
+            if isinstance(schema, str):
+                import json as _json
+
+                try:
+                    grammar_schema = _json.loads(schema)
+                except (ValueError, RecursionError) as err:
+                    raise ValueError(f"schema is not valid JSON: {err}") from None
+            grammar_schema = cap_open_lengths({} if grammar_schema is True else grammar_schema, max_string_length,
+                                              max_items)
+        self.max_string_length, self.max_items = max_string_length, max_items
+        super().__init__(tokenizer, json_schema(grammar_schema, whitespace_flexible=whitespace_flexible,
+                                                lenient=lenient),
+                         eos_token_id=eos_token_id, vocab_size=vocab_size, max_new_tokens=max_new_tokens,
+                         verify_top_k=verify_top_k, slack=slack, limits=limits)
         self.schema = schema
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, schema: dict | str | bool = True, whitespace_flexible: bool = False,
                   lenient: bool = False, **kwargs) -> JsonSchemaLogitsProcessor:
-        """Build for ``model`` (eos ids from its generation config, mask width from its vocabulary)."""
+        """Build for ``model`` (eos ids from its generation config, mask width from its vocabulary); ``kwargs``: any
+        other argument of the constructor (``max_new_tokens``, ``max_string_length``, ...)."""
         if tokenizer is None:
             raise ValueError(f"{cls.__name__} needs the model's tokenizer")
         if model is not None:

@@ -19,15 +19,12 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from hf_decoding_ext.core.resources import read_jsonl
 from hf_decoding_ext.structured.grammar import Grammar, lark
 
-_TRIPLET = re.compile(r"\[s\] (.+?) \[r\] (.+?) \[o\] (.+?) \[e\]")
-_SKETCH_TRIPLET = re.compile(r"\(\s*([^,()\n]+?)\s*,\s*([^,()\n]+?)\s*,\s*([^()\n]+?)\s*\)")
 
 
 def _lark_literal(text: str) -> str:
@@ -59,14 +56,50 @@ def format_triplets(triplets: Sequence[Sequence[str]]) -> str:
 
 
 def parse_triplets(text: str) -> list[tuple[str, str, str]]:
-    """The triplets of a ``[s] .. [r] .. [o] .. [e]`` string."""
-    return [tuple(m) for m in _TRIPLET.findall(text)]
+    """The triplets of a ``[s] .. [r] .. [o] .. [e]`` string: what ``re.findall(r"\\[s\\] (.+?) \\[r\\] (.+?)
+    \\[o\\] (.+?) \\[e\\]", text)`` returns, found by a linear scan (that expression backtracks quadratically on long
+    model text with markers but no end)."""
+    out = []
+    for line in text.split("\n"):  # "." never crosses a newline
+        pos = 0
+        while True:
+            i = line.find("[s] ", pos)
+            j = line.find(" [r] ", i + 5) if i >= 0 else -1
+            k = line.find(" [o] ", j + 6) if j >= 0 else -1
+            e = line.find(" [e]", k + 6) if k >= 0 else -1
+            if e < 0:  # a later start on this line would need the same markers further on
+                break
+            out.append((line[i + 4:j], line[j + 5:k], line[k + 5:e]))
+            pos = e + 4
+    return out
+
+
+_SPACE = " \t\n\r\f\v"
 
 
 def parse_sketch_triplets(text: str) -> list[tuple[str, str, str]]:
     """Naive reading of a free-text sketch: every ``(subject, relation, object)`` in it, names taken as written
-    (the sketch does not know the inventory, so most names do not match it)."""
-    return [tuple(m) for m in _SKETCH_TRIPLET.findall(text)]
+    (the sketch does not know the inventory, so most names do not match it). Subject and relation hold no comma;
+    nothing holds a parenthesis or a newline; names are stripped of white space. A linear scan (the regular
+    expression it replaces backtracked polynomially on long runs of spaces)."""
+    out = []
+    pos = 0
+    while True:
+        a = text.find("(", pos)
+        if a < 0:
+            return out
+        pos = a + 1
+        ends = [x for x in (text.find(")", a + 1), text.find("(", a + 1), text.find("\n", a + 1)) if x >= 0]
+        b = min(ends) if ends else -1
+        if b < 0 or text[b] != ")":
+            continue
+        parts = text[a + 1:b].split(",", 2)
+        if len(parts) != 3:
+            continue
+        names = tuple(p.strip(_SPACE) for p in parts)
+        if all(names):
+            out.append(names)
+            pos = b + 1
 
 
 def triplet_f1(predicted: Sequence[Sequence[Sequence[str]]], gold: Sequence[Sequence[Sequence[str]]]
