@@ -21,25 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_decoding_ext.bench.jsonschemabench import load_schemas, schema_prompt
+from hf_decoding_ext.bench.jsonschemabench import declared_schemas, schema_prompt
 from hf_decoding_ext.bench.run import write_json
 from hf_decoding_ext.bench.speed import result_header
 from hf_decoding_ext.core.kernels import fast_kernels
 from hf_decoding_ext.core.models import load_model
-from hf_decoding_ext.structured.grammar import compile_grammar, json_schema
 
 CONFIGS = ("unconstrained", "unconstrained/fast-kernels", "constrained", "constrained/fast-kernels")
-
-
-def declared(tokenizer, model, rows, eos):
-    out = []
-    for row in rows:
-        try:
-            compile_grammar(tokenizer, json_schema(row["schema"]), eos, max(model.config.vocab_size, len(tokenizer)))
-        except ValueError:
-            continue
-        out.append(row)
-    return out
 
 
 def run_one(model, tokenizer, schema, config: str, max_new_tokens: int) -> dict:
@@ -70,10 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     model, tokenizer = load_model()
-    from hf_decoding_ext.structured.grammar import eos_ids_of
-
-    eos = eos_ids_of(model, tokenizer)
-    pool = declared(tokenizer, model, load_schemas(), eos)
+    pool = declared_schemas(model, tokenizer)
     warm, pool = pool[0], pool[1:]
     step = max(1, len(pool) // args.schemas)
     chosen = pool[::step][:args.schemas]

@@ -4,7 +4,7 @@ layout, the older weight-left layout and the automatic kernel plan the engine us
 
     python scripts/verify_cost.py --out results
 
-Writes ``<out>/verify_cost.json`` and ``.png``: per n, the median forward time (cached prefix of ``--context``
+Writes ``<out>/<tag>.json`` and ``.png`` (default ``verify_cost_plan``): per n, the median forward time (cached prefix of ``--context``
 tokens) for each layout, the ratio to the 1-token forward with PyTorch's kernels (plain greedy decoding) and, for the
 automatic plan, the ratio to its own 1-token forward (``auto_own_ratio``: the curve ``max_nodes="auto"`` sizes trees
 with, as :func:`~hf_decoding_ext.speculative.policies.tuning.device_curve` measures it at first use).
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--tag", default="verify_cost_plan",
+                    help="output name (results/verify_cost.json, the older two-layout run, is the packaged fallback "
+                         "curve's source)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     model, _ = load_model()
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     result = {"model": DEFAULT_MODEL, "dtype": "float32", "context": args.context, "reps": args.reps,
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               "processor": platform.processor(), "cost": rows}
-    (out / "verify_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     ax.set_title(f"{DEFAULT_MODEL}, fp32 CPU, {torch.get_num_threads()} threads")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "verify_cost.png", dpi=120)
+    fig.savefig(out / f"{args.tag}.png", dpi=120)
     return 0
 
 

@@ -47,6 +47,23 @@ def load_maskbench(subsets: Iterable[str] | None = None, limit: int | None = Non
     return _select(_read("maskbench.jsonl.gz"), subsets, limit)
 
 
+def declared_schemas(model, tokenizer, rows: list[dict] | None = None, limit: int | None = None) -> list[dict]:
+    """The rows (default: every shipped schema) whose schema the engine compiles for ``model``'s tokenizer, in
+    order, at most ``limit``."""
+    eos = eos_ids_of(model, tokenizer)
+    vocab = max(model.config.vocab_size, len(tokenizer))
+    out = []
+    for row in load_schemas() if rows is None else rows:
+        try:
+            compile_grammar(tokenizer, json_schema(row["schema"]), eos, vocab)
+        except ValueError:
+            continue
+        out.append(row)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
 def _select(rows: list[dict], subsets, limit) -> list[dict]:
     if subsets is not None:
         subsets = set(subsets)

@@ -57,6 +57,7 @@ class Grammar:
     kind: str
     source: str
     llg: str = field(repr=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> str:
@@ -64,7 +65,8 @@ class Grammar:
 
 
 def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
-                item_separator: str = ", ", key_separator: str = ": ", lenient: bool = False) -> Grammar:
+                item_separator: str = ", ", key_separator: str = ": ", lenient: bool = False,
+                unknown_formats: str = "string", one_of: str = "disjoint") -> Grammar:
     """A JSON-schema constraint (JSON Schema Draft 2020-12 as supported by llguidance).
 
     Args:
@@ -74,6 +76,11 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
         item_separator, key_separator: the separators written between items and after keys.
         lenient: ignore keywords the engine does not implement instead of refusing the schema (the output is then
             not guaranteed to validate); default ``False``: unsupported keywords are a ``ValueError``.
+        unknown_formats: ``"string"`` (default) compiles a ``format`` the engine does not know as a plain string (an
+            annotation under Draft 2020-12); ``"error"``: refuse the schema.
+        one_of: ``"disjoint"`` (default) compiles a ``oneOf`` whose branches provably cannot both match as
+            ``anyOf``; ``"error"``: leave it to the engine. See :mod:`hf_decoding_ext.structured.schema_coverage`;
+            the rewrites made are in ``Grammar.notes`` and issued as a ``UserWarning``.
     """
     if isinstance(schema, str):
         try:
@@ -91,13 +98,20 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
         options.update(item_separator=item_separator, key_separator=key_separator)
     _check_depth(schema)
     source = json.dumps(schema, sort_keys=True)
+    from hf_decoding_ext.structured.schema_coverage import relax_schema
+
+    compiled_schema, notes = relax_schema(schema, unknown_formats=unknown_formats, one_of=one_of)
+    if notes:
+        import warnings
+
+        warnings.warn("JSON schema rewritten for the grammar engine: " + "; ".join(notes), UserWarning, stacklevel=2)
     try:
-        llg = _llg().LLMatcher.grammar_from_json_schema(schema, overrides=options)
+        llg = _llg().LLMatcher.grammar_from_json_schema(compiled_schema, overrides=options)
     except (ValueError, TypeError) as err:
         raise ValueError(f"invalid JSON schema: {err}") from err
     except RecursionError:
         raise ValueError("the JSON schema is nested too deeply for the grammar engine") from None
-    return Grammar("json_schema", source, llg)
+    return Grammar("json_schema", source, llg, tuple(notes))
 
 
 MAX_SCHEMA_DEPTH = 256
