@@ -202,9 +202,14 @@ def test_effects_agree_with_the_committed_figures():
     scd = _json("scd_speed.json")["methods"]["scd_greedy"]["overall"]["speed_ratio"]
     assert scd < 1 and f"{scd:.2f}x plain" in get_method("speculative-contrastive").effect_note
     js, note = _json("jsonschemabench.json")["generation"]["metrics"]["all"], get_method("json-schema").effect_note
-    assert js["compliance"] > js["unconstrained_valid"] and js["compliance_of_completed"] == 1.0
-    assert f"compliance {js['compliance']:.2f} vs {js['unconstrained_valid']:.2f} unconstrained" in note
-    assert f"{js['tpot_ratio']:.2f}x unconstrained time per token" in note
+    budgeted, plain = js["budgeted"], js["constrained"]
+    assert js["compliance"] == budgeted["compliance"] > js["unconstrained_valid"]
+    assert plain["compliance_of_completed"] == 1.0 and budgeted["compliance_of_completed"] == 1.0
+    assert (f"compliance {budgeted['compliance']:.2f} with the budget, {plain['compliance']:.2f} without, "
+            f"{js['unconstrained_valid']:.2f} unconstrained") in note
+    assert f"{100 * plain['cut_by_budget']:.0f}% of outputs were cut" in note
+    assert f"{budgeted['tpot_ratio']:.2f}x unconstrained time per token with the budget" in note
+    assert f"({plain['tpot_ratio']:.2f}x without)" in note
     sq = _json("sampling_quality.json")["methods"]
     mom, greedy = sq["momentum"]["overall"], sq["greedy"]["overall"]
     assert mom["rep_2"] < greedy["rep_2"] and mom["distinct_2"] > greedy["distinct_2"]

@@ -245,6 +245,8 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
             ``enum``, ``const`` or ``format``). A deviation from the schema, off by default: the default model
             otherwise repeats itself inside open strings until the budget ends (:func:`cap_open_lengths`).
         max_items: cap the items of arrays whose schema sets no ``maxItems`` (a deviation, off by default).
+        unknown_formats, one_of: schema rewrites that widen coverage (see
+            :func:`~hf_decoding_ext.structured.grammar.json_schema`).
         eos_token_id, vocab_size, max_new_tokens, verify_top_k, slack, limits: as in
             :class:`GrammarConstrainedLogitsProcessor` (``max_new_tokens``: finish the document within that budget).
 
@@ -258,7 +260,8 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
     def __init__(self, tokenizer, schema: dict | str | bool = True, *, whitespace_flexible: bool = False,
                  lenient: bool = False, eos_token_id=None, vocab_size: int | None = None,
                  max_new_tokens: int | None = None, verify_top_k: int = 4, slack: int = 4,
-                 max_string_length: int | None = None, max_items: int | None = None, limits: dict | None = None):
+                 max_string_length: int | None = None, max_items: int | None = None, limits: dict | None = None,
+                 unknown_formats: str = "error", one_of: str = "disjoint"):
         from hf_decoding_ext.structured.grammar import json_schema
 
         for name, value in (("max_string_length", max_string_length), ("max_items", max_items)):
@@ -277,7 +280,7 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
                                               max_items)
         self.max_string_length, self.max_items = max_string_length, max_items
         super().__init__(tokenizer, json_schema(grammar_schema, whitespace_flexible=whitespace_flexible,
-                                                lenient=lenient),
+                                                lenient=lenient, unknown_formats=unknown_formats, one_of=one_of),
                          eos_token_id=eos_token_id, vocab_size=vocab_size, max_new_tokens=max_new_tokens,
                          verify_top_k=verify_top_k, slack=slack, limits=limits)
         self.schema = schema
