@@ -104,3 +104,24 @@ def test_batch_masks_from_the_parallel_executor_equal_row_by_row(char_tokenizer)
         one = G.RowMatchers(compiled, 1)
         one.sync([row])
         assert torch.equal(batch[r], one.allowed(128)[0]), prefixes[r]
+
+
+@pytest.mark.parametrize("num_beams", [2, 4, 6])
+def test_transformers_beam_search_returns_only_spans_and_grammar_sentences(tiny_llama, char_tokenizer, num_beams):
+    """With more beams than valid continuations, transformers' beam search keeps -inf candidates; every returned
+    sequence must still be a span of the context (extractive) or a sentence of the grammar."""
+    from hf_decoding_ext.structured.exact_extractive import ExtractiveSpanLogitsProcessor
+
+    context = char_tokenizer("abc", add_special_tokens=False).input_ids
+    spans = {tuple(context[i:j]) for i in range(len(context)) for j in range(i + 1, len(context) + 1)}
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    common = dict(attention_mask=torch.ones_like(prompt), num_beams=num_beams, num_return_sequences=num_beams,
+                  do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=2)
+    out = tiny_llama.generate(prompt, logits_processor=[ExtractiveSpanLogitsProcessor(context, eos_token_id=2)],
+                              **common)
+    for row in out[:, prompt.shape[1]:].tolist():
+        assert tuple(t for t in row if t not in (0, 2)) in spans and row[len([t for t in row if t not in (0, 2)])] == 2
+    proc = GrammarConstrainedLogitsProcessor(char_tokenizer, regex="ab", vocab_size=128)
+    out = tiny_llama.generate(prompt, logits_processor=[proc], **common)
+    for row in out[:, prompt.shape[1]:]:
+        assert char_tokenizer.decode(row, skip_special_tokens=True) == "ab"
