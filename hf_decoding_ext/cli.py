@@ -72,6 +72,9 @@ def _cmd_generate(args) -> int:
     engine_options(spec, engine)  # fail before loading the model
     model, tokenizer = load_model(args.model, device=args.device)
     gen_kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, engine=engine, **params)
+    for proc in gen_kwargs.get("logits_processor") or []:  # structured outputs finish within --max-new-tokens
+        if callable(getattr(proc, "set_budget", None)) and getattr(proc, "budget", True) is None:
+            proc.set_budget(args.max_new_tokens)
     if args.sample is not None:
         gen_kwargs["do_sample"] = args.sample
     if args.temperature is not None:

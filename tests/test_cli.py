@@ -114,3 +114,25 @@ def test_generate_every_method_on_default_model(spec, capsys, smollm):
     rc = main(["generate", "--method", spec.name, "--prompt", "Name a fruit.", "--max-new-tokens", "8", *params])
     assert rc == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.real_model
+def test_generate_gives_structured_processors_the_budget(capsys, monkeypatch):
+    """`generate --method json-schema` tells the processor its --max-new-tokens: the document ends within it."""
+    import json as _json
+
+    from hf_decoding_ext.structured.json_schema import GrammarConstrainedLogitsProcessor
+
+    seen = []
+    original = GrammarConstrainedLogitsProcessor.set_budget
+
+    def spy(self, max_new_tokens, **kw):
+        seen.append(max_new_tokens)
+        return original(self, max_new_tokens, **kw)
+
+    monkeypatch.setattr(GrammarConstrainedLogitsProcessor, "set_budget", spy)
+    schema = '{"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}}}, "required": ["items"]}'
+    assert main(["generate", "--method", "json-schema", "--param", f"schema={schema}", "--max-new-tokens", "12",
+                 "--prompt", "List every fruit you know as JSON."]) == 0
+    assert seen == [12]
+    _json.loads(capsys.readouterr().out.strip())  # a complete document within 12 tokens

@@ -100,10 +100,14 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
                                         warn=True)
         self.budget: BudgetGuard | None = None
         if max_new_tokens is not None:
-            finder = CompletionFinder(self.compiled, tokenizer, json=json_completer_for(self.grammar))
-            self.budget = BudgetGuard(finder, max_new_tokens,
-                                      verify_top_k=verify_top_k, slack=slack)
+            self.set_budget(max_new_tokens, verify_top_k=verify_top_k, slack=slack)
         self.reset()
+
+    def set_budget(self, max_new_tokens: int, verify_top_k: int = 4, slack: int = 4) -> None:
+        """Make the processor budget-aware for generations of at most ``max_new_tokens`` tokens (the constructor's
+        ``max_new_tokens``; the CLI calls it with its ``--max-new-tokens``)."""
+        finder = CompletionFinder(self.compiled, self.tokenizer, json=json_completer_for(self.grammar))
+        self.budget = BudgetGuard(finder, max_new_tokens, verify_top_k=verify_top_k, slack=slack)
 
     @classmethod
     def for_model(cls, model=None, tokenizer=None, grammar=None, **kwargs) -> GrammarConstrainedLogitsProcessor:
