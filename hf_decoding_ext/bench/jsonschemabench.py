@@ -19,6 +19,7 @@ end state).
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -199,6 +200,7 @@ def schema_prompt(tokenizer, schema: dict, device=None, shots: int = 0):
     return encode_prompts(tokenizer, [messages], device=device)
 
 
+@functools.lru_cache(maxsize=1)
 def _format_checker():
     """The benchmark's format checker: jsonschema's, plus ``ipv4``, ``ipv6`` and ``uuid`` as the benchmark's
     validator adds them (its formats are asserted, unlike plain Draft 2020-12)."""

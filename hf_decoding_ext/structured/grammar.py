@@ -522,9 +522,9 @@ class RowMatchers:
         live = [(m, r) for r, m in enumerate(self.matchers) if r not in self.dead]
         if len(live) > 1:  # the engine's thread pool computes the rows' masks in parallel
             lt.fill_next_token_bitmask_par(_executor(), live, self.bitmask)
-        for m, r in live:
-            if len(live) == 1:
-                lt.fill_next_token_bitmask(m, self.bitmask, r)
+        elif live:
+            lt.fill_next_token_bitmask(live[0][0], self.bitmask, live[0][1])
+        for m, _ in live:
             _raise_engine_error(m)
         mask = bitmask_to_bool(self.bitmask, vocab_size)
         for r in self.dead:

@@ -196,41 +196,24 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         return 0.0 if self.rows is None else self.rows.mask_seconds + self.rows.sync_seconds
 
 
-_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "propertyNames", "unevaluatedItems",
-                   "unevaluatedProperties", "if", "then", "else")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-
-
-def cap_open_lengths(schema, max_string_length: int | None = None, max_items: int | None = None, _depth: int = 0):
+def cap_open_lengths(schema, max_string_length: int | None = None, max_items: int | None = None):
     """A copy of ``schema`` where strings without a ``maxLength`` (and without ``enum``/``const``/``format``) get
     ``maxLength = max_string_length`` and arrays without a ``maxItems`` get ``maxItems = max_items`` (kept at least
     their ``minLength``/``minItems``). A deviation from the user's schema, for models that repeat themselves inside
     open strings and arrays; documents valid under the capped schema are valid under the original."""
-    if _depth > 200:
-        raise ValueError("the JSON schema is nested more than 200 levels deep")
-    if isinstance(schema, list):
-        return [cap_open_lengths(s, max_string_length, max_items, _depth + 1) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA_KEYS:
-        if isinstance(out.get(key), (dict, list)):
-            out[key] = cap_open_lengths(out[key], max_string_length, max_items, _depth + 1)
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {k: cap_open_lengths(v, max_string_length, max_items, _depth + 1) for k, v in out[key].items()}
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [cap_open_lengths(v, max_string_length, max_items, _depth + 1) for v in out[key]]
-    types = out.get("type")
-    types = set(types) if isinstance(types, list) else {types}
-    if (max_string_length is not None and "string" in types and "maxLength" not in out
-            and not any(k in out for k in ("enum", "const", "format"))):
-        out["maxLength"] = max(int(max_string_length), int(out.get("minLength", 0) or 0))
-    if max_items is not None and "array" in types and "maxItems" not in out:
-        out["maxItems"] = max(int(max_items), int(out.get("minItems", 0) or 0))
-    return out
+    from hf_decoding_ext.structured.schema_coverage import transform_schema
+
+    def visit(out: dict, path: str) -> dict:
+        types = out.get("type")
+        types = set(types) if isinstance(types, list) else {types}
+        if (max_string_length is not None and "string" in types and "maxLength" not in out
+                and not any(k in out for k in ("enum", "const", "format"))):
+            out["maxLength"] = max(int(max_string_length), int(out.get("minLength", 0) or 0))
+        if max_items is not None and "array" in types and "maxItems" not in out:
+            out["maxItems"] = max(int(max_items), int(out.get("minItems", 0) or 0))
+        return out
+
+    return transform_schema(schema, visit)
 
 
 class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):

@@ -30,6 +30,35 @@ _CHILD_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 _JSON_TYPES = {"null", "boolean", "object", "array", "number", "string", "integer"}
 
 
+def transform_schema(schema, visit):
+    """A copy of ``schema`` rebuilt bottom-up: every subschema (under ``items``, ``properties``, ``$defs``,
+    ``anyOf``, ...) is copied and its children transformed first, then ``visit(node, path)`` returns the node to keep
+    (``path`` is its JSON pointer, ``""`` for the root). The caller's schema is not modified. Schemas nested deeper
+    than :data:`~hf_decoding_ext.structured.grammar.MAX_SCHEMA_DEPTH` are a ``ValueError``."""
+    from hf_decoding_ext.structured.grammar import _check_depth
+
+    _check_depth(schema)
+
+    def walk(node, path: str):
+        if isinstance(node, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key in _CHILD_KEYS:
+            if isinstance(out.get(key), (dict, list)):
+                out[key] = walk(out[key], f"{path}/{key}")
+        for key in _CHILD_MAPS:
+            if isinstance(out.get(key), dict):
+                out[key] = {k: walk(v, f"{path}/{key}/{k}") for k, v in out[key].items()}
+        for key in _CHILD_LISTS:
+            if isinstance(out.get(key), list):
+                out[key] = [walk(v, f"{path}/{key}/{i}") for i, v in enumerate(out[key])]
+        return visit(out, path)
+
+    return walk(schema, "")
+
+
 @lru_cache(maxsize=256)
 def engine_knows_format(name: str) -> bool:
     """Whether llguidance compiles ``{"type": "string", "format": name}`` (probed once per name)."""
@@ -118,21 +147,7 @@ def relax_schema(schema, unknown_formats: str = "error", one_of: str = "disjoint
         raise ValueError(f"one_of must be 'disjoint' or 'error', got {one_of!r}")
     notes: list[str] = []
 
-    def walk(node, path: str):
-        if isinstance(node, list):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
-        if not isinstance(node, dict):
-            return node
-        out = dict(node)
-        for key in _CHILD_KEYS:
-            if isinstance(out.get(key), (dict, list)):
-                out[key] = walk(out[key], f"{path}/{key}")
-        for key in _CHILD_MAPS:
-            if isinstance(out.get(key), dict):
-                out[key] = {k: walk(v, f"{path}/{key}/{k}") for k, v in out[key].items()}
-        for key in _CHILD_LISTS:
-            if isinstance(out.get(key), list):
-                out[key] = [walk(v, f"{path}/{key}/{i}") for i, v in enumerate(out[key])]
+    def visit(out: dict, path: str) -> dict:
         fmt = out.get("format")
         if unknown_formats == "string" and isinstance(fmt, str) and not engine_knows_format(fmt):
             del out["format"]
@@ -146,7 +161,7 @@ def relax_schema(schema, unknown_formats: str = "error", one_of: str = "disjoint
             notes.append(f"{path or '/'}: oneOf with disjoint branches compiled as anyOf")
         return out
 
-    return walk(schema, ""), notes
+    return transform_schema(schema, visit), notes
 
 
-__all__ = ["relax_schema", "branches_disjoint", "engine_knows_format"]
+__all__ = ["transform_schema", "relax_schema", "branches_disjoint", "engine_knows_format"]
