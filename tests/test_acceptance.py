@@ -246,7 +246,7 @@ def test_prompt_is_prefilled_causally_with_features_and_chunked_top_k(tiny_llama
         calls.append((kwargs["input_ids"].shape[1], None if mask is None else mask.dim(), kwargs.get("logits_to_keep")))
         return original_forward(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_llama, "forward", spy)
+    monkeypatch.setitem(tiny_llama.__dict__, "forward", spy)  # undo deletes it
     d = _Recorder({"last_hidden_state", "committed_top_k"})
     d.committed_k = 3
     loop = SpeculativeDecoding(d)
@@ -282,7 +282,7 @@ def test_long_prompt_prefill_runs_in_chunks_with_the_same_features(tiny_llama, m
             calls.append(kwargs["input_ids"].shape[1])
             return original_forward(*args, **kwargs)
 
-        monkeypatch.setattr(tiny_llama, "forward", spy)
+        monkeypatch.setitem(tiny_llama.__dict__, "forward", spy)  # undo deletes it
         d = _Recorder({"last_hidden_state", "committed_top_k"})
         d.committed_k = 3
         loop = SpeculativeDecoding(d, kernels="pytorch")
