@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, default=0, help="demonstrations in the prompt (0-2)")
     ap.add_argument("--mask-limit", type=int, default=0, help="MaskBench cases per subset (0: all)")
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--update-masks", action="store_true",
+                    help="re-run only the mask tests (defaults, and unknown_formats='string') and replace them in the "
+                         "existing <out>/jsonschemabench.json, keeping its generation results")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
@@ -48,6 +51,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model()
+    if args.update_masks:
+        path = out / "jsonschemabench.json"
+        result = json.loads(path.read_text())
+        cases = load_maskbench(limit=args.mask_limit or None)
+        result["masks"] = summarise_masks(run_mask_tests(tokenizer, cases, progress=False))
+        result["masks_unknown_formats_string"] = summarise_masks(
+            run_mask_tests(tokenizer, cases, progress=False, unknown_formats="string"))
+        result["settings"]["masks_updated"] = time.strftime("%Y-%m-%d") + ": mask tests re-run (--update-masks)"
+        write_json(result, path)
+        print(json.dumps({k: {kk: vv for kk, vv in result[k].items() if kk not in ("failures", "engine_errors")}
+                          for k in ("masks", "masks_unknown_formats_string")}, indent=1))
+        return 0
     result = {**result_header("jsonschemabench", "jsonschemabench", model, "smollm2-135m-instruct"),
               "settings": {"per_subset": args.per_subset, "max_new_tokens": args.max_new_tokens,
                            "max_string_length": args.max_string_length, "max_items": args.max_items,

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 
 import torch
 
+from hf_decoding_ext.structured.deferred import DeferredDeadEnd, deferred_rows_for
 from hf_decoding_ext.structured.grammar import GrammarEngineError, RowMatchers, compile_grammar, eos_ids_of, json_schema
 from hf_decoding_ext.core.resources import read_jsonl
 
@@ -80,20 +81,26 @@ def _select(rows: list[dict], subsets, limit) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ mask tests
-def check_instance(compiled, tokenizer, instance) -> tuple[bool, int, list[float]]:
+def check_instance(compiled, tokenizer, instance, deferred=None) -> tuple[bool, int, list[float]]:
     """Feed ``json.dumps(instance)`` token by token. Returns ``(accepted, tokens, mask_seconds_per_step)``:
-    accepted = every token allowed by the mask and the end state accepting (eos allowed)."""
+    accepted = every token allowed by the mask and the end state accepting (eos allowed). ``deferred``: the
+    :class:`~hf_decoding_ext.structured.deferred.DeferredRows` of a grammar built with ``unmaskable="validate"``
+    (each token is then also checked as the processor's mask checks it)."""
     ids = tokenizer.encode(json.dumps(instance, ensure_ascii=False), add_special_tokens=False)
     rows = RowMatchers(compiled, 1)
     m = rows.matchers[0]
     times = []
-    for tok in ids:
+    for i, tok in enumerate(ids):
         t0 = time.perf_counter()
         allowed = rows.allowed(compiled.vocab_size)[0]  # GrammarEngineError on an engine limit
+        if deferred is not None:
+            allowed = deferred.filter([ids[:i]], allowed[None])[0]
         times.append(time.perf_counter() - t0)
         if not bool(allowed[tok]) or not m.consume_token(tok):
             return False, len(ids), times
     allowed = rows.allowed(compiled.vocab_size)[0]
+    if deferred is not None:
+        allowed = deferred.filter([ids], allowed[None])[0]
     return bool(any(bool(allowed[e]) for e in compiled.eos_token_ids)), len(ids), times
 
 
@@ -111,7 +118,8 @@ def run_mask_tests(tokenizer, entries: list[dict], progress: bool = True, whites
 
     eos = eos_ids_of(None, tokenizer)
     res = {"schemas": 0, "declared": 0, "valid": 0, "valid_blocked": 0, "invalid": 0, "invalid_admitted": 0,
-           "failures": [], "unsupported": {}, "compile_seconds": [], "mask_seconds": [], "engine_errors": []}
+           "failures": [], "unsupported": {}, "compile_seconds": [], "mask_seconds": [], "engine_errors": [],
+           "deferred_schemas": 0, "valid_blocked_by_deferred_check": 0}
     for e in tqdm(entries, desc="mask tests", disable=not progress):
         res["schemas"] += 1
         try:
@@ -120,6 +128,8 @@ def run_mask_tests(tokenizer, entries: list[dict], progress: bool = True, whites
                 warnings.simplefilter("ignore")  # the schema rewrites are reported by the widening's own test
                 grammar = json_schema(e["schema"], whitespace_flexible=whitespace_flexible, **schema_options)
             compiled = compile_grammar(tokenizer, grammar, eos, warn=False)
+            deferred = deferred_rows_for(grammar, compiled)
+            res["deferred_schemas"] += deferred is not None
             res["compile_seconds"].append(time.perf_counter() - t0)
         except ValueError as err:
             key = str(err).split(":", 1)[-1].strip()[:80]
@@ -128,7 +138,7 @@ def run_mask_tests(tokenizer, entries: list[dict], progress: bool = True, whites
         res["declared"] += 1
         for t in e["tests"]:
             try:
-                ok, _, times = check_instance(compiled, tokenizer, t["data"])
+                ok, _, times = check_instance(compiled, tokenizer, t["data"], deferred)
             except GrammarEngineError as err:  # the engine gave up (a resource limit): the instance is not accepted
                 ok, times = False, []
                 res["engine_errors"].append({"id": f"{e['subset']}---{e['id']}", "valid": t["valid"],
@@ -138,8 +148,15 @@ def run_mask_tests(tokenizer, entries: list[dict], progress: bool = True, whites
                 res["valid"] += 1
                 if not ok:
                     res["valid_blocked"] += 1
-                    res["failures"].append({"id": f"{e['subset']}---{e['id']}", "valid": True,
-                                            "description": t.get("description")})
+                    failure = {"id": f"{e['subset']}---{e['id']}", "valid": True, "description": t.get("description")}
+                    if deferred is not None:  # blocked by the engine's mask of the relaxed schema, or by a check?
+                        try:
+                            by_grammar = not check_instance(compiled, tokenizer, t["data"])[0]
+                        except GrammarEngineError:
+                            by_grammar = True
+                        failure["blocked_by"] = "engine" if by_grammar else "deferred check"
+                        res["valid_blocked_by_deferred_check"] += int(not by_grammar)
+                    res["failures"].append(failure)
             else:
                 res["invalid"] += 1
                 if ok:
@@ -163,6 +180,9 @@ def summarise_masks(res: dict) -> dict:
         "declared_coverage": res["declared"] / max(1, res["schemas"]),
         "valid_instances": res["valid"], "valid_blocked": res["valid_blocked"],
         "invalid_instances": res["invalid"], "invalid_admitted": res["invalid_admitted"],
+        "deferred_schemas": res.get("deferred_schemas", 0),
+        "valid_blocked_by_deferred_check": res.get("valid_blocked_by_deferred_check", 0),
+        "valid_blocked_by_engine_with_deferral": sum(1 for f in res["failures"] if f.get("blocked_by") == "engine"),
         "mask_us": {"p50": pct(ms, 0.5), "p90": pct(ms, 0.9), "p99": pct(ms, 0.99), "max": pct(ms, 1.0),
                     "mean": 1e6 * statistics.fmean(ms) if ms else None, "n": len(ms)},
         "compile_us": {"p50": pct(cs, 0.5), "p90": pct(cs, 0.9), "p99": pct(cs, 0.99), "max": pct(cs, 1.0)},
@@ -305,8 +325,8 @@ def generate_for_schema(model, tokenizer, schema: dict, max_new_tokens: int = 38
         with torch.no_grad():
             out = model.generate(**inputs, **kwargs)
         new = out[0, inputs["input_ids"].shape[1]:]
-    except GrammarEngineError as err:
-        error = str(err)[:300]
+    except (GrammarEngineError, DeferredDeadEnd) as err:  # an engine limit, or a dead end of the deferred checks
+        error = f"{type(err).__name__}: {str(err)[:300]}"
         new = torch.tensor(proc.rows.consumed[0] if proc is not None and proc.rows is not None else [])
     seconds = time.perf_counter() - t0
     eos = set(eos_ids_of(model, tokenizer))

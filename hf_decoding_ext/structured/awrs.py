@@ -328,7 +328,9 @@ class AdaptiveWeightedRejectionSampling(DecodingLoop):
                 raise ValueError("give a grammar or predicate= / mask_fn=, not both")
             proc = GrammarConstrainedLogitsProcessor.for_model(model, tokenizer, grammar, json_schema=json_schema,
                                                                regex=regex, lark=lark)
-            if grammar_mask:
+            if grammar_mask or getattr(proc, "deferred", None) is not None:
+                # keywords checked on completion (unmaskable="validate") live in the processor's mask, not the
+                # engine's token check
                 mask_fn = proc.allowed_tokens
             else:
                 predicate = GrammarTokenPredicate(proc.compiled)

@@ -58,6 +58,9 @@ class Grammar:
     source: str
     llg: str = field(repr=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
+    deferred: Any = field(default=None, compare=False, repr=False)
+    """The JSON schema whose unmaskable keywords are checked on completed values (``unmaskable="validate"``; see
+    :mod:`hf_decoding_ext.structured.deferred`), else ``None``."""
 
     @property
     def key(self) -> str:
@@ -66,7 +69,7 @@ class Grammar:
 
 def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
                 item_separator: str = ", ", key_separator: str = ": ", lenient: bool = False,
-                unknown_formats: str = "error", one_of: str = "disjoint") -> Grammar:
+                unknown_formats: str = "error", one_of: str = "disjoint", unmaskable: str = "error") -> Grammar:
     """A JSON-schema constraint (JSON Schema Draft 2020-12 as supported by llguidance).
 
     Args:
@@ -81,8 +84,16 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
             JSONSchemaBench's does, may then reject the output: 3 MaskBench instances are admitted that way).
         one_of: ``"disjoint"`` (default) compiles a ``oneOf`` whose branches provably cannot both match as
             ``anyOf``; ``"error"``: leave it to the engine. See :mod:`hf_decoding_ext.structured.schema_coverage`;
-            the rewrites made are in ``Grammar.notes`` and issued as a ``UserWarning``.
+            the rewrites made are in ``Grammar.notes`` and issued as a ``UserWarning``. Two exact rewrites of
+            ``not`` are always made (``{"not": {}}``, ``{"not": {"required": [k]}}``).
+        unmaskable: ``"error"`` (default): the engine refuses keywords it cannot mask (``not``, ``dependencies``,
+            ``if``/``then``, ``uniqueItems``, ``contains``, ``propertyNames``, an overlapping ``oneOf``);
+            ``"validate"``: mask the schema without them and check them on every value as it completes
+            (:mod:`hf_decoding_ext.structured.deferred`: no valid document blocked, no invalid one completed, but a
+            row can reach a dead end, which the processor reports as a ``ValueError``).
     """
+    if unmaskable not in ("error", "validate"):
+        raise ValueError(f"unmaskable must be 'error' or 'validate', got {unmaskable!r}")
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -102,6 +113,15 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
     from hf_decoding_ext.structured.schema_coverage import relax_schema
 
     compiled_schema, notes = relax_schema(schema, unknown_formats=unknown_formats, one_of=one_of)
+    deferred = None
+    if unmaskable == "validate" and isinstance(compiled_schema, dict):
+        from hf_decoding_ext.structured.deferred import defer_unmaskable
+
+        compiled_schema, more = defer_unmaskable(compiled_schema)
+        if more:
+            notes, deferred = notes + more, schema
+    if compiled_schema is False:
+        raise ValueError("the JSON schema matches no document")
     if notes:
         import warnings
 
@@ -112,7 +132,7 @@ def json_schema(schema: dict | str | bool, *, whitespace_flexible: bool = False,
         raise ValueError(f"invalid JSON schema: {err}") from err
     except RecursionError:
         raise ValueError("the JSON schema is nested too deeply for the grammar engine") from None
-    return Grammar("json_schema", source, llg, tuple(notes))
+    return Grammar("json_schema", source, llg, tuple(notes), deferred)
 
 
 MAX_SCHEMA_DEPTH = 256

@@ -98,6 +98,9 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         self.vocab_size = vocab_size or len(tokenizer)
         self.compiled = compile_grammar(tokenizer, self.grammar, self.eos_token_ids, self.vocab_size, limits=limits,
                                         warn=True)
+        from hf_decoding_ext.structured.deferred import deferred_rows_for
+
+        self.deferred = deferred_rows_for(self.grammar, self.compiled)
         self.budget: BudgetGuard | None = None
         if max_new_tokens is not None:
             self.set_budget(max_new_tokens, verify_top_k=verify_top_k, slack=slack)
@@ -149,12 +152,24 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         """``(batch, vocab)`` boolean mask of the tokens the grammar allows after ``input_ids``."""
         generated = self.generated(input_ids)
         self.rows.sync(generated)
-        return self.rows.allowed(vocab_size or self.vocab_size, input_ids.device)
+        allowed = self.rows.allowed(vocab_size or self.vocab_size, input_ids.device)
+        return self._filter_deferred(generated, allowed)
+
+    def _filter_deferred(self, generated, allowed):
+        """Remove the tokens that complete a value failing a keyword checked on completion (``unmaskable=
+        "validate"``); rows the grammar rejected keep their eos-only mask."""
+        if self.deferred is not None:
+            live = [r for r in range(len(generated)) if r not in self.rows.dead]
+            if live:
+                sub = allowed[live]
+                self.deferred.filter([generated[r] for r in live], sub)
+                allowed[live] = sub
+        return allowed
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = self.generated(input_ids)
         self.rows.sync(generated)
-        allowed = self.rows.allowed(scores.shape[-1], scores.device)
+        allowed = self._filter_deferred(generated, self.rows.allowed(scores.shape[-1], scores.device))
         if self.budget is not None:
             for r, row in enumerate(generated):
                 if r not in self.rows.dead:
@@ -167,6 +182,16 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         return out
 
     def _raise_conflict(self, row: int, allowed, scores, generated) -> None:
+        if not bool(allowed[row].any()) and self.deferred is not None and row not in self.rows.dead:
+            from hf_decoding_ext.structured.deferred import DeferredDeadEnd
+
+            grammar_allowed = self.rows.allowed(allowed.shape[-1])[row]
+            raise DeferredDeadEnd(
+                f"row {row}: no token is left after {len(generated[row])} generated tokens: every token the grammar "
+                f"allows completes a value that fails a keyword checked on completion "
+                f"({self.deferred.failure(generated[row], grammar_allowed)}). The output reached a dead end of the "
+                "deferred checks (unmaskable='validate' masks those keywords lazily); retry with sampling or "
+                "restate the schema without them.")
         kept = allowed[row].nonzero().flatten()[:8].tolist()
         text = [self.tokenizer.decode([t]) for t in kept]
         raise ValueError(
@@ -188,7 +213,12 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         ``input_ids`` (the sequences ``generate()`` returned, which end with a token no processor call has seen)."""
         if input_ids is not None:
             self.rows.sync(self.generated(input_ids))
-        return self.rows is not None and self.rows.accepting(row)
+        if self.rows is None or not self.rows.accepting(row):
+            return False
+        if self.deferred is not None:
+            st = self.deferred.state_for(self.rows.consumed[row])
+            return self.deferred.checker.finish(st).failed is None
+        return True
 
     @property
     def mask_seconds(self) -> float:
@@ -234,6 +264,10 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
         max_items: cap the items of arrays whose schema sets no ``maxItems`` (a deviation, off by default).
         unknown_formats, one_of: schema rewrites that widen coverage (see
             :func:`~hf_decoding_ext.structured.grammar.json_schema`).
+        unmaskable: ``"error"`` (default) refuses keywords the engine cannot mask; ``"validate"`` masks the schema
+            without them and checks them on every value as it completes (:mod:`hf_decoding_ext.structured.deferred`).
+            Every completed output then validates and no valid output is blocked, but a row can reach a prefix that
+            no valid document extends; the processor then raises a ``ValueError`` naming the failed check.
         eos_token_id, vocab_size, max_new_tokens, verify_top_k, slack, limits: as in
             :class:`GrammarConstrainedLogitsProcessor` (``max_new_tokens``: finish the document within that budget).
 
@@ -248,7 +282,7 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
                  lenient: bool = False, eos_token_id=None, vocab_size: int | None = None,
                  max_new_tokens: int | None = None, verify_top_k: int = 4, slack: int = 4,
                  max_string_length: int | None = None, max_items: int | None = None, limits: dict | None = None,
-                 unknown_formats: str = "error", one_of: str = "disjoint"):
+                 unknown_formats: str = "error", one_of: str = "disjoint", unmaskable: str = "error"):
         from hf_decoding_ext.structured.grammar import json_schema
 
         for name, value in (("max_string_length", max_string_length), ("max_items", max_items)):
@@ -267,7 +301,8 @@ class JsonSchemaLogitsProcessor(GrammarConstrainedLogitsProcessor):
                                               max_items)
         self.max_string_length, self.max_items = max_string_length, max_items
         super().__init__(tokenizer, json_schema(grammar_schema, whitespace_flexible=whitespace_flexible,
-                                                lenient=lenient, unknown_formats=unknown_formats, one_of=one_of),
+                                                lenient=lenient, unknown_formats=unknown_formats, one_of=one_of,
+                                                unmaskable=unmaskable),
                          eos_token_id=eos_token_id, vocab_size=vocab_size, max_new_tokens=max_new_tokens,
                          verify_top_k=verify_top_k, slack=slack, limits=limits)
         self.schema = schema

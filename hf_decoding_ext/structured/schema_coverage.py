@@ -5,6 +5,8 @@ llguidance refuses some JSON schemas that the JSON Schema specification lets us 
 * ``format`` values it does not know: under Draft 2020-12 ``format`` is an annotation unless a vocabulary asserts it,
   so an unknown format constrains nothing. :func:`relax_schema` drops the unknown ones (``unknown_formats="string"``)
   and reports them; the output is then any string of the other constraints.
+* ``not`` in two forms with an exact equivalent: ``{"not": {}}`` matches nothing (``false``), and
+  ``{"not": {"required": [k]}}`` is "an object without ``k``" (``exact_not=True``, the default).
 * ``oneOf`` whose branches cannot both match: then ``oneOf`` is ``anyOf``. llguidance proves disjointness by type and
   by object discriminators; this adds branches whose ``const``/``enum`` value sets are disjoint and branches whose
   sets of allowed JSON types are disjoint (``one_of="disjoint"``). Branches that may overlap keep ``oneOf`` (the engine
@@ -132,7 +134,31 @@ def branches_disjoint(a, b) -> bool:
     return False
 
 
-def relax_schema(schema, unknown_formats: str = "error", one_of: str = "disjoint") -> tuple[dict, list[str]]:
+_ANNOTATIONS = {"title", "description", "$comment", "examples", "default", "deprecated", "readOnly", "writeOnly"}
+
+
+def _only(node: dict, keys: set[str]) -> bool:
+    return set(node) - _ANNOTATIONS <= keys
+
+
+def _exact_not(out: dict, notes: list[str], path: str):
+    """Rewrite the ``not`` forms that have an exact maskable equivalent; return the node (``False`` for a node that
+    matches nothing)."""
+    sub = out.get("not")
+    if sub is True or (isinstance(sub, dict) and _only(sub, set())):
+        notes.append(f"{path or '/'}: not {{}} (matches nothing) compiled as false")
+        return False
+    if (isinstance(sub, dict) and _only(sub, {"required"}) and isinstance(sub.get("required"), list)
+            and len(sub["required"]) == 1 and isinstance(sub["required"][0], str)):
+        key = sub["required"][0]
+        del out["not"]
+        out["allOf"] = list(out.get("allOf", [])) + [{"type": "object", "properties": {key: False}}]
+        notes.append(f"{path or '/'}: not {{required: [{key!r}]}} compiled as an object without {key!r}")
+    return out
+
+
+def relax_schema(schema, unknown_formats: str = "error", one_of: str = "disjoint",
+                 exact_not: bool = True) -> tuple[dict, list[str]]:
     """A copy of ``schema`` with the rewrites of this module; returns ``(schema, notes)``, one note per rewrite.
 
     Args:
@@ -140,6 +166,9 @@ def relax_schema(schema, unknown_formats: str = "error", one_of: str = "disjoint
             2020-12); ``"error"`` keeps them (the engine refuses the schema).
         one_of: ``"disjoint"`` turns a ``oneOf`` whose branches are pairwise disjoint into ``anyOf``; ``"error"``
             leaves every ``oneOf`` to the engine.
+        exact_not: rewrite the forms of ``not`` that have an exact maskable equivalent: ``{"not": {}}`` (matches
+            nothing) becomes ``false``; ``{"not": {"required": [k]}}`` becomes ``{"type": "object", "properties":
+            {k: false}}`` (added to ``allOf``).
     """
     if unknown_formats not in ("string", "error"):
         raise ValueError(f"unknown_formats must be 'string' or 'error', got {unknown_formats!r}")
@@ -147,7 +176,11 @@ def relax_schema(schema, unknown_formats: str = "error", one_of: str = "disjoint
         raise ValueError(f"one_of must be 'disjoint' or 'error', got {one_of!r}")
     notes: list[str] = []
 
-    def visit(out: dict, path: str) -> dict:
+    def visit(out: dict, path: str):
+        if exact_not and "not" in out:
+            out = _exact_not(out, notes, path)
+            if out is False:
+                return out
         fmt = out.get("format")
         if unknown_formats == "string" and isinstance(fmt, str) and not engine_knows_format(fmt):
             del out["format"]

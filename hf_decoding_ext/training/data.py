@@ -58,8 +58,9 @@ def _drop_partial_line(path: Path) -> None:
 @torch.inference_mode()
 def generate_responses(model, tokenizer, prompts: list[dict], path: str | os.PathLike, *, batch_size: int = 16,
                        max_new_tokens: int = 256, max_prompt_tokens: int = 768, progress: bool = True,
-                       log=None) -> Path:
-    """Answer ``prompts`` (rows with ``id`` and ``prompt``) with the base model, greedily, appending one JSON line
+                       log=None, do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> Path:
+    """Answer ``prompts`` (rows with ``id`` and ``prompt``) with the base model, greedily (or, with ``do_sample``,
+    by sampling at ``temperature`` from the full distribution, seeded per batch from ``seed``), appending one JSON line
     ``{"id", "prompt_ids", "response_ids"}`` per prompt to ``path``. Resumable: prompts already in the file are
     skipped. Prompts are batched by length (left padding); responses stop at eos or ``max_new_tokens``.
 
@@ -94,9 +95,15 @@ def generate_responses(model, tokenizer, prompts: list[dict], path: str | os.Pat
             for i, (_, ids) in enumerate(chunk):
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 mask[i, width - len(ids):] = 1
-            gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, temperature=None, top_p=None,
-                                 top_k=None)
+            if do_sample:
+                torch.manual_seed(seed + start)
+                gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad, temperature=temperature,
+                                     top_p=1.0, top_k=0)
+            else:
+                gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                     do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                     temperature=None, top_p=None, top_k=None)
             for i, (rid, ids) in enumerate(chunk):
                 resp = gen[i, width:].tolist()
                 cut = next((j + 1 for j, t in enumerate(resp) if t in eos), len(resp))
