@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 LOSSES = ("tvd++", "fkl", "tvd")
 """Objectives of :func:`train_direct_alignment`: TVD++ (the paper's), forward KL (its baseline), TVD differentiated
@@ -340,11 +339,11 @@ def train_direct_alignment(target, rows: list[dict], out_dir: str | os.PathLike,
         step += 1
         with torch.no_grad():
             acc = float(expected_acceptance(dl.detach()[mask], tl[mask]).mean())
-        history.append({"step": step, "loss": float(value), "train_expected_acceptance": acc})
+        history.append({"step": step, "loss": float(value.detach()), "train_expected_acceptance": acc})
         bar.update(1)
         bar.set_postfix(acc=f"{acc:.3f}")
         if step % 10 == 0 or step == steps:
-            log(f"step {step}/{steps} loss {float(value):.4f} train acceptance {acc:.4f} "
+            log(f"step {step}/{steps} loss {float(value.detach()):.4f} train acceptance {acc:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
         if heldout and eval_every and step % eval_every == 0:
             draft.eval()
