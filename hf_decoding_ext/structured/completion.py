@@ -483,8 +483,9 @@ class CompletionFinder:
         self.candidates = [t for t in closing_token_ids(tokenizer) if t not in self.eos]
         self.max_length = int(max_length)
         self.searches = 0
+        self.deferred = None  # DeferredRows of a grammar with keywords checked on completion (set by the processor)
 
-    def _fallback(self, m) -> int | None:
+    def _fallback(self, m, st=None) -> int | None:
         from hf_decoding_ext.structured.grammar import bitmask_to_bool
 
         bits = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.int32)[None]
@@ -492,8 +493,21 @@ class CompletionFinder:
         for e in self.eos:
             if e < allowed.numel():
                 allowed[e] = False
-        ids = allowed.nonzero()
-        return int(ids[0]) if ids.numel() else None
+        for t in allowed.nonzero().flatten().tolist():
+            if st is None or self._passes(st, t):
+                return int(t)
+        return None
+
+    def _passes(self, st, token: int) -> bool:
+        return self.deferred.allows(st, int(token))
+
+    def _feed(self, st, tokens):
+        if st is None:
+            return None
+        return self.deferred.checker.feed(st, b"".join(self.deferred.token_bytes(int(t)) for t in tokens))
+
+    def _finishes(self, st) -> bool:
+        return st is None or self.deferred.checker.finish(st).failed is None
 
     def _from_json(self, matcher, limit: int, prefix) -> list[int] | None:
         if matcher.is_accepting() or matcher.is_stopped():
@@ -507,6 +521,10 @@ class CompletionFinder:
         m = matcher.deep_copy()
         if m.try_consume_tokens(ids) != len(ids) or not (m.is_accepting() or m.is_stopped()):
             return None
+        if self.deferred is not None:  # the completion must also pass the keywords checked on completion
+            st = self._feed(self.deferred.state_for(prefix), ids)
+            if st.failed is not None or not self._finishes(st):
+                return None
         return [int(t) for t in ids]
 
     def find(self, matcher, limit: int | None = None, prefix=None) -> list[int] | None:
@@ -521,12 +539,13 @@ class CompletionFinder:
                 return path
         m = matcher.deep_copy()
         path: list[int] = []
+        st = self.deferred.state_for(prefix) if self.deferred is not None and prefix is not None else None
         while True:
-            if m.is_error():
+            if m.is_error() or (st is not None and st.failed is not None):
                 return None
-            if m.is_accepting() or m.is_stopped():
+            if (m.is_accepting() or m.is_stopped()) and self._finishes(st):
                 return path
-            if len(path) >= limit:
+            if len(path) >= limit or m.is_stopped():
                 return None
             forced = [t for t in m.compute_ff_tokens() if t not in self.eos]
             if forced:
@@ -534,12 +553,14 @@ class CompletionFinder:
                 if m.try_consume_tokens(step) != len(step):
                     return None
                 path += step
+                st = self._feed(st, step)
                 continue
-            allowed = [t for t in self.candidates if m.validate_tokens([t]) == 1]
+            allowed = [t for t in self.candidates if m.validate_tokens([t]) == 1
+                       and (st is None or self._passes(st, t))]
             token = None
             for t in allowed:  # one token that completes the grammar, if any
                 if m.consume_token(t):
-                    done = m.is_accepting() or m.is_stopped()
+                    done = (m.is_accepting() or m.is_stopped()) and self._finishes(self._feed(st, [t]))
                     m.rollback(1)
                     if done:
                         token = t
@@ -547,12 +568,13 @@ class CompletionFinder:
             if token is None and allowed:
                 token = allowed[0]
             if token is None:
-                token = self._fallback(m)
+                token = self._fallback(m, st)
                 if token is None:
                     return None
             if not m.consume_token(token):
                 return None
             path.append(token)
+            st = self._feed(st, [token])
 
 
 class BudgetGuard:

@@ -110,6 +110,7 @@ class GrammarConstrainedLogitsProcessor(PromptTrackingProcessor, LogitsProcessor
         """Make the processor budget-aware for generations of at most ``max_new_tokens`` tokens (the constructor's
         ``max_new_tokens``; the CLI calls it with its ``--max-new-tokens``)."""
         finder = CompletionFinder(self.compiled, self.tokenizer, json=json_completer_for(self.grammar))
+        finder.deferred = getattr(self, "deferred", None)  # completions must pass the keywords checked on completion
         self.budget = BudgetGuard(finder, max_new_tokens, verify_top_k=verify_top_k, slack=slack)
 
     @classmethod
