@@ -116,3 +116,19 @@ def test_load_refuses_a_draft_for_another_model(tiny_llama, tiny_gpt2, tmp_path)
         DA.load_draft(tiny_llama, tmp_path)
     with pytest.raises(ValueError, match="steps"):
         DA.train_direct_alignment(tiny_llama, _rows(), tmp_path / "x", steps=0)
+
+
+def test_distilled_assistant_drafts_losslessly(tiny_llama, tmp_path):
+    """A saved draft serves as the draft-model assistant ('distilled:PATH'): greedy output equals plain greedy."""
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+    from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+
+    DA.train_direct_alignment(tiny_llama, _rows(), tmp_path, num_layers=1, steps=3, batch_size=4, progress=False)
+    drafter = DraftModelDrafter.for_model(tiny_llama, assistant=f"distilled:{tmp_path}", num_tokens=3)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    ref = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    out = tiny_llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              custom_generate=SpeculativeDecoding(drafter))
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="no distilled draft"):
+        DA.load_shipped_draft(tiny_llama, tmp_path / "missing")

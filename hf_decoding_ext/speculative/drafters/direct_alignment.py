@@ -202,6 +202,21 @@ def load_draft(target, path: str | os.PathLike):
     return draft.eval()
 
 
+def shipped_draft_path() -> Path:
+    """Where the library ships its distilled draft for the default model (``hf_decoding_ext/data/draft_model``)."""
+    return Path(__file__).resolve().parents[2] / "data" / "draft_model"
+
+
+def load_shipped_draft(target, path: str | os.PathLike | None = None):
+    """The shipped distilled draft for ``target`` (or the one at ``path``); ``ValueError`` when none is shipped or it
+    does not fit ``target``."""
+    path = Path(path) if path is not None else shipped_draft_path()
+    if not (path / "config.json").exists():
+        raise ValueError(f"no distilled draft model at {path}: train one with scripts/train_direct_alignment.py "
+                         "--ship, or use assistant='self:N'")
+    return load_draft(target, path)
+
+
 # --------------------------------------------------------------------------------------------------- training
 def _batches(rows: list[dict], batch_size: int, max_length: int, seed: int, pad_id: int):
     """Endless shuffled batches of (input_ids, attention_mask, loss_mask) from response rows (right-padded)."""
@@ -372,4 +387,4 @@ def train_direct_alignment(target, rows: list[dict], out_dir: str | os.PathLike,
 
 __all__ = ["LOSSES", "init_draft", "trainable_parameters", "expected_acceptance", "forward_kl_loss",
            "tvd_plus_plus_loss", "tvd_loss", "alignment_loss", "save_draft", "load_draft", "train_direct_alignment",
-           "evaluate_alignment", "response_rows"]
+           "evaluate_alignment", "response_rows", "shipped_draft_path", "load_shipped_draft"]

@@ -92,12 +92,22 @@ class DraftModelDrafter(Drafter):
         untrained drafter for demonstrations where no smaller model of the same family is at hand (the default,
         ``"self:4"``, since the embedded default model has no smaller sibling on this machine). Such an assistant's
         ``generation_config.num_assistant_tokens`` is set to :data:`SELF_ASSISTANT_TOKENS` (3): its confident but
-        often wrong early-exit guesses make transformers' default of 20 draft tokens mostly wasted work."""
+        often wrong early-exit guesses make transformers' default of 20 draft tokens mostly wasted work.
+        ``"distilled"`` (or ``"distilled:PATH"``) is a Direct-Alignment draft
+        (:mod:`~hf_decoding_ext.speculative.drafters.direct_alignment`): the shipped one, or one saved at ``PATH``."""
         from hf_decoding_ext.core.models import load_model, truncated_model
 
         if not isinstance(assistant, str) or not assistant:
             raise ValueError("assistant must be a model name/path or 'self:N'")
-        if assistant.startswith("self:"):
+        if assistant == "distilled" or assistant.startswith("distilled:"):
+            # the Direct-Alignment draft (arXiv 2403.00858) shipped with the library, or one saved at a path
+            from hf_decoding_ext.speculative.drafters.direct_alignment import load_shipped_draft
+
+            if model is None:
+                raise ValueError("assistant='distilled' needs the target model (it shares its embeddings and head)")
+            path = assistant.split(":", 1)[1] if ":" in assistant else None
+            draft = load_shipped_draft(model, path)
+        elif assistant.startswith("self:"):
             if model is None:
                 raise ValueError("assistant='self:N' needs the target model")
             try:
