@@ -6,6 +6,8 @@
   2023), recursive over a tree's children (SpecInfer, and Recursive Speculative Decoding for siblings drawn without
   replacement). Lossless in distribution for every sibling scheme.
 - :class:`TypicalAcceptance` (``"typical"``): Medusa's typical acceptance, lossy.
+- :class:`SpecTrAcceptance` (``"spectr"``): SpecTr's K-SEQ for k i.i.d. draft sequences (division factor and
+  residual), lossless in distribution; greedy acceptance without sampling.
 - ``"auto"``: greedy without sampling, speculative sampling with it.
 
 A new rule is one file with an :class:`AcceptanceRule` subclass plus one line: an entry of
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from hf_decoding_ext.speculative.acceptance.base import AcceptanceRule, ScoresAt, target_probs
 from hf_decoding_ext.speculative.acceptance.greedy import GreedyAcceptance
 from hf_decoding_ext.speculative.acceptance.speculative_sampling import SpeculativeSamplingAcceptance
+from hf_decoding_ext.speculative.acceptance.spectr import SpecTrAcceptance
 from hf_decoding_ext.speculative.acceptance.typical import TypicalAcceptance
 
 RuleFactory = Callable[[bool], AcceptanceRule]
@@ -33,6 +36,7 @@ ACCEPTANCE_RULES: dict[str, RuleFactory] = {
     "greedy": GreedyAcceptance.for_sampling,
     "speculative": SpeculativeSamplingAcceptance.for_sampling,
     "typical": TypicalAcceptance.for_sampling,
+    "spectr": SpecTrAcceptance.for_sampling,
 }
 """Name -> factory ``factory(do_sample) -> AcceptanceRule`` of the rules ``SpeculativeDecoding(acceptance=...)``
 accepts by name."""
@@ -94,4 +98,5 @@ resolve_rule = get_acceptance_rule
 """Former name of :func:`get_acceptance_rule` (kept for one release)."""
 
 __all__ = ["ACCEPTANCE_RULES", "AcceptanceRule", "GreedyAcceptance", "ScoresAt", "SpeculativeSamplingAcceptance",
-           "TypicalAcceptance", "get_acceptance_rule", "register_acceptance_rule", "resolve_rule", "target_probs"]
+           "SpecTrAcceptance", "TypicalAcceptance", "get_acceptance_rule", "register_acceptance_rule", "resolve_rule",
+           "target_probs"]
