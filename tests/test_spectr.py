@@ -144,3 +144,33 @@ def test_registered_and_greedy_without_sampling():
     assert isinstance(get_acceptance_rule("spectr", do_sample=False), GreedyAcceptance)
     with pytest.raises(ValueError, match="iid"):
         SpecTrAcceptance().check_tree(DraftTree.chain([1, 2]))
+
+
+def test_spectr_drafter_on_the_engine_keeps_the_target_distribution():
+    """k = 3 i.i.d. draft sequences from a tiny draft model, verified with K-SEQ by the speculative engine: the
+    distribution of two generated tokens is the target's."""
+    from test_speculative_engine import _chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama
+
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+    from hf_decoding_ext.speculative.drafters.spectr import SpecTrDrafter
+
+    vocab, length, n = 6, 2, 2500
+    target, draft = _peaky_tiny_llama(1, vocab), _peaky_tiny_llama(2, vocab)
+    prompt = [1, 2, 3]
+    probs = _exact_sequence_distribution(target, prompt, length, vocab)
+    drafter = SpecTrDrafter(draft, num_drafts=3, num_tokens=2)
+    loop = SpeculativeDecoding(drafter, acceptance="spectr")
+    torch.manual_seed(0)
+    ids = torch.tensor([prompt])
+    counts, nodes = {}, []
+    for _ in range(n):
+        out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
+                              custom_generate=loop)
+        seq = tuple(out[0, len(prompt):].tolist())
+        counts[seq] = counts.get(seq, 0) + 1
+    assert _chi_square_pvalue(counts, probs, n) > 1e-3
+    greedy = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                       custom_generate=loop), greedy)
+    with pytest.raises(ValueError, match="num_drafts"):
+        SpecTrDrafter(draft, num_drafts=0)

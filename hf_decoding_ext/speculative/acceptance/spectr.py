@@ -81,6 +81,11 @@ class SpecTrAcceptance(AcceptanceRule):
     def for_sampling(cls, do_sample: bool) -> AcceptanceRule:
         return cls() if do_sample else GreedyAcceptance()
 
+    def check_tree(self, tree: DraftTree) -> None:
+        if len(tree) == 0:  # an empty draft (no room left): the bonus token is drawn from the target
+            return
+        super().check_tree(tree)
+
     def accept(self, tree: DraftTree, scores_at, generator=None):
         nodes, last = [-1], -1  # the tree nodes that spell the accepted prefix (merged branches)
         while True:
