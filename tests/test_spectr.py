@@ -162,7 +162,7 @@ def test_spectr_drafter_on_the_engine_keeps_the_target_distribution():
     loop = SpeculativeDecoding(drafter, acceptance="spectr")
     torch.manual_seed(0)
     ids = torch.tensor([prompt])
-    counts, nodes = {}, []
+    counts = {}
     for _ in range(n):
         out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
                               custom_generate=loop)
