@@ -220,3 +220,80 @@ class DraftModelDrafter(Drafter):
 
     def reset(self) -> None:
         self.length_policy = None
+
+
+class DraftModelTreeDrafter(DraftModelDrafter):
+    """A draft tree from the draft model with a fixed branching factor per depth: every node at depth ``d`` gets
+    ``branching[d]`` children (the shape of Multi-Candidate Speculative Decoding and of Recursive Speculative
+    Decoding's RSD-C). The shared base of :class:`~hf_decoding_ext.speculative.drafters.mcsd.MCSDDrafter` and
+    :class:`~hf_decoding_ext.speculative.drafters.rsd.RSDDrafter`.
+
+    With sampling the children of a node are drawn from the draft model's distribution there (after the caller's
+    logits processors, on a fork per node), ``"iid"`` (independently, with replacement: repeated tokens are
+    separate children) or ``"without_replacement"`` (Gumbel-top-k: distinct tokens, in sampling order); each child
+    keeps that distribution in ``draft_probs`` for the speculative-sampling rule, which is lossless for both. Without
+    sampling the children are the ``branching[d]`` most likely tokens (a deterministic tree for greedy acceptance).
+
+    Args:
+        assistant_model: the draft model (``None``: ``generate(..., assistant_model=...)``).
+        branching: children per node at each depth, e.g. ``(2, 2, 1)`` (depth = its length).
+        sibling_scheme: ``"iid"`` or ``"without_replacement"`` (sampling only).
+
+    Deviation: the nodes are expanded one draft-model forward per node (depth-first, reusing the draft cache along
+    each path) rather than one tree-attention forward per depth.
+    """
+
+    def __init__(self, assistant_model=None, branching=(2, 2, 1), sibling_scheme: str = "without_replacement"):
+        branching = tuple(branching)
+        if not branching or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in branching):
+            raise ValueError(f"branching must be a non-empty sequence of positive integers, got {branching!r}")
+        if sibling_scheme not in ("iid", "without_replacement"):
+            raise ValueError(f"sibling_scheme must be 'iid' or 'without_replacement', got {sibling_scheme!r}")
+        super().__init__(assistant_model, num_tokens=len(branching), confidence_threshold=0.0, schedule="constant")
+        self.branching = branching
+        self.sibling_scheme = sibling_scheme
+
+    def _children(self, scores: torch.Tensor, k: int, do_sample: bool) -> tuple[list[int], torch.Tensor]:
+        p = torch.softmax(scores.float(), dim=-1)
+        if not do_sample:
+            return torch.topk(p, min(k, p.numel())).indices.tolist(), p
+        if self.sibling_scheme == "iid":
+            return torch.multinomial(p, k, replacement=True).tolist(), p
+        k = min(k, int((p > 0).sum()))
+        u = torch.rand(p.shape).clamp_min_(torch.finfo(torch.float32).tiny)
+        keys = torch.log(p) - torch.log(-torch.log(u))  # Gumbel-top-k: sampling without replacement, in order
+        return torch.topk(keys, k).indices.tolist(), p
+
+    def propose(self, state) -> Draft:
+        ids, mask = state.input_ids, state.attention_mask
+        room = state.generation_config.max_length - ids.shape[1] - 1
+        depth = max(0, min(len(self.branching), room))
+        tokens, parents, probs = [], [], []
+        stack = [(-1, [])]  # (node, path tokens): depth-first expansion
+        while stack:
+            node, path = stack.pop()
+            if len(path) >= depth:
+                continue
+            cur_ids = torch.cat([ids, ids.new_tensor([path])], dim=1) if path else ids
+            cur_mask = torch.cat([mask, mask.new_ones((1, len(path)))], dim=1) if path else mask
+            self._sync(cur_ids)
+            processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
+            scores = processors(cur_ids, self._step(cur_ids, cur_mask))[0]
+            self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
+            kids, p = self._children(scores, self.branching[len(path)], state.do_sample)
+            new = []
+            for t in kids:
+                tokens.append(int(t))
+                parents.append(node)
+                probs.append(p)
+                new.append((len(tokens) - 1, path + [int(t)]))
+            stack.extend(reversed(new))
+        if not tokens:
+            return Draft(DraftTree.chain(torch.zeros(0, dtype=torch.long)))
+        tok, par = torch.tensor(tokens, dtype=torch.long), torch.tensor(parents)
+        if not state.do_sample:
+            return Draft(DraftTree(tok, par))
+        return Draft(DraftTree(tok, par, torch.stack(probs), self.sibling_scheme))
+
+    def observe(self, state, result) -> None:
+        pass

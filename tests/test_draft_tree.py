@@ -1,0 +1,68 @@
+"""Draft-model trees with a branching factor per depth (MCSD with and without replacement, RSD-C): the target's
+exact distribution over two tokens through the engine, distinct siblings without replacement, greedy identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_speculative_engine import _chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama
+
+from hf_decoding_ext.speculative import SpeculativeDecoding
+from hf_decoding_ext.speculative.drafters.base import Drafter
+from hf_decoding_ext.speculative.drafters.mcsd import MCSDDrafter
+from hf_decoding_ext.speculative.drafters.rsd import RSDDrafter
+
+
+def _record(drafter):
+    trees = []
+    propose = drafter.propose
+
+    def spy(state):
+        d = propose(state)
+        trees.append(d.tree)
+        return d
+    drafter.propose = spy
+    return trees
+
+
+@pytest.mark.parametrize("make", [lambda d: MCSDDrafter(d, branching=(3, 2)),
+                                  lambda d: MCSDDrafter(d, branching=(3, 2), sibling_scheme="without_replacement"),
+                                  lambda d: RSDDrafter(d, branching=(2, 2))], ids=["mcsd-iid", "mcsd-wor", "rsd-c"])
+def test_tree_drafts_keep_the_target_distribution(make):
+    vocab, length, n = 6, 2, 2500
+    target, draft = _peaky_tiny_llama(1, vocab), _peaky_tiny_llama(2, vocab)
+    prompt = [1, 2, 3]
+    probs = _exact_sequence_distribution(target, prompt, length, vocab)
+    drafter = make(draft)
+    trees = _record(drafter)
+    loop = SpeculativeDecoding(drafter, acceptance="speculative")
+    torch.manual_seed(0)
+    ids = torch.tensor([prompt])
+    counts = {}
+    for _ in range(n):
+        out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
+                              custom_generate=loop)
+        seq = tuple(out[0, len(prompt):].tolist())
+        counts[seq] = counts.get(seq, 0) + 1
+    assert _chi_square_pvalue(counts, probs, n) > 1e-3
+    trees.clear()
+    target.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0, custom_generate=loop)
+    expected = 3 + 3 * 2 if isinstance(drafter, MCSDDrafter) else 2 + 2 * 2
+    assert len(trees[0]) == expected  # the first draft has room for the full tree
+    for tree in (t for t in trees if len(t)):
+        assert tree.sibling_scheme == drafter.sibling_scheme
+        if tree.sibling_scheme == "without_replacement":  # siblings are distinct tokens
+            for node in [-1] + list(range(len(tree))):
+                kids = [int(tree.tokens[c]) for c in tree.children(node)]
+                assert len(kids) == len(set(kids))
+    greedy = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                       custom_generate=SpeculativeDecoding(drafter)), greedy)  # top-k tree, greedy
+
+
+def test_argument_checks():
+    assert isinstance(MCSDDrafter(), Drafter)
+    with pytest.raises(ValueError, match="branching"):
+        MCSDDrafter(branching=())
+    with pytest.raises(ValueError, match="sibling_scheme"):
+        MCSDDrafter(sibling_scheme="deterministic")
