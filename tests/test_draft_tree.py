@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_speculative_engine import _chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama
+from test_speculative_engine import (_chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama,
+                                     _sample_counts)
 
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.base import Drafter
@@ -36,14 +37,8 @@ def test_tree_drafts_keep_the_target_distribution(make):
     drafter = make(draft)
     trees = _record(drafter)
     loop = SpeculativeDecoding(drafter, acceptance="speculative")
-    torch.manual_seed(0)
+    counts = _sample_counts(target, prompt, length, n, loop)
     ids = torch.tensor([prompt])
-    counts = {}
-    for _ in range(n):
-        out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
-                              custom_generate=loop)
-        seq = tuple(out[0, len(prompt):].tolist())
-        counts[seq] = counts.get(seq, 0) + 1
     assert _chi_square_pvalue(counts, probs, n) > 1e-3
     trees.clear()
     target.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0, custom_generate=loop)

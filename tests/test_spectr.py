@@ -82,7 +82,9 @@ def test_rho_is_the_smallest_feasible_division_factor():
         rho, beta = kseq_rho(p, q, k)
         assert 1.0 <= rho <= k
         assert beta == pytest.approx(float(torch.minimum(q, p / rho).sum()))
-        f = lambda r: (1 - (1 - float(torch.minimum(q, p / r).sum())) ** k) / float(torch.minimum(q, p / r).sum())  # noqa: E731
+        def f(r):
+            b = float(torch.minimum(q, p / r).sum())
+            return (1 - (1 - b) ** k) / b
         assert f(rho) <= rho + 1e-9  # feasible: the residual is non-negative
         if k == 1:
             assert rho == 1.0
@@ -149,7 +151,8 @@ def test_registered_and_greedy_without_sampling():
 def test_spectr_drafter_on_the_engine_keeps_the_target_distribution():
     """k = 3 i.i.d. draft sequences from a tiny draft model, verified with K-SEQ by the speculative engine: the
     distribution of two generated tokens is the target's."""
-    from test_speculative_engine import _chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama
+    from test_speculative_engine import (_chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama,
+                                         _sample_counts)
 
     from hf_decoding_ext.speculative import SpeculativeDecoding
     from hf_decoding_ext.speculative.drafters.spectr import SpecTrDrafter
@@ -160,14 +163,8 @@ def test_spectr_drafter_on_the_engine_keeps_the_target_distribution():
     probs = _exact_sequence_distribution(target, prompt, length, vocab)
     drafter = SpecTrDrafter(draft, num_drafts=3, num_tokens=2)
     loop = SpeculativeDecoding(drafter, acceptance="spectr")
-    torch.manual_seed(0)
+    counts = _sample_counts(target, prompt, length, n, loop)
     ids = torch.tensor([prompt])
-    counts = {}
-    for _ in range(n):
-        out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
-                              custom_generate=loop)
-        seq = tuple(out[0, len(prompt):].tolist())
-        counts[seq] = counts.get(seq, 0) + 1
     assert _chi_square_pvalue(counts, probs, n) > 1e-3
     greedy = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,

@@ -130,6 +130,19 @@ def _exact_sequence_distribution(model, prompt, length, vocab):
     return probs
 
 
+def _sample_counts(target, prompt, length, n, loop, seed=0):
+    """Counts of the ``length``-token continuations of ``n`` sampled generations with the decoding loop ``loop``."""
+    torch.manual_seed(seed)
+    ids = torch.tensor([prompt])
+    counts = {}
+    for _ in range(n):
+        out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
+                              custom_generate=loop)
+        seq = tuple(out[0, len(prompt):].tolist())
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
 def _chi_square_pvalue(counts, probs, n):
     from scipy.stats import chi2
 
@@ -163,14 +176,7 @@ def test_speculative_sampling_matches_target_distribution(rule):
     probs = _exact_sequence_distribution(target, prompt, length, vocab)
     acceptance = "speculative" if rule == "speculative" else _AcceptEverything()
     loop = SpeculativeDecoding(DraftModelDrafter(draft, num_tokens=2), acceptance=acceptance)
-    torch.manual_seed(0)
-    ids = torch.tensor([prompt])
-    counts = {}
-    for _ in range(n):
-        out = target.generate(ids, max_new_tokens=length, do_sample=True, top_k=0, pad_token_id=0,
-                              custom_generate=loop)
-        seq = tuple(out[0, len(prompt):].tolist())
-        counts[seq] = counts.get(seq, 0) + 1
+    counts = _sample_counts(target, prompt, length, n, loop)
     pvalue = _chi_square_pvalue(counts, probs, n)
     tv = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in probs.items())
     if rule == "speculative":

@@ -518,5 +518,6 @@ def deferred_rows_for(grammar, compiled) -> DeferredRows | None:
     return DeferredRows(DeferredChecker(grammar.deferred), token_bytes, compiled.eos_token_ids, trig)
 
 
-__all__ = ["DEFERRED_KEYWORDS", "DeferredDeadEnd", "defer_unmaskable", "deferred_rows_for", "DeferredChecker", "DeferredRows",
+__all__ = ["DEFERRED_KEYWORDS", "DeferredDeadEnd", "defer_unmaskable", "deferred_rows_for", "DeferredChecker",
+           "DeferredRows",
            "ScanState", "trigger_tokens"]
