@@ -9,17 +9,18 @@ class MCSDDrafter(DraftModelTreeDrafter):
     """The drafts of "Multi-Candidate Speculative Decoding" (Yang, Huang, Chen, Jiang, Wang; arXiv 2401.06706): the
     draft model proposes ``k`` candidates at each position of the draft, the target verifies the whole candidate
     tree in one forward, and the candidates are accepted by recursive rejection sampling over siblings
-    (``SpeculativeDecoding(..., acceptance="speculative")``), lossless for candidates sampled with replacement
-    (i.i.d., the paper's main setting) and without replacement (its improved variant).
+    (``SpeculativeDecoding(..., acceptance="speculative")``), lossless for candidates sampled without replacement
+    (the official code's default, ``replacement=False``: a rejected candidate is also removed from the draft
+    distribution) and with replacement (i.i.d., SpecInfer-style multi-step sampling).
 
     Args:
         assistant_model: the draft model.
-        branching: candidates per node at each depth (default ``(3, 2, 1, 1)``: 3 at the first position, 2 below
-            each, then single continuations).
-        sibling_scheme: ``"iid"`` (with replacement, default) or ``"without_replacement"``.
+        branching: candidates per node at each depth (default ``(4, 2, 2)``, the official code's ``k_config``).
+        sibling_scheme: ``"without_replacement"`` (default) or ``"iid"`` (with replacement).
 
     See :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelTreeDrafter` for the tree and its
-    deviation (one draft forward per node).
+    deviation (one draft forward per node). The official code's naive variant (MCNS: one target sample matched
+    against the candidates) is not implemented.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -28,7 +29,7 @@ class MCSDDrafter(DraftModelTreeDrafter):
         >>> out = model.generate(**inputs, do_sample=True, max_new_tokens=64, custom_generate=loop)  # doctest: +SKIP
     """
 
-    def __init__(self, assistant_model=None, branching=(3, 2, 1, 1), sibling_scheme: str = "iid"):
+    def __init__(self, assistant_model=None, branching=(4, 2, 2), sibling_scheme: str = "without_replacement"):
         super().__init__(assistant_model, branching=branching, sibling_scheme=sibling_scheme)
 
 
