@@ -15,7 +15,8 @@ class RSDDrafter(DraftModelTreeDrafter):
 
     Args:
         assistant_model: the draft model.
-        branching: distinct children per node at each depth (default ``(2, 2, 2)``).
+        branching: distinct children per node at each depth (default ``(2, 2, 2)``, this library's choice: the paper
+            sweeps constant branching factors at fixed draft length and at fixed target budget).
 
     RSD-S (stochastic beam search drafts) is not implemented. See
     :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelTreeDrafter` for the deviation (one draft
