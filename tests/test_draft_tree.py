@@ -61,3 +61,29 @@ def test_argument_checks():
         MCSDDrafter(branching=())
     with pytest.raises(ValueError, match="sibling_scheme"):
         MCSDDrafter(sibling_scheme="deterministic")
+
+
+def test_dyspec_grows_a_budgeted_tree_and_keeps_the_target_distribution():
+    from hf_decoding_ext.speculative.drafters.dyspec import DySpecDrafter
+
+    vocab, length, n = 6, 2, 2500
+    target, draft = _peaky_tiny_llama(1, vocab), _peaky_tiny_llama(2, vocab)
+    prompt = [1, 2, 3]
+    probs = _exact_sequence_distribution(target, prompt, length, vocab)
+    drafter = DySpecDrafter(draft, num_nodes=5, max_depth=2)
+    trees = _record(drafter)
+    loop = SpeculativeDecoding(drafter, acceptance="speculative")
+    counts = _sample_counts(target, prompt, length, n, loop)
+    assert _chi_square_pvalue(counts, probs, n) > 1e-3
+    trees.clear()
+    ids = torch.tensor([prompt])
+    target.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0, custom_generate=loop)
+    assert len(trees[0]) == 5 and int(trees[0].depth.max()) <= 2  # depth of a node: 1 for the root's children
+    greedy = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    trees.clear()
+    assert torch.equal(target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                       custom_generate=SpeculativeDecoding(drafter)), greedy)
+    tree = trees[0]  # greedy: children in decreasing draft probability, grown where the path probability is highest
+    assert tree.sibling_scheme == "deterministic" and len(tree) == 5
+    with pytest.raises(ValueError, match="num_nodes"):
+        DySpecDrafter(draft, num_nodes=0)
