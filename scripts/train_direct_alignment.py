@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default=None)
     ap.add_argument("--ship", action="store_true")
+    ap.add_argument("--responses-from", default=None,
+                    help="a folder with committed responses-{greedy,sampled}.jsonl.gz (e.g. results/direct_alignment) "
+                         "to start stage 1 from")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,6 +61,13 @@ def main(argv=None) -> int:
         logf.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
         logf.flush()
 
+    if args.responses_from:
+        import gzip
+
+        for kind in ("greedy", "sampled"):
+            src, dst = Path(args.responses_from) / f"responses-{kind}.jsonl.gz", work / f"responses-{kind}.jsonl"
+            if src.exists() and not dst.exists():
+                dst.write_bytes(gzip.decompress(src.read_bytes()))
     model, tokenizer = load_model()
     prompts = load_distill_prompts(limit=args.prompts)
     log(f"stage 1: responses to {len(prompts)} prompts, greedy and sampled, {args.max_new_tokens} tokens")
