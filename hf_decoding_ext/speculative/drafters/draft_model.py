@@ -215,6 +215,18 @@ class DraftModelDrafter(Drafter):
             draft.info["assistant_logits"] = torch.stack(kept)
         return draft
 
+    def scores_after(self, state, path: list[int]) -> torch.Tensor:
+        """The draft model's processed next-token scores ``(vocab,)`` after the committed sequence plus ``path``
+        (the caller's processors on a fresh fork; the draft cache is reused up to the common prefix)."""
+        ids, mask = state.input_ids, state.attention_mask
+        cur_ids = torch.cat([ids, ids.new_tensor([path])], dim=1) if path else ids
+        cur_mask = torch.cat([mask, mask.new_ones((1, len(path)))], dim=1) if path else mask
+        self._sync(cur_ids)
+        processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
+        scores = processors(cur_ids, self._step(cur_ids, cur_mask))[0]
+        self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
+        return scores
+
     def observe(self, state, result) -> None:
         self.length_policy.update(len(result.draft.tree), len(result.accepted))
 
@@ -265,7 +277,7 @@ class DraftModelTreeDrafter(DraftModelDrafter):
         return torch.topk(keys, k).indices.tolist(), p
 
     def propose(self, state) -> Draft:
-        ids, mask = state.input_ids, state.attention_mask
+        ids = state.input_ids
         room = state.generation_config.max_length - ids.shape[1] - 1
         depth = max(0, min(len(self.branching), room))
         tokens, parents, probs = [], [], []
@@ -274,12 +286,7 @@ class DraftModelTreeDrafter(DraftModelDrafter):
             node, path = stack.pop()
             if len(path) >= depth:
                 continue
-            cur_ids = torch.cat([ids, ids.new_tensor([path])], dim=1) if path else ids
-            cur_mask = torch.cat([mask, mask.new_ones((1, len(path)))], dim=1) if path else mask
-            self._sync(cur_ids)
-            processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
-            scores = processors(cur_ids, self._step(cur_ids, cur_mask))[0]
-            self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
+            scores = self.scores_after(state, path)
             kids, p = self._children(scores, self.branching[len(path)], state.do_sample)
             new = []
             for t in kids:

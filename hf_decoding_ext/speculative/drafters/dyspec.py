@@ -6,7 +6,6 @@ import heapq
 
 import torch
 
-from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.drafters.base import Draft
 from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
@@ -50,14 +49,7 @@ class DySpecDrafter(DraftModelDrafter):
         self.max_depth = max_depth
 
     def _distribution(self, state, path: list[int]) -> torch.Tensor:
-        ids, mask = state.input_ids, state.attention_mask
-        cur_ids = torch.cat([ids, ids.new_tensor([path])], dim=1) if path else ids
-        cur_mask = torch.cat([mask, mask.new_ones((1, len(path)))], dim=1) if path else mask
-        self._sync(cur_ids)
-        processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
-        scores = processors(cur_ids, self._step(cur_ids, cur_mask))[0]
-        self._cached_ids = cur_ids[:, : self._cache.get_seq_length()]
-        return torch.softmax(scores.float(), dim=-1)
+        return torch.softmax(self.scores_after(state, path).float(), dim=-1)
 
     def propose(self, state) -> Draft:
         room = state.generation_config.max_length - state.input_ids.shape[1] - 1
