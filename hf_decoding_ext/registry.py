@@ -412,15 +412,94 @@ METHODS: list[MethodSpec] = [
        title="Fast Inference from Transformers via Speculative Decoding", arxiv="2211.17192",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.draft_model:DraftModelDrafter", lossless=True,
-       needs_training=False, status="done", defaults={"assistant": "self:4"},
+       needs_training=False, status="done", defaults={"assistant": "distilled"},
        summary="a small causal LM sharing the tokenizer drafts a chain (assisted generation); default assistant: "
-               "the target's first 4 layers",
+               "the shipped distilled draft (direct-alignment); 'self:N' (the target's first N layers) as an option",
        effect="not reproduced",
        effect_note=(
            "0.63x same-kernel greedy [0.61-0.66] (1.02x stock greedy), 1.05 tokens per forward, with the target's "
            "first 4 layers as assistant, token-identical, 6 prompts x 96 tokens x 3 interleaved passes "
            "(results/draft-model_speed.json); transformers' assisted generation 0.60x with the same assistant and "
            "kernels; the paper's setting, a smaller trained model sharing the tokenizer, is not available here")),
+    _m(name="direct-alignment", aliases=("Direct Alignment of Draft Model", "TVD++ draft", "distilled draft"),
+       title="Direct Alignment of Draft Model for Speculative Decoding with Chat-Fine-Tuned LLMs", arxiv="2403.00858",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.direct_alignment:DirectAlignmentDrafter", lossless=True,
+       needs_training=True, status="done", defaults={"assistant": "distilled"},
+       summary="the recipe: a draft initialised from the target's first 4 layers (embeddings and head shared), "
+               "distilled with TVD++ on the target's own greedy and sampled responses; shipped for the default "
+               "model and the default assistant of every draft-model method",
+       effect="not reproduced", effect_note="TBD"),
+    _m(name="spectr", aliases=("K-SEQ", "optimal-transport speculative decoding"),
+       title="SpecTr: Fast Speculative Decoding via Optimal Transport", arxiv="2310.15141",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.spectr:SpecTrDrafter", lossless=True, needs_training=False,
+       status="done", do_sample=True, defaults={"assistant": "distilled", "num_drafts": 4, "num_tokens": 4},
+       engine={"acceptance": "spectr"},
+       summary="k i.i.d. draft sequences from the distilled draft verified by K-SEQ (division factor rho, closed-form "
+               "residual); k=1 is speculative sampling",
+       effect="not reproduced", effect_note="TBD"),
+    _m(name="mcsd", aliases=("Multi-Candidate Speculative Decoding",),
+       title="Multi-Candidate Speculative Decoding", arxiv="2401.06706",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.mcsd:MCSDDrafter", lossless=True, needs_training=False,
+       status="done", do_sample=True, defaults={"assistant": "distilled", "branching": [4, 2, 2]},
+       summary="k candidates per depth from the distilled draft (official k_config (4, 2, 2), without replacement), "
+               "one tree verified by recursive rejection sampling",
+       effect="not reproduced", effect_note="TBD"),
+    _m(name="rsd", aliases=("Recursive Speculative Decoding", "RSD-C", "RSD-S"),
+       title="Recursive Speculative Decoding: Accelerating LLM Inference via Sampling Without Replacement",
+       arxiv="2402.14160", family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.rsd:RSDDrafter", lossless=True, needs_training=False,
+       status="done", do_sample=True, defaults={"assistant": "distilled", "variant": "C", "branching": [2, 2, 2]},
+       summary="draft trees with siblings sampled without replacement (RSD-C: Gumbel-top-k, constant branching; "
+               "RSD-S: stochastic beam search), recursive rejection sampling",
+       effect="not reproduced", effect_note="TBD"),
+    _m(name="dyspec", aliases=("dynamic token tree",),
+       title="DySpec: Faster Speculative Decoding with Dynamic Token Tree Structure", arxiv="2410.11744",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.dyspec:DySpecDrafter", lossless=True, needs_training=False,
+       status="done", do_sample=True, defaults={"assistant": "distilled", "num_nodes": 8, "max_depth": 6},
+       summary="token tree grown best-first on the draft's path probability under a node budget; siblings without "
+               "replacement, so unbiased under sampling",
+       effect="not reproduced", effect_note="TBD"),
+    _m(name="staged-speculative", aliases=("staged speculative decoding", "staged speculation"),
+       title="Accelerating LLM Inference with Staged Speculative Decoding", arxiv="2308.04623",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.staged:StagedSpeculativeDrafter", lossless=True,
+       needs_training=False, status="done",
+       defaults={"assistant": "distilled", "num_nodes": 8, "max_depth": 6, "top_k": 3, "stage2": True},
+       summary="draft-model token tree (main chain plus siblings, allocated best-first by draft path probability "
+               "under a node budget) whose chain is itself drafted by prompt-lookup n-grams checked in one draft "
+               "forward (stage 2)",
+       effect="not reproduced", effect_note="TBD"),
+    _m(name="pearl", aliases=("parallel speculative decoding",),
+       title="PEARL: Parallel Speculative Decoding with Adaptive Draft Length", arxiv="2408.11850",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.pearl:PEARLDrafter", lossless=True, needs_training=False,
+       status="done", defaults={"assistant": "distilled", "gamma": 4}, engine={"acceptance": "pearl"},
+       summary="pre-verify the first draft token while drafting, post-verify gamma drafts while drafting the next "
+               "gamma (adaptive effective draft length, no bonus token); the overlap of draft and target is priced "
+               "by a simulated cost clock with measured per-call costs",
+       effect="not measurable here",
+       effect_note="TBD"),
+    _m(name="reflective-verification",
+       aliases=("semantic reflective verification", "think before you accept"),
+       title="Think Before You Accept: Semantic Reflective Verification for Faster Speculative Decoding",
+       arxiv="2505.18629", family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.reflective:ReflectiveDrafter", lossless=False,
+       needs_training=False, status="experimental", defaults={"assistant": "distilled"},
+       engine={"acceptance": "reflective"},
+       summary="relaxed verification: a reflection prompt and the draft again as side nodes of the same forward give "
+               "reflective distributions, fused with the target's (weight 0.2); a draft token passes strict or "
+               "fused verification; weight 0 is strict (lossless). Experimental: the paper's section 3 (fusion "
+               "rule, prompt, weight) was not available offline, so the rule is this library's reading of the "
+               "abstract",
+       effect="not reproduced",
+       effect_note=("mean accepted draft tokens per verification 0.192 (strict, token-identical) vs 0.227 at weight "
+                    "0.2 with the shipped distilled draft, 8 prompts x 48 greedy tokens (tests/test_reflective.py), "
+                    "but token agreement with greedy 0.66 and exact match 4/8: the 135M model's reflection rarely "
+                    "backs a rejected token correctly")),
     # ------------------------------------------------------------------------------------------- trained heads
     _m(name="medusa", aliases=("Medusa-1", "Medusa heads"),
        title="Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",

@@ -132,3 +132,52 @@ def test_distilled_assistant_drafts_losslessly(tiny_llama, tmp_path):
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="no distilled draft"):
         DA.load_shipped_draft(tiny_llama, tmp_path / "missing")
+
+
+def test_export_standalone_loads_with_from_pretrained(tiny_llama, tmp_path):
+    """The exported draft is an ordinary checkpoint (safetensors, no pickle) with the same logits, loadable with
+    ``from_pretrained`` alone; the target is untouched."""
+    from transformers import AutoModelForCausalLM
+
+    draft = DA.init_draft(tiny_llama, 1)
+    with torch.no_grad():
+        for p in DA.trainable_parameters(draft):
+            p.add_(0.01 * torch.randn_like(p))
+    DA.export_standalone(draft, tmp_path / "standalone")
+    assert (tmp_path / "standalone" / "model.safetensors").exists()
+    assert not list((tmp_path / "standalone").glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "standalone")
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    torch.testing.assert_close(loaded(ids).logits, draft(ids).logits)
+    assert loaded.config.num_hidden_layers == 1
+    assert not torch.allclose(draft(ids).logits, tiny_llama(ids).logits)
+
+
+def test_direct_alignment_drafter_is_the_draft_model_drafter_with_the_shipped_draft(tiny_llama, tmp_path):
+    from hf_decoding_ext.speculative.drafters.direct_alignment import DirectAlignmentDrafter
+
+    DA.save_draft(DA.init_draft(tiny_llama, 1), tmp_path)
+    drafter = DirectAlignmentDrafter.for_model(tiny_llama, assistant=f"distilled:{tmp_path}")
+    assert isinstance(drafter, DirectAlignmentDrafter)
+    assert drafter.assistant_model.config.num_hidden_layers == 1
+
+
+@pytest.mark.real_model
+def test_shipped_draft_accepts_more_than_the_untrained_truncation_real_model(smollm):
+    """The recipe's effect on the default model: on the target's greedy responses to benchmark prompts (never seen
+    in distillation), the shipped distilled draft's expected acceptance ``sum min(p, q)`` is well above that of
+    the same 4 layers untrained (``self:4``), and it is a real draft: its greedy drafts get accepted."""
+    from hf_decoding_ext.bench.prompts import interleaved_prompts
+    from hf_decoding_ext.bench.speed import encode_prompt
+
+    model, tokenizer = smollm
+    shipped = DA.load_shipped_draft(model)
+    rows = []
+    for row in interleaved_prompts(4):
+        enc = encode_prompt(row, tokenizer)
+        out = model.generate(**enc, max_new_tokens=48, do_sample=False)
+        n = enc["input_ids"].shape[1]
+        rows.append({"prompt_ids": out[0, :n].tolist(), "response_ids": out[0, n:].tolist()})
+    trained = DA.evaluate_alignment(shipped, model, rows)["expected_acceptance"]
+    untrained = DA.evaluate_alignment(DA.init_draft(model, 4), model, rows)["expected_acceptance"]
+    assert trained > untrained + 0.05, (trained, untrained)

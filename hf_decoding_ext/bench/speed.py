@@ -12,7 +12,8 @@ Protocol (see :func:`benchmark_speed`):
 * per run the runner measures wall time (``time.perf_counter`` around ``generate()``, CUDA synchronised), the new
   tokens (up to and including the first eos; nothing after it is counted, and at batch size 1 ``generate()``
   adds no padding), tokens/s, the number of **target-model forwards** (a forward hook on the model passed in, so
-  forwards of a separate ``assistant_model`` are not counted) and the peak memory (on CUDA
+  forwards of a separate ``assistant_model`` are not counted; a method's kwargs may name a draft model as
+  ``count_forwards_of``, whose forwards are then counted as ``draft_forwards``) and the peak memory (on CUDA
   ``torch.cuda.max_memory_allocated`` reset before the run; on CPU the peak process RSS sampled by a background
   thread every 5 ms with ``psutil``, or the process-lifetime peak ``ru_maxrss`` when psutil is missing).
 
@@ -24,6 +25,7 @@ Figures per method, per category and overall (:func:`summarise`):
 * ``speed_ratio_mean_per_prompt``: the mean of per-prompt ratios ``(tok/s method) / (tok/s baseline)``;
 * ``tokens_per_forward``: total new tokens / total target forwards (mean accepted tokens per target forward;
   1.0 for greedy, > 1 for speculative methods that verify several tokens per forward);
+* ``draft_forwards_per_token``: draft-model forwards per new token (methods with ``count_forwards_of``);
 * ``peak_mem_mb``: maximum of the per-run peaks;
 * ``match_baseline_rate``: the fraction of prompts whose new tokens equal the baseline's (1.0 for lossless greedy
   accelerators).
@@ -313,6 +315,7 @@ def generate_once(model, enc, gen_kwargs: Mapping[str, Any], max_new_tokens: int
         raise ValueError("max_new_tokens/max_length are set by the benchmark runner; remove them from the method")
     kwargs = dict(gen_kwargs)
     kernels = kwargs.pop("kernels", None)
+    draft = kwargs.pop("count_forwards_of", None)  # a draft model whose forwards are counted too
     if pad_id is not None:
         kwargs.setdefault("pad_token_id", pad_id)
     device = enc["input_ids"].device
@@ -324,7 +327,8 @@ def generate_once(model, enc, gen_kwargs: Mapping[str, Any], max_new_tokens: int
         from hf_decoding_ext.core.kernels import fast_kernels
 
         kernel_context = fast_kernels(model, kwargs.get("assistant_model"), plan=kernels)
-    with ForwardCounter(model) as counter, mem, torch.inference_mode(), kernel_context:
+    draft_counter = ForwardCounter(draft) if draft is not None else contextlib.nullcontext()
+    with ForwardCounter(model) as counter, draft_counter, mem, torch.inference_mode(), kernel_context:
         _sync(device)
         t0 = time.perf_counter()
         out = model.generate(**enc, max_new_tokens=max_new_tokens, **kwargs)
@@ -344,6 +348,7 @@ def generate_once(model, enc, gen_kwargs: Mapping[str, Any], max_new_tokens: int
         "overhead_frac": 1.0 - counter.seconds / wall if wall > 0 else float("nan"),
         "peak_mem_mb": mem.peak_mb if track_memory else None,
         "peak_mem_kind": mem.kind if track_memory else None,
+        "draft_forwards": draft_counter.count if draft is not None else None,
         "token_ids": new,
     }
 
@@ -411,6 +416,8 @@ def summarise(rows: list[dict], baseline: str = BASELINE, same_kernel: str | Non
             "peak_mem_mb": max(mems) if mems else None,
             "match_baseline_rate": (sum(bool(r.get("matches_baseline")) for r in sel) / len(sel)) if base else None,
         }
+        if all(r.get("draft_forwards") is not None for r in sel):
+            out["draft_forwards_per_token"] = _ratio(sum(r["draft_forwards"] for r in sel), tok)
         if same_kernel is not None:
             out["speed_ratio_same_kernel"] = against(sel, same_by_run)
         return out

@@ -266,6 +266,22 @@ class SpeculativeDecoding(DecodingLoop):
         (a :class:`_NodeScores`; ``n_block`` is the number of tree and side nodes of the verification forward)."""
         return _NodeScores(state, tree, scores, n_block)
 
+    def _side_scores(self, state: GenerationState, draft: Draft, tree_logits: torch.Tensor,
+                     side_logits: torch.Tensor | None, n_block: int):
+        """``side_scores_at(node)`` for a rule with ``uses_side_scores``: the caller's processors applied (as at
+        ``node`` itself: the node's path appended, stateful processors on a fork) to the side-node logits row the
+        drafter aligned with ``node`` in :attr:`Draft.side_rows <hf_decoding_ext.speculative.drafters.base.Draft>`,
+        ``None`` where it named no row (or the draft has no side rows)."""
+        tree, rows = draft.tree, draft.side_rows
+        if rows is None or side_logits is None:
+            return lambda node: None
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)[: len(tree) + 1]
+        have = rows >= 0
+        aligned = tree_logits.clone()  # rows without a side row are never read
+        aligned[: rows.shape[0]][have] = side_logits[rows[have].to(side_logits.device)]
+        scores = _NodeScores(state, tree, aligned, n_block)
+        return lambda node: scores(node) if node + 1 < rows.shape[0] and bool(have[node + 1]) else None
+
     def prefill(self, state: GenerationState, n_tokens: int, want: str | None):
         """Run the first ``n_tokens`` uncached committed tokens (the prompt but its last token, at the first step)
         through the model's normal causal path (a 2D padding mask, no tree mask), in chunks of
@@ -401,7 +417,11 @@ class SpeculativeDecoding(DecodingLoop):
             n_block = len(tree) + (0 if side_logits is None else side_logits.shape[0])
             scores_at = self._processed_scores(state, tree, self.verification_scores(state, draft, tree_logits),
                                                n_block)
-            accepted, bonus = rule.accept(tree, scores_at, generator)
+            if rule.uses_side_scores:  # a rule that also reads the drafter's side-node distributions
+                accepted, bonus = rule.accept(tree, scores_at, generator, side_scores_at=self._side_scores(
+                    state, draft, tree_logits, side_logits, n_block))
+            else:
+                accepted, bonus = rule.accept(tree, scores_at, generator)
             scores_at.commit(accepted[-1] if accepted else -1)  # stateful processors follow the accepted path only
             keep_positions(state.cache, committed_len, torch.tensor(accepted, dtype=torch.long))
             tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]

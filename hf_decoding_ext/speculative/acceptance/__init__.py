@@ -8,6 +8,10 @@
 - :class:`TypicalAcceptance` (``"typical"``): Medusa's typical acceptance, lossy.
 - :class:`SpecTrAcceptance` (``"spectr"``): SpecTr's K-SEQ for k i.i.d. draft sequences (division factor and
   residual), lossless in distribution; greedy acceptance without sampling.
+- :class:`ReflectiveAcceptance` (``"reflective"``): Reflective Verification's strict-or-fused rule (lossy), with the
+  reflective distributions of :class:`~hf_decoding_ext.speculative.drafters.reflective.ReflectiveDrafter`.
+- :class:`PEARLAcceptance` (``"pearl"``): PEARL's rule, greedy or speculative sampling with no bonus token after
+  an accepted leaf (the next round verifies the tokens drafted meanwhile); lossless.
 - ``"auto"``: greedy without sampling, speculative sampling with it.
 
 A new rule is one file with an :class:`AcceptanceRule` subclass plus one line: an entry of
@@ -20,6 +24,8 @@ from collections.abc import Callable
 
 from hf_decoding_ext.speculative.acceptance.base import AcceptanceRule, ScoresAt, target_probs
 from hf_decoding_ext.speculative.acceptance.greedy import GreedyAcceptance
+from hf_decoding_ext.speculative.acceptance.pearl import PEARLAcceptance
+from hf_decoding_ext.speculative.acceptance.reflective import ReflectiveAcceptance
 from hf_decoding_ext.speculative.acceptance.speculative_sampling import SpeculativeSamplingAcceptance
 from hf_decoding_ext.speculative.acceptance.spectr import SpecTrAcceptance
 from hf_decoding_ext.speculative.acceptance.typical import TypicalAcceptance
@@ -37,6 +43,8 @@ ACCEPTANCE_RULES: dict[str, RuleFactory] = {
     "speculative": SpeculativeSamplingAcceptance.for_sampling,
     "typical": TypicalAcceptance.for_sampling,
     "spectr": SpecTrAcceptance.for_sampling,
+    "pearl": PEARLAcceptance.for_sampling,
+    "reflective": ReflectiveAcceptance.for_sampling,
 }
 """Name -> factory ``factory(do_sample) -> AcceptanceRule`` of the rules ``SpeculativeDecoding(acceptance=...)``
 accepts by name."""
@@ -97,6 +105,6 @@ def get_acceptance_rule(rule: str | AcceptanceRule, do_sample: bool) -> Acceptan
 resolve_rule = get_acceptance_rule
 """Former name of :func:`get_acceptance_rule` (kept for one release)."""
 
-__all__ = ["ACCEPTANCE_RULES", "AcceptanceRule", "GreedyAcceptance", "ScoresAt", "SpeculativeSamplingAcceptance",
-           "SpecTrAcceptance", "TypicalAcceptance", "get_acceptance_rule", "register_acceptance_rule", "resolve_rule",
-           "target_probs"]
+__all__ = ["ACCEPTANCE_RULES", "AcceptanceRule", "GreedyAcceptance", "PEARLAcceptance", "ReflectiveAcceptance",
+           "ScoresAt", "SpeculativeSamplingAcceptance", "SpecTrAcceptance", "TypicalAcceptance", "get_acceptance_rule",
+           "register_acceptance_rule", "resolve_rule", "target_probs"]

@@ -44,6 +44,16 @@ class AcceptanceRule(abc.ABC):
     """
 
     lossless_schemes: frozenset[str] = frozenset({"deterministic"})
+    bonus_after_leaf: bool = True
+    """Whether a fully accepted path (its last node a leaf of the tree) is followed by a bonus token from the target
+    (``True``, the usual rule). ``False``: the accepted leaf itself ends the step and is returned as the step's last
+    token, with no draw after it (PEARL, whose next round verifies the tokens drafted meanwhile). The greedy and
+    speculative-sampling rules honour it."""
+    uses_side_scores: bool = False
+    """A rule that sets it gets a keyword ``side_scores_at`` in :meth:`accept`: ``side_scores_at(node)`` is the
+    caller's processors applied to the side-node logits the drafter aligned with ``node``
+    (:attr:`Draft.side_rows <hf_decoding_ext.speculative.drafters.base.Draft>`, e.g. the same position's
+    prediction after a reflection prompt), ``None`` where there is none. Other rules are called as before."""
 
     @property
     def lossless(self) -> bool:

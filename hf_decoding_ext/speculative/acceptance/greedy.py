@@ -37,5 +37,7 @@ class GreedyAcceptance(AcceptanceRule):
             nxt = next((c for c in tree.children(node) if int(tree.tokens[c]) == best), None)
             if nxt is None:
                 return accepted, best
+            if not self.bonus_after_leaf and not tree.children(nxt):
+                return accepted, best  # the accepted leaf ends the step
             accepted.append(nxt)
             node = nxt

@@ -79,5 +79,7 @@ class SpeculativeSamplingAcceptance(AcceptanceRule):
                 earlier.append(x)
             if chosen is None:
                 return accepted, self.draw_token(self.bonus_distribution(p, target), generator)
+            if not self.bonus_after_leaf and not tree.children(chosen):
+                return accepted, int(tree.tokens[chosen])  # the accepted leaf ends the step
             accepted.append(chosen)
             node = chosen

@@ -17,6 +17,11 @@ class Draft:
     Side nodes (``side_tokens`` with their own ``side_allowed`` pattern and ``side_depth`` offsets) are fed in the
     same verification forward and their logits are handed back to the drafter, but they are never accepted
     (Lookahead Decoding's Jacobi window).
+
+    ``side_rows`` (optional, ``(1 + n,)`` long) names, for the root and each of the ``n`` tree nodes, the side node
+    whose logits are another prediction of the next token at that node (``-1``: none); an acceptance rule with
+    ``uses_side_scores`` reads them (Reflective Verification: the same draft token predicted after a reflection
+    prompt). Other rules ignore them.
     """
 
     tree: DraftTree
@@ -24,6 +29,7 @@ class Draft:
     side_allowed: torch.Tensor | None = None
     side_depth: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    side_rows: torch.Tensor | None = None
 
 
 @dataclass

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+
 LOSSES = ("tvd++", "fkl", "tvd")
 """Objectives of :func:`train_direct_alignment`: TVD++ (the paper's), forward KL (its baseline), TVD differentiated
 exactly (an ablation)."""
@@ -217,6 +219,27 @@ def load_shipped_draft(target, path: str | os.PathLike | None = None):
     return load_draft(target, path)
 
 
+
+def export_standalone(draft, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``draft`` as an ordinary standalone checkpoint (``save_pretrained``, safetensors, with its own copy of
+    the embeddings and head), loadable with ``AutoModelForCausalLM.from_pretrained(path)`` without this library,
+    publishable to the Hub, and usable as a separate draft model by serving engines (e.g. vLLM's draft-model
+    speculative decoding, which takes such a checkpoint sharing the target's tokenizer). The shipped form
+    (:func:`save_draft`) stores only the draft's own layers and shares the rest with the target.
+
+    Example:
+        >>> from hf_decoding_ext.speculative.drafters.direct_alignment import export_standalone, load_shipped_draft
+        >>> export_standalone(load_shipped_draft(model), "smollm2-135m-draft", tokenizer)  # doctest: +SKIP
+    """
+    path = Path(path)
+    info = getattr(draft.config, "direct_alignment", None)
+    draft.save_pretrained(str(path), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    if info is not None:
+        (path / "direct_alignment.json").write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
 # --------------------------------------------------------------------------------------------------- training
 def _batches(rows: list[dict], batch_size: int, max_length: int, seed: int, pad_id: int):
     """Endless shuffled batches of (input_ids, attention_mask, loss_mask) from response rows (right-padded)."""
@@ -385,6 +408,31 @@ def train_direct_alignment(target, rows: list[dict], out_dir: str | os.PathLike,
     return draft
 
 
-__all__ = ["LOSSES", "init_draft", "trainable_parameters", "expected_acceptance", "forward_kl_loss",
-           "tvd_plus_plus_loss", "tvd_loss", "alignment_loss", "save_draft", "load_draft", "train_direct_alignment",
-           "evaluate_alignment", "response_rows", "shipped_draft_path", "load_shipped_draft"]
+
+# --------------------------------------------------------------------------------------------------- the method
+class DirectAlignmentDrafter(DraftModelDrafter):
+    """Speculative decoding with the draft of "Direct Alignment of Draft Model for Speculative Decoding with
+    Chat-Fine-Tuned LLMs" (Goel et al., arXiv 2403.00858): the chain drafter of
+    :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelDrafter` (transformers' assisted-generation
+    defaults) whose assistant is, by default, the draft this library distilled for the default model with the
+    paper's TVD++ loss (:func:`train_direct_alignment`, ``scripts/train_direct_alignment.py``, model card
+    ``model_cards/direct_alignment_draft.md``). The recipe is the method; the drafter only names it.
+
+    Args:
+        assistant_model: the draft (``None``: ``generate(..., assistant_model=...)``); :meth:`for_model` loads the
+            shipped one (``assistant="distilled"``) or one saved at a path (``"distilled:PATH"``).
+        num_tokens, confidence_threshold, schedule: as in
+            :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelDrafter`.
+
+    Example:
+        >>> from hf_decoding_ext.speculative import SpeculativeDecoding
+        >>> from hf_decoding_ext.speculative.drafters.direct_alignment import DirectAlignmentDrafter
+        >>> drafter = DirectAlignmentDrafter.for_model(model)  # doctest: +SKIP
+        >>> loop = SpeculativeDecoding(drafter)  # doctest: +SKIP
+        >>> out = model.generate(**inputs, max_new_tokens=64, custom_generate=loop)  # doctest: +SKIP
+    """
+
+
+__all__ = ["DirectAlignmentDrafter", "LOSSES", "init_draft", "trainable_parameters", "expected_acceptance",
+           "forward_kl_loss", "tvd_plus_plus_loss", "tvd_loss", "alignment_loss", "save_draft", "load_draft",
+           "train_direct_alignment", "evaluate_alignment", "export_standalone", "response_rows", "shipped_draft_path", "load_shipped_draft"]

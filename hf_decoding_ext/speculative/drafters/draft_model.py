@@ -84,30 +84,39 @@ class DraftModelDrafter(Drafter):
         self._cached_ids: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, model=None, tokenizer=None, assistant: str = "self:4", num_tokens: int | None = None,
+    def for_model(cls, model=None, tokenizer=None, assistant: str = "distilled", num_tokens: int | None = None,
                   confidence_threshold: float | None = None, schedule: str | None = None) -> DraftModelDrafter:
-        """Registry/CLI factory. ``assistant`` is a model name or path (loaded with
-        :func:`~hf_decoding_ext.core.models.load_model`, same device and dtype as the target) or ``"self:N"``: the target's
-        first ``N`` layers with its final norm and LM head (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak
-        untrained drafter for demonstrations where no smaller model of the same family is at hand (the default,
-        ``"self:4"``, since the embedded default model has no smaller sibling on this machine). Such an assistant's
-        ``generation_config.num_assistant_tokens`` is set to :data:`SELF_ASSISTANT_TOKENS` (3): its confident but
-        often wrong early-exit guesses make transformers' default of 20 draft tokens mostly wasted work.
-        ``"distilled"`` (or ``"distilled:PATH"``) is a Direct-Alignment draft
-        (:mod:`~hf_decoding_ext.speculative.drafters.direct_alignment`): the shipped one, or one saved at ``PATH``."""
+        """Registry/CLI factory; ``assistant`` as in :meth:`load_assistant` (default: the shipped distilled draft)."""
+        return cls(cls.load_assistant(model, assistant), num_tokens=num_tokens,
+                   confidence_threshold=confidence_threshold, schedule=schedule)
+
+    @staticmethod
+    def load_assistant(model=None, assistant: str = "distilled"):
+        """The draft model named by ``assistant``, for the target ``model``:
+
+        - ``"distilled"`` (the default of every draft-model method) or ``"distilled:PATH"``: the Direct-Alignment
+          draft (:mod:`~hf_decoding_ext.speculative.drafters.direct_alignment`, arXiv 2403.00858) shipped with the
+          library for the default model (the target's first 4 layers distilled on its own responses; embeddings and
+          head shared with the target), or one saved at ``PATH``;
+        - ``"self:N"``: the target's first ``N`` layers with its final norm and LM head, untrained
+          (:func:`~hf_decoding_ext.core.models.truncated_model`), a weak drafter kept as an option; its
+          ``generation_config.num_assistant_tokens`` is set to :data:`SELF_ASSISTANT_TOKENS` (3): its confident but
+          often wrong early-exit guesses make transformers' default of 20 draft tokens mostly wasted work;
+        - any other string: a model name or path, loaded with :func:`~hf_decoding_ext.core.models.load_model` on the
+          target's device and dtype.
+        """
         from hf_decoding_ext.core.models import load_model, truncated_model
 
         if not isinstance(assistant, str) or not assistant:
-            raise ValueError("assistant must be a model name/path or 'self:N'")
+            raise ValueError(f"assistant must be 'distilled', 'self:N' or a model name/path, got {assistant!r}")
         if assistant == "distilled" or assistant.startswith("distilled:"):
-            # the Direct-Alignment draft (arXiv 2403.00858) shipped with the library, or one saved at a path
             from hf_decoding_ext.speculative.drafters.direct_alignment import load_shipped_draft
 
             if model is None:
                 raise ValueError("assistant='distilled' needs the target model (it shares its embeddings and head)")
             path = assistant.split(":", 1)[1] if ":" in assistant else None
-            draft = load_shipped_draft(model, path)
-        elif assistant.startswith("self:"):
+            return load_shipped_draft(model, path)
+        if assistant.startswith("self:"):
             if model is None:
                 raise ValueError("assistant='self:N' needs the target model")
             try:
@@ -117,11 +126,11 @@ class DraftModelDrafter(Drafter):
             draft = truncated_model(model, n)
             # an untrained early exit is a weak drafter: short drafts (transformers reads the same setting)
             draft.generation_config.num_assistant_tokens = SELF_ASSISTANT_TOKENS
-        else:
-            draft, _ = load_model(assistant)
-            if model is not None:
-                draft = draft.to(device=model.device, dtype=model.dtype)
-        return cls(draft, num_tokens=num_tokens, confidence_threshold=confidence_threshold, schedule=schedule)
+            return draft
+        draft, _ = load_model(assistant)
+        if model is not None:
+            draft = draft.to(device=model.device, dtype=model.dtype)
+        return draft
 
     def kernel_modules(self) -> list:
         """The draft model runs under the same CPU kernel plan as the target (as transformers' assisted generation
@@ -170,16 +179,18 @@ class DraftModelDrafter(Drafter):
             self._cache.crop(-extra)
         self._cached_ids = ids[:, :common]
 
-    def _step(self, cur_ids: torch.Tensor, cur_mask: torch.Tensor) -> torch.Tensor:
-        """One draft-model forward over the uncached suffix of ``cur_ids``: raw float32 next-token logits (1, V)."""
+    def _step(self, cur_ids: torch.Tensor, cur_mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """One draft-model forward over the uncached suffix of ``cur_ids``: raw float32 logits ``(keep, V)`` at its
+        last ``keep`` positions (``keep=1``: the next-token logits ``(1, V)``; more: several tokens checked in one
+        forward, as staged speculation does)."""
         device = self.assistant.device
         cached = self._cache.get_seq_length()
         new = cur_ids[:, cached:]
         pos = (cur_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cached:]
         out = self.assistant(input_ids=new.to(device), attention_mask=cur_mask.to(device),
                              position_ids=pos.to(device), past_key_values=self._cache, use_cache=True,
-                             logits_to_keep=1, return_dict=True)
-        return out.logits[:, -1].float().to(cur_ids.device)
+                             logits_to_keep=keep, return_dict=True)
+        return out.logits[0, -keep:].float().to(cur_ids.device)
 
     def propose(self, state) -> Draft:
         ids = state.input_ids
@@ -251,8 +262,9 @@ class DraftModelTreeDrafter(DraftModelDrafter):
         branching: children per node at each depth, e.g. ``(2, 2, 1)`` (depth = its length).
         sibling_scheme: ``"iid"`` or ``"without_replacement"`` (sampling only).
 
-    Deviation: the nodes are expanded one draft-model forward per node (depth-first, reusing the draft cache along
-    each path) rather than one tree-attention forward per depth.
+    The tree is expanded one depth at a time: one draft-model forward per depth over all of that depth's nodes,
+    with a 4D tree mask (each node sees the committed sequence, its ancestors and itself) on the draft's KV cache,
+    which is cropped back to the committed sequence at the next proposal.
     """
 
     def __init__(self, assistant_model=None, branching=(2, 2, 1), sibling_scheme: str = "without_replacement"):
@@ -276,25 +288,60 @@ class DraftModelTreeDrafter(DraftModelDrafter):
         keys = torch.log(p) - torch.log(-torch.log(u))  # Gumbel-top-k: sampling without replacement, in order
         return torch.topk(keys, k).indices.tolist(), p
 
+    def _level_logits(self, state, base: int, tokens: list[int], parents: list[int], depths: list[int],
+                      start: int) -> torch.Tensor:
+        """One draft-model forward over the tree nodes ``start:`` (one depth), with the committed sequence and the
+        earlier nodes in the draft cache (``base`` committed positions): raw float32 logits ``(n_new, vocab)``.
+        Each node attends to the committed prefix, its ancestors and itself (a 4D tree mask)."""
+        from hf_decoding_ext.core.tree import additive_mask
+
+        device = self.assistant.device
+        mask2d = state.attention_mask
+        n_prev, n_new = start, len(tokens) - start
+        allowed = torch.zeros(n_new, base + n_prev + n_new, dtype=torch.bool)
+        allowed[:, :base] = mask2d[0, :base].bool().cpu()[None]
+        for i in range(n_new):
+            allowed[i, base + n_prev + i] = True
+            a = parents[start + i]
+            while a >= 0:
+                allowed[i, base + a] = True
+                a = parents[a]
+        last = int(mask2d.long().sum()) - 1
+        pos = torch.tensor([[last + depths[start + i] for i in range(n_new)]], device=device)
+        out = self.assistant(input_ids=torch.tensor([tokens[start:]], device=device),
+                             attention_mask=additive_mask(allowed, self.assistant.dtype).to(device),
+                             position_ids=pos, past_key_values=self._cache, use_cache=True, return_dict=True)
+        return out.logits[0].float().to(state.input_ids.device)
+
     def propose(self, state) -> Draft:
-        ids = state.input_ids
+        ids, mask = state.input_ids, state.attention_mask
         room = state.generation_config.max_length - ids.shape[1] - 1
         depth = max(0, min(len(self.branching), room))
-        tokens, parents, probs = [], [], []
-        stack = [(-1, [])]  # (node, path tokens): depth-first expansion
-        while stack:
-            node, path = stack.pop()
-            if len(path) >= depth:
-                continue
-            scores = self.scores_after(state, path)
-            kids, p = self._children(scores, self.branching[len(path)], state.do_sample)
-            new = []
-            for t in kids:
-                tokens.append(int(t))
-                parents.append(node)
-                probs.append(p)
-                new.append((len(tokens) - 1, path + [int(t)]))
-            stack.extend(reversed(new))
+        if depth == 0:
+            return Draft(DraftTree.chain(torch.zeros(0, dtype=torch.long)))
+        self._sync(ids)
+        level_logits = self._step(ids, mask)  # (1, V) at the root; the whole committed sequence is now cached
+        base = self._cache.get_seq_length()
+        self._cached_ids = ids[:, :base]
+        tokens, parents, depths, probs, paths = [], [], [], [], {-1: []}
+        level = [-1]
+        for d in range(depth):
+            start = len(tokens)
+            for node, logits in zip(level, level_logits):
+                path = paths[node]
+                cur = torch.cat([ids, ids.new_tensor([path])], dim=1) if path else ids
+                processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
+                scores = processors(cur, logits[None])[0]
+                kids, p = self._children(scores, self.branching[d], state.do_sample)
+                for t in kids:
+                    tokens.append(int(t))
+                    parents.append(node)
+                    depths.append(d + 1)
+                    probs.append(p)
+                    paths[len(tokens) - 1] = path + [int(t)]
+            level = list(range(start, len(tokens)))
+            if d + 1 < depth and level:
+                level_logits = self._level_logits(state, base, tokens, parents, depths, start)
         if not tokens:
             return Draft(DraftTree.chain(torch.zeros(0, dtype=torch.long)))
         tok, par = torch.tensor(tokens, dtype=torch.long), torch.tensor(parents)

@@ -40,6 +40,12 @@ class DySpecDrafter(DraftModelDrafter):
         >>> out = model.generate(**inputs, do_sample=True, max_new_tokens=64, custom_generate=loop)  # doctest: +SKIP
     """
 
+    @classmethod
+    def for_model(cls, model=None, tokenizer=None, assistant: str = "distilled", num_nodes: int = 8,
+                  max_depth: int = 6) -> DySpecDrafter:
+        """Registry/CLI factory (``assistant`` as in :meth:`DraftModelDrafter.load_assistant`)."""
+        return cls(cls.load_assistant(model, assistant), num_nodes=num_nodes, max_depth=max_depth)
+
     def __init__(self, assistant_model=None, num_nodes: int = 8, max_depth: int = 6):
         for name, value in (("num_nodes", num_nodes), ("max_depth", max_depth)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -18,9 +18,9 @@ class MCSDDrafter(DraftModelTreeDrafter):
         branching: candidates per node at each depth (default ``(4, 2, 2)``, the official code's ``k_config``).
         sibling_scheme: ``"without_replacement"`` (default) or ``"iid"`` (with replacement).
 
-    See :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelTreeDrafter` for the tree and its
-    deviation (one draft forward per node). The official code's naive variant (MCNS: one target sample matched
-    against the candidates) is not implemented.
+    See :class:`~hf_decoding_ext.speculative.drafters.draft_model.DraftModelTreeDrafter` for the tree (one draft
+    forward per depth with a tree mask, as the official code's tree attention). The official code's naive variant
+    (MCNS: one target sample matched against the candidates) is not implemented.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
@@ -28,6 +28,12 @@ class MCSDDrafter(DraftModelTreeDrafter):
         >>> loop = SpeculativeDecoding(MCSDDrafter(small_model))  # doctest: +SKIP
         >>> out = model.generate(**inputs, do_sample=True, max_new_tokens=64, custom_generate=loop)  # doctest: +SKIP
     """
+
+    @classmethod
+    def for_model(cls, model=None, tokenizer=None, assistant: str = "distilled", branching=(4, 2, 2),
+                  sibling_scheme: str = "without_replacement") -> MCSDDrafter:
+        """Registry/CLI factory (``assistant`` as in :meth:`DraftModelDrafter.load_assistant`)."""
+        return cls(cls.load_assistant(model, assistant), branching=tuple(branching), sibling_scheme=sibling_scheme)
 
     def __init__(self, assistant_model=None, branching=(4, 2, 2), sibling_scheme: str = "without_replacement"):
         super().__init__(assistant_model, branching=branching, sibling_scheme=sibling_scheme)

@@ -80,10 +80,15 @@ class PromptLookupDrafter(Drafter):
                     return cont
         return ids.new_zeros(0)
 
-    def propose(self, state) -> Draft:
-        cont = self.lookup(state.input_ids[0])
+    def continuation(self, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`lookup` on 1D ``ids``, cut before the first eos token (the tokens :meth:`propose` drafts; staged
+        speculation also asks it for continuations of the draft model's own chain)."""
+        cont = self.lookup(ids)
         if self._eos and cont.numel():
             stop = [i for i, t in enumerate(cont.tolist()) if t in self._eos]
             if stop:
                 cont = cont[: stop[0]]
-        return Draft(DraftTree.chain(cont.cpu()))
+        return cont
+
+    def propose(self, state) -> Draft:
+        return Draft(DraftTree.chain(self.continuation(state.input_ids[0]).cpu()))

@@ -35,6 +35,12 @@ class SpecTrDrafter(DraftModelDrafter):
         >>> out = model.generate(**inputs, do_sample=True, max_new_tokens=64, custom_generate=loop)  # doctest: +SKIP
     """
 
+    @classmethod
+    def for_model(cls, model=None, tokenizer=None, assistant: str = "distilled", num_drafts: int = 4,
+                  num_tokens: int = 4) -> SpecTrDrafter:
+        """Registry/CLI factory (``assistant`` as in :meth:`DraftModelDrafter.load_assistant`)."""
+        return cls(cls.load_assistant(model, assistant), num_drafts=num_drafts, num_tokens=num_tokens)
+
     def __init__(self, assistant_model=None, num_drafts: int = 4, num_tokens: int = 4):
         if isinstance(num_drafts, bool) or not isinstance(num_drafts, int) or num_drafts < 1:
             raise ValueError(f"num_drafts must be a positive integer, got {num_drafts!r}")

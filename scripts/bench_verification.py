@@ -1,0 +1,125 @@
+"""Verification schemes with the distilled draft (issue 18): greedy and T=1 sampling in one interleaved run.
+
+    nohup python scripts/bench_verification.py --per-category 1 --repeats 2 --max-new-tokens 256 \\
+        > /tmp/bench_verification.log 2>&1 &
+
+Entries (each prompt runs every entry, in an order rotated per prompt and pass; warm-up on distillation prompts
+outside the measured set):
+
+- ``greedy`` (stock greedy ``generate()``, the baseline) and ``greedy/fast-kernels`` (greedy under the CPU kernels
+  the engine uses: the baseline that isolates a method's own effect);
+- ``assisted (transformers)`` with the same distilled draft, under both kernels: the nearest built-in;
+- ``sampling`` (stock ancestral sampling at T=1) and ``sampling/fast-kernels``, and transformers' assisted
+  generation at T=1 under the fast kernels;
+- every registered method of ``--methods`` (their CLI defaults: the distilled draft), greedy and at T=1 (lossy
+  methods are marked; their T=1 output is compared in distribution only by the tests).
+
+Per entry: tokens/s and its ratio to stock greedy (or stock sampling for T=1 entries) and to the same-kernel
+baseline, tokens per target forward, draft-model forwards per token, spread over the passes. Writes
+``<out>/verification_speed.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hf_decoding_ext.bench.prompts import load_distill_prompts, load_prompts
+from hf_decoding_ext.bench.speed import ANCESTRAL_KWARGS, GREEDY_KWARGS, benchmark_speed, summarise
+from hf_decoding_ext.core.models import load_model
+from hf_decoding_ext.plug import generate_kwargs
+from hf_decoding_ext.registry import get_method
+
+METHODS = ("draft-model", "direct-alignment", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative", "pearl",
+           "specdec-pp")
+
+
+def entries(model, tokenizer, names) -> tuple[dict, object]:
+    from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+
+    draft = DraftModelDrafter.load_assistant(model, "distilled")
+    out = {
+        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+        "assisted (transformers)": {"assistant_model": draft, "count_forwards_of": draft, **GREEDY_KWARGS},
+        "assisted (transformers)/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
+                                                 "kernels": "auto", **GREEDY_KWARGS},
+        "sampling": dict(ANCESTRAL_KWARGS),
+        "sampling/fast-kernels": {"kernels": "auto", **ANCESTRAL_KWARGS},
+        "assisted (transformers) T=1/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
+                                                     "kernels": "auto", **ANCESTRAL_KWARGS},
+    }
+    for name in names:
+        spec = get_method(name)
+        for t1 in (False, True):
+            def build(spec=spec, t1=t1):
+                kw = generate_kwargs(spec, model=model, tokenizer=tokenizer)
+                drafter = getattr(kw.get("custom_generate"), "drafter", None)
+                assistant = getattr(drafter, "assistant_model", None)
+                if assistant is not None:
+                    kw["count_forwards_of"] = assistant
+                kw.update(ANCESTRAL_KWARGS if t1 else GREEDY_KWARGS)
+                return kw
+            out[f"{name}{' T=1' if t1 else ''}"] = build
+    return out, draft
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in result["methods"] if n not in ("greedy", "sampling")]
+    ratios = [result["methods"][n]["overall"].get("speed_ratio_same_kernel", float("nan")) for n in names]
+    lo = [result["methods"][n]["overall"].get("speed_ratio_same_kernel_min", r) for n, r in zip(names, ratios)]
+    hi = [result["methods"][n]["overall"].get("speed_ratio_same_kernel_max", r) for n, r in zip(names, ratios)]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    y = range(len(names))
+    ax.barh(list(y), ratios, xerr=[[r - a for r, a in zip(ratios, lo)], [b - r for r, b in zip(ratios, hi)]],
+            color=["tab:orange" if "T=1" in n or n.startswith("sampling") else "tab:blue" for n in names])
+    ax.set_yticks(list(y), names)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("tokens/s over the same-kernel baseline (greedy or T=1 sampling), min-max over passes")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-category", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    model, tokenizer = load_model()
+    methods, _ = entries(model, tokenizer, args.methods)
+    prompts = load_prompts(per_category=args.per_category)
+    warm = load_distill_prompts(limit=1)[::3]
+    result = benchmark_speed(model, tokenizer, methods, prompts, max_new_tokens=args.max_new_tokens,
+                             repeats=args.repeats, warmup_prompts=warm, same_kernel="greedy/fast-kernels",
+                             tag="verification_speed")
+    # the T=1 entries against stock sampling and same-kernel sampling (the same rows, another pairing)
+    t1_rows = [r for r in result["rows"] if r["method"].endswith("T=1") or r["method"].startswith("sampling")
+               or "T=1" in r["method"]]
+    t1 = summarise(t1_rows, baseline="sampling", same_kernel="sampling/fast-kernels")
+    for name, figs in t1.items():
+        result["methods"][name] = {**result["methods"][name], **figs}
+    result["settings"]["t1_entries"] = ("entries named 'T=1' and 'sampling*' are paired with stock sampling "
+                                        "(speed_ratio) and sampling/fast-kernels (speed_ratio_same_kernel)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verification_speed.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, out / "verification_speed.png")
+    for name, m in result["methods"].items():
+        o = m["overall"]
+        print(f"{name:45s} {o['tokens_per_s']:7.1f} tok/s  x{o.get('speed_ratio_same_kernel', float('nan')):.2f} "
+              f"same-kernel  {o['tokens_per_forward']:.2f} tok/fwd  draft fwd/tok "
+              f"{o.get('draft_forwards_per_token', float('nan'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
