@@ -180,4 +180,5 @@ def test_shipped_draft_accepts_more_than_the_untrained_truncation_real_model(smo
         rows.append({"prompt_ids": out[0, :n].tolist(), "response_ids": out[0, n:].tolist()})
     trained = DA.evaluate_alignment(shipped, model, rows)["expected_acceptance"]
     untrained = DA.evaluate_alignment(DA.init_draft(model, 4), model, rows)["expected_acceptance"]
+    print(f"expected acceptance on benchmark-prompt responses: distilled {trained:.3f}, untrained {untrained:.3f}")
     assert trained > untrained + 0.05, (trained, untrained)

@@ -106,9 +106,9 @@ def test_conditioned_gumbels_keep_order_and_take_the_parent_maximum():
     assert torch.allclose(out, direct, atol=1e-5)  # Kool et al.'s Eq. 4 (the unstable form)
 
 
-def test_rsd_s_relabelled_iid_is_biased():
-    """Negative control of the harness: RSD-S siblings verified as if drawn with replacement (the residual keeps
-    the earlier siblings' mass) no longer follow the target."""
+def test_rsd_s_with_wrong_draft_rows_is_biased():
+    """Negative control of the harness: RSD-S verified against sharpened draft rows (not the distributions the
+    siblings were drawn from) no longer follows the target."""
     vocab, length, n = 6, 2, 2500
     target, draft = _peaky_tiny_llama(1, vocab), _peaky_tiny_llama(2, vocab)
     prompt = [1, 2, 3]
@@ -119,7 +119,8 @@ def test_rsd_s_relabelled_iid_is_biased():
     def mutant(state):
         d = propose(state)
         if d.tree.draft_probs is not None:
-            d.tree.sibling_scheme = "iid"
+            sharp = d.tree.draft_probs ** 3
+            d.tree.draft_probs = sharp / sharp.sum(-1, keepdim=True)
         return d
     drafter.propose = mutant
     counts = _sample_counts(target, prompt, length, n, SpeculativeDecoding(drafter, acceptance="speculative"))
