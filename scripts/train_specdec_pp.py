@@ -170,6 +170,39 @@ def sweep_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def effect_summary(result: dict) -> str:
+    """One sentence: the fewest rejected draft tokens per accepted token of the fixed lengths and of SpecDec++, and
+    where SpecDec++ stands against the fixed-length frontier (linear between neighbouring K) at its accepted tokens
+    per round."""
+    points = [(int(k), r) for k, r in result["fixed"].items()]
+    # the Pareto frontier of the fixed lengths (more accepted per round, fewer rejected per accepted)
+    fixed = sorted(((k, r) for k, r in points if not any(
+        o["accepted_per_round"] >= r["accepted_per_round"] and o["rejected_per_accepted"] <= r["rejected_per_accepted"]
+        and o is not r and (o["accepted_per_round"], o["rejected_per_accepted"]) != (
+            r["accepted_per_round"], r["rejected_per_accepted"]) for _, o in points)),
+        key=lambda kr: kr[1]["accepted_per_round"])
+    best_k, best_f = min(result["fixed"].items(), key=lambda kr: kr[1]["rejected_per_accepted"])
+    name, best_s = min(result["specdec_pp"].items(), key=lambda kr: kr[1]["rejected_per_accepted"])
+    below = []
+    for n, r in result["specdec_pp"].items():
+        x = r["accepted_per_round"]
+        for (_, a), (_, b) in zip(fixed, fixed[1:]):
+            if a["accepted_per_round"] <= x <= b["accepted_per_round"] and b["accepted_per_round"] > a[
+                    "accepted_per_round"]:
+                t = (x - a["accepted_per_round"]) / (b["accepted_per_round"] - a["accepted_per_round"])
+                frontier = a["rejected_per_accepted"] + t * (b["rejected_per_accepted"] - a["rejected_per_accepted"])
+                if r["rejected_per_accepted"] < frontier * (1 - 1e-6):
+                    below.append(f"{n} ({r['rejected_per_accepted']:.3f} vs {frontier:.3f})")
+                break
+    text = (f"{result['mode']}: fewest rejected per accepted, fixed K={best_k} {best_f['rejected_per_accepted']:.3f}, "
+            f"SpecDec++ {name} {best_s['rejected_per_accepted']:.3f} "
+            f"({'fewer' if best_s['rejected_per_accepted'] < best_f['rejected_per_accepted'] else 'not fewer'}); ")
+    text += ("below the fixed-K Pareto frontier at the same accepted tokens per round: " + ", ".join(below)
+             if below else "no SpecDec++ setting below the fixed-K Pareto frontier at the same accepted tokens per "
+             "round")
+    return text + "."
+
+
 def model_card(cfg: dict, assistant: str) -> str:
     t = cfg.get("training", {})
     held = t.get("heldout", {})
@@ -242,6 +275,7 @@ minimised by `y / (y + w (1 - y))` for a label `y`), so the useful thresholds ar
                  "first rejected one of a draft) while decoding; `scripts/train_specdec_pp.py --sweep`.\n\n")
         for s in sweeps:
             text += sweep_table(s) + "\n"
+        text += "\n".join(f"- {effect_summary(s)}" for s in sweeps) + "\n"
     text += """
 ## Deviations from the paper
 - the `num_layers` residual blocks have their own weights (the official code repeats one block instance);

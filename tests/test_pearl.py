@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from test_speculative_contrastive import _pooled_chi_square_pvalue
 from test_speculative_engine import _peaky_tiny_llama
 
 from hf_decoding_ext.core.cost_clock import CostClock, measure_step_cost
@@ -300,24 +301,6 @@ def test_gamma_from_the_speed_ratio(tiny_llama):
 
 
 # ------------------------------------------------------------------------------------------------ distribution
-def _pooled_chi_square_pvalue(counts, probs, n, min_expected=5.0):
-    """Chi-square p-value with the cells of expected count below ``min_expected`` pooled into one."""
-    from scipy.stats import chi2
-
-    stat, cells, pooled_obs, pooled_exp = 0.0, 0, 0, 0.0
-    for seq, p in probs.items():
-        if n * p < min_expected:
-            pooled_obs += counts.get(seq, 0)
-            pooled_exp += n * p
-            continue
-        stat += (counts.get(seq, 0) - n * p) ** 2 / (n * p)
-        cells += 1
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
-        cells += 1
-    return float(chi2.sf(stat, max(cells - 1, 1)))
-
-
 class _AcceptEverything(PEARLAcceptance):
     """Mutant: accepts every draft token without the ratio test."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from hf_decoding_ext.core.tree import DraftTree
-from hf_decoding_ext.speculative.acceptance.base import target_probs
 from hf_decoding_ext.speculative.acceptance.speculative_sampling import SpeculativeSamplingAcceptance
 
 
@@ -128,32 +127,15 @@ class ReflectiveAcceptance(SpeculativeSamplingAcceptance):
             node = nxt
 
     def _accept_sampling(self, tree, scores_at, generator, side_scores_at):
-        accepted, node = [], -1
-        while True:
-            scores = scores_at(node)
-            target = target_probs(scores)
-            children = tree.children(node)
-            fused = self.fused(node, scores, side_scores_at) if children else None
-            p_fused = None if fused is None else torch.softmax(fused, dim=-1)
-            p, chosen, earlier = target, None, []
-            for c in children:
-                x = int(tree.tokens[c])
-                q = self.draft_distribution(tree, c, earlier, p)
-                px, qx = float(p[x]), float(q[x])
-                if p_fused is not None:
-                    px = max(px, float(p_fused[x]))  # accepted if the target or the fused distribution accepts
-                if px > 0 and qx > 0 and self.draw_bernoulli(min(1.0, px / qx), generator):
-                    chosen = c
-                    break
-                residual = self.residual(p, q)
-                if residual is None:
-                    break
-                p = residual
-                earlier.append(x)
-            if chosen is None:
-                return accepted, self.draw_token(self.bonus_distribution(p, target), generator)
-            accepted.append(chosen)
-            node = chosen
+        self._side_scores_at = side_scores_at  # read by relaxed_probs during the shared walk
+        try:
+            return super().accept(tree, scores_at, generator)
+        finally:
+            self._side_scores_at = None
+
+    def relaxed_probs(self, node: int, scores: torch.Tensor) -> torch.Tensor | None:
+        fused = self.fused(node, scores, getattr(self, "_side_scores_at", None))
+        return None if fused is None else torch.softmax(fused, dim=-1)
 
 
 __all__ = ["ReflectiveAcceptance", "fuse_scores"]

@@ -60,15 +60,26 @@ class SpeculativeSamplingAcceptance(AcceptanceRule):
         rejected child there (``target`` itself when the node has no children)."""
         return residual
 
+    def relaxed_probs(self, node: int, scores: torch.Tensor) -> torch.Tensor | None:
+        """A second distribution ``(vocab,)`` at ``node`` whose mass also passes a child's ratio test (the test
+        uses ``max(p(x), relaxed(x))``), or ``None`` (the default: strict, lossless). Lossy relaxed rules
+        (reflective verification) override it."""
+        return None
+
     def accept(self, tree, scores_at, generator=None):
         accepted, node = [], -1
         while True:
-            target = target_probs(scores_at(node))
+            scores = scores_at(node)
+            target = target_probs(scores)
+            children = tree.children(node)
+            relaxed = self.relaxed_probs(node, scores) if children else None
             p, chosen, earlier = target, None, []
-            for c in tree.children(node):
+            for c in children:
                 x = int(tree.tokens[c])
                 q = self.draft_distribution(tree, c, earlier, p)
                 px, qx = float(p[x]), float(q[x])
+                if relaxed is not None:
+                    px = max(px, float(relaxed[x]))
                 if px > 0 and qx > 0 and self.draw_bernoulli(min(1.0, px / qx), generator):
                     chosen = c
                     break
