@@ -525,6 +525,22 @@ METHODS: list[MethodSpec] = [
                     "0.2 with the shipped distilled draft, 8 prompts x 48 greedy tokens (tests/test_reflective.py), "
                     "but token agreement with greedy 0.66 and exact match 4/8: the 135M model's reflection rarely "
                     "backs a rejected token correctly")),
+    _m(name="specdec-pp", aliases=("SpecDec++", "adaptive candidate length", "acceptance prediction head"),
+       title="SpecDec++: Boosting Speculative Decoding via Adaptive Candidate Lengths", arxiv="2405.19715",
+       family="speculative", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.specdec_pp:SpecDecPPDrafter", lossless=True,
+       needs_training=True, status="done", do_sample=True,
+       defaults={"assistant": "distilled", "head": "shipped", "threshold": 0.3, "min_tokens": 2, "max_tokens": 20},
+       summary="SpecDec++: a draft-model chain that stops once a trained acceptance head on the draft's last hidden "
+               "state predicts P(some drafted token rejected) = 1 - prod a_i > threshold, within [min_tokens, "
+               "max_tokens] (official defaults 0.3, 2..20); shipped head for the distilled draft",
+       effect="not reproduced",
+       effect_note=(
+           "greedy, 6 held-out prompts x 48 tokens: rejected draft tokens per accepted one 3.245 (threshold 0.3, "
+           "bounds [1, 20]) vs 3.224 for the best fixed length K=1; T=1, 12 prompts x 4 seeds: K=1 3.64, threshold "
+           "0.8 3.53, 0.7 3.76 (within the seed spread); shipped head held-out AUC 0.644 (the draft's own "
+           "probability 0.664), 0.67-0.72 on verified draft tokens while decoding; the distilled draft is weak "
+           "(model_cards/specdec_pp_head.md)")),
     # ------------------------------------------------------------------------------------------- trained heads
     _m(name="medusa", aliases=("Medusa-1", "Medusa heads"),
        title="Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",

@@ -134,13 +134,14 @@ def sweep(model, draft, head, prompts, max_new_tokens: int, do_sample: bool, log
               "max_new_tokens": max_new_tokens, "seeds": list(seeds) if do_sample else None, "fixed": {},
               "specdec_pp": {}}
     for k in range(1, 7):
-        r = total(lambda: DraftModelDrafter(draft, num_tokens=k, confidence_threshold=0.0, schedule="constant"))
+        r = total(lambda k=k: DraftModelDrafter(draft, num_tokens=k, confidence_threshold=0.0, schedule="constant"))
         result["fixed"][str(k)] = r
         log(f"[{result['mode']}] fixed K={k}: rejected/accepted {r['rejected_per_accepted']:.3f}, accepted/round "
             f"{r['accepted_per_round']:.3f}, tokens/round {r['tokens_per_round']:.3f}")
     for min_tokens, thresholds in THRESHOLDS.items():
         for h in thresholds:
-            r = total(lambda: SpecDecPPDrafter(draft, head=head, threshold=h, min_tokens=min_tokens, max_tokens=20))
+            r = total(lambda h=h, m=min_tokens: SpecDecPPDrafter(draft, head=head, threshold=h, min_tokens=m,
+                                                                  max_tokens=20))
             result["specdec_pp"][f"h={h},K=[{min_tokens},20]"] = r
             log(f"[{result['mode']}] SpecDec++ h={h} bounds [{min_tokens}, 20]: rejected/accepted "
                 f"{r['rejected_per_accepted']:.3f}, accepted/round {r['accepted_per_round']:.3f}, tokens/round "

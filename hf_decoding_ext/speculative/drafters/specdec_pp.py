@@ -184,7 +184,7 @@ class SpecDecPPDrafter(DraftModelDrafter):
                    max_tokens=max_tokens, count_last=count_last)
 
     def _load_head(self):
-        from hf_decoding_ext.speculative.heads.specdec_pp import (AcceptancePredictionHead, load_shipped_head)
+        from hf_decoding_ext.speculative.heads.specdec_pp import AcceptancePredictionHead, load_shipped_head
 
         head = self.head
         if head == "shipped":

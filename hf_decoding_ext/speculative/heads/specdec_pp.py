@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -367,7 +366,7 @@ def train_acceptance_head(target, draft, rows: list[dict], *, heldout: list[dict
         raise ValueError("no training positions (empty responses?)")
     steps_per_epoch = max(1, n // batch_size)
     total = steps_per_epoch * epochs
-    warmup = max(1, int(round(warmup_ratio * total)))
+    warmup = max(1, round(warmup_ratio * total))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) /
