@@ -509,7 +509,7 @@ METHODS: list[MethodSpec] = [
            "target/draft cost 5.2-5.6), 5 prompts x 32 greedy tokens, distilled draft with 0.18 accepted draft "
            "tokens per round (tests/test_pearl.py)")),
     _m(name="reflective-verification",
-       aliases=("semantic reflective verification", "think before you accept"),
+       aliases=("reflective", "semantic reflective verification", "think before you accept"),
        title="Think Before You Accept: Semantic Reflective Verification for Faster Speculative Decoding",
        arxiv="2505.18629", family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.reflective:ReflectiveDrafter", lossless=False,

@@ -162,6 +162,13 @@ def _first_layer(model):
 
 
 _TINY_REGEX = r"[a-z]{1,12}"
+def _tiny_acceptance_head(model):
+    from hf_decoding_ext.speculative.heads.specdec_pp import AcceptancePredictionHead, SpecDecPPHeadConfig
+
+    torch.manual_seed(0)
+    return AcceptancePredictionHead(SpecDecPPHeadConfig(hidden_size=model.config.hidden_size))
+
+
 TINY_COMPONENT_PARAMS = {
     "adadec": dict(threshold=0.5, lookahead_length=2),
     "cautious-ntp": dict(max_trials=3),
@@ -173,6 +180,15 @@ TINY_COMPONENT_PARAMS = {
     "lookahead": dict(window_size=3, ngram_size=3),
     "jacobi": dict(),
     "draft-model": dict(assistant="self:1"),
+    "direct-alignment": dict(assistant="self:1"),
+    "spectr": dict(assistant="self:1", num_drafts=2, num_tokens=2),
+    "mcsd": dict(assistant="self:1", branching=[2, 1]),
+    "rsd": dict(assistant="self:1", branching=[2, 1]),
+    "dyspec": dict(assistant="self:1", num_nodes=4, max_depth=3),
+    "staged-speculative": dict(assistant="self:1", num_nodes=4, max_depth=3),
+    "pearl": dict(assistant="self:1", gamma=2),
+    "reflective-verification": dict(assistant="self:1"),
+    "specdec-pp": dict(assistant="self:1", head=lambda m: _tiny_acceptance_head(m)),
     "medusa": dict(heads=lambda m: _tiny_heads("medusa", m), max_nodes=4),
     "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),
     "mlp-speculator": dict(heads=lambda m: _tiny_heads("mlp-speculator", m), max_nodes=4),
@@ -201,7 +217,7 @@ def tiny_custom_generate(char_tokenizer):
         spec = get_method(name)
         params = {k: (v(model) if callable(v) else v) for k, v in TINY_COMPONENT_PARAMS[name].items()}
         component = spec.build(model=model, tokenizer=char_tokenizer, **params)
-        return spec, SpeculativeDecoding(component) if spec.kind == "candidate_generator" else component
+        return spec, SpeculativeDecoding(component, **spec.engine) if spec.kind == "candidate_generator" else component
 
     return build
 

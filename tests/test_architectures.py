@@ -113,7 +113,9 @@ def test_every_loop_runs_or_refuses_naming_the_architecture(tiny_arch, tiny_cust
     out = model.generate(ids, custom_generate=loop, max_new_tokens=6, pad_token_id=0, **mode)
     assert out.shape[1] <= ids.shape[1] + 6 and torch.equal(out[:, : ids.shape[1]], ids.expand(out.shape[0], -1))
     assert int(out.min()) >= 0 and int(out.max()) < 128
-    if name in ENGINE_LOOPS and name != "speculative-contrastive":  # lossless greedy drafters
+    if name in ENGINE_LOOPS and name != "speculative-contrastive" and spec.lossless:  # lossless drafters, greedy
+        if spec.do_sample:  # a sampling default (multi-draft schemes): check the greedy mode too
+            out = model.generate(ids, custom_generate=loop, max_new_tokens=6, pad_token_id=0, do_sample=False)
         assert torch.equal(out, _greedy(model, ids, max_new_tokens=6))
 
 
