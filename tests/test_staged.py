@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_draft_tree import _record
 from test_speculative_engine import _chi_square_pvalue, _exact_sequence_distribution, _peaky_tiny_llama
 
 from hf_decoding_ext.core.models import truncated_model
@@ -15,19 +16,6 @@ from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDraft
 from hf_decoding_ext.speculative.drafters.staged import StagedSpeculativeDrafter
 
 REPETITIVE = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
-
-
-def _record(drafter):
-    """Spy on the drafter's proposals (instance attribute only)."""
-    trees = []
-    propose = drafter.propose
-
-    def spy(state):
-        d = propose(state)
-        trees.append(d.tree)
-        return d
-    drafter.propose = spy
-    return trees
 
 
 def _check_tree(tree, drafter):
