@@ -529,11 +529,13 @@ METHODS: list[MethodSpec] = [
        title="SpecDec++: Boosting Speculative Decoding via Adaptive Candidate Lengths", arxiv="2405.19715",
        family="speculative", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.specdec_pp:SpecDecPPDrafter", lossless=True,
-       needs_training=True, status="done", do_sample=True,
+       needs_training=True, status="experimental", do_sample=True,
        defaults={"assistant": "distilled", "head": "shipped", "threshold": 0.3, "min_tokens": 2, "max_tokens": 20},
        summary="SpecDec++: a draft-model chain that stops once a trained acceptance head on the draft's last hidden "
                "state predicts P(some drafted token rejected) = 1 - prod a_i > threshold, within [min_tokens, "
-               "max_tokens] (official defaults 0.3, 2..20); shipped head for the distilled draft",
+               "max_tokens] (official defaults 0.3, 2..20); shipped head for the distilled draft. Experimental: the "
+               "paper's property (fewer rejected tokens than the best fixed length) fails on the real model with "
+               "this weak draft (strict xfail in tests/test_specdec_pp.py)",
        effect="not reproduced",
        effect_note=(
            "greedy, 6 held-out prompts x 48 tokens: rejected draft tokens per accepted one 3.245 (threshold 0.3, "
