@@ -31,8 +31,9 @@ from hf_decoding_ext.core.models import load_model
 from hf_decoding_ext.plug import generate_kwargs
 from hf_decoding_ext.registry import get_method
 
-METHODS = ("draft-model", "direct-alignment", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative", "pearl",
-           "specdec-pp")
+# ``direct-alignment`` is the ``draft-model`` drafter with the same default assistant (the distilled draft): one entry
+# measures both. ``specdec-pp`` (experimental: its property fails) is left to its tests.
+METHODS = ("draft-model", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative", "pearl")
 
 
 def entries(model, tokenizer, names) -> tuple[dict, object]:
@@ -92,12 +93,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--warmup-prompts", type=int, default=2, help="distillation prompts run once per entry first")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     model, tokenizer = load_model()
     methods, _ = entries(model, tokenizer, args.methods)
     prompts = load_prompts(per_category=args.per_category)
-    warm = load_distill_prompts(limit=1)[::3]
+    warm = load_distill_prompts(limit=1)[: args.warmup_prompts]
     result = benchmark_speed(model, tokenizer, methods, prompts, max_new_tokens=args.max_new_tokens,
                              repeats=args.repeats, warmup_prompts=warm, same_kernel="greedy/fast-kernels",
                              tag="verification_speed")
@@ -107,6 +109,9 @@ def main(argv=None) -> int:
     t1 = summarise(t1_rows, baseline="sampling", same_kernel="sampling/fast-kernels")
     for name, figs in t1.items():
         result["methods"][name] = {**result["methods"][name], **figs}
+    result["settings"]["draft_model_sampling_confidence_stop"] = True  # the drafter stops on low confidence at T=1
+    result["settings"]["draft-model"] = ("the draft-model entries measure direct-alignment too (the same drafter "
+                                         "with the same default assistant, the shipped distilled draft)")
     result["settings"]["t1_entries"] = ("entries named 'T=1' and 'sampling*' are paired with stock sampling "
                                         "(speed_ratio) and sampling/fast-kernels (speed_ratio_same_kernel)")
     out = Path(args.out)

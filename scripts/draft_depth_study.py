@@ -130,6 +130,16 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
     best = max(result["depths"], key=lambda e: e["modelled_speedup_trained"])
     result["best_layers"] = best["layers"]
+    shipped = next((e for e in result["depths"] if e["layers"] == 4), None)
+    figures = ", ".join(f"L={e['layers']}: acceptance {e['trained_acceptance']:.3f}, cost {e['cost_ratio']:.2f}, "
+                        f"modelled x{e['modelled_speedup_trained']:.2f}" for e in result["depths"])
+    result["verdict"] = (
+        f"Depth study ({args.steps} TVD++ steps per depth; {figures}): the best modelled trade-off is "
+        f"{best['layers']} layers. " + (
+            "The shipped draft's 4 layers are that choice." if best["layers"] == 4 else
+            f"The shipped draft uses 4 layers (modelled x{shipped['modelled_speedup_trained']:.2f} against "
+            f"x{best['modelled_speedup_trained']:.2f}); it was trained before this study." if shipped else
+            "The shipped draft's depth (4) was not in this study."))
     Path(args.out).write_text(json.dumps(result, indent=1))
     try:
         import matplotlib

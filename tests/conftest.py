@@ -169,6 +169,21 @@ def _tiny_acceptance_head(model):
     return AcceptancePredictionHead(SpecDecPPHeadConfig(hidden_size=model.config.hidden_size))
 
 
+def _tiny_dresd_store(model):
+    """A DReSD datastore of the tiny model's own greedy continuations of a few random prompts."""
+    from hf_decoding_ext.speculative.drafters.dresd import DReSDDatastore
+
+    torch.manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    pairs = []
+    with torch.no_grad():
+        for _ in range(3):
+            prompt = torch.randint(1, vocab, (4,))
+            out = model.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)
+            pairs.append((prompt.tolist(), out[0, 4:].tolist()))
+    return DReSDDatastore.build(model, pairs, pca_dim=4, stored=6, progress=False)
+
+
 TINY_COMPONENT_PARAMS = {
     "adadec": dict(threshold=0.5, lookahead_length=2),
     "cautious-ntp": dict(max_trials=3),
@@ -189,6 +204,10 @@ TINY_COMPONENT_PARAMS = {
     "pearl": dict(assistant="self:1", gamma=2),
     "reflective-verification": dict(assistant="self:1"),
     "specdec-pp": dict(assistant="self:1", head=lambda m: _tiny_acceptance_head(m)),
+    "speculative-jacobi": dict(window=3),
+    "stand": dict(),
+    "aded": dict(max_nodes=4, simulations=8),
+    "dresd": dict(datastore=lambda m: _tiny_dresd_store(m), num_drafts=2, len_drafts=3, max_nodes=4),
     "medusa": dict(heads=lambda m: _tiny_heads("medusa", m), max_nodes=4),
     "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),
     "mlp-speculator": dict(heads=lambda m: _tiny_heads("mlp-speculator", m), max_nodes=4),

@@ -38,7 +38,9 @@ EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "To
                   "auto-speculative": "AutoSpeculativeDrafter", "direct-alignment": "DirectAlignmentDrafter",
                   "spectr": "SpecTrDrafter", "mcsd": "MCSDDrafter", "rsd": "RSDDrafter", "dyspec": "DySpecDrafter",
                   "staged-speculative": "StagedSpeculativeDrafter", "pearl": "PEARLDrafter",
-                  "specdec-pp": "SpecDecPPDrafter"}
+                  "specdec-pp": "SpecDecPPDrafter", "speculative-jacobi": "SpeculativeJacobiDrafter",
+                  "stand": "STANDDrafter", "dresd": "DReSDDrafter",
+                  "aded": "ADEDDrafter"}
 
 
 def _prompts():

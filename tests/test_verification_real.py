@@ -25,6 +25,7 @@ pytestmark = pytest.mark.real_model
 
 ISSUE_18_METHODS = ("draft-model", "direct-alignment", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative",
                     "pearl", "specdec-pp")
+ISSUE_19_METHODS = ("speculative-jacobi", "stand", "dresd", "aded")  # the lossless training-free drafters II
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,10 @@ def draft(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ISSUE_18_METHODS)
+@pytest.mark.parametrize("name", ISSUE_18_METHODS + ISSUE_19_METHODS)
 def test_greedy_token_identity_20_prompts_x_64_tokens_real_model(name, smollm):
-    """The issue's greedy check: every lossless method of the verification issue, as the registry builds it (the
-    distilled draft), token-identical to plain greedy over 20 prompts x 64 tokens, up to floating-point near-ties
+    """The issues' greedy check: every lossless method of the verification issue (with the distilled draft) and of
+    the training-free drafters II issue, as the registry builds them, token-identical to plain greedy over 20 prompts x 64 tokens, up to floating-point near-ties
     (tallied as in ``test_speculative_lossless.py``, whose default-run version covers 20 prompts x 32 tokens)."""
     from hf_decoding_ext.bench.parity import greedy_parity, greedy_references, near_tie_tally
     from hf_decoding_ext.plug import generate_kwargs

@@ -400,49 +400,54 @@ class SpeculativeDecoding(DecodingLoop):
         return {"spec_stats": self.last_stats} if state.return_dict else None
 
     def _decode(self, state: GenerationState, rule: AcceptanceRule, generator) -> None:
-        shares_cache = "target_cache" in self.drafter.needs
         while not state.done:
-            t0 = time.perf_counter()
-            cached = state.cache.get_seq_length() if shares_cache else 0
-            draft = self.drafter.propose(state)
-            if shares_cache:  # drop whatever the drafter appended to the target's cache
-                keep_positions(state.cache, cached, torch.zeros(0, dtype=torch.long))
-            if self.max_draft_nodes is not None and len(draft.tree) > self.max_draft_nodes:
-                draft.tree = draft.tree.truncate(self.max_draft_nodes)
-            tree = draft.tree
-            rule.check_tree(tree)
-            t1 = time.perf_counter()
-            tree_logits, side_logits, committed_logits, committed_len, hidden, committed_top_k = self.verify(
-                state, draft)
-            n_block = len(tree) + (0 if side_logits is None else side_logits.shape[0])
-            scores_at = self._processed_scores(state, tree, self.verification_scores(state, draft, tree_logits),
-                                               n_block)
-            if rule.uses_side_scores:  # a rule that also reads the drafter's side-node distributions
-                accepted, bonus = rule.accept(tree, scores_at, generator, side_scores_at=self._side_scores(
-                    state, draft, tree_logits, side_logits, n_block))
-            else:
-                accepted, bonus = rule.accept(tree, scores_at, generator)
-            scores_at.commit(accepted[-1] if accepted else -1)  # stateful processors follow the accepted path only
-            keep_positions(state.cache, committed_len, torch.tensor(accepted, dtype=torch.long))
-            tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
-            t2 = time.perf_counter()
-            needs = self.drafter.needs
-            self.drafter.observe(state, VerifyResult(
-                draft, tree_logits, side_logits, accepted, tokens, committed_logits,
-                hidden[-1] if "last_hidden_state" in needs else None,
-                hidden if "all_hidden_states" in needs else None, state.cache if shares_cache else None,
-                committed_top_k))
-            if state.scores is not None or state.logits is not None:
-                for node in ([-1] + accepted)[: max(0, state.generation_config.max_length - state.input_ids.shape[1])]:
-                    state.record(scores_at(node)[None], tree_logits[node + 1][None])
-            appended = state.append(torch.tensor([tokens], device=state.device))
-            ids = draft.info.get("node_ids") if draft.info else None
-            if ids is not None and len(ids) < len(tree):
-                ids = None  # the engine cut the tree after the drafter named its nodes: indices are kept
-            self.last_stats.append(StepStats(
-                len(tree), len(accepted), appended, t1 - t0, t2 - t1, time.perf_counter() - t0,
-                tuple(int(a) if ids is None else int(ids[a]) for a in accepted),
-                None if ids is None else tuple(int(i) for i in ids[: len(tree)])))
+            self._step(state, rule, generator)
+
+    def _step(self, state: GenerationState, rule: AcceptanceRule, generator) -> None:
+        """One draft-verify-accept round: the drafter proposes, one target forward verifies, ``rule`` accepts, the
+        accepted tokens and the bonus token are appended (loops built on the engine call it step by step)."""
+        shares_cache = "target_cache" in self.drafter.needs
+        t0 = time.perf_counter()
+        cached = state.cache.get_seq_length() if shares_cache else 0
+        draft = self.drafter.propose(state)
+        if shares_cache:  # drop whatever the drafter appended to the target's cache
+            keep_positions(state.cache, cached, torch.zeros(0, dtype=torch.long))
+        if self.max_draft_nodes is not None and len(draft.tree) > self.max_draft_nodes:
+            draft.tree = draft.tree.truncate(self.max_draft_nodes)
+        tree = draft.tree
+        rule.check_tree(tree)
+        t1 = time.perf_counter()
+        tree_logits, side_logits, committed_logits, committed_len, hidden, committed_top_k = self.verify(
+            state, draft)
+        n_block = len(tree) + (0 if side_logits is None else side_logits.shape[0])
+        scores_at = self._processed_scores(state, tree, self.verification_scores(state, draft, tree_logits),
+                                           n_block)
+        if rule.uses_side_scores:  # a rule that also reads the drafter's side-node distributions
+            accepted, bonus = rule.accept(tree, scores_at, generator, side_scores_at=self._side_scores(
+                state, draft, tree_logits, side_logits, n_block))
+        else:
+            accepted, bonus = rule.accept(tree, scores_at, generator)
+        scores_at.commit(accepted[-1] if accepted else -1)  # stateful processors follow the accepted path only
+        keep_positions(state.cache, committed_len, torch.tensor(accepted, dtype=torch.long))
+        tokens = [int(tree.tokens[i]) for i in accepted] + [bonus]
+        t2 = time.perf_counter()
+        needs = self.drafter.needs
+        self.drafter.observe(state, VerifyResult(
+            draft, tree_logits, side_logits, accepted, tokens, committed_logits,
+            hidden[-1] if "last_hidden_state" in needs else None,
+            hidden if "all_hidden_states" in needs else None, state.cache if shares_cache else None,
+            committed_top_k))
+        if state.scores is not None or state.logits is not None:
+            for node in ([-1] + accepted)[: max(0, state.generation_config.max_length - state.input_ids.shape[1])]:
+                state.record(scores_at(node)[None], tree_logits[node + 1][None])
+        appended = state.append(torch.tensor([tokens], device=state.device))
+        ids = draft.info.get("node_ids") if draft.info else None
+        if ids is not None and len(ids) < len(tree):
+            ids = None  # the engine cut the tree after the drafter named its nodes: indices are kept
+        self.last_stats.append(StepStats(
+            len(tree), len(accepted), appended, t1 - t0, t2 - t1, time.perf_counter() - t0,
+            tuple(int(a) if ids is None else int(ids[a]) for a in accepted),
+            None if ids is None else tuple(int(i) for i in ids[: len(tree)])))
 
     # ------------------------------------------------------------------------------------------------ summaries
     def summary(self) -> dict:

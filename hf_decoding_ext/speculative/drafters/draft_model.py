@@ -19,8 +19,10 @@ class DraftModelDrafter(Drafter):
 
     The draft model keeps its own KV cache, cropped back to the accepted prefix before each proposal, and drafts up
     to ``num_tokens`` tokens. Greedy generation drafts argmax tokens (deterministic, so greedy and sampling
-    acceptance are both lossless) and, like transformers' assisted generation, stops a draft early once the draft
-    model's probability of its own token falls below ``confidence_threshold``. With ``do_sample=True`` it samples
+    acceptance are both lossless) and, like transformers' assisted generation (``ConfidenceCriteria``, greedy or
+    sampled), stops a draft early once the draft model's probability of its own token falls below
+    ``confidence_threshold`` (a stop decided by the draft's own tokens only, so sampling stays lossless). With
+    ``do_sample=True`` it samples
     from the draft model's distribution after the caller's logits processors and hands those distributions to the
     speculative-sampling rule. The processors run on a :func:`~hf_decoding_ext.core.lifecycle.fork` of the caller's
     (stateful processors such as Mirostat follow the draft on the copy; the caller's state only ever sees the
@@ -214,7 +216,7 @@ class DraftModelDrafter(Drafter):
             tokens.append(int(tok))
             cur_ids = torch.cat([cur_ids, tok[:, None]], dim=1)
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones((1, 1))], dim=1)
-            if not state.do_sample and self.length_policy.stop(float(p[0, tok])):
+            if self.length_policy.stop(float(p[0, tok])):  # greedy and sampled, as transformers' ConfidenceCriteria
                 break
         if self.keep_logits and (self.extra_step or not tokens):
             kept.append(self._step(cur_ids, cur_mask)[0])  # after the last drafted token (or at the root)
