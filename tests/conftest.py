@@ -205,7 +205,8 @@ TINY_COMPONENT_PARAMS = {
     "reflective-verification": dict(assistant="self:1"),
     "specdec-pp": dict(assistant="self:1", head=lambda m: _tiny_acceptance_head(m)),
     "speculative-jacobi": dict(window=3),
-    "stand": dict(),
+    "stand": dict(persist=False),  # sampled outputs reproducible from the seed across the contract's calls
+    "fast-cot": dict(budget=2, answer_prompt=[5, 6]),
     "aded": dict(max_nodes=4, simulations=8),
     "dresd": dict(datastore=lambda m: _tiny_dresd_store(m), num_drafts=2, len_drafts=3, max_nodes=4),
     "medusa": dict(heads=lambda m: _tiny_heads("medusa", m), max_nodes=4),

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from hf_decoding_ext.registry import METHODS, get_method
 
 SLIDING = {"mistral"}  # architectures with a sliding-window cache
-ENGINE_LOOPS = {m.name for m in METHODS if m.kind == "candidate_generator"} | {"speculative-contrastive"}
+ENGINE_LOOPS = {m.name for m in METHODS if m.kind == "candidate_generator"} | {"speculative-contrastive", "fast-cot"}
 REFUSED_ON_SLIDING = ENGINE_LOOPS | {"exact-extractive"}  # tree masks / cache compaction assume full attention
 LOOPS = sorted(m.name for m in METHODS if m.kind in ("decoding_loop", "candidate_generator"))
 REPEAT = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]]  # prompt-lookup finds matches

@@ -88,7 +88,12 @@ def test_drafting_from_the_store():
     d2.observe(state, VerifyResult(type("D", (), {"tree": tree})(), logits, None, [0, 1], [4, 5, 6]))
     assert d2.store.lookup([1, 2])[0][0] == 4 and d2.store.lookup([2, 4])[0][0] == 5
     assert d2.store.lookup([4, 5])[0][0] == 6
-    for bad in ({"tree": {(): 3}, "k": 2}, {"tree": {}}, {"stochastic": 1}):
+    # persist=False empties the store at every generate() call
+    fresh = STANDDrafter(persist=False)
+    fresh.store.update([1, 2], [3], [1.0])
+    fresh.begin(state)
+    assert len(fresh.store) == 0
+    for bad in ({"tree": {(): 3}, "k": 2}, {"tree": {}}, {"stochastic": 1}, {"persist": None}):
         with pytest.raises(ValueError):
             STANDDrafter(**bad)
 

@@ -36,13 +36,15 @@ class FastCoTDecoding(SpeculativeDecoding):
 
     Deviations: the paper's budget is wall-clock time; here it is a number of target forwards (the CPU's time per
     forward is constant, so the two are proportional). Greedy decoding only (the paper's setting); ``do_sample=True``
-    is refused. Batch size 1.
+    is refused, and so are ``output_scores``/``output_logits`` (the inserted tokens have none). Batch size 1.
 
     Example:
         >>> from hf_decoding_ext.speculative.fast_cot import FastCoTDecoding
         >>> loop = FastCoTDecoding(budget=40, tokenizer=tokenizer)
         >>> out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)  # doctest: +SKIP
     """
+
+    supports_output_scores = False  # the inserted glance and answer-prompt tokens have no scores: refused
 
     def __init__(self, budget: int | None = None, window: int = 8, glance: bool = True,
                  answer_prompt: str | Sequence[int] = DEFAULT_ANSWER_PROMPT, tokenizer=None, **engine):

@@ -44,6 +44,9 @@ class STANDDrafter(Drafter):
         tree: ``{rank path: number of children}`` template; default :data:`DEFAULT_TREE` (17 nodes).
         stochastic: sample the children (the paper); ``False`` drafts the top-ranked stored tokens deterministically
             (the "deterministic n-gram drafting" baseline of the paper's ablation).
+        persist: keep the store across ``generate()`` calls (default; the paper's trajectories of one prompt share
+            it); ``False`` empties it at the start of every call (independent prompts, or sampled outputs that
+            must be reproducible from the seed alone: the drafts, and so the random draws, depend on the store).
 
     Deviations: the paper's data-driven tree (a large tree profiled per node, the best ~80 nodes kept) targets GPUs;
     the default here is a small hand-set tree for the CPU, and :meth:`profile_tree` ranks a template's nodes by
@@ -59,7 +62,7 @@ class STANDDrafter(Drafter):
     """
 
     def __init__(self, order: int = 4, k: int = 10, tree: dict[tuple[int, ...], int] | None = None,
-                 stochastic: bool = True):
+                 stochastic: bool = True, persist: bool = True):
         self.store = TopKNGramStore(order=order, k=k)
         tree = DEFAULT_TREE if tree is None else tree
         paths = expand_template(tree)
@@ -67,8 +70,10 @@ class STANDDrafter(Drafter):
             raise ValueError(f"tree must have at least one node, got {tree!r}")
         if any(r >= k for p in paths for r in p):
             raise ValueError(f"the tree template uses child ranks >= k={k}")
-        if not isinstance(stochastic, bool):
-            raise ValueError(f"stochastic must be a bool, got {stochastic!r}")
+        for name, value in (("stochastic", stochastic), ("persist", persist)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        self.persist = persist
         self.order, self.k, self.stochastic = order, k, stochastic
         self.paths = paths
         self._vocab = 0
@@ -80,6 +85,8 @@ class STANDDrafter(Drafter):
         if state.input_ids.shape[0] != 1:
             raise ValueError("STANDDrafter supports batch size 1 only")
         self._vocab = state.model.get_output_embeddings().weight.shape[0]
+        if not self.persist:
+            self.store.clear()
 
     def _children(self, context: list[int], sample: bool) -> tuple[list[int], torch.Tensor | None] | None:
         """Ranked children of a node from the store (Gumbel-Top-K order when sampling) and the distribution they
