@@ -16,12 +16,12 @@ properties on the real model.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 from test_speculative_contrastive import _pooled_chi_square_pvalue
-from test_speculative_engine import _peaky_tiny_llama
+from test_speculative_engine import _exact_sequence_distribution, _peaky_tiny_llama
+from test_speculative_jacobi import _State
 
 from hf_decoding_ext.core.ngram_store import TopKNGramStore
 from hf_decoding_ext.core.tree import DraftTree
@@ -45,19 +45,9 @@ def test_store_merges_by_running_average_and_backs_off():
             TopKNGramStore(**bad)
 
 
-class _State:
-    def __init__(self, ids, do_sample=True, vocab=12):
-        self.input_ids = torch.tensor([ids])
-        self.do_sample = do_sample
-        self.device = torch.device("cpu")
-        self.logits_processor = []
-        self.model = type("M", (), {"get_output_embeddings": lambda s: type("E", (), {
-            "weight": torch.zeros(vocab, 2)})()})()
-
-
 def test_drafting_from_the_store():
     d = STANDDrafter(order=2, k=3, tree={(): 3, (0,): 2})
-    state = _State([1, 2])
+    state = _State([1, 2], vocab=12)
     d.begin(state)
     assert len(d.propose(state).tree) == 0  # nothing stored yet
     d.store.update([1, 2], [7, 8, 9], [0.5, 0.3, 0.2])
@@ -76,7 +66,7 @@ def test_drafting_from_the_store():
         kids = [int(tree.tokens[i]) for i in tree.children(first)]
         assert kids == ([3] if roots[0] == 7 else [])  # "2 7" is stored; "2 8", "8", "2 9", "9" are not
     assert len(seen) > 2  # Gumbel-Top-K order varies
-    greedy = d.propose(_State([1, 2], do_sample=False)).tree
+    greedy = d.propose(_State([1, 2], do_sample=False, vocab=12)).tree
     assert greedy.draft_probs is None and greedy.tokens.tolist() == [7, 8, 9, 3] and greedy.parents.tolist() == [
         -1, -1, -1, 0]
     # observe: the processed distributions at the root and accepted nodes enter the store
@@ -133,11 +123,8 @@ def test_sampling_keeps_the_target_distribution(case, n):
     vocab, length = 4, 3
     target, other = _peaky_tiny_llama(3, vocab), _peaky_tiny_llama(4, vocab)
     prompt = [1, 2, 3]
-    probs = {}
     with torch.no_grad():
-        for seq in itertools.product(range(vocab), repeat=length):
-            logp = torch.log_softmax(target(torch.tensor([prompt + list(seq)])).logits[0].float(), -1)
-            probs[seq] = math.exp(sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq)))
+        probs = _exact_sequence_distribution(target, prompt, length, vocab)
     drafter = (_RankedClaimedSampled if case == "mutant" else _Frozen)(order=2, k=4, tree={(): 3, (0,): 2, (1,): 1})
     with torch.no_grad():  # the other model's next-token distributions after every 2-token context
         for ctx in itertools.product(range(vocab), repeat=2):
