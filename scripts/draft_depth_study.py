@@ -47,7 +47,7 @@ def step_costs(models: dict, context: torch.Tensor, repeats: int) -> dict:
                 m(input_ids=nxt, past_key_values=cache, use_cache=True,
                   position_ids=torch.tensor([[n]]))
             dt = time.perf_counter() - t0
-            cache.crop(n)
+            cache.crop(n - cache.get_seq_length())  # a negative count: drop the step just timed
             if r >= 2:
                 times[name].append(dt)
     return {name: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)} for name, v in times.items()}

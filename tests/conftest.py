@@ -208,6 +208,8 @@ TINY_COMPONENT_PARAMS = {
     "stand": dict(persist=False),  # sampled outputs reproducible from the seed across the contract's calls
     "fast-cot": dict(budget=2, answer_prompt=[5, 6]),
     "aded": dict(max_nodes=4, simulations=8),
+    "specextend": dict(assistant="self:1", chunk_size=4, top_k_chunks=2, retrieve_every=1),
+    "rasd": dict(drafter=lambda m: _tiny_heads("eagle", m), max_nodes=4),
     "dresd": dict(datastore=lambda m: _tiny_dresd_store(m), num_drafts=2, len_drafts=3, max_nodes=4),
     "medusa": dict(heads=lambda m: _tiny_heads("medusa", m), max_nodes=4),
     "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),

@@ -59,9 +59,11 @@ def test_greedy_is_token_identical_on_tiny_models(tiny_model):
 
 
 @pytest.mark.real_model
-def test_acceptance_adapts_over_a_long_generation_real_model(smollm):
-    """Greedy, 4 benchmark prompts x 256 tokens (eos suppressed): accepted draft tokens per step in the second half
-    of each generation exceed the first half, and the adaptive table beats the frozen one over the whole run."""
+@pytest.mark.parametrize("n_prompts", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_acceptance_adapts_over_a_long_generation_real_model(smollm, n_prompts):
+    """Greedy, 2 benchmark prompts (4 in the slow run, the registry's figures) x 256 tokens (eos suppressed):
+    accepted draft tokens per step in the second half of each generation exceed the first half, and the adaptive
+    table beats the frozen one over the whole run."""
     from hf_decoding_ext.bench.prompts import interleaved_prompts
     from hf_decoding_ext.bench.speed import encode_prompt
 
@@ -69,7 +71,7 @@ def test_acceptance_adapts_over_a_long_generation_real_model(smollm):
     figures = {}
     for name, adaptive in (("adaptive", True), ("frozen", False)):
         first = second = steps1 = steps2 = 0
-        for row in interleaved_prompts(4):
+        for row in interleaved_prompts(n_prompts):
             loop = SpeculativeDecoding(ADEDDrafter(adaptive=adaptive))  # a fresh table per prompt
             model.generate(**encode_prompt(row, tokenizer), max_new_tokens=256, min_new_tokens=256,
                            do_sample=False, custom_generate=loop)

@@ -52,8 +52,9 @@ def _last_number(text: str):
 
 
 @pytest.mark.real_model
-def test_fewer_forwards_to_the_answer_at_a_measured_accuracy_change_real_model(smollm):
-    """12 arithmetic problems, "Let's think step by step.": greedy chain-of-thought (one forward per token) up to 96
+@pytest.mark.parametrize("n_problems", [6, pytest.param(12, marks=pytest.mark.slow)])
+def test_fewer_forwards_to_the_answer_at_a_measured_accuracy_change_real_model(smollm, n_problems):
+    """6 arithmetic problems (12 in the slow run, the registry's figures), "Let's think step by step.": greedy chain-of-thought (one forward per token) up to 96
     tokens then the answer prompt and 8 answer tokens, against Fast CoT with a budget of 24 forwards and an 8-token
     window. The answer (the number in the first line after the answer prompt) costs Fast CoT fewer target
     forwards; accuracy is reported and may drop by at most 0.25 absolute."""
@@ -62,7 +63,7 @@ def test_fewer_forwards_to_the_answer_at_a_measured_accuracy_change_real_model(s
     from hf_decoding_ext.speculative.fast_cot import DEFAULT_ANSWER_PROMPT
 
     model, tokenizer = smollm
-    rows = read_jsonl("fast_cot", "arithmetic.jsonl")[:12]
+    rows = read_jsonl("fast_cot", "arithmetic.jsonl")[:n_problems]
     answer_ids = tokenizer.encode(DEFAULT_ANSWER_PROMPT, add_special_tokens=False)
 
     def answer_after(ids):  # the answer prompt, then 8 greedy tokens: the first number is the answer

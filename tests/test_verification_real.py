@@ -25,7 +25,7 @@ pytestmark = pytest.mark.real_model
 
 ISSUE_18_METHODS = ("draft-model", "direct-alignment", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative",
                     "pearl", "specdec-pp")
-ISSUE_19_METHODS = ("speculative-jacobi", "stand", "dresd", "aded")  # the lossless training-free drafters II
+ISSUE_19_METHODS = ("speculative-jacobi", "stand", "dresd", "aded", "rasd", "specextend")  # lossless drafters II
 
 
 @pytest.fixture(scope="module")

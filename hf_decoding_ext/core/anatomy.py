@@ -445,3 +445,93 @@ def early_exit(model, n: int, share_cache: bool = False) -> LayerSkipView:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive number of layers, got {n!r}")
     return skip_layers(model, range(n), share_cache=share_cache)
+
+
+def cache_keys(cache: Cache, layer_idx: int) -> torch.Tensor:
+    """The cached keys ``(batch, kv_heads, length, head_dim)`` of layer ``layer_idx`` (RoPE already applied, as
+    transformers caches them)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer_idx].keys
+    return cache.key_cache[layer_idx]  # older transformers
+
+
+def query_attention(model, hidden_in: torch.Tensor, position: int, cache: Cache, layer: int = -1) -> torch.Tensor:
+    """The attention distribution ``(length,)`` (float32, mean over heads) of one query over the keys a layer has
+    cached: the layer's input hidden state ``hidden_in`` ``(hidden,)`` at sequence position ``position`` is normed,
+    projected to queries, rotated (RoPE) and scored against ``cache``'s keys of that layer, as the layer's own
+    attention would score them (full causal attention over the cached positions).
+
+    Llama-style attention (``input_layernorm``, ``self_attn.q_proj``, the decoder's ``rotary_emb``; Qwen3's
+    ``q_norm`` is applied) and GPT-2's (``ln_1``, ``attn.c_attn``); anything else gets a ``ValueError``. Used by SpecExtend to rank context chunks by the
+    target's attention.
+
+    Example:
+        >>> out = model(ids, output_hidden_states=True, use_cache=True)  # doctest: +SKIP
+        >>> attn = query_attention(model, out.hidden_states[-2][0, -1], ids.shape[1] - 1,
+        ...                        out.past_key_values)  # doctest: +SKIP
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layers = decoder_layers(model)
+    idx = layer % len(layers)
+    block = layers[idx]
+    attn = getattr(block, "self_attn", None) or getattr(block, "attn", None)
+    cfg = model.config
+    with torch.no_grad():
+        if attn is not None and hasattr(attn, "c_attn") and hasattr(block, "ln_1"):  # GPT-2: no rotation
+            n_heads = cfg.n_head
+            head_dim = cfg.n_embd // n_heads
+            x = block.ln_1(hidden_in.reshape(1, 1, -1))
+            q = attn.c_attn(x)[..., : cfg.n_embd].view(1, 1, n_heads, head_dim).transpose(1, 2)
+            scaling = head_dim ** -0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
+        else:
+            rotary = getattr(decoder(model), "rotary_emb", None)
+            if attn is None or not hasattr(attn, "q_proj") or not hasattr(block, "input_layernorm") or rotary is None:
+                raise ValueError(f"query_attention supports Llama-style (input_layernorm, self_attn.q_proj, "
+                                 f"rotary_emb) and GPT-2 attention, not {type(model).__name__}")
+            n_heads = cfg.num_attention_heads
+            head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // n_heads
+            x = block.input_layernorm(hidden_in.reshape(1, 1, -1))
+            q = attn.q_proj(x).view(1, 1, n_heads, head_dim)
+            if getattr(attn, "q_norm", None) is not None:
+                q = attn.q_norm(q)
+            q = q.transpose(1, 2)
+            cos, sin = rotary(x, torch.tensor([[int(position)]], device=x.device))
+            q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            scaling = getattr(attn, "scaling", head_dim ** -0.5)
+        keys = cache_keys(cache, idx)
+        keys = keys.repeat_interleave(n_heads // keys.shape[1], dim=1)
+        scores = (q.float() @ keys.float().transpose(-1, -2))[0, :, 0] * scaling
+        return torch.softmax(scores, dim=-1).mean(0)
+
+
+class OutputCapture:
+    """Captures a module's output during the forwards run inside ``with`` (the last call's output in ``.output``;
+    the first element when the module returns a tuple; ``module=None`` captures nothing). ``OutputCapture(final_norm(model))`` captures the lm_head's
+    input: the features trained heads and acceptance predictors read.
+
+    Example:
+        >>> with OutputCapture(final_norm(model)) as cap:  # doctest: +SKIP
+        ...     logits = model(ids).logits
+        >>> cap.output.shape  # (batch, seq, hidden)  # doctest: +SKIP
+    """
+
+    def __init__(self, module: torch.nn.Module | None):
+        self.module = module  # None: captures nothing
+        self.output = None
+        self._handle = None
+
+    def _hook(self, module, args, output):
+        self.output = output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self):
+        if self.module is not None:
+            self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return False

@@ -3,8 +3,9 @@
 :class:`SuffixIndex` finds the longest suffix of a context (``max_ngram`` down to ``min_ngram`` tokens) that occurs
 in a corpus of token sequences and returns the continuations that follow its occurrences; :func:`continuation_trie`
 merges continuations into the most frequent prefix-closed token tree under a node budget (REST's trie of retrieved
-candidates, He et al., arXiv 2311.08252). Used as the sparse-retrieval baseline of DReSD and as the retrieval
-source of RASD.
+candidates, He et al., arXiv 2311.08252); :func:`context_continuations` is the same retrieval over the sequence being
+generated (prompt lookup). Used by prompt lookup decoding, as the sparse-retrieval baseline of DReSD and as the
+retrieval sources of RASD.
 """
 
 from __future__ import annotations
@@ -47,6 +48,36 @@ def continuation_trie(continuations: Iterable[Sequence[int]], max_nodes: int,
     index = {p: i for i, p in enumerate(picked)}
     return DraftTree(torch.tensor([p[-1] for p in picked], dtype=torch.long),
                      torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in picked], dtype=torch.long))
+
+
+def context_continuations(ids, length: int, max_ngram: int = 3, min_ngram: int = 1, limit: int | None = 16,
+                          order: str = "last") -> list[list[int]]:
+    """Prompt-lookup retrieval over the context itself: the continuations (``length`` tokens) that followed the
+    earlier occurrences of the longest trailing n-gram (``max_ngram`` down to ``min_ngram``) of the 1D token
+    sequence ``ids`` that has any, most recent occurrence first (``order="first"``: earliest first), at most
+    ``limit`` (``None``: all). Prompt lookup decoding drafts the first one; RASD retrieves several.
+
+    Example:
+        >>> context_continuations(torch.tensor([1, 2, 3, 1, 2, 4, 1, 2]), length=2)
+        [[4, 1], [3, 1]]
+    """
+    if order not in ("first", "last"):
+        raise ValueError(f"order must be 'first' or 'last', got {order!r}")
+    ids = torch.as_tensor(ids).reshape(-1)
+    n_total = ids.shape[0]
+    for n in range(min(max_ngram, n_total - 1), min_ngram - 1, -1):
+        windows = ids.unfold(0, n, 1)[:-1]  # the trailing n-gram itself excluded
+        hits = (windows == ids[-n:]).all(dim=1).nonzero().flatten().tolist()
+        out = []
+        for start in (reversed(hits) if order == "last" else hits):
+            cont = ids[start + n: start + n + length].tolist()
+            if cont:
+                out.append(cont)
+            if limit is not None and len(out) >= limit:
+                break
+        if out:
+            return out
+    return []
 
 
 class SuffixIndex:

@@ -292,6 +292,57 @@ def best_first_paths(expand, budget: int, max_depth: int | None = None, root_sco
     return picked
 
 
+def fuse_trees(trees, values, max_nodes: int | None) -> tuple[DraftTree, list[list[int]]]:
+    """Fuse deterministic draft trees into one trie by longest-prefix matching and keep the ``max_nodes`` best nodes.
+
+    Every path of every tree is inserted into one trie rooted at the shared root, so a node whose path from the
+    root already exists (in an earlier tree) is matched instead of duplicated (RASD's tree fusion). A fused node's
+    value is the largest value any tree gives it; with values that never rise along a path (path probabilities,
+    products of accuracies, branch frequencies) the fused values do not either, and the kept set, the ``max_nodes``
+    highest-valued nodes picked best first (:func:`best_first_paths`), is prefix-closed.
+
+    Args:
+        trees: :class:`DraftTree` instances without ``draft_probs``.
+        values: one sequence of per-node values per tree.
+        max_nodes: node budget of the fused tree (``None``: keep every node).
+
+    Returns:
+        The fused tree (laid out best first) and, per input tree, the fused index of each of its nodes (``-1``
+        where the node was cut).
+
+    Example:
+        >>> a = DraftTree(torch.tensor([5, 6, 7]), [-1, 0, -1])         # 5 -> 6, and 7
+        >>> b = DraftTree.chain(torch.tensor([5, 6, 9]))                # 5 -> 6 -> 9
+        >>> fused, maps = fuse_trees([a, b], [[0.6, 0.3, 0.2], [0.5, 0.5, 0.4]], max_nodes=4)
+        >>> fused.tokens.tolist(), fused.parents.tolist(), maps
+        ([5, 6, 9, 7], [-1, 0, 1, -1], [[0, 1, 3], [0, 1, 2]])
+    """
+    trees, values = list(trees), [list(map(float, v)) for v in values]
+    if len(trees) != len(values) or any(len(t) != len(v) for t, v in zip(trees, values)):
+        raise ValueError("fuse_trees needs one value per node of every tree")
+    if any(t.draft_probs is not None for t in trees):
+        raise ValueError("fuse_trees fuses deterministic trees only (no draft_probs)")
+    value: dict[tuple[int, ...], float] = {}
+    children: dict[tuple[int, ...], set[int]] = {}
+    node_paths: list[list[tuple[int, ...]]] = []
+    for tree, vals in zip(trees, values):
+        paths: list[tuple[int, ...]] = []
+        for i in range(len(tree)):
+            p = int(tree.parents[i])
+            path = (paths[p] if p >= 0 else ()) + (int(tree.tokens[i]),)
+            paths.append(path)
+            children.setdefault(path[:-1], set()).add(path[-1])
+            value[path] = max(value.get(path, float("-inf")), vals[i])
+        node_paths.append(paths)
+    budget = len(value) if max_nodes is None else min(int(max_nodes), len(value))
+    picked = best_first_paths(lambda path, _: [(t, value[path + (t,)]) for t in sorted(children.get(path, ()))],
+                              budget)
+    index = {p: i for i, p in enumerate(picked)}
+    fused = DraftTree(torch.tensor([p[-1] for p in picked], dtype=torch.long),
+                      torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in picked], dtype=torch.long))
+    return fused, [[index.get(p, -1) for p in paths] for paths in node_paths]
+
+
 def choices_from_accuracies(accuracies, num_nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
     """The ``num_nodes`` tree paths with the highest expected acceptance, from measured per-depth accuracies.
 

@@ -18,7 +18,7 @@ from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.kernels import KernelPlan, fast_kernels, small_batch_linear as _small_batch_linear
 from hf_decoding_ext.speculative.acceptance import ACCEPTANCE_RULES, AcceptanceRule, get_acceptance_rule
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult, check_needs
-from hf_decoding_ext.core.anatomy import final_norm
+from hf_decoding_ext.core.anatomy import OutputCapture, final_norm
 from hf_decoding_ext.core.kv import check_compactable, keep_positions
 from hf_decoding_ext.core.tree import DraftTree, VerifyBlock, build_verify_inputs
 
@@ -68,29 +68,6 @@ class _NodeScores:
         """The caller's stateful processors take over the state after scoring ``node`` (the last accepted one)."""
         if self.stateful and node in self.memo:
             lifecycle.adopt(self.processors, self.memo[node][1])
-
-
-class _FeatureHook:
-    """Captures the output of ``norm`` (the model's final norm: the lm_head's input) in the forwards inside the
-    ``with`` block (``features``: ``(seq, hidden)`` of the first row); ``norm=None`` captures nothing."""
-
-    def __init__(self, norm):
-        self.module = norm
-        self.features = None
-        self._handle = None
-
-    def _hook(self, module, args, output):
-        self.features = (output[0] if isinstance(output, tuple) else output)[0]
-
-    def __enter__(self):
-        if self.module is not None:
-            self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        if self._handle is not None:
-            self._handle.remove()
-        return False
 
 
 def _hookable_norm(model):
@@ -296,12 +273,12 @@ class SpeculativeDecoding(DecodingLoop):
             ids = state.input_ids[:, cache_len:cache_len + stop]
             mask = state.attention_mask[:, :cache_len + stop]
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_len:]
-            with _FeatureHook(_hookable_norm(state.model) if want == "last" else None) as hook:
+            with OutputCapture(_hookable_norm(state.model) if want == "last" else None) as hook:
                 out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                                   use_cache=True, logits_to_keep=1, return_dict=True,
                                   **({"output_hidden_states": True} if want == "all" else {}))
             if want == "last":
-                chunks.append(hook.features)
+                chunks.append(None if hook.output is None else hook.output[0])
             elif want == "all":
                 chunks.append(tuple(h[0] for h in out.hidden_states))
             del out
@@ -354,7 +331,7 @@ class SpeculativeDecoding(DecodingLoop):
         s = committed.shape[1]
         n_block = block.tokens.shape[0]
         keep = n_block + s if "committed_logits" in needs else n_block + 1
-        with _FeatureHook(norm) as hook:
+        with OutputCapture(norm) as hook:
             out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                               use_cache=True, logits_to_keep=keep, return_dict=True,
                               **({"output_hidden_states": True} if want == "all" else {}))
@@ -364,7 +341,8 @@ class SpeculativeDecoding(DecodingLoop):
             if pre_hidden is not None:
                 hidden = tuple(torch.cat([a, b]) for a, b in zip(pre_hidden, hidden))
         elif want == "last":
-            hidden = (hook.features if pre_hidden is None else torch.cat([pre_hidden, hook.features]),)
+            feats = None if hook.output is None else hook.output[0]
+            hidden = (feats if pre_hidden is None else torch.cat([pre_hidden, feats]),)
         else:
             hidden = None
         logits = out.logits[0].float()  # (..., vocab): [committed before the root], root, block nodes

@@ -6,6 +6,7 @@ import torch
 
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
 from hf_decoding_ext.speculative.policies.tree_policy import NodeBudget
+from hf_decoding_ext.core.suffix_index import context_continuations
 from hf_decoding_ext.core.tree import DraftTree
 
 GAINS_NAME = "prompt-lookup"
@@ -69,16 +70,8 @@ class PromptLookupDrafter(Drafter):
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Continuation ``(<= num_tokens,)`` of the last (or first) match of the trailing n-gram in 1D ``ids``."""
-        length = ids.shape[0]
-        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            windows = ids.unfold(0, n, 1)[:-1]  # exclude the trailing n-gram itself
-            hits = (windows == ids[-n:]).all(dim=1).nonzero().flatten()
-            hits = hits.tolist()
-            for start in (reversed(hits) if self.match == "last" else hits):
-                cont = ids[start + n: start + n + self.num_tokens]
-                if cont.numel():
-                    return cont
-        return ids.new_zeros(0)
+        conts = context_continuations(ids, self.num_tokens, self.max_ngram, self.min_ngram, limit=1, order=self.match)
+        return ids.new_tensor(conts[0]) if conts else ids.new_zeros(0)
 
     def continuation(self, ids: torch.Tensor) -> torch.Tensor:
         """:meth:`lookup` on 1D ``ids``, cut before the first eos token (the tokens :meth:`propose` drafts; staged

@@ -88,27 +88,6 @@ class AcceptanceThresholdLength(DraftLengthPolicy):
                 f"max_tokens={self.max_tokens})")
 
 
-class _LastHidden:
-    """Captures the last position's output of a model's final norm (its lm_head's input) inside ``with``."""
-
-    def __init__(self, module):
-        self.module = module
-        self.value = None
-        self._handle = None
-
-    def _hook(self, module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        self.value = out[0, -1]
-
-    def __enter__(self):
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-        return False
-
-
 class SpecDecPPDrafter(DraftModelDrafter):
     """SpecDec++ (Huang, Guo, Wang, "SpecDec++: Boosting Speculative Decoding via Adaptive Candidate Lengths",
     COLM 2025, arXiv 2405.19715): a draft-model chain whose length is chosen token by token by a trained acceptance
@@ -210,9 +189,11 @@ class SpecDecPPDrafter(DraftModelDrafter):
     def _step_hidden(self, cur_ids: torch.Tensor, cur_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft forward (as :meth:`_step`) that also returns the draft's last hidden state at the last
         position ``(hidden,)``."""
-        with _LastHidden(self._norm) as hook:
+        from hf_decoding_ext.core.anatomy import OutputCapture
+
+        with OutputCapture(self._norm) as hook:
             logits = self._step(cur_ids, cur_mask)
-        return logits, hook.value
+        return logits, hook.output[0, -1]
 
     def _acceptance(self, hidden: torch.Tensor) -> float:
         return float(self.head.acceptance_probability(hidden[None])[0])

@@ -150,33 +150,13 @@ def load_shipped_head(path: str | os.PathLike | None = None) -> AcceptancePredic
 
 
 # --------------------------------------------------------------------------------------------------- data
-class _NormHook:
-    """Captures the output of a model's final norm (the lm_head's input) during the forwards inside ``with``."""
-
-    def __init__(self, model):
-        from hf_decoding_ext.core.anatomy import final_norm
-
-        self.module = final_norm(model)
-        self.output = None
-        self._handle = None
-
-    def _hook(self, module, args, output):
-        self.output = output[0] if isinstance(output, tuple) else output
-
-    def __enter__(self):
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-        return False
-
-
 @torch.no_grad()
 def draft_features(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """The draft's logits ``(B, T, vocab)`` and last hidden states ``(B, T, hidden)`` (its final norm's output) over
     ``input_ids``."""
-    with _NormHook(draft) as hook:
+    from hf_decoding_ext.core.anatomy import OutputCapture, final_norm
+
+    with OutputCapture(final_norm(draft)) as hook:
         out = draft(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
     return out.logits, hook.output
 
