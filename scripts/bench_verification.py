@@ -25,6 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hf_decoding_ext.bench.plot import plot_same_kernel_ratios
 from hf_decoding_ext.bench.prompts import load_distill_prompts, load_prompts
 from hf_decoding_ext.bench.speed import ANCESTRAL_KWARGS, GREEDY_KWARGS, benchmark_speed, summarise
 from hf_decoding_ext.core.models import load_model
@@ -65,28 +66,6 @@ def entries(model, tokenizer, names) -> tuple[dict, object]:
     return out, draft
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in result["methods"] if n not in ("greedy", "sampling")]
-    ratios = [result["methods"][n]["overall"].get("speed_ratio_same_kernel", float("nan")) for n in names]
-    lo = [result["methods"][n]["overall"].get("speed_ratio_same_kernel_min", r) for n, r in zip(names, ratios)]
-    hi = [result["methods"][n]["overall"].get("speed_ratio_same_kernel_max", r) for n, r in zip(names, ratios)]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
-    y = range(len(names))
-    ax.barh(list(y), ratios, xerr=[[r - a for r, a in zip(ratios, lo)], [b - r for r, b in zip(ratios, hi)]],
-            color=["tab:orange" if "T=1" in n or n.startswith("sampling") else "tab:blue" for n in names])
-    ax.set_yticks(list(y), names)
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("tokens/s over the same-kernel baseline (greedy or T=1 sampling), min-max over passes")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-category", type=int, default=1)
@@ -117,7 +96,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "verification_speed.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(result, out / "verification_speed.png")
+    plot_same_kernel_ratios(result, out / "verification_speed.png")
     for name, m in result["methods"].items():
         o = m["overall"]
         print(f"{name:45s} {o['tokens_per_s']:7.1f} tok/s  x{o.get('speed_ratio_same_kernel', float('nan')):.2f} "

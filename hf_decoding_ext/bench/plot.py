@@ -2,6 +2,8 @@
 
 * :func:`plot_speed`: grouped bars of the headline speed ratio vs greedy, per category and overall, one bar per
   method, with the parity line at 1.
+* :func:`plot_same_kernel_ratios`: horizontal bars of every entry's speed over its same-kernel baseline (greedy,
+  or T=1 sampling for the sampled entries) with the min-max spread over passes.
 * :func:`plot_quality`: surprise vs repetition scatter (one point per method overall, small points per category),
   and grouped bars of distinct-2 and perplexity per category.
 """
@@ -70,6 +72,34 @@ def plot_speed(results: dict[str, Any], path: str | Path, metric: str = "speed_r
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_same_kernel_ratios(results: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Horizontal bars of ``speed_ratio_same_kernel`` (min-max over passes as error bars) for every entry but the
+    stock baselines (``greedy``, ``sampling``); T=1 entries (named ``T=1`` or ``sampling*``) in orange. Returns the
+    written path."""
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [n for n in results["methods"] if n not in ("greedy", "sampling")]
+    overall = [results["methods"][n]["overall"] for n in names]
+    ratios = [o.get("speed_ratio_same_kernel", float("nan")) for o in overall]
+    lo = [o.get("speed_ratio_same_kernel_min", r) for o, r in zip(overall, ratios)]
+    hi = [o.get("speed_ratio_same_kernel_max", r) for o, r in zip(overall, ratios)]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    y = list(range(len(names)))
+    ax.barh(y, ratios, xerr=[[r - a for r, a in zip(ratios, lo)], [b - r for r, b in zip(ratios, hi)]],
+            color=["tab:orange" if "T=1" in n or n.startswith("sampling") else "tab:blue" for n in names])
+    ax.set_yticks(y, names, fontsize=8)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("tokens/s over the same-kernel baseline (greedy or T=1 sampling), min-max over passes")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
