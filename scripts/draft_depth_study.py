@@ -62,6 +62,32 @@ def modelled_speedup(a: float, c: float, max_gamma: int = 8) -> tuple[float, int
     return best
 
 
+def verdict(result: dict, steps: int) -> dict:
+    """Fill ``best_layers`` and ``verdict`` from the measured depths (also re-applied by ``--verdict-only``)."""
+    depths = result["depths"]
+    best = max(depths, key=lambda e: (e["modelled_speedup_trained"], -e["layers"]))
+    result["best_layers"] = best["layers"]
+    shipped = next((e for e in depths if e["layers"] == 4), None)
+    figures = ", ".join(f"L={e['layers']}: acceptance {e['trained_acceptance']:.3f}, cost {e['cost_ratio']:.2f}, "
+                        f"modelled x{e['modelled_speedup_trained']:.2f}" for e in depths)
+    head = f"Depth study ({steps} TVD++ steps per depth; {figures}): "
+    if best["modelled_speedup_trained"] <= 1.0 + 1e-9:
+        ratio = max(depths, key=lambda e: e["trained_acceptance"] / e["cost_ratio"])
+        result["best_layers"] = None
+        result["verdict"] = head + (
+            "no depth reaches a modelled speed-up above 1 at this training budget (the best draft length is 0 "
+            "for every depth), so the study does not pick a depth; acceptance rises with depth more slowly than "
+            f"cost (acceptance per unit cost is highest at {ratio['layers']} layers). The shipped draft's 4 layers "
+            "were chosen before this study and are not backed by it.")
+        return result
+    result["verdict"] = head + f"the best modelled trade-off is {best['layers']} layers. " + (
+        "The shipped draft's 4 layers are that choice." if best["layers"] == 4 else
+        f"The shipped draft uses 4 layers (modelled x{shipped['modelled_speedup_trained']:.2f} against "
+        f"x{best['modelled_speedup_trained']:.2f}); it was trained before this study." if shipped else
+        "The shipped draft's depth (4) was not in this study.")
+    return result
+
+
 def main(argv=None) -> int:
     from hf_decoding_ext.core.models import cache_dir, load_model
     from hf_decoding_ext.speculative.drafters import direct_alignment as DA
@@ -77,7 +103,13 @@ def main(argv=None) -> int:
     ap.add_argument("--responses-from", default="results/direct_alignment")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default="results/direct_alignment/depth_study.json")
+    ap.add_argument("--verdict-only", action="store_true", help="re-derive the verdict of an existing --out")
     args = ap.parse_args(argv)
+    if args.verdict_only:
+        result = json.loads(Path(args.out).read_text())
+        Path(args.out).write_text(json.dumps(verdict(result, result.get("steps", args.steps)), indent=1))
+        print(result["verdict"])
+        return 0
     work = Path(args.work) if args.work else cache_dir() / "direct_alignment" / "depth_study"
     work.mkdir(parents=True, exist_ok=True)
     logf = open(work / "depth_study.log", "a")
@@ -128,18 +160,7 @@ def main(argv=None) -> int:
         result["depths"].append(entry)
         log(json.dumps(entry))
         Path(args.out).write_text(json.dumps(result, indent=1))
-    best = max(result["depths"], key=lambda e: e["modelled_speedup_trained"])
-    result["best_layers"] = best["layers"]
-    shipped = next((e for e in result["depths"] if e["layers"] == 4), None)
-    figures = ", ".join(f"L={e['layers']}: acceptance {e['trained_acceptance']:.3f}, cost {e['cost_ratio']:.2f}, "
-                        f"modelled x{e['modelled_speedup_trained']:.2f}" for e in result["depths"])
-    result["verdict"] = (
-        f"Depth study ({args.steps} TVD++ steps per depth; {figures}): the best modelled trade-off is "
-        f"{best['layers']} layers. " + (
-            "The shipped draft's 4 layers are that choice." if best["layers"] == 4 else
-            f"The shipped draft uses 4 layers (modelled x{shipped['modelled_speedup_trained']:.2f} against "
-            f"x{best['modelled_speedup_trained']:.2f}); it was trained before this study." if shipped else
-            "The shipped draft's depth (4) was not in this study."))
+    verdict(result, args.steps)
     Path(args.out).write_text(json.dumps(result, indent=1))
     try:
         import matplotlib
@@ -164,7 +185,7 @@ def main(argv=None) -> int:
         fig.savefig(Path(args.out).with_suffix(".png"), dpi=100)
     except ImportError:
         pass
-    log(f"done: best depth {best['layers']}")
+    log(f"done: {result['verdict']}")
     return 0
 
 
