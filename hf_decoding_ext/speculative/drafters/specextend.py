@@ -167,7 +167,10 @@ class SpecExtendDrafter(DraftModelDrafter):
         return self._forward(cur_ids[:, self._fed:], keep).to(cur_ids.device)
 
     def scores_after(self, state, path):
-        raise NotImplementedError("SpecExtendDrafter drafts chains only")
+        """Refused: SpecExtend drafts chains from its working cache; tree drafters (DySpec, MCSD, ...) read the
+        draft model through the full-cache :class:`DraftModelDrafter`."""
+        raise ValueError("SpecExtendDrafter drafts chains only: scores_after() (tree drafting) needs the full-cache "
+                         "DraftModelDrafter")
 
     # ------------------------------------------------------------------------------------------------ retrieval
     def observe(self, state, result) -> None:
