@@ -224,7 +224,9 @@ def test_chat_eos_is_never_resisted_real_model(smollm):
     for t, (score, logit) in enumerate(zip(out.scores, out.logits)):
         p = logit[0].float().softmax(-1)
         if eos in logit[0].topk(proc.top_k).indices:  # eos among the candidates: no resistance
-            assert score[0, eos].item() == pytest.approx(p[eos].item(), abs=1e-5)
+            # float32 round-off differs across CPU kernels (1.3e-5 seen on one CI machine); resistance would move
+            # eos's probability by orders of magnitude more
+            assert score[0, eos].item() == pytest.approx(p[eos].item(), abs=1e-4)
             steps += 1
     assert steps >= 1
     seq = out.sequences[0, n:]

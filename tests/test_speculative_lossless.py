@@ -40,7 +40,7 @@ EXPECTED_CLASS = {"prompt-lookup": "PromptLookupDrafter", "token-recycling": "To
                   "staged-speculative": "StagedSpeculativeDrafter", "pearl": "PEARLDrafter",
                   "specdec-pp": "SpecDecPPDrafter", "speculative-jacobi": "SpeculativeJacobiDrafter",
                   "stand": "STANDDrafter", "dresd": "DReSDDrafter",
-                  "aded": "ADEDDrafter"}
+                  "aded": "ADEDDrafter", "rasd": "RASDDrafter", "specextend": "SpecExtendDrafter"}
 
 
 def _prompts():

@@ -28,6 +28,10 @@ from hf_decoding_ext.speculative.heads.hub import publish, seed_hub_cache
 N_PROMPTS = 20
 MAX_NEW_TOKENS = 32
 TRAINED = [m for m in METHODS if m.family == "trained-heads"]
+PINNED_NODES = 5
+"""The node budget of the parity test. ``max_nodes="auto"`` tunes the tree on the machine's measured verify-cost
+curve (5 nodes on the development CPUs, 1-2 on a CI machine whose wide forwards cost more), so the test pins it:
+what it checks is the heads' drafts, not the machine's tuner (tested in ``test_policies.py`` and ``test_tuning.py``)."""
 EXPECTED_CLASS = {"medusa": "MedusaDrafter", "hydra": "HydraDrafter", "mlp-speculator": "MLPSpeculatorDrafter",
                   "eagle-fspad": "EagleDrafter"}
 MODEL_CARDS = Path(__file__).parent.parent / "model_cards"
@@ -48,14 +52,14 @@ def test_the_four_drafters_are_registered():
 @pytest.mark.parametrize("spec", TRAINED, ids=lambda m: m.name)
 def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs):
     model, tokenizer = smollm
-    kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer)
+    kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, max_nodes=PINNED_NODES)
     loop = kwargs["custom_generate"]
     assert type(loop.drafter).__name__ == EXPECTED_CLASS[spec.name]
     r = greedy_parity(model, kwargs, greedy_refs, MAX_NEW_TOKENS)
     mismatches, tokens, forwards, accepted = r.mismatches, r.tokens, r.forwards, r.accepted
     assert not mismatches, f"{spec.name}: output differs from greedy generate() on {mismatches}"
     # the trained drafter's drafts are used: clearly more than one token per target forward (measured 1.4-1.6 for
-    # the shipped heads on these prompts)
+    # the shipped heads on these prompts at 5 nodes)
     assert accepted > 0 and tokens / forwards > 1.3, (spec.name, tokens, forwards)
 
 
