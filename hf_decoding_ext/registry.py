@@ -419,9 +419,11 @@ METHODS: list[MethodSpec] = [
            "with the shipped distilled draft (the default assistant): greedy 0.49x same-kernel greedy [0.49-0.50] "
            "(0.75x stock), 1.20 tokens per target forward, 4.0 draft forwards per token; transformers' assisted "
            "generation with the same draft 0.46x under the same kernels and 0.22x under stock ones "
-           "(results/verification_speed.json: 6 prompts x 256 tokens x 2 interleaved passes); at T=1 the run "
-           "measured 14.6 draft forwards per token, before the fix that applies the confidence stop when sampling "
-           "too (re-measure pending); the paper's setting, a much cheaper draft, is not available: the draft shares "
+           "(results/verification_speed.json: 6 prompts x 256 tokens x 2 interleaved passes); at T=1 0.70x same-kernel "
+           "sampling [0.67-0.72] (0.79x stock), 1.24 tokens per target forward, 1.7 draft forwards per token "
+           "(14.6 before the confidence stop applied when sampling too), transformers' assisted generation 0.75x "
+           "(results/verification_speed_t1.json: 6 prompts x 128 tokens x 2 interleaved passes, re-run on the "
+           "current CPU); the paper's setting, a much cheaper draft, is not available: the draft shares "
            "the target's LM head")),
     _m(name="direct-alignment", aliases=("Direct Alignment of Draft Model", "TVD++ draft", "distilled draft"),
        title="Direct Alignment of Draft Model for Speculative Decoding with Chat-Fine-Tuned LLMs", arxiv="2403.00858",
@@ -448,8 +450,10 @@ METHODS: list[MethodSpec] = [
        summary="k i.i.d. draft sequences from the distilled draft verified by K-SEQ (division factor rho, closed-form "
                "residual); k=1 is speculative sampling",
        effect="not reproduced", effect_note=(
-           "slower in wall time on this CPU: at T=1 0.27x same-kernel sampling [0.26-0.28] (0.41x stock), 1.44 "
-           "tokens per target forward, 11.1 draft forwards per token; greedy 0.54x same-kernel greedy "
+           "slower in wall time on this CPU: at T=1 0.27x same-kernel sampling [0.27-0.27] (0.31x stock), 1.45 "
+           "tokens per target forward, 10.9 draft forwards per token "
+           "(results/verification_speed_t1.json: 6 prompts x 128 tokens x 2 interleaved passes, re-run on the "
+           "current CPU); greedy 0.54x same-kernel greedy "
            "(results/verification_speed.json: 6 prompts x 256 tokens x 2 interleaved passes); the acceptance gain is "
            "shown: 1.40 tokens per target forward with 4 i.i.d. drafts of 4 tokens against 1.17 for one 4-token "
            "draft, 4 prompts x 64 tokens at T=1 (tests/test_verification_real.py); the paper's 1.37x over "
@@ -462,8 +466,10 @@ METHODS: list[MethodSpec] = [
        summary="k candidates per depth from the distilled draft (official k_config (4, 2, 2), without replacement), "
                "one tree verified by recursive rejection sampling",
        effect="not reproduced", effect_note=(
-           "slower in wall time on this CPU: at T=1 0.59x same-kernel sampling [0.57-0.60] (0.90x stock), 1.61 "
-           "tokens per target forward, 1.87 draft forwards per token; greedy 0.48x same-kernel greedy "
+           "slower in wall time on this CPU: at T=1 0.47x same-kernel sampling [0.46-0.48] (0.53x stock), 1.51 "
+           "tokens per target forward, 1.97 draft forwards per token "
+           "(results/verification_speed_t1.json: 6 prompts x 128 tokens x 2 interleaved passes, re-run on the "
+           "current CPU); greedy 0.48x same-kernel greedy "
            "(results/verification_speed.json: 6 prompts x 256 tokens x 2 interleaved passes); the acceptance gain is "
            "shown: 1.37 tokens per target forward with the (4, 2, 2) tree against 1.17 for one 4-token draft, 4 "
            "prompts x 64 tokens at T=1 (tests/test_verification_real.py)")),
@@ -475,9 +481,11 @@ METHODS: list[MethodSpec] = [
        summary="draft trees with siblings sampled without replacement (RSD-C: Gumbel-top-k, constant branching; "
                "RSD-S: stochastic beam search), recursive rejection sampling",
        effect="not reproduced", effect_note=(
-           "slower in wall time on this CPU: RSD-C at T=1 0.61x same-kernel sampling [0.58-0.64] (0.93x stock), 1.39 "
-           "tokens per target forward; greedy 0.57x same-kernel greedy (results/verification_speed.json: 6 prompts x "
-           "256 tokens x 2 interleaved passes); the acceptance gain is shown: 1.23 (RSD-C, (2, 2, 2)) and 1.45 "
+           "slower in wall time on this CPU: RSD-C at T=1 0.53x same-kernel sampling [0.49-0.58] (0.60x stock), 1.37 "
+           "tokens per target forward "
+           "(results/verification_speed_t1.json: 6 prompts x 128 tokens x 2 interleaved passes, re-run on the "
+           "current CPU); greedy 0.57x same-kernel greedy (results/verification_speed.json: 6 "
+           "prompts x 256 tokens x 2 interleaved passes); the acceptance gain is shown: 1.23 (RSD-C, (2, 2, 2)) and 1.45 "
            "(RSD-S, beam 4, depth 3) tokens per target forward against 1.17 for one 4-token draft, 4 prompts x 64 "
            "tokens at T=1 (tests/test_verification_real.py)")),
     _m(name="dyspec", aliases=("dynamic token tree",),
@@ -488,9 +496,11 @@ METHODS: list[MethodSpec] = [
        summary="token tree grown best-first on the draft's path probability under a node budget; siblings without "
                "replacement, so unbiased under sampling",
        effect="not reproduced", effect_note=(
-           "slower in wall time on this CPU: at T=1 0.34x same-kernel sampling [0.33-0.35], 1.36 tokens per target "
-           "forward, 5.8 draft forwards per token; greedy 0.33x same-kernel greedy (results/verification_speed.json: "
-           "6 prompts x 256 tokens x 2 interleaved passes); the acceptance gain is shown: 1.31 tokens per target "
+           "slower in wall time on this CPU: at T=1 0.34x same-kernel sampling [0.30-0.40], 1.37 tokens per target "
+           "forward, 5.7 draft forwards per token "
+           "(results/verification_speed_t1.json: 6 prompts x 128 tokens x 2 interleaved passes, re-run on the "
+           "current CPU); greedy 0.33x same-kernel greedy "
+           "(results/verification_speed.json: 6 prompts x 256 tokens x 2 interleaved passes); the acceptance gain is shown: 1.31 tokens per target "
            "forward with an 8-node dynamic tree against 1.24 for a fixed 8-node tree (two chains of four), 4 prompts "
            "x 64 tokens at T=1 (tests/test_verification_real.py)")),
     _m(name="staged-speculative", aliases=("staged speculative decoding", "staged speculation"),
@@ -503,8 +513,10 @@ METHODS: list[MethodSpec] = [
                "under a node budget) whose chain is itself drafted by prompt-lookup n-grams checked in one draft "
                "forward (stage 2)",
        effect="not reproduced", effect_note=(
-           "slower in wall time on this CPU: at T=1 0.63x same-kernel sampling [0.60-0.68] (0.97x stock), 1.48 "
-           "tokens per target forward, 2.4 draft forwards per token; greedy 0.53x same-kernel greedy "
+           "slower in wall time on this CPU: at T=1 0.56x same-kernel sampling [0.52-0.62] (0.64x stock), 1.46 "
+           "tokens per target forward, 2.4 draft forwards per token "
+           "(results/verification_speed_t1.json: 6 prompts x 128 tokens x 2 interleaved passes, re-run on the "
+           "current CPU); greedy 0.53x same-kernel greedy "
            "(results/verification_speed.json: 6 prompts x 256 tokens x 2 interleaved passes); the mechanism is "
            "shown: 1.32 tokens per target forward for the 8-node tree against 1.20 for a chain of the same budget, "
            "and stage 2 cuts draft-model forwards per accepted token from 18.95 to 15.3 (tests/test_staged.py); the "

@@ -17,6 +17,10 @@ outside the measured set):
 Per entry: tokens/s and its ratio to stock greedy (or stock sampling for T=1 entries) and to the same-kernel
 baseline, tokens per target forward, draft-model forwards per token, spread over the passes. Writes
 ``<out>/verification_speed.json`` and ``.png``.
+
+``--t1-only`` runs the T=1 entries alone (stock sampling, sampling under the fast kernels, transformers' assisted
+generation at T=1 under both kernels, every method at T=1; stock and same-kernel greedy stay as the kernel-effect
+reference) and writes ``<out>/verification_speed_t1.json`` and ``.png``: one interleaved run of its own.
 """
 
 from __future__ import annotations
@@ -37,11 +41,23 @@ from hf_decoding_ext.registry import get_method
 METHODS = ("draft-model", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative", "pearl")
 
 
-def entries(model, tokenizer, names) -> tuple[dict, object]:
+def entries(model, tokenizer, names, t1_only: bool = False) -> tuple[dict, object]:
     from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 
     draft = DraftModelDrafter.load_assistant(model, "distilled")
-    out = {
+    if t1_only:  # stock greedy (always run) and greedy/fast-kernels stay: they show this machine's kernel effect
+        out = {
+            "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+            "sampling": dict(ANCESTRAL_KWARGS),
+            "sampling/fast-kernels": {"kernels": "auto", **ANCESTRAL_KWARGS},
+            "assisted (transformers) T=1": {"assistant_model": draft, "count_forwards_of": draft,
+                                            **ANCESTRAL_KWARGS},
+            "assisted (transformers) T=1/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
+                                                         "kernels": "auto", **ANCESTRAL_KWARGS},
+        }
+        temps = (True,)
+    else:
+        out = {
         "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
         "assisted (transformers)": {"assistant_model": draft, "count_forwards_of": draft, **GREEDY_KWARGS},
         "assisted (transformers)/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
@@ -50,10 +66,11 @@ def entries(model, tokenizer, names) -> tuple[dict, object]:
         "sampling/fast-kernels": {"kernels": "auto", **ANCESTRAL_KWARGS},
         "assisted (transformers) T=1/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
                                                      "kernels": "auto", **ANCESTRAL_KWARGS},
-    }
+        }
+        temps = (False, True)
     for name in names:
         spec = get_method(name)
-        for t1 in (False, True):
+        for t1 in temps:
             def build(spec=spec, t1=t1):
                 kw = generate_kwargs(spec, model=model, tokenizer=tokenizer)
                 drafter = getattr(kw.get("custom_generate"), "drafter", None)
@@ -74,9 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--warmup-prompts", type=int, default=2, help="distillation prompts run once per entry first")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--t1-only", action="store_true",
+                    help="only the T=1 entries (with stock and same-kernel greedy): writes verification_speed_t1.*")
     args = ap.parse_args(argv)
     model, tokenizer = load_model()
-    methods, _ = entries(model, tokenizer, args.methods)
+    methods, _ = entries(model, tokenizer, args.methods, t1_only=args.t1_only)
     prompts = load_prompts(per_category=args.per_category)
     warm = load_distill_prompts(limit=1)[: args.warmup_prompts]
     result = benchmark_speed(model, tokenizer, methods, prompts, max_new_tokens=args.max_new_tokens,
@@ -95,8 +114,9 @@ def main(argv=None) -> int:
                                         "(speed_ratio) and sampling/fast-kernels (speed_ratio_same_kernel)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "verification_speed.json").write_text(json.dumps(result, indent=1, default=str))
-    plot_same_kernel_ratios(result, out / "verification_speed.png")
+    stem = "verification_speed_t1" if args.t1_only else "verification_speed"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    plot_same_kernel_ratios(result, out / f"{stem}.png")
     for name, m in result["methods"].items():
         o = m["overall"]
         print(f"{name:45s} {o['tokens_per_s']:7.1f} tok/s  x{o.get('speed_ratio_same_kernel', float('nan')):.2f} "

@@ -101,21 +101,27 @@ def main() -> int:
                   "for 2, 4, 6 and 8 layers) has not been run, so the choice is not yet backed by the measured "
                   "trade-off."]
     speed = _load("results/verification_speed.json")
+    speed_t1 = _load("results/verification_speed_t1.json")  # the T=1 re-run (--t1-only), when there is one
     lines += ["", "## Measured speed", ""]
     if speed:
-        m = speed["methods"]
         # the draft-model entries run the shipped distilled draft (direct-alignment is the same drafter)
         for name in ("draft-model", "draft-model T=1", "assisted (transformers)/fast-kernels",
                      "assisted (transformers) T=1/fast-kernels"):
-            if name in m:
-                o = m[name]["overall"]
+            source, path = speed, "results/verification_speed.json"
+            if speed_t1 and "T=1" in name:
+                source, path = speed_t1, "results/verification_speed_t1.json"
+            if name in source["methods"]:
+                o = source["methods"][name]["overall"]
                 label = name.replace("draft-model", "speculative decoding with this draft")
                 lines.append(f"- {label}: {o['tokens_per_s']:.1f} tokens/s, "
                              f"{o.get('speed_ratio_same_kernel', float('nan')):.2f}x the same-kernel baseline "
                              f"({o.get('speed_ratio', float('nan')):.2f}x stock), "
                              f"{o['tokens_per_forward']:.2f} tokens per target forward "
-                             f"(`results/verification_speed.json`).")
-        if speed.get("settings", {}).get("draft_model_sampling_confidence_stop") is None:
+                             f"(`{path}`, {source['settings']['n_prompts']} prompts x "
+                             f"{source['settings']['max_new_tokens']} tokens x {source['settings']['repeats']} "
+                             f"passes).")
+        t1_source = speed_t1 or speed
+        if t1_source.get("settings", {}).get("draft_model_sampling_confidence_stop") is None:
             lines += ["", "The T=1 figure of speculative decoding with this draft was measured before the drafter "
                       "applied transformers' confidence stop when sampling too (it drafted up to 20 tokens per "
                       "step: 14.6 draft forwards per token); the next benchmark run re-measures it."]

@@ -200,8 +200,13 @@ def test_effects_agree_with_the_committed_figures():
     assert f"assisted generation with the same draft {assisted:.2f}x" in note
     assert get_method("draft-model").effect == ("reproduced" if o["speed_ratio_same_kernel"] >= 1.2
                                                 else "not reproduced")
+    # the T=1 figures come from the T=1 re-run (bench_verification.py --t1-only), one interleaved run of its own
+    vt = _json("verification_speed_t1.json")["methods"]
+    t1_draft = vt["draft-model T=1"]["overall"]
+    assert f"T=1 {t1_draft['speed_ratio_same_kernel']:.2f}x same-kernel sampling" in note
+    assert f"{t1_draft['draft_forwards_per_token']:.1f} draft forwards per token" in note
     for name in ("spectr", "mcsd", "rsd", "dyspec", "staged-speculative"):
-        spec, g, t1 = get_method(name), vs[name]["overall"], vs[f"{name} T=1"]["overall"]
+        spec, g, t1 = get_method(name), vs[name]["overall"], vt[f"{name} T=1"]["overall"]
         assert g["match_baseline_rate"] == 1.0, name
         assert f"greedy {g['speed_ratio_same_kernel']:.2f}x same-kernel greedy" in spec.effect_note, name
         assert f"T=1 {t1['speed_ratio_same_kernel']:.2f}x same-kernel sampling" in spec.effect_note, name

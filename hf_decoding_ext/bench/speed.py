@@ -43,6 +43,7 @@ import datetime as _dt
 import math
 import os
 import platform
+from pathlib import Path
 import sys
 import threading
 import time
@@ -210,9 +211,22 @@ def machine_info(device=None) -> dict[str, Any]:
         info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 2)
     except ImportError:  # pragma: no cover
         info["ram_gb"] = None
+    info.update(cpu_model())
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def cpu_model() -> dict[str, Any]:
+    """The CPU's model name and whether it has AVX-512 (and its BF16 extension), from ``/proc/cpuinfo`` (empty
+    where it cannot be read): speed figures of the fast kernels depend on them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"cpu_model": name, "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
 class ForwardCounter:
