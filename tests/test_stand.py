@@ -27,7 +27,9 @@ from hf_decoding_ext.core.ngram_store import TopKNGramStore
 from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.base import VerifyResult
-from hf_decoding_ext.speculative.drafters.stand import STANDDrafter
+from hf_decoding_ext.speculative.drafters.stand import (HAND_SET_TREE, PROFILE_TEMPLATE, STANDDrafter,
+                                                        check_tree_paths, compact_tree, load_profiled_tree)
+from hf_decoding_ext.speculative.drafters.token_recycling import expand_template
 
 
 def test_store_merges_by_running_average_and_backs_off():
@@ -86,6 +88,50 @@ def test_drafting_from_the_store():
     for bad in ({"tree": {(): 3}, "k": 2}, {"tree": {}}, {"stochastic": 1}, {"persist": None}):
         with pytest.raises(ValueError):
             STANDDrafter(**bad)
+
+
+def test_tree_paths_must_be_closed_under_parents_and_elder_siblings():
+    assert check_tree_paths([(1,), (0,), (0, 0)]) == [(0,), (1,), (0, 0)]
+    for bad in ([], [()], [(0,), (0,)], [(0, 0)], [(1,)], [(0,), (0, 1)], [(-1,)]):
+        with pytest.raises(ValueError):
+            check_tree_paths(bad)
+    with pytest.raises(ValueError, match="elder sibling"):
+        STANDDrafter(tree=[(0,), (2,)])
+
+
+def test_compact_tree_keeps_the_most_accepted_nodes_with_what_they_need():
+    hits = {(0,): 50, (1,): 20, (2,): 1, (0, 0): 30, (0, 1): 12, (0, 0, 0): 18, (1, 0): 15, (1, 1): 14}
+    assert compact_tree(hits, 1) == [(0,)]
+    assert compact_tree(hits, 3) == [(0,), (1,), (0, 0)]
+    assert compact_tree(hits, 5) == [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
+    # (1, 1) needs its elder sibling (1, 0), already in; (0, 1) its elder (0, 0)
+    assert compact_tree(hits, 7) == [(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0)]
+    # a popular node whose elder sibling is rare still enters with it when there is room
+    assert compact_tree({(0,): 1, (1,): 9}, 2) == [(0,), (1,)]
+    assert compact_tree({(0,): 1, (1,): 9}, 1) == [(0,)]
+    with pytest.raises(ValueError, match="num_nodes"):
+        compact_tree(hits, 0)
+
+
+def test_the_default_tree_is_the_hand_set_one_until_a_profiled_tree_is_shipped():
+    # scripts/profile_stand_tree.py writes hf_decoding_ext/data/stand/tree.json (not run yet); the template it profiles
+    assert load_profiled_tree() is None
+    assert STANDDrafter().paths == expand_template(HAND_SET_TREE)
+    assert len(expand_template(PROFILE_TEMPLATE)) == 130 and len(expand_template(HAND_SET_TREE)) == 17
+
+
+def test_record_hits_counts_the_accepted_path_per_rank_path(tiny_model):
+    ids = torch.tensor([[1, 5, 9, 3, 1, 5, 9, 3]])
+    drafter = STANDDrafter(tree=HAND_SET_TREE, record_hits=True)
+    loop = SpeculativeDecoding(drafter)
+    for _ in range(2):
+        tiny_model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, custom_generate=loop)
+        accepted = sum(len(s.accepted_nodes) for s in loop.last_stats)
+    hits = drafter.node_hits
+    assert set(hits) == set(expand_template(HAND_SET_TREE))
+    assert accepted > 0 and sum(hits[p] for p in hits if len(p) == 1) > 0
+    assert all(hits[p] <= hits[p[:-1]] for p in hits if len(p) > 1)  # an accepted node's parent was accepted
+    assert STANDDrafter().node_hits is None
 
 
 def test_greedy_is_token_identical_on_tiny_models(tiny_model):
@@ -147,7 +193,8 @@ def test_sampling_keeps_the_target_distribution(case, n):
         assert later_sibling > n // 20  # a later root sibling is accepted (the without-replacement path runs)
 
 
-def _stand_tokens_per_forward(smollm, stochastic: bool, share: bool, trajectories=4, prompts=2, n_tokens=64):
+def _stand_tokens_per_forward(smollm, stochastic: bool, share: bool, trajectories=4, prompts=2, n_tokens=64,
+                              tree=None):
     from hf_decoding_ext.bench.prompts import load_prompts
     from hf_decoding_ext.bench.speed import encode_prompt
 
@@ -156,7 +203,7 @@ def _stand_tokens_per_forward(smollm, stochastic: bool, share: bool, trajectorie
     rows = load_prompts(categories=["math_reasoning"], per_category=prompts)
     for i, row in enumerate(rows):
         enc = encode_prompt(row, tokenizer)
-        drafter = STANDDrafter(stochastic=stochastic)
+        drafter = STANDDrafter(stochastic=stochastic, tree=tree)
         loop = SpeculativeDecoding(drafter)
         for t in range(trajectories):
             if not share:

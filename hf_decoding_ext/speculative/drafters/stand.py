@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from hf_decoding_ext.core import lifecycle
@@ -10,13 +14,90 @@ from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
 from hf_decoding_ext.speculative.drafters.token_recycling import expand_template
 
-# Default tree, as {rank path: number of children}: 17 nodes, 4 levels, wide at the root and narrowing with depth.
-# Hand-set for the 2-core development CPU (a verification forward of ~17 nodes costs about 1.5 one-token forwards
-# with the fast kernels); the paper profiles a compact tree (~80 nodes) on GPUs, see STANDDrafter.profile_tree.
-DEFAULT_TREE: dict[tuple[int, ...], int] = {
+# The hand-set tree, as {rank path: number of children}: 17 nodes, 4 levels, wide at the root and narrowing with
+# depth, set for the 2-core development CPU (a verification forward of ~17 nodes costs about 1.5 one-token forwards
+# with the fast kernels). It is the default until a profiled tree is shipped (PROFILED_TREE_FILE; not yet run).
+HAND_SET_TREE: dict[tuple[int, ...], int] = {
     (): 4, (0,): 3, (1,): 2, (2,): 1, (0, 0): 2, (0, 1): 1, (1, 0): 1, (0, 0, 0): 1, (0, 0, 1): 1,
     (0, 0, 0, 0): 1,
 }
+
+# The large template profiled by scripts/profile_stand_tree.py (the paper starts from ~625 nodes of depth 20 on GPUs;
+# here 7 children at the root, one fewer per rank and per level, the top-1 chain continued to depth 10: 130 nodes, a
+# verification of which costs about five one-token forwards on the CPU, affordable for an offline profiling pass).
+PROFILE_TEMPLATE: dict[tuple[int, ...], int] = {}
+
+
+def _profile_template(width: int = 7, depth: int = 10) -> dict[tuple[int, ...], int]:
+    out, frontier = {}, [()]
+    while frontier:
+        nxt = []
+        for path in frontier:
+            n = max(0, width - len(path) - sum(path)) if len(path) < depth else 0
+            n = max(n, 1) if len(path) < depth and all(r == 0 for r in path) else n  # the top-1 chain reaches depth
+            if n:
+                out[path] = n
+                nxt += [path + (i,) for i in range(n)]
+        frontier = nxt
+    return out
+
+
+PROFILE_TEMPLATE.update(_profile_template())
+
+PROFILED_TREE_FILE = Path(__file__).resolve().parents[2] / "data" / "stand" / "tree.json"
+"""The shipped profiled tree (``hf_decoding_ext/data/stand/tree.json``: rank paths, the per-node acceptance counts
+they were chosen by, and the profiling settings), written by ``scripts/profile_stand_tree.py``."""
+
+
+def check_tree_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Validate a tree given as rank paths: non-empty, every prefix present, and sibling ranks contiguous from 0
+    (rank ``i`` is the ``i``-th Gumbel-Top-K draw, so the without-replacement verification needs draws ``0..i-1``
+    in the tree too). Returns the paths ordered parents first."""
+    out = [tuple(int(r) for r in p) for p in paths]
+    have = set(out)
+    if not out or () in have or len(have) != len(out):
+        raise ValueError(f"tree paths must be non-empty, distinct and exclude the root, got {list(paths)!r}")
+    for p in out:
+        if any(r < 0 for r in p):
+            raise ValueError(f"tree path {p} has a negative rank")
+        if len(p) > 1 and p[:-1] not in have:
+            raise ValueError(f"tree path {p} lacks its parent {p[:-1]}")
+        if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in have:
+            raise ValueError(f"tree path {p} lacks its elder sibling {p[:-1] + (p[-1] - 1,)}")
+    return sorted(out, key=lambda p: (len(p), p))
+
+
+def compact_tree(hits: dict[tuple[int, ...], int], num_nodes: int) -> list[tuple[int, ...]]:
+    """The paper's data-driven tree: the ``num_nodes`` nodes of a profiled template accepted most often (``hits``:
+    rank path -> steps on which the node was on the accepted path), kept closed under parents and elder siblings
+    (a node enters with the ones it needs, if the budget still has room for all of them)."""
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"num_nodes must be an int >= 1, got {num_nodes!r}")
+    kept: list[tuple[int, ...]] = []
+    have: set[tuple[int, ...]] = set()
+    for path in sorted(hits, key=lambda p: (-hits[p], len(p), p)):
+        need, stack = [], [path]
+        while stack:  # the node, its ancestors and every elder sibling of each of them
+            p = stack.pop()
+            if p in have or p in need or not p:
+                continue
+            need.append(p)
+            stack.append(p[:-1])
+            if p[-1] > 0:
+                stack.append(p[:-1] + (p[-1] - 1,))
+        if len(kept) + len(need) <= num_nodes:
+            kept += need
+            have.update(need)
+        if len(kept) == num_nodes:
+            break
+    return check_tree_paths(kept)
+
+
+def load_profiled_tree() -> list[tuple[int, ...]] | None:
+    """The shipped profiled tree's rank paths (``None`` if the file is absent)."""
+    if not PROFILED_TREE_FILE.exists():
+        return None
+    return check_tree_paths(json.loads(PROFILED_TREE_FILE.read_text())["paths"])
 
 
 class STANDDrafter(Drafter):
@@ -41,16 +122,22 @@ class STANDDrafter(Drafter):
     Args:
         order: longest n-gram context in tokens (default 4, back-off to 1; the paper's 4-gram to unigram lookup).
         k: entries kept per context (default 10, the paper's top-10).
-        tree: ``{rank path: number of children}`` template; default :data:`DEFAULT_TREE` (17 nodes).
+        tree: ``{rank path: number of children}`` template or a list of rank paths (closed under parents and elder
+            siblings); default: the shipped profiled tree (:data:`PROFILED_TREE_FILE`, 17 nodes chosen by measured
+            acceptance from :data:`PROFILE_TEMPLATE`) when present, else :data:`HAND_SET_TREE` (the case today: the
+            profiling pass has not been run and no profiled tree ships).
         stochastic: sample the children (the paper); ``False`` drafts the top-ranked stored tokens deterministically
             (the "deterministic n-gram drafting" baseline of the paper's ablation).
         persist: keep the store across ``generate()`` calls (default; the paper's trajectories of one prompt share
             it); ``False`` empties it at the start of every call (independent prompts, or sampled outputs that
             must be reproducible from the seed alone: the drafts, and so the random draws, depend on the store).
 
-    Deviations: the paper's data-driven tree (a large tree profiled per node, the best ~80 nodes kept) targets GPUs;
-    the default here is a small hand-set tree for the CPU, and :meth:`profile_tree` ranks a template's nodes by
-    measured acceptance. Gumbel noise is drawn per step instead of precomputed (a GPU-side optimisation). The store
+    Tree profiling (the paper's data-driven tree): with ``record_hits=True`` the drafter counts, per rank path, the
+    steps on which the node was on the accepted path (``node_hits``); :func:`compact_tree` keeps the most accepted
+    nodes. ``scripts/profile_stand_tree.py`` does this on distillation prompts and ships the result.
+
+    Deviations: the paper profiles a ~625-node, depth-20 template and keeps ~80 nodes for GPUs; here the template is
+    :data:`PROFILE_TEMPLATE` and the budget 17 nodes (what a CPU verification affords). Gumbel noise is drawn per step instead of precomputed (a GPU-side optimisation). The store
     is updated at the root and accepted nodes (the distributions tokens were emitted from), not at rejected ones.
 
     Example:
@@ -61,22 +148,29 @@ class STANDDrafter(Drafter):
         ...         for _ in range(4)]  # doctest: +SKIP
     """
 
-    def __init__(self, order: int = 4, k: int = 10, tree: dict[tuple[int, ...], int] | None = None,
-                 stochastic: bool = True, persist: bool = True):
+    def __init__(self, order: int = 4, k: int = 10,
+                 tree: dict[tuple[int, ...], int] | Sequence[Sequence[int]] | None = None, stochastic: bool = True,
+                 persist: bool = True, record_hits: bool = False):
         self.store = TopKNGramStore(order=order, k=k)
-        tree = DEFAULT_TREE if tree is None else tree
-        paths = expand_template(tree)
-        if not paths:
-            raise ValueError(f"tree must have at least one node, got {tree!r}")
+        if tree is None:
+            paths = load_profiled_tree() or expand_template(HAND_SET_TREE)
+        elif isinstance(tree, dict):
+            paths = expand_template(tree)
+            if not paths:
+                raise ValueError(f"tree must have at least one node, got {tree!r}")
+        else:
+            paths = check_tree_paths(tree)
         if any(r >= k for p in paths for r in p):
             raise ValueError(f"the tree template uses child ranks >= k={k}")
-        for name, value in (("stochastic", stochastic), ("persist", persist)):
+        for name, value in (("stochastic", stochastic), ("persist", persist), ("record_hits", record_hits)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
         self.persist = persist
         self.order, self.k, self.stochastic = order, k, stochastic
         self.paths = paths
         self._vocab = 0
+        self.node_hits: dict[tuple[int, ...], int] | None = {p: 0 for p in paths} if record_hits else None
+        self._node_paths: list[tuple[int, ...]] = []
 
     def reset(self) -> None:
         self.store.clear()
@@ -109,6 +203,7 @@ class STANDDrafter(Drafter):
         expanded: dict[tuple[int, ...], tuple[list[int], torch.Tensor | None] | None] = {}
         index: dict[tuple[int, ...], int] = {}
         tokens, parents, rows = [], [], []
+        self._node_paths = node_paths = []
         for path in self.paths:
             parent = path[:-1]
             if parent and parent not in index:
@@ -120,6 +215,7 @@ class STANDDrafter(Drafter):
             if hit is None or path[-1] >= len(hit[0]):
                 continue
             index[path] = len(tokens)
+            node_paths.append(path)
             tokens.append(hit[0][path[-1]])
             parents.append(index[parent] if parent else -1)
             rows.append(hit[1])
@@ -135,6 +231,9 @@ class STANDDrafter(Drafter):
     def observe(self, state, result: VerifyResult) -> None:
         tree = result.draft.tree
         path = [int(tree.tokens[i]) for i in result.accepted]
+        if self.node_hits is not None:
+            for i in result.accepted:
+                self.node_hits[self._node_paths[i]] += 1
         ids = torch.cat([state.input_ids, torch.tensor([path], dtype=torch.long, device=state.input_ids.device)], 1)
         base = state.input_ids.shape[1]
         processors = lifecycle.fork(state.logits_processor, caller=type(self).__name__)
