@@ -45,19 +45,7 @@ def entries(model, tokenizer, names, t1_only: bool = False) -> tuple[dict, objec
     from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 
     draft = DraftModelDrafter.load_assistant(model, "distilled")
-    if t1_only:  # stock greedy (always run) and greedy/fast-kernels stay: they show this machine's kernel effect
-        out = {
-            "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
-            "sampling": dict(ANCESTRAL_KWARGS),
-            "sampling/fast-kernels": {"kernels": "auto", **ANCESTRAL_KWARGS},
-            "assisted (transformers) T=1": {"assistant_model": draft, "count_forwards_of": draft,
-                                            **ANCESTRAL_KWARGS},
-            "assisted (transformers) T=1/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
-                                                         "kernels": "auto", **ANCESTRAL_KWARGS},
-        }
-        temps = (True,)
-    else:
-        out = {
+    out = {
         "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
         "assisted (transformers)": {"assistant_model": draft, "count_forwards_of": draft, **GREEDY_KWARGS},
         "assisted (transformers)/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
@@ -66,8 +54,13 @@ def entries(model, tokenizer, names, t1_only: bool = False) -> tuple[dict, objec
         "sampling/fast-kernels": {"kernels": "auto", **ANCESTRAL_KWARGS},
         "assisted (transformers) T=1/fast-kernels": {"assistant_model": draft, "count_forwards_of": draft,
                                                      "kernels": "auto", **ANCESTRAL_KWARGS},
-        }
-        temps = (False, True)
+    }
+    temps = (False, True)
+    if t1_only:  # stock greedy (always run) and greedy/fast-kernels stay: they show this machine's kernel effect
+        out = {k: v for k, v in out.items() if k == "greedy/fast-kernels" or "T=1" in k or k.startswith("sampling")}
+        out["assisted (transformers) T=1"] = {"assistant_model": draft, "count_forwards_of": draft,
+                                              **ANCESTRAL_KWARGS}
+        temps = (True,)
     for name in names:
         spec = get_method(name)
         for t1 in temps:

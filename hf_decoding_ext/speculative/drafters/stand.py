@@ -10,7 +10,7 @@ import torch
 
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.ngram_store import TopKNGramStore
-from hf_decoding_ext.core.tree import DraftTree
+from hf_decoding_ext.core.tree import DraftTree, normalize_choices
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
 from hf_decoding_ext.speculative.drafters.token_recycling import expand_template
 
@@ -25,9 +25,6 @@ HAND_SET_TREE: dict[tuple[int, ...], int] = {
 # The large template profiled by scripts/profile_stand_tree.py (the paper starts from ~625 nodes of depth 20 on GPUs;
 # here 7 children at the root, one fewer per rank and per level, the top-1 chain continued to depth 10: 130 nodes, a
 # verification of which costs about five one-token forwards on the CPU, affordable for an offline profiling pass).
-PROFILE_TEMPLATE: dict[tuple[int, ...], int] = {}
-
-
 def _profile_template(width: int = 7, depth: int = 10) -> dict[tuple[int, ...], int]:
     out, frontier = {}, [()]
     while frontier:
@@ -42,7 +39,7 @@ def _profile_template(width: int = 7, depth: int = 10) -> dict[tuple[int, ...], 
     return out
 
 
-PROFILE_TEMPLATE.update(_profile_template())
+PROFILE_TEMPLATE: dict[tuple[int, ...], int] = _profile_template()
 
 PROFILED_TREE_FILE = Path(__file__).resolve().parents[2] / "data" / "stand" / "tree.json"
 """The shipped profiled tree (``hf_decoding_ext/data/stand/tree.json``: rank paths, the per-node acceptance counts
@@ -50,21 +47,17 @@ they were chosen by, and the profiling settings), written by ``scripts/profile_s
 
 
 def check_tree_paths(paths: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    """Validate a tree given as rank paths: non-empty, every prefix present, and sibling ranks contiguous from 0
-    (rank ``i`` is the ``i``-th Gumbel-Top-K draw, so the without-replacement verification needs draws ``0..i-1``
-    in the tree too). Returns the paths ordered parents first."""
-    out = [tuple(int(r) for r in p) for p in paths]
+    """Validate a tree given as rank paths: :func:`~hf_decoding_ext.core.tree.normalize_choices` (every prefix
+    present, parents first), non-empty and without repeats, and sibling ranks contiguous from 0 (rank ``i`` is the
+    ``i``-th Gumbel-Top-K draw, so the without-replacement verification needs draws ``0..i-1`` in the tree too)."""
+    out = normalize_choices(paths)
+    if not out or len(out) != len(paths):
+        raise ValueError(f"tree paths must be non-empty and distinct, got {list(paths)!r}")
     have = set(out)
-    if not out or () in have or len(have) != len(out):
-        raise ValueError(f"tree paths must be non-empty, distinct and exclude the root, got {list(paths)!r}")
     for p in out:
-        if any(r < 0 for r in p):
-            raise ValueError(f"tree path {p} has a negative rank")
-        if len(p) > 1 and p[:-1] not in have:
-            raise ValueError(f"tree path {p} lacks its parent {p[:-1]}")
         if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in have:
             raise ValueError(f"tree path {p} lacks its elder sibling {p[:-1] + (p[-1] - 1,)}")
-    return sorted(out, key=lambda p: (len(p), p))
+    return out
 
 
 def compact_tree(hits: dict[tuple[int, ...], int], num_nodes: int) -> list[tuple[int, ...]]:
@@ -137,8 +130,8 @@ class STANDDrafter(Drafter):
     nodes. ``scripts/profile_stand_tree.py`` does this on distillation prompts and ships the result.
 
     Deviations: the paper profiles a ~625-node, depth-20 template and keeps ~80 nodes for GPUs; here the template is
-    :data:`PROFILE_TEMPLATE` and the budget 17 nodes (what a CPU verification affords). Gumbel noise is drawn per step instead of precomputed (a GPU-side optimisation). The store
-    is updated at the root and accepted nodes (the distributions tokens were emitted from), not at rejected ones.
+    :data:`PROFILE_TEMPLATE` and the budget 17 nodes (what a CPU verification affords). Gumbel noise is drawn per
+    step instead of precomputed (a GPU-side optimisation). The store is updated at the root and accepted nodes (the distributions tokens were emitted from), not at rejected ones.
 
     Example:
         >>> from hf_decoding_ext.speculative import SpeculativeDecoding
