@@ -660,10 +660,12 @@ METHODS: list[MethodSpec] = [
                "(Gumbel-Top-K) and verified by recursive rejection sampling",
        effect="not reproduced", effect_note=(
            "at T=0.6 on 2 math prompts x 4 trajectories (trajectories 2-4 counted; tests/test_stand.py): a store "
-           "shared by the trajectories 1.71 tokens per target forward against 1.24 with a store per trajectory (the "
-           "paper's reuse, shown), but stochastic drafting 1.71 against 2.01 for deterministic drafting of the "
-           "ranked stored tokens (the paper's stochastic-drafting gain, not shown; 1.40 against 1.36 at T=1.0); "
-           "experimental until the tree is profiled as in the paper; wall-clock speed not measured yet")),
+           "shared by the trajectories 1.76 tokens per target forward against 1.26 with a store per trajectory (the "
+           "paper's reuse, shown); the tree profiled on distillation prompts (scripts/profile_stand_tree.py, 17 of "
+           "130 nodes) 1.76 against 1.71 for the hand-set 17-node tree (shown); but stochastic drafting 1.76 "
+           "against 1.82 for deterministic drafting of the ranked stored tokens (the paper's stochastic-drafting "
+           "gain, not shown; 1.40 against 1.36 at T=1.0 with the hand-set tree), so it stays experimental; "
+           "wall-clock speed not measured yet")),
     # ------------------------------------------------------------------------------------------- trained heads
     _m(name="medusa", aliases=("Medusa-1", "Medusa heads"),
        title="Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads",

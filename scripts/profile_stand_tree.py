@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
                               "draft tokens per step the kept nodes account for on this run")},
         "script": "scripts/profile_stand_tree.py",
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     print(json.dumps(record["expected_accepted_per_step"]), "->", args.out)

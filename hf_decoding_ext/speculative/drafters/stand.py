@@ -16,7 +16,8 @@ from hf_decoding_ext.speculative.drafters.token_recycling import expand_template
 
 # The hand-set tree, as {rank path: number of children}: 17 nodes, 4 levels, wide at the root and narrowing with
 # depth, set for the 2-core development CPU (a verification forward of ~17 nodes costs about 1.5 one-token forwards
-# with the fast kernels). It is the default until a profiled tree is shipped (PROFILED_TREE_FILE; not yet run).
+# with the fast kernels). The default is the profiled tree (PROFILED_TREE_FILE); this one is kept for comparison
+# and as the fallback when the shipped file is absent.
 HAND_SET_TREE: dict[tuple[int, ...], int] = {
     (): 4, (0,): 3, (1,): 2, (2,): 1, (0, 0): 2, (0, 1): 1, (1, 0): 1, (0, 0, 0): 1, (0, 0, 1): 1,
     (0, 0, 0, 0): 1,
@@ -117,8 +118,8 @@ class STANDDrafter(Drafter):
         k: entries kept per context (default 10, the paper's top-10).
         tree: ``{rank path: number of children}`` template or a list of rank paths (closed under parents and elder
             siblings); default: the shipped profiled tree (:data:`PROFILED_TREE_FILE`, 17 nodes chosen by measured
-            acceptance from :data:`PROFILE_TEMPLATE`) when present, else :data:`HAND_SET_TREE` (the case today: the
-            profiling pass has not been run and no profiled tree ships).
+            acceptance from :data:`PROFILE_TEMPLATE`: 5 root children, the top-1 chain to depth 9, 3 children of
+            the top root child, a chain of 2 under the second), else :data:`HAND_SET_TREE` if the file is absent.
         stochastic: sample the children (the paper); ``False`` drafts the top-ranked stored tokens deterministically
             (the "deterministic n-gram drafting" baseline of the paper's ablation).
         persist: keep the store across ``generate()`` calls (default; the paper's trajectories of one prompt share
