@@ -9,8 +9,9 @@ properties on the real model.
   differs from the target (so later siblings are tried), with a mutant (the store's ranked tokens declared sampled)
   as negative control;
 - the real default model at T=0.6: a store shared by 4 trajectories of a prompt accepts more than one per trajectory
-  (reproduced), the profiled tree more than the hand-set one (reproduced); stochastic drafting against deterministic drafting from the same kind of store is a strict xfail
-  (not reproduced at T=0.6, figures in the marker).
+  (reproduced), the profiled tree more than the hand-set one (reproduced); stochastic drafting against
+  deterministic drafting from the same kind of store is a strict xfail (not reproduced at T=0.6, figures in the
+  marker).
 """
 
 from __future__ import annotations
