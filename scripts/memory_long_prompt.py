@@ -6,7 +6,8 @@ Each configuration runs in a fresh subprocess (so one run's allocations cannot h
 prompt: standard-library docstrings concatenated up to ``--prompt-tokens`` tokens, then a summarisation request.
 The peak is the process's resident set size sampled every 5 ms during ``generate()`` (``bench.speed.PeakMemory``),
 minus the resident size just before it (the model, the prepacked kernels and the drafter's own weights are loaded
-before). Writes ``<out>/memory_long_prompt.json``.
+before), and the absolute peak against plain greedy's (``absolute_peak_over_greedy``: this counts the prepacked
+copy of the weights, which the ``lean`` kernel plan does not hold). Writes ``<out>/memory_long_prompt.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ CONFIGS = {
     "prompt-lookup": "generate_kwargs('prompt-lookup', model=model, tokenizer=tokenizer)",
     "token-recycling": "generate_kwargs('token-recycling', model=model, tokenizer=tokenizer)",
     "medusa": "generate_kwargs('medusa', model=model, tokenizer=tokenizer)",
+    "greedy/fast-kernels-lean": "{'kernels': 'lean'}",
+    "prompt-lookup/lean": "generate_kwargs('prompt-lookup', model=model, tokenizer=tokenizer, engine={'kernels': 'lean'})",
+    "token-recycling/lean": "generate_kwargs('token-recycling', model=model, tokenizer=tokenizer, "
+                            "engine={'kernels': 'lean'})",
 }
 
 CHILD = r'''
@@ -70,8 +75,10 @@ def main(argv=None) -> int:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
     base = results.get("greedy", {}).get("peak_above_before_mb")
+    base_abs = results.get("greedy", {}).get("peak_rss_mb")
     for r in results.values():
         r["over_greedy"] = round(r["peak_above_before_mb"] / base, 3) if base else None
+        r["absolute_peak_over_greedy"] = round(r["peak_rss_mb"] / base_abs, 3) if base_abs else None
     out = Path(args.out) / "memory_long_prompt.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": vars(args), "measure": "peak RSS during generate() minus RSS before "

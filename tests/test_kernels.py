@@ -155,10 +155,38 @@ def test_ineligible_layers_left_alone():
         assert not any("forward" in m.__dict__ for m in model[1:])
 
 
-@pytest.mark.parametrize("kernel", ["auto", *KERNELS])
+@pytest.mark.parametrize("kernel", ["auto", "lean", *KERNELS])
 def test_greedy_generation_unchanged_on_tiny_models(kernel, tiny_llama, fresh_cache):
     prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
     ref = tiny_llama.generate(prompt, **kwargs)
     assert torch.equal(fast_generate(tiny_llama, prompt, kernels=kernel, **kwargs), ref)
     assert not any("forward" in m.__dict__ for m in tiny_llama.modules())
+
+
+@pytest.mark.skipif("onednn" not in available_kernels(), reason="this PyTorch build has no oneDNN linear")
+def test_lean_plan_holds_one_copy_and_restores_the_exact_weights(fresh_cache):
+    """plan='lean' frees each decoder linear's dense weight during the block (oneDNN's packed weight is the only
+    copy), computes exactly what the two-copy oneDNN plan computes, and puts the bitwise-identical weights back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad(), fast_kernels(model, plan="onednn"):
+        two_copies = model(ids).logits
+    lean = KernelPlan(default="onednn", lean=True)
+    with torch.no_grad(), fast_kernels(model, plan=lean) as report:
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.weight.numel() == 0 and q._hk_packed.is_mkldnn  # the dense storage is gone
+        assert model.lm_head.weight.shape == (96, 64)  # the output embedding keeps its dense copy
+        assert report.patched == 15 and report.extra_bytes == 96 * 64 * 4  # only the lm_head is held twice
+        assert torch.equal(model(ids).logits, two_copies)
+        with torch.enable_grad(), pytest.raises(RuntimeError, match="inference only"):
+            q(torch.randn(2, 64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(k.startswith("_hk_") for m in model.modules() for k in m.__dict__)
+    assert KernelPlan.coerce("lean").lean and KernelPlan.coerce("lean").choices is KernelPlan.coerce("auto").choices

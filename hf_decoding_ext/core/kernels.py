@@ -36,6 +36,14 @@ first ``with`` block and kept (weakly, per weight tensor) for later ones, so a g
 (about 0.2 s for the default model); :attr:`PatchReport.extra_bytes` says how much is held (for the default model in
 float32 about 0.5 GB, a second copy of the linear weights) and :func:`release_packed` frees it.
 
+``plan="lean"`` (the automatic plan's choices, one copy of the weights): a layer planned for oneDNN at some row count
+runs oneDNN at every row count, and for the duration of the block its dense weight is replaced by the prepacked one
+(the dense storage is freed, and rebuilt exactly from the packed weight on exit), so no second copy is held. It costs
+the packing and unpacking at every block (about 0.3 s per ``generate()`` call for the default model) and is meant for
+long inputs, where memory matters. Output embeddings and weights shared with another module (a tied lm_head) keep the
+two-copy scheme. Inside the block such a layer's ``weight`` is an empty tensor (code reading it fails loudly), and
+calls with autograd enabled raise: it is for inference only.
+
 Deviation note for benchmarks: this is a kernel choice, not part of any paper's method. Every speed table of this
 library reports the method against greedy decoding *with the same kernels* (the method's own speed-up) beside stock
 greedy ``generate()``.
@@ -89,6 +97,9 @@ DEFAULT_MAX_ROWS = 32
 """Row limit of the legacy :func:`small_batch_linear` (weight-left for 2 to this many rows)."""
 
 _PLAN_VERSION = 3
+
+LEAN = "lean"
+"""The plan name of the single-copy mode (see the module docstring)."""
 
 _SHARED: dict = {}
 """Plans shared within the process: one per kernel name, one automatic plan per cache folder and thread count."""
@@ -182,8 +193,12 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // features if features else 0
     table = self._hk_table
     kind = table[rows] if rows < len(table) else table[-1]
+    if self._hk_lean and torch.is_grad_enabled():
+        raise RuntimeError("fast_kernels(plan='lean') frees the dense weights during the block: it is for inference "
+                           "only (run under torch.no_grad() or torch.inference_mode())")
     if kind == 0 or rows == 0 or x.dtype != self.weight.dtype or (kind == 3 and torch.is_grad_enabled()):
-        return nn.functional.linear(x, self.weight, self.bias)
+        weight = self._hk_packed.to_dense() if self._hk_lean else self.weight
+        return nn.functional.linear(x, weight, self.bias)
     y = _run(kind, x.reshape(rows, features), self.weight, self.bias, self._hk_packed)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -200,6 +215,8 @@ class KernelPlan:
         default: the kernel for shapes not in ``choices`` (``None``: measure them when ``auto``, else PyTorch's).
         auto: measure unknown shapes on first use and store them in the machine's cache file.
         timings: the measured milliseconds ``{shape_key: {rows: {kernel: ms}}}`` behind automatic choices.
+        lean: one copy of the weights (``plan="lean"``, see the module docstring): layers planned for oneDNN at some
+            row count use it at every row count, with their dense weight freed during the block.
 
     Example:
         >>> plan = KernelPlan({"float32:4x8": {1: "pytorch", 8: "weight_left"}})
@@ -212,6 +229,7 @@ class KernelPlan:
     default: str | None = None
     auto: bool = False
     timings: dict = field(default_factory=dict)
+    lean: bool = False
 
     def __post_init__(self):
         if self.default is not None and self.default not in KERNELS:
@@ -233,9 +251,19 @@ class KernelPlan:
 
     @classmethod
     def coerce(cls, plan) -> KernelPlan:
-        """A plan from ``"auto"``, a kernel name, a dict of choices or a :class:`KernelPlan`."""
+        """A plan from ``"auto"``, ``"lean"``, a kernel name, a dict of choices or a :class:`KernelPlan`."""
         if isinstance(plan, KernelPlan):
             return plan
+        if plan == LEAN:  # the automatic plan's choices (shared, measured once), with one copy of the weights
+            key = (LEAN,) + _auto_key()
+            if key not in _SHARED:
+                auto = cls.coerce("auto")
+                if not auto.auto:
+                    raise ValueError(f"plan 'lean' needs the automatic plan, but HF_DECODING_EXT_KERNELS forces "
+                                     f"{os.environ.get('HF_DECODING_EXT_KERNELS')!r}")
+                _SHARED[key] = lean = cls(auto=True, lean=True)
+                lean.choices, lean.timings = auto.choices, auto.timings
+            return _SHARED[key]
         if plan == "auto":
             forced = os.environ.get("HF_DECODING_EXT_KERNELS", "auto")
             if forced != "auto":
@@ -243,22 +271,21 @@ class KernelPlan:
                     raise ValueError(f"HF_DECODING_EXT_KERNELS must be 'auto' or one of {KERNELS}, got {forced!r}")
                 plan = forced
             else:  # one shared automatic plan per process and cache file (its tables are memoised)
-                from hf_decoding_ext.core.models import cache_dir
-
-                key = ("auto", str(cache_dir()), torch.get_num_threads())
+                key = ("auto",) + _auto_key()
                 if key not in _SHARED:
                     _SHARED[key] = cls(auto=True)
                 return _SHARED[key]
         if isinstance(plan, str):
             if plan not in KERNELS:
-                raise ValueError(f"plan must be 'auto', a kernel name {KERNELS}, a dict or a KernelPlan, got "
-                                 f"{plan!r}")
+                raise ValueError(f"plan must be 'auto', 'lean', a kernel name {KERNELS}, a dict or a KernelPlan, "
+                                 f"got {plan!r}")
             if plan not in _SHARED:
                 _SHARED[plan] = cls(default=plan)
             return _SHARED[plan]
         if isinstance(plan, dict):
             return cls(plan)
-        raise ValueError(f"plan must be 'auto', a kernel name {KERNELS}, a dict or a KernelPlan, got {plan!r}")
+        raise ValueError(f"plan must be 'auto', 'lean', a kernel name {KERNELS}, a dict or a KernelPlan, got "
+                         f"{plan!r}")
 
     def kernel(self, key: str, rows: int) -> str:
         """The kernel for a call of ``rows`` rows on shape ``key``."""
@@ -288,6 +315,12 @@ class KernelPlan:
         if hit is None:
             hit = memo[(key, length)] = ["pytorch"] + [self.kernel(key, r) for r in range(1, length)]
         return hit
+
+
+def _auto_key() -> tuple:
+    from hf_decoding_ext.core.models import cache_dir
+
+    return (str(cache_dir()), torch.get_num_threads())
 
 
 def _machine_fingerprint() -> str:
@@ -467,6 +500,7 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
         raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
     report = PatchReport(plan=plan)
     patched: list[nn.Linear] = []
+    lean_layers: list[nn.Linear] = []
     try:
         if enabled:
             seen: set[int] = set()
@@ -481,12 +515,29 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
             if plan.auto and layers:
                 report.measured = _resolve_auto(plan, layers)
             packs: dict[int, torch.Tensor] = {}
+            uses: dict[int, int] = {}
+            if plan.lean:  # a weight shared by several modules (a tied lm_head) keeps its dense copy, and so does
+                for root in modules:  # an output embedding (its shape gives the vocabulary size)
+                    if root is not None:
+                        for _, prm in root.named_parameters(remove_duplicate=False):
+                            uses[id(prm)] = uses.get(id(prm), 0) + 1
+                        head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+                        if head is not None and getattr(head, "weight", None) is not None:
+                            uses[id(head.weight)] = 2
             for m in layers:
                 codes = plan.codes(_shape_key(m), max_rows + 1, _onednn_ok(m.weight.dtype))
                 if not any(codes):
                     continue
                 packed = None
-                if _CODE["onednn"] in codes:
+                lean = plan.lean and _CODE["onednn"] in codes and uses.get(id(m.weight)) == 1
+                if lean:  # oneDNN at every row count, the dense storage freed until the block ends
+                    codes = [0] + [_CODE["onednn"]] * (len(codes) - 1)
+                    release_packed(m)
+                    packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+                    m._hk_packed = packed
+                    lean_layers.append(m)
+                    m.weight.data = torch.empty(0, dtype=m.weight.dtype)
+                elif _CODE["onednn"] in codes:
                     wid = id(m.weight)
                     if wid not in packs:
                         packs[wid] = _prepack(m)
@@ -494,13 +545,16 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
                     packed = packs[wid]
                 m._hk_table = codes
                 m._hk_packed = packed
+                m._hk_lean = lean
                 m.forward = types.MethodType(_forward, m)
                 patched.append(m)
         report.patched = len(patched)
         yield report
     finally:
-        for m in patched:
-            for attr in ("forward", "_hk_table", "_hk_packed"):
+        for m in lean_layers:  # the exact dense weight back from the packed one
+            m.weight.data = m._hk_packed.to_dense()
+        for m in patched + lean_layers:
+            for attr in ("forward", "_hk_table", "_hk_packed", "_hk_lean"):
                 m.__dict__.pop(attr, None)
 
 
