@@ -214,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--greedy", dest="sample", action="store_false", help="force do_sample=False")
     pg.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     pg.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    pg.add_argument("--kernels", default="auto", choices=["auto", "pytorch", "weight_left", "padded_weight_left",
-                                                           "onednn"],
+    pg.add_argument("--kernels", default="auto", choices=["auto", "lean", "pytorch", "weight_left",
+                                                           "padded_weight_left", "onednn"],
                     help="CPU linear kernels (default auto: the fastest per layer shape, measured once per machine; "
-                         "pytorch: PyTorch's own)")
+                         "lean: the same with one copy of the weights, for long inputs; pytorch: PyTorch's own)")
     pg.set_defaults(func=_cmd_generate)
 
     pb = sub.add_parser("bench", help="run the benchmark harness")

@@ -40,7 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from <out>/compile_probe.json")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(Path(args.out) / "compile_probe.json")
+        return 0
     from transformers import StaticCache
     import torch._inductor.config as inductor_config
 
@@ -112,7 +116,32 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": vars(args), "machine": machine_info(), "runs": runs,
                                "torch": torch.__version__, "threads": torch.get_num_threads()}, indent=1) + "\n")
+    plot(out)
     return 0
+
+
+def plot(path: Path) -> None:
+    """Bar chart of the median forward time per block size, one panel per dtype (``compile_probe.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = json.loads(path.read_text())["runs"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in runs))
+    names = ("eager/pytorch", "eager/auto", "compiled")
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5 * len(dtypes), 3.6), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        rows = [r for r in runs if r["dtype"] == dtype]
+        for i, name in enumerate(names):
+            xs = [j + (i - 1) * 0.27 for j in range(len(rows))]
+            ax.bar(xs, [r["median_ms"][name] for r in rows], width=0.27, label=name)
+        ax.set_xticks(range(len(rows)), [f"{r['block']} tokens" for r in rows])
+        ax.set_ylabel("median ms per forward")
+        ax.set_title(f"{dtype}: verification forward, static cache")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -65,15 +65,27 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--out", default="results")
+    ap.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration, interleaved; the "
+                    "run with the median absolute peak is reported, with every run's peak beside it")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from <out>/memory_long_prompt.json")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(Path(args.out) / "memory_long_prompt.json")
+        return 0
+    runs: dict[str, list] = {name: [] for name in args.configs}
+    for rep in range(args.repeats):
+        for name in args.configs:
+            code = CHILD.format(n=args.prompt_tokens, m=args.max_new_tokens, config=CONFIGS[name])
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+            if proc.returncode:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(rep, name, runs[name][-1], flush=True)
     results = {}
-    for name in args.configs:
-        code = CHILD.format(n=args.prompt_tokens, m=args.max_new_tokens, config=CONFIGS[name])
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-        if proc.returncode:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(name, results[name], flush=True)
+    for name, rs in runs.items():
+        ordered = sorted(rs, key=lambda r: r["peak_rss_mb"])
+        results[name] = dict(ordered[(len(ordered) - 1) // 2], peak_rss_mb_runs=[r["peak_rss_mb"] for r in rs],
+                             rss_before_mb_runs=[r["rss_before_mb"] for r in rs])
     base = results.get("greedy", {}).get("peak_above_before_mb")
     base_abs = results.get("greedy", {}).get("peak_rss_mb")
     for r in results.values():
@@ -84,7 +96,36 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"settings": vars(args), "measure": "peak RSS during generate() minus RSS before "
                                "it (psutil, 5 ms sampling), fresh process per configuration", "runs": results},
                               indent=1) + "\n")
+    plot(out)
     return 0
+
+
+def plot(path: Path) -> None:
+    """Resident memory before ``generate()`` and its peak during it, per configuration
+    (``memory_long_prompt.png``); the dashed line is plain greedy's peak + 10%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = json.loads(path.read_text())["runs"]
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [runs[n]["rss_before_mb"] for n in names], width=0.4, label="resident before")
+    ax.bar([x + 0.2 for x in xs], [runs[n]["peak_rss_mb"] for n in names], width=0.4, label="peak during generate()")
+    for x, n in zip(xs, names):
+        peaks = runs[n].get("peak_rss_mb_runs", [])
+        if peaks:
+            ax.plot([x + 0.2] * len(peaks), peaks, "k.", markersize=4)
+    if "greedy" in runs:
+        ax.axhline(1.1 * runs["greedy"]["peak_rss_mb"], color="gray", ls="--", lw=1, label="greedy peak + 10%")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MB (RSS)")
+    ax.set_title(f"{runs[names[0]]['prompt_tokens']}-token prompt, float32, CPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":

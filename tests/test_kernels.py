@@ -190,3 +190,41 @@ def test_lean_plan_holds_one_copy_and_restores_the_exact_weights(fresh_cache):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(k.startswith("_hk_") for m in model.modules() for k in m.__dict__)
     assert KernelPlan.coerce("lean").lean and KernelPlan.coerce("lean").choices is KernelPlan.coerce("auto").choices
+
+
+@pytest.mark.skipif("onednn" not in available_kernels(), reason="this PyTorch build has no oneDNN linear")
+def test_lean_plan_keeps_memory_mapped_weights_and_pages_them_out(fresh_cache, tmp_path):
+    """Weights loaded memory-mapped from safetensors (from_pretrained) are kept aside during a lean block (their pages
+    handed back to the kernel, never copied) and put back as the very same tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    up = model.model.layers[0].mlp.up_proj
+    assert K._in_file_mapping(up.weight, K._file_mappings())  # the premise: a file-backed weight
+    ptr, before = up.weight.data_ptr(), up.weight.clone()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad(), fast_kernels(model, plan="onednn"):
+        ref = model(ids).logits
+    with torch.no_grad(), fast_kernels(model, plan=KernelPlan(default="onednn", lean=True)):
+        assert up.weight.numel() == 0 and up._hk_orig.data_ptr() == ptr
+        assert model.lm_head.weight.numel() == 96 * 256  # tied to the embeddings: untouched
+        assert torch.equal(model(ids).logits, ref)
+    assert up.weight.data_ptr() == ptr and torch.equal(up.weight, before)
+
+
+def test_engine_with_the_lean_plan_is_lossless_and_restores_weights(tiny_llama, fresh_cache):
+    from hf_decoding_ext.speculative import SpeculativeDecoding
+    from hf_decoding_ext.speculative.drafters.prompt_lookup import PromptLookupDrafter
+
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]])
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    ref = tiny_llama.generate(prompt, **kwargs)
+    loop = SpeculativeDecoding(PromptLookupDrafter(), kernels="lean")
+    assert torch.equal(tiny_llama.generate(prompt, custom_generate=loop, **kwargs), ref)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
+    assert not any(k.startswith("_hk_") for m in tiny_llama.modules() for k in m.__dict__)

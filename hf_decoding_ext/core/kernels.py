@@ -37,11 +37,19 @@ first ``with`` block and kept (weakly, per weight tensor) for later ones, so a g
 float32 about 0.5 GB, a second copy of the linear weights) and :func:`release_packed` frees it.
 
 ``plan="lean"`` (the automatic plan's choices, one copy of the weights): a layer planned for oneDNN at some row count
-runs oneDNN at every row count, and for the duration of the block its dense weight is replaced by the prepacked one
-(the dense storage is freed, and rebuilt exactly from the packed weight on exit), so no second copy is held. It costs
-the packing and unpacking at every block (about 0.3 s per ``generate()`` call for the default model) and is meant for
+runs oneDNN at every row count, and for the duration of the block its ``weight`` is an empty tensor while the packed
+copy does the work, so no second copy is resident:
+
+* weights memory-mapped from a checkpoint file (``from_pretrained``'s safetensors loading): the original tensor is
+  kept aside and its pages are handed back to the kernel (``madvise(MADV_PAGEOUT)``, Linux 5.4+; clean file pages
+  are dropped, never lost, and read back from the file when the weight is used after the block); on exit the original
+  tensor is put back unchanged;
+* weights in anonymous memory: the dense storage is freed (and returned to the system with glibc's ``malloc_trim``),
+  and rebuilt bit-exactly from the packed weight on exit.
+
+It costs the packing at every block (about 0.2-0.3 s per ``generate()`` call for the default model) and is meant for
 long inputs, where memory matters. Output embeddings and weights shared with another module (a tied lm_head) keep the
-two-copy scheme. Inside the block such a layer's ``weight`` is an empty tensor (code reading it fails loudly), and
+two-copy scheme. Code reading a lean layer's ``weight`` inside the block gets an empty tensor and fails loudly, and
 calls with autograd enabled raise: it is for inference only.
 
 Deviation note for benchmarks: this is a kernel choice, not part of any paper's method. Every speed table of this
@@ -171,6 +179,59 @@ def release_packed(*modules: nn.Module) -> int:
         ref, _, packed = _PACKED.pop(key)
         freed += packed.numel() * packed.element_size() if ref() is not None else 0
     return freed
+
+
+_MADV_PAGEOUT = 21
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """``(start, end)`` of this process's memory mappings backed by a file (Linux ``/proc/self/maps``; empty
+    elsewhere)."""
+    spans = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    spans.append((start, end))
+    except OSError:
+        return []
+    return spans
+
+
+def _in_file_mapping(tensor: torch.Tensor, spans) -> bool:
+    ptr, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    return any(start <= ptr and ptr + size <= end for start, end in spans)
+
+
+def _page_out(tensor: torch.Tensor, libc) -> None:
+    """Ask the kernel to reclaim the whole pages under ``tensor`` (a hint: clean file pages are dropped and re-read
+    on the next access; nothing is lost)."""
+    import ctypes
+    import mmap
+
+    ptr, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    start = -(-ptr // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (ptr + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if libc is not None and end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+def _trim(libc) -> None:
+    """Return freed heap memory to the system (glibc only; a no-op elsewhere)."""
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
 
 
 def _run(kind: int, x2: torch.Tensor, weight: torch.Tensor, bias, packed) -> torch.Tensor:
@@ -516,6 +577,7 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
                 report.measured = _resolve_auto(plan, layers)
             packs: dict[int, torch.Tensor] = {}
             uses: dict[int, int] = {}
+            spans = libc = None
             if plan.lean:  # a weight shared by several modules (a tied lm_head) keeps its dense copy, and so does
                 for root in modules:  # an output embedding (its shape gives the vocabulary size)
                     if root is not None:
@@ -530,13 +592,20 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
                     continue
                 packed = None
                 lean = plan.lean and _CODE["onednn"] in codes and uses.get(id(m.weight)) == 1
-                if lean:  # oneDNN at every row count, the dense storage freed until the block ends
+                if lean:  # oneDNN at every row count, the dense copy out of memory until the block ends
+                    if spans is None:
+                        spans, libc = _file_mappings(), _libc()
                     codes = [0] + [_CODE["onednn"]] * (len(codes) - 1)
                     release_packed(m)
-                    packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+                    dense = m.weight.data
+                    packed = torch.ops.mkldnn._reorder_linear_weight(dense, None)
                     m._hk_packed = packed
+                    m._hk_orig = dense if _in_file_mapping(dense, spans) else None
                     lean_layers.append(m)
-                    m.weight.data = torch.empty(0, dtype=m.weight.dtype)
+                    m.weight.data = torch.empty(0, dtype=dense.dtype)
+                    if m._hk_orig is not None:
+                        _page_out(dense, libc)
+                    del dense
                 elif _CODE["onednn"] in codes:
                     wid = id(m.weight)
                     if wid not in packs:
@@ -548,14 +617,19 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
                 m._hk_lean = lean
                 m.forward = types.MethodType(_forward, m)
                 patched.append(m)
+            if lean_layers:
+                _trim(libc)
         report.patched = len(patched)
         yield report
     finally:
-        for m in lean_layers:  # the exact dense weight back from the packed one
-            m.weight.data = m._hk_packed.to_dense()
+        for m in lean_layers:  # the original (file-backed) tensor, or the exact dense weight from the packed one
+            orig = m.__dict__.get("_hk_orig")
+            m.weight.data = orig if orig is not None else m._hk_packed.to_dense()
         for m in patched + lean_layers:
-            for attr in ("forward", "_hk_table", "_hk_packed", "_hk_lean"):
+            for attr in ("forward", "_hk_table", "_hk_packed", "_hk_lean", "_hk_orig"):
                 m.__dict__.pop(attr, None)
+        if lean_layers:
+            _trim(_libc())
 
 
 def small_batch_linear(*modules: nn.Module | None, max_rows: int = DEFAULT_MAX_ROWS, enabled: bool = True):

@@ -133,7 +133,8 @@ class SpeculativeDecoding(DecodingLoop):
         kernels: the CPU linear kernels of the target (and the drafter's modules) while decoding, a ``plan`` of
             :func:`~hf_decoding_ext.core.kernels.fast_kernels`: ``"auto"`` (default: per layer shape and row count
             the fastest of PyTorch's layout, weight-left and oneDNN's prepacked linear, measured once per machine
-            and cached), ``"pytorch"`` (PyTorch's kernels), another kernel name, or a
+            and cached), ``"lean"`` (the same choices holding one copy of the linear weights: for long inputs,
+            where the prepacked copy's 0.5 GB matters), ``"pytorch"`` (PyTorch's kernels), another kernel name, or a
             :class:`~hf_decoding_ext.core.kernels.KernelPlan`. A kernel choice, not part of any method; no effect on
             GPU or in dtypes other than float32/bfloat16. Compare a method with greedy decoding under the same
             kernels (``hf_decoding_ext.fast_generate``) to see its own speed-up.
