@@ -1,7 +1,7 @@
 """Verification schemes on the real model with the shipped distilled draft (Direct Alignment, arXiv 2403.00858).
 
 - greedy token identity with plain greedy ``generate()`` for every lossless method of the issue over 20 prompts x
-  64 tokens (``slow``; the default run covers 20 prompts x 32 tokens in ``test_speculative_lossless.py``);
+  64 tokens (``slow``; the default run covers 12 prompts x 32 tokens in ``test_speculative_lossless.py``);
 - each paper's acceptance property at T=1, in tokens per target forward (accepted draft tokens + the bonus token,
   per verification): SpecTr's K-SEQ, MCSD and RSD (C and S) above single-draft speculative sampling, DySpec above a
   fixed tree with the same node budget.
@@ -23,6 +23,7 @@ from hf_decoding_ext.speculative.drafters.spectr import SpecTrDrafter
 
 pytestmark = pytest.mark.real_model
 
+ISSUE_3_METHODS = ("prompt-lookup", "token-recycling", "auto-speculative", "lookahead", "jacobi")  # training-free I
 ISSUE_18_METHODS = ("draft-model", "direct-alignment", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative",
                     "pearl", "specdec-pp")
 ISSUE_19_METHODS = ("speculative-jacobi", "stand", "dresd", "aded", "rasd", "specextend")  # lossless drafters II
@@ -35,11 +36,12 @@ def draft(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ISSUE_18_METHODS + ISSUE_19_METHODS)
+@pytest.mark.parametrize("name", ISSUE_3_METHODS + ISSUE_18_METHODS + ISSUE_19_METHODS)
 def test_greedy_token_identity_20_prompts_x_64_tokens_real_model(name, smollm):
-    """The issues' greedy check: every lossless method of the verification issue (with the distilled draft) and of
-    the training-free drafters II issue, as the registry builds them, token-identical to plain greedy over 20 prompts x 64 tokens, up to floating-point near-ties
-    (tallied as in ``test_speculative_lossless.py``, whose default-run version covers 20 prompts x 32 tokens)."""
+    """The issues' greedy check: every lossless training-free drafter (issues 3 and 19) and every method of the
+    verification issue (with the distilled draft), as the registry builds them, token-identical to plain greedy over
+    20 prompts x 64 tokens, up to floating-point near-ties (tallied as in ``test_speculative_lossless.py``, whose
+    default-run version covers 12 prompts x 32 tokens)."""
     from hf_decoding_ext.bench.parity import greedy_parity, greedy_references, near_tie_tally
     from hf_decoding_ext.plug import generate_kwargs
     from hf_decoding_ext.registry import get_method
