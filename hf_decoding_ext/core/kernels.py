@@ -254,11 +254,13 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // features if features else 0
     table = self._hk_table
     kind = table[rows] if rows < len(table) else table[-1]
-    if self._hk_lean and torch.is_grad_enabled():
-        raise RuntimeError("fast_kernels(plan='lean') frees the dense weights during the block: it is for inference "
-                           "only (run under torch.no_grad() or torch.inference_mode())")
     if kind == 0 or rows == 0 or x.dtype != self.weight.dtype or (kind == 3 and torch.is_grad_enabled()):
-        weight = self._hk_packed.to_dense() if self._hk_lean else self.weight
+        weight = self.weight
+        if self._hk_lean:  # the dense weight is out of memory (a lean layer is oneDNN at every row count)
+            if torch.is_grad_enabled():
+                raise RuntimeError("fast_kernels(plan='lean') frees the dense weights during the block: it is for "
+                                   "inference only (run under torch.no_grad() or torch.inference_mode())")
+            weight = self._hk_packed.to_dense()
         return nn.functional.linear(x, weight, self.bias)
     y = _run(kind, x.reshape(rows, features), self.weight, self.bias, self._hk_packed)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -562,6 +564,7 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
     report = PatchReport(plan=plan)
     patched: list[nn.Linear] = []
     lean_layers: list[nn.Linear] = []
+    spans = libc = None
     try:
         if enabled:
             seen: set[int] = set()
@@ -577,7 +580,6 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
                 report.measured = _resolve_auto(plan, layers)
             packs: dict[int, torch.Tensor] = {}
             uses: dict[int, int] = {}
-            spans = libc = None
             if plan.lean:  # a weight shared by several modules (a tied lm_head) keeps its dense copy, and so does
                 for root in modules:  # an output embedding (its shape gives the vocabulary size)
                     if root is not None:
@@ -629,7 +631,7 @@ def fast_kernels(*modules: nn.Module | None, plan="auto", max_rows: int = ROW_BU
             for attr in ("forward", "_hk_table", "_hk_packed", "_hk_lean", "_hk_orig"):
                 m.__dict__.pop(attr, None)
         if lean_layers:
-            _trim(_libc())
+            _trim(libc)
 
 
 def small_batch_linear(*modules: nn.Module | None, max_rows: int = DEFAULT_MAX_ROWS, enabled: bool = True):
