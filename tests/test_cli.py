@@ -109,8 +109,16 @@ def test_unknown_method_and_parameter_are_clear_errors(capsys):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("spec", METHODS, ids=lambda m: m.name)
-def test_generate_every_method_on_default_model(spec, capsys, smollm):
+def test_generate_every_method_on_default_model(spec, capsys, smollm, tmp_path):
     params = [f"--param={k}={v}" for k, v in spec.example.items()]
+    if spec.name == "knn-lm":
+        # the default datastore (built from all shipped docs at first use, about 2 min here) is tested on the tiny
+        # model (tests/test_knn_lm.py); the CLI runs here with a small datastore passed as a path instead
+        from hf_decoding_ext.sampling.knn_lm import KNNDatastore, stdlib_docs_texts
+
+        store = tmp_path / "store.safetensors"
+        KNNDatastore.build(*smollm, [t[:480] for t in stdlib_docs_texts()[:12]], progress=False).save(store)
+        params.append(f"--param=datastore={store}")
     rc = main(["generate", "--method", spec.name, "--prompt", "Name a fruit.", "--max-new-tokens", "8", *params])
     assert rc == 0
     assert capsys.readouterr().out.strip()
