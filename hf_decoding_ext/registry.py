@@ -37,6 +37,7 @@ FAMILY_FOLDERS = {
     "sampling": "sampling",
     "speculative": "speculative",
     "trained-heads": "speculative",  # trained draft heads (speculative/heads/) and their drafters
+    "self": "speculative",  # self-speculation, layer skipping and early exit (drafters/, loops, heads/exit_head.py)
     "contrastive": "contrastive",
     "structured": "structured",
     "search": "search",
@@ -925,6 +926,161 @@ METHODS: list[MethodSpec] = [
            "not measured yet: the paper's translation quality and speed against grid beam search; every "
            "hypothesis contains the constraints with a mean log-prob within 1.5 nats of plain beam search's "
            "(tests/test_lexical_dba.py)")),
+    # ------------------------------------------------------------------ self-speculation and early exit (issue 20)
+    _m(name="swift", aliases=("on-the-fly self-speculative decoding",),
+       title="SWIFT: On-the-Fly Self-Speculative Decoding for LLM Inference Acceleration", arxiv="2410.06916",
+       family="self", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.swift:SWIFTDrafter", lossless=True, needs_training=False,
+       status="done",
+       defaults={"skip_ratio": 0.45, "optimization": True, "bayes": True, "opt_interval": 1, "bayes_interval": 25,
+                 "max_opt_iter": 1000, "max_tolerance_iter": 300, "max_score": 0.90, "context_window": 32,
+                 "max_draft_len": 25, "stop_threshold": 0.8, "tree": True, "top_k": 10, "kappa": 2.5},
+       summary="the model drafts for itself with attention and MLP sub-layers of layers 1..L-2 skipped "
+               "(core.anatomy.skip_sublayers on the target's KV cache); the skipped set (45% of the candidates, "
+               "starting from every other layer) is optimised while decoding by random search with a Gaussian-"
+               "process UCB proposal every 25 iterations, each set scored by its matchness on the first 32 "
+               "generated tokens in one parallel forward and kept only if better; drafts stop after a token "
+               "below 0.8 draft confidence (25 at most) and grow a confidence-binned tree (3/5/8/10 candidates "
+               "per depth). Own small GP instead of bayes_opt; the incumbent is re-scored on each prompt's "
+               "window (see the class docstring)",
+       effect="not reproduced", effect_note=(
+           "acceptance gain of the optimisation shown, no speed-up possible at 135M: after on-the-fly "
+           "optimisation on 6 distillation prompts of up to 112 tokens (180 iterations, 7 Bayesian; best matchness "
+           "0.28-0.47), the optimised set gives 1.62 tokens per target forward (0.64 accepted draft tokens per "
+           "step) against 1.18 (0.18) for the initial every-other-layer set, greedy, token-identical, 4 "
+           "benchmark prompts x 64 tokens (results/swift_acceptance.json); a draft forward touches 0.68 (0.63 "
+           "initial) of the parameters since the embedding/LM head (21%) is always paid, so with about 1.05 "
+           "draft forwards per step the break-even is about 1.71 tokens per forward before the tree "
+           "verification overhead and the optimisation forwards (one 33-token forward per step while it runs); "
+           "the paper's 1.3-1.6x with 90-100% acceptance was wall-clock on LLaMA-2 and CodeLLaMA models on GPUs")),
+    _m(name="clasp", aliases=("in-context layer skip",),
+       title="CLaSp: In-Context Layer Skip for Self-Speculative Decoding", arxiv="2505.24196",
+       family="self", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.clasp:CLaSpDrafter", lossless=True, needs_training=False,
+       status="experimental",
+       defaults={"skip_ratio": 0.2, "update_interval": 4, "num_tokens": 8, "confidence_threshold": 0.4},
+       summary="self-speculative drafting with M whole layers of the target skipped (20%: 6 of 30) on the target's "
+               "own KV cache; the skipped set is re-chosen by the paper's dynamic programming over layers (cosine "
+               "similarity to the full model's hidden state of the last accepted token at every layer, one batched "
+               "single-token call per layer) after the first verification and every 4th one after (sparse "
+               "persistence); lossless verification. Experimental: no official code, and the paper's M, persistence "
+               "schedule and draft stop were not confirmed from its text (defaults chosen on distillation prompts)",
+       effect="not reproduced", effect_note=(
+           "acceptance up, speed not: 2.28 tokens per target forward with the DP's sets against 1.14 for the same 6 "
+           "layers skipped evenly (1.51 against 1.05 at M=14, every other layer), 12 benchmark prompts x 32 greedy "
+           "tokens, all token-identical to greedy (tests/test_clasp.py, slow test); a draft token costs 0.84 of a "
+           "full forward in parameters (embeddings/LM head 21% always paid) and the DP about 0.21 forward per "
+           "verification, so "
+           "about 0.75x greedy by parameters touched (break-even per-token acceptance about 0.96); the paper's "
+           "1.3-1.7x on LLaMA3 8B-70B not reproduced at 135M, not benchmarked for wall-clock here")),
+    _m(name="del", aliases=("dynamic exit layer", "context-aware dynamic exit layer"),
+       title="DEL: Context-Aware Dynamic Exit Layer for Efficient Self-Speculative Decoding", arxiv="2504.05598",
+       family="self", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.dynamic_exit_layer:DELDrafter", lossless=True,
+       needs_training=False, status="experimental",
+       defaults={"max_draft_length": 8, "decay": 0.9, "shadow_count": "prefix", "dynamic_exit": True,
+                 "cost": "layers"},
+       summary="LayerSkip-style self-speculation (draft = the first E layers + final norm + LM head on the "
+               "target's own cache) with the exit E and draft length d re-chosen every round by maximising "
+               "Token-per-Layer TPL(E, d) = [(1 - a_E^(d+1)) / (1 - a_E)] / (d E + L); a_l tracked for every layer "
+               "by shadow tokens (every layer's verification hidden states through the LM head, matched against "
+               "the final tokens up to the first mismatch, decayed per round) and a confidence-based dynamic draft "
+               "exit. cost='parameters' (head-aware TPL) is an extension. Experimental: the official code "
+               "(hoenza/DEL) was not available offline, so the decay, the dynamic-exit threshold and the defaults "
+               "are this library's reading of the paper",
+       effect="not reproduced", effect_note=(
+           "SmolLM2 is not LayerSkip-trained: shadow-token a_l over generated tokens is 0.02-0.10 for layers 1-18 "
+           "and 0.13, 0.20, 0.25, 0.29, 0.33, 0.38, 0.46, 0.52 at layers 19, 21, 23, 25-29; with the paper's "
+           "layer-count TPL DEL picks E=1, d=1 (a 1-layer draft looks nearly free) and gets 1.03 tokens per "
+           "target forward; head-aware TPL picks E=28-29 and gets 1.31; a fixed E=29, d=3 gets 1.78 but a "
+           "draft token there reads 0.97 of the weights (break-even acceptance 0.99 against a measured 0.51), "
+           "so no speed-up is possible at 135M; the shadow estimate agrees with the acceptance measured when "
+           "drafting at the same exit (a_29 0.516 vs 0.509, a_27 0.375 vs 0.379, a_24 0.273 vs 0.265; every "
+           "rejection-cut round exact), greedy, 4 benchmark prompts x 32 tokens, token-identical "
+           "(tests/test_del.py); the paper's 2.16-2.62x on LayerSkip Llama checkpoints not reproduced")),
+    _m(name="eesd", aliases=("early-exiting speculative decoding", "thompson sampling control"),
+       title="Speculative Decoding via Early-exiting for Faster LLM Inference with Thompson Sampling Control "
+       "Mechanism", arxiv="2406.03853",
+       family="self", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.eesd:EESDDrafter", lossless=True, needs_training=True,
+       status="experimental",
+       defaults={"head": "shipped", "controller": "beta", "num_tokens": 10, "alpha": 1.0, "beta": 1.0},
+       summary="the target's first N=6 layers (on its own KV cache) plus a self-distilled exit layer (one decoder "
+               "layer and a norm, the base LM head shared; data/heads/exit_head_smollm2_l6) draft a chain; after "
+               "each draft token a Beta-Thompson controller samples an acceptance rate from its posterior and "
+               "continues with that probability; one target forward verifies. Experimental: the paper's "
+               "Calibration-TS rule and defaults were not available offline (a per-confidence-bin Beta posterior "
+               "stands in), the LM head is shared rather than trained, and the head saw only 48 self-generated "
+               "answers (200 CPU steps)",
+       effect="not reproduced", effect_note=(
+           "slower than greedy by the cost model: 1.14 tokens per target forward with Beta-TS (1.26 drafted, "
+           "per-token acceptance 0.14) against a break-even acceptance of 0.52-0.66 for 2-4 token drafts at 0.395 "
+           "of a forward per draft token, i.e. about 1.31 forward units per token (0.76x); fixed gamma 4: 1.17 "
+           "tokens per forward, 2.12 units per token. 4 benchmark prompts x 40 tokens, all token-identical to "
+           "greedy (model_cards/exit_head_smollm2_l6.md); held-out KL to the full model 15.0 untrained, 3.0 "
+           "trained")),
+    _m(name="free", aliases=("synchronized parallel decoding", "shallow-deep early exit"),
+       title="Fast and Robust Early-Exiting Framework for Autoregressive Language Models with Synchronized "
+       "Parallel Decoding", arxiv="2310.05424",
+       family="self", kind="decoding_loop",
+       target="hf_decoding_ext.speculative.free:FREEDecoding", lossless=False, needs_training=True,
+       status="experimental", defaults={"threshold": 0.9, "adaptive": True},
+       summary="shallow-deep early exit: a token whose shallow-exit confidence (top-1 minus top-2 probability) "
+               "exceeds the threshold is emitted from the shallow exit and stacked; the next deep token runs the "
+               "deep layers over all stacked tokens in one synchronised parallel pass (filling their KV); the "
+               "threshold is refitted per generate() call by a two-component Beta mixture over shallow confidences "
+               "labelled by shallow-deep agreement; threshold 1.0 is full-model greedy. Default shallow exit: the "
+               "shipped self-distilled ExitHead after 6 layers (plain final-norm + LM-head exit after L/4 layers "
+               "when absent). Experimental: the backbone is not fine-tuned with the paper's shallow-deep KD loss",
+       effect="not reproduced", effect_note=(
+           "SmolLM2-135M, 6 interleaved benchmark prompts x 32 tokens against full greedy (FREE helper's run, no "
+           "tuning): plain exit after 8 of 30 layers with the adaptive threshold sends 36% of tokens through the "
+           "shallow exit at ROUGE-L 0.43 and 0.93 of a full forward's weight reads per token; the self-distilled "
+           "ExitHead after 6 layers (41% held-out top-1 agreement) exits 1.6% of tokens at threshold 0.9 (output "
+           "equal to greedy, 1.22x the weight reads), 16% at 0.3 (ROUGE-L 0.60, 1.10x), 38% at 0.1 (ROUGE-L 0.32, "
+           "0.92x); saving weight reads needs at least about 28% shallow tokens, as every deep token also pays the "
+           "exit's LM head; the paper reports about 2x at about 99% quality with a KD-fine-tuned T5 (secondary "
+           "summary)")),
+    _m(name="d3", aliases=("position-aware depth decay decoding", "depth decay"),
+       title="Position-Aware Depth Decay Decoding (D^3): Boosting Large Language Model Inference Efficiency",
+       arxiv="2503.08524", family="self", kind="decoding_loop",
+       target="hf_decoding_ext.speculative.d3:D3Decoding", lossless=False, needs_training=False,
+       status="experimental",
+       defaults={"alpha": 0.99, "flex_start": 0.35, "tail_layers": 1, "drop_order": "shallow_first"},
+       summary="the i-th generated token runs max(core, floor(L * alpha^i)) decoder layers: the head (below "
+               "flex_start) and the last layer always, the flex layers between them dropped one at a time in a "
+               "fixed nested order, so a skipped layer never runs again and no key/value repair is needed; the "
+               "prompt runs at full depth, batches share the schedule, alpha=1 is greedy (lossy). Experimental: "
+               "the paper text was not readable offline, so the drop order (shallowest flex layer first, chosen "
+               "by measurement) and the flex-start semantics and default values are unconfirmed",
+       effect="not reproduced", effect_note=(
+           "the paper reports 1.5x fewer operations with under 1% loss on GSM8K and BBH at Llama 7B-70B; on "
+           "SmolLM2-135M (8 arithmetic word problems, 48 tokens, tests/test_d3.py slow run) the continuation "
+           "leaves greedy within a few tokens even at alpha 0.995: exact match 0.12 greedy vs 0.00 for every "
+           "alpha < 1, mean full-model log-probability of the continuation -0.43 greedy, -1.18 at alpha 0.995 "
+           "(26.3 of 30 layers, 0.904 of the parameters per token), -1.75 at 0.99 (23.8 layers, 0.837), -5.66 "
+           "at 0.98 (19.0 layers, 0.710), -5.72 at 0.95 (14.2 layers, 0.585); the 30-layer 135M model is not "
+           "layer-redundant enough for depth decay")),
+    _m(name="sparse-to-dense", aliases=("StD", "sparse-to-dense decoding"),
+       title="Sparse-to-Dense: A Free Lunch for Lossless Acceleration of Video Understanding in LLMs",
+       arxiv="2505.19155", family="self", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.sparse_to_dense:SparseToDenseDrafter", lossless=True,
+       needs_training=False, status="experimental",
+       defaults={"top_k": 1024, "num_tokens": 4, "recent": 32, "per_head": True, "refresh_every": None},
+       summary="text-only StD: the model itself drafts 4 tokens attending in every layer (per key/value head) only "
+               "to the 1,024 cached positions the last 32 queries attended to most (selected once after the "
+               "prefill) plus the recent and generated tokens, then verifies densely. Experimental: the paper's "
+               "K, gamma, top-K granularity and refresh could not be confirmed offline (no code; defaults are this "
+               "library's)",
+       effect="not reproduced", effect_note=(
+           "lossless, acceptance grows with K but not enough: SmolLM2 greedy, 32 tokens, gamma 4, tokens per "
+           "target forward 2.82 (K=64), 3.44 (K=256) on a 2,091-token document and 2.07 (K=64), 2.21 (K=256), "
+           "2.82 (K=1024) on a 4,139-token one, 2.07, 2.21, 2.38 on a 7,723-token one, 4.43 (every draft "
+           "accepted) when K covers the context. The draft "
+           "still reads all 134.5M weights: at best it saves 15/26/41% of a step at 2k/4k/8k tokens (fp32 KV), "
+           "so break-even needs per-token acceptance of at least 0.85/0.74/0.59 (0.87/0.76/0.60 at K=256) "
+           "against 0.63, 0.33, 0.33 measured at K=256 (2k, 4k, 8k); helper's memory-traffic accounting, no "
+           "wall-clock measured")),
 ]
 # fmt: on
 

@@ -41,7 +41,7 @@ from hf_decoding_ext.registry import METHODS  # noqa: E402
 BF16_TIE = 2 * 2.0 ** -7
 """Relative logit gap under which two bfloat16 logits are a tie (two rounding steps of an 8-bit significand)."""
 
-ACCELERATORS = [m for m in METHODS if m.family in ("speculative", "trained-heads") and m.lossless
+ACCELERATORS = [m for m in METHODS if m.family in ("speculative", "trained-heads", "self") and m.lossless
                 and m.name != "draft-model"]
 
 

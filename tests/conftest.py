@@ -223,6 +223,13 @@ TINY_COMPONENT_PARAMS = {
     "exact-extractive": dict(context="hello world, this is the tiny test"),
     "sketch-guided": dict(sketch="hello", regex=_TINY_REGEX, instruction=None, chat=False),
     "lexical-dba": dict(constraints=["is"], num_beams=2),
+    "swift": dict(context_window=4, max_draft_len=3),
+    "clasp": dict(),
+    "del": dict(max_draft_length=3),
+    "sparse-to-dense": dict(top_k=4, recent=4, num_tokens=3),
+    "d3": dict(),
+    "eesd": dict(head="untrained", exit_layer=1),
+    "free": dict(exit_layer=1, adaptive=False),  # adaptive: the threshold is refitted between calls by design
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the
 :func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""

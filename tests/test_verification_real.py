@@ -27,6 +27,7 @@ ISSUE_3_METHODS = ("prompt-lookup", "token-recycling", "auto-speculative", "look
 ISSUE_18_METHODS = ("draft-model", "direct-alignment", "spectr", "mcsd", "rsd", "dyspec", "staged-speculative",
                     "pearl", "specdec-pp")
 ISSUE_19_METHODS = ("speculative-jacobi", "stand", "dresd", "aded", "rasd", "specextend")  # lossless drafters II
+ISSUE_20_METHODS = ("swift", "clasp", "del", "eesd", "sparse-to-dense")  # lossless self-speculation
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,13 @@ def draft(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ISSUE_3_METHODS + ISSUE_18_METHODS + ISSUE_19_METHODS)
+@pytest.mark.parametrize("name", ISSUE_3_METHODS + ISSUE_18_METHODS + ISSUE_19_METHODS + ISSUE_20_METHODS)
 def test_greedy_token_identity_20_prompts_x_64_tokens_real_model(name, smollm):
-    """The issues' greedy check: every lossless training-free drafter (issues 3 and 19) and every method of the
-    verification issue (with the distilled draft), as the registry builds them, token-identical to plain greedy over
-    20 prompts x 64 tokens, up to floating-point near-ties (tallied as in ``test_speculative_lossless.py``, whose
-    default-run version covers 12 prompts x 32 tokens)."""
+    """The issues' greedy check: every lossless training-free drafter (issues 3 and 19), every method of the
+    verification issue (with the distilled draft) and every lossless self-speculative drafter (issue 20), as the
+    registry builds them, token-identical to plain greedy over 20 prompts x 64 tokens, up to floating-point
+    near-ties (tallied as in ``test_speculative_lossless.py``, whose default-run version covers 12 prompts x 32
+    tokens; the self-speculative drafters' default-run checks are in their own test files)."""
     from hf_decoding_ext.bench.parity import greedy_parity, greedy_references, near_tie_tally
     from hf_decoding_ext.plug import generate_kwargs
     from hf_decoding_ext.registry import get_method

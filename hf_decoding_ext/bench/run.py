@@ -265,7 +265,7 @@ def speculative_baselines(chosen: Mapping[str, MethodLike]) -> dict[str, MethodL
     return out
 
 
-DRAFTER_FAMILIES = ("speculative", "trained-heads")
+DRAFTER_FAMILIES = ("speculative", "trained-heads", "self")
 """Families of drafters: built once and reused across prompts, timed against transformers' built-ins."""
 
 

@@ -535,3 +535,194 @@ class OutputCapture:
             self._handle.remove()
             self._handle = None
         return False
+
+
+# ------------------------------------------------------------------------------------------------------ sub-layers
+_LLAMA_SUBLAYERS = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+"""The children of a Llama-style pre-norm decoder layer (Llama, Mistral, Qwen2/3, SmolLM): ``h + attn(norm1(h))``,
+then ``h + mlp(norm2(h))``. A layer with any other child (extra norms, dropouts, MoE blocks) is refused."""
+
+
+def _check_sublayer_model(model) -> None:
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        names = {name for name, _ in layer.named_children()}
+        if names != _LLAMA_SUBLAYERS:
+            raise ValueError(
+                f"unsupported architecture {type(model).__name__} for sub-layer skipping: decoder layer {i} "
+                f"({type(layer).__name__}) has the children {sorted(names)}, not the Llama-style pre-norm "
+                f"{sorted(_LLAMA_SUBLAYERS)} (use skip_layers() to skip whole layers)")
+
+
+def _check_skip_set(indices, total: int, what: str) -> frozenset[int]:
+    try:
+        items = list(indices)
+    except TypeError:
+        raise ValueError(f"{what} must be a sequence of layer indices, got {indices!r}") from None
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"{what} must hold integer layer indices, got {i!r} in {indices!r}")
+        if not 0 <= i < total:
+            raise ValueError(f"layer index {i} out of range in {what}={indices!r}: this model has {total} decoder "
+                             f"layers (0 to {total - 1})")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{what} repeats a layer index: {indices!r}")
+    return frozenset(items)
+
+
+class PartialDecoderLayer(torch.nn.Module):
+    """A Llama-style decoder layer with its attention and/or MLP sub-layer switched off (see
+    :func:`skip_sublayers`). A skipped sub-layer is never called: it adds nothing to the residual stream, and a
+    skipped attention neither reads nor writes the layer's KV cache. Its modules are the original layer's."""
+
+    def __init__(self, layer: torch.nn.Module, attention: bool, mlp: bool):
+        super().__init__()
+        self.layer = layer
+        self.run_attention = bool(attention)
+        self.run_mlp = bool(mlp)
+
+    def extra_repr(self) -> str:
+        return f"attention={self.run_attention}, mlp={self.run_mlp}"
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise ValueError("PartialDecoderLayer takes the hidden states positionally and everything else by name")
+        layer = self.layer
+        if self.run_attention:  # the same kwargs the decoder hands the layer, as the layer hands its attention
+            out = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+            hidden_states = hidden_states + (out[0] if isinstance(out, tuple) else out)
+        if self.run_mlp:
+            out = layer.mlp(layer.post_attention_layernorm(hidden_states))
+            if isinstance(out, tuple):
+                raise ValueError(f"sub-layer skipping needs an MLP returning a tensor, not {type(layer.mlp).__name__}")
+            hidden_states = hidden_states + out
+        return hidden_states
+
+
+class SubLayerSkipView(LayerSkipView):
+    """A causal LM that runs ``model`` with chosen attention and MLP sub-layers skipped; see :func:`skip_sublayers`.
+
+    A layer with both sub-layers skipped is left out entirely (as in :class:`LayerSkipView`); a layer with one of
+    them skipped runs as a :class:`PartialDecoderLayer`; the other layers are ``model``'s own modules. Everything
+    else (call signature, the two cache modes, ``crop_layers``) is :class:`LayerSkipView`'s, with the cache
+    addressed by the layers whose *attention* runs (:attr:`attention_layers`): only they read and write KV.
+    """
+
+    def __init__(self, model, attention: Iterable[int] = (), mlp: Iterable[int] = (), share_cache: bool = False):
+        total = num_layers(model)
+        _check_sublayer_model(model)
+        skip_attention = _check_skip_set(attention, total, "attention")
+        skip_mlp = _check_skip_set(mlp, total, "mlp")
+        keep = [i for i in range(total) if i not in skip_attention or i not in skip_mlp]
+        if not keep:
+            raise ValueError(f"every sub-layer of the {total} decoder layers is skipped (attention={attention!r}, "
+                             f"mlp={mlp!r}): at least one must run")
+        super().__init__(model, keep, share_cache=share_cache)
+        self.skip_attention = tuple(sorted(skip_attention))
+        self.skip_mlp = tuple(sorted(skip_mlp))
+        self.attention_layers = tuple(i for i in range(total) if i not in skip_attention)
+        originals = decoder_layers(model)
+        shell_layers = decoder_layers(self.shell)
+        self._partial = []
+        for j, i in enumerate(self.keep):
+            if i in skip_attention or i in skip_mlp:
+                block = PartialDecoderLayer(originals[i], attention=i not in skip_attention, mlp=i not in skip_mlp)
+                shell_layers[j] = block
+                self._partial.append(block)
+
+    def extra_repr(self) -> str:
+        return (f"skip attention={list(self.skip_attention)}, skip mlp={list(self.skip_mlp)}, of "
+                f"{self.total_layers} layers, share_cache={self.share_cache}")
+
+    def _share_capture_hooks(self) -> None:
+        super()._share_capture_hooks()
+        try:
+            from transformers.utils.output_capturing import install_output_capuring_hook
+        except ImportError:  # pragma: no cover - other transformers versions
+            return
+        for block in self._partial:  # the partial layers are new modules: give them the layers' capturing hook
+            if not getattr(block, "_hidden_hook_installed", False):
+                install_output_capuring_hook(block, "hidden_states", 0)
+                block._hidden_hook_installed = True
+
+    def _cache_for(self, past_key_values, use_cache: bool):
+        if not use_cache:
+            if past_key_values is not None:
+                raise ValueError("past_key_values given with use_cache=False")
+            return None
+        # no attention runs at all: nothing reads or writes the cache; lengths are answered from the first layer's
+        kept = self.attention_layers or (0,)
+        if self.share_cache:
+            if past_key_values is None or isinstance(past_key_values, LayerSubsetCache):
+                raise ValueError("share_cache=True runs on the full model's cache: pass it as past_key_values (got "
+                                 f"{type(past_key_values).__name__})")
+            return LayerSubsetCache(past_key_values, kept)
+        if past_key_values is None:
+            return LayerSubsetCache(DynamicCache(config=self.model.config), kept)
+        if not isinstance(past_key_values, LayerSubsetCache) or past_key_values.kept != kept:
+            raise ValueError(f"this view keeps its own cache: pass the past_key_values it returned, not a "
+                             f"{type(past_key_values).__name__} (use share_cache=True to run on the full model's "
+                             "cache)")
+        return past_key_values
+
+
+def skip_sublayers(model, attention: Iterable[int] = (), mlp: Iterable[int] = (),
+                   share_cache: bool = False) -> SubLayerSkipView:
+    """A view of ``model`` whose decoder layers ``attention`` skip their attention sub-layer and whose layers ``mlp``
+    skip their MLP sub-layer (SWIFT's layer sets, Xia et al., arXiv 2410.06916), callable like a causal LM.
+
+    Llama-style pre-norm layers only (each layer is ``h + attn(norm1(h))`` then ``h + mlp(norm2(h))``; the layer's
+    children must be exactly ``self_attn``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``). A skipped
+    sub-layer is not run at all (no compute, not compute-then-zero): a skipped MLP adds nothing to the residual
+    stream; a skipped attention adds nothing and neither reads nor writes its layer's KV cache, so with
+    ``share_cache=True`` the full model's cache is ragged after the view appended positions (only the layers whose
+    attention runs grow) and the caller crops it back with :func:`crop_layers` (the speculative engine does this
+    for drafters that declare the ``"target_cache"`` need). Skipping nothing is the full model (the same modules,
+    bit for bit); skipping both sub-layers of a layer is :func:`skip_layers` without that layer.
+
+    Args:
+        model: a Llama-style causal LM.
+        attention: indices of the layers whose attention sub-layer is skipped.
+        mlp: indices of the layers whose MLP sub-layer is skipped.
+        share_cache: run on the full model's cache instead of the view's own (see :class:`LayerSkipView`).
+
+    Raises:
+        ValueError: for an architecture other than Llama-style pre-norm layers (GPT-2, Gemma's extra norms, MoE
+            blocks, ...), bad indices (quoted), or every sub-layer skipped.
+
+    Example:
+        >>> from hf_decoding_ext.core.anatomy import skip_sublayers, crop_layers
+        >>> draft = skip_sublayers(model, attention=[1, 3, 5], mlp=[2, 3], share_cache=True)  # doctest: +SKIP
+        >>> out = model(ids, use_cache=True)  # doctest: +SKIP
+        >>> step = draft(input_ids=next_id, past_key_values=out.past_key_values)  # doctest: +SKIP
+        >>> crop_layers(out.past_key_values, ids.shape[1])  # back to the full model's cache  # doctest: +SKIP
+    """
+    return SubLayerSkipView(model, attention=attention, mlp=mlp, share_cache=share_cache)
+
+
+def sublayer_parameters(model) -> dict[str, int]:
+    """Parameter counts of ``model``'s parts, for the cost of a sub-layer-skipping view in parameters touched:
+    ``{"head": LM head (the embeddings too when untied), "norm": final norm, "attention": [per layer, with its
+    input norm], "mlp": [per layer, with its post-attention norm], "total": ...}`` (tied weights counted once).
+
+    Example:
+        >>> sizes = sublayer_parameters(model)  # doctest: +SKIP
+        >>> sizes["head"] / sizes["total"]  # about 0.21 for SmolLM2-135M  # doctest: +SKIP
+    """
+    _check_sublayer_model(model)
+    seen: set[int] = set()
+
+    def count(module) -> int:
+        n = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    head = count(lm_head(model)) + count(embeddings(model))
+    norm = count(final_norm(model))
+    attention = [count(layer.self_attn) + count(layer.input_layernorm) for layer in decoder_layers(model)]
+    mlp = [count(layer.mlp) + count(layer.post_attention_layernorm) for layer in decoder_layers(model)]
+    return {"head": head, "norm": norm, "attention": attention, "mlp": mlp,
+            "total": head + norm + sum(attention) + sum(mlp)}
