@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from hf_decoding_ext.bench.plot import plot_same_kernel_ratios
-from hf_decoding_ext.bench.prompts import load_distill_prompts, load_prompts
+from hf_decoding_ext.bench.prompts import load_distill_prompts, load_prompts, long_input_prompts
 from hf_decoding_ext.bench.speed import GREEDY_KWARGS, benchmark_speed
 from hf_decoding_ext.core.models import load_model
 from hf_decoding_ext.plug import generate_kwargs
@@ -56,14 +56,6 @@ def entries(model, tokenizer, names, early_exit: int) -> dict:
     return out
 
 
-def long_prompts(tokenizer, sizes) -> list[dict]:
-    from hf_decoding_ext.speculative.drafters.specextend import long_document
-
-    return [{"id": f"long-{n}", "category": "long_input",
-             "prompt": f"{long_document(tokenizer, n)}\n\nSummarize the documentation above in a few sentences."}
-            for n in sizes]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-category", type=int, default=1)
@@ -82,7 +74,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(dtype=getattr(torch, args.dtype))
     methods = entries(model, tokenizer, args.methods, args.early_exit)
     prompts = (load_prompts(per_category=args.per_category) if args.per_category else []) + \
-        long_prompts(tokenizer, args.long)
+        long_input_prompts(tokenizer, args.long)
     warm = load_distill_prompts(limit=args.warmup_prompts)
     result = benchmark_speed(model, tokenizer, methods, prompts, max_new_tokens=args.max_new_tokens,
                              repeats=args.repeats, warmup_prompts=warm, same_kernel="greedy/fast-kernels", tag=tag)

@@ -137,3 +137,14 @@ def interleaved_prompts(n: int, per_category: int | None = None) -> list[dict]:
     if len(order) < n:
         raise ValueError(f"only {len(order)} interleaved prompts available, {n} asked")
     return order[:n]
+
+
+def long_input_prompts(tokenizer, sizes) -> list[dict]:
+    """Long-input rows (category ``long_input``): a public-domain document of about ``n`` tokens for each ``n`` of
+    ``sizes`` (the shipped docutils text, :func:`~hf_decoding_ext.speculative.drafters.specextend.long_document`),
+    followed by a summarisation instruction. Used by the long-input speed runs (SpecExtend, Sparse-to-Dense)."""
+    from hf_decoding_ext.speculative.drafters.specextend import long_document
+
+    return [{"id": f"long-{n}", "category": "long_input",
+             "prompt": f"{long_document(tokenizer, n)}\n\nSummarize the documentation above in a few sentences."}
+            for n in sizes]

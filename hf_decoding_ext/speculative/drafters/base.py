@@ -69,6 +69,25 @@ class VerifyResult:
     committed_top_k: torch.Tensor | None = None
 
 
+def pick_draft_token(scores: torch.Tensor, do_sample: bool, probs: list | None = None):
+    """The next draft token of a chain drafter from processed scores ``(1, vocab)``: sampled from their softmax when
+    ``do_sample`` (the distribution ``p[0]`` is appended to ``probs``, the tree's ``draft_probs``), else the argmax.
+    Returns ``(token (1,), p (1, vocab))``; ``p`` also serves confidence-based draft stops.
+
+    Example:
+        >>> tok, p = pick_draft_token(torch.tensor([[0.0, 2.0, 1.0]]), do_sample=False)
+        >>> int(tok)
+        1
+    """
+    p = torch.softmax(scores, dim=-1)
+    if do_sample:
+        tok = torch.multinomial(p, 1)[:, 0]
+        if probs is not None:
+            probs.append(p[0])
+        return tok, p
+    return scores.argmax(-1), p
+
+
 DRAFTER_NEEDS = frozenset({"last_hidden_state", "all_hidden_states", "committed_logits", "committed_top_k",
                            "assistant_model", "target_cache"})
 """What a drafter may ask of the engine in :attr:`Drafter.needs`:

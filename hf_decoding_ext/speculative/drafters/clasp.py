@@ -17,7 +17,7 @@ from hf_decoding_ext.core.anatomy import (
     skip_layers,
 )
 from hf_decoding_ext.core.tree import DraftTree, additive_mask
-from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, pick_draft_token
 from hf_decoding_ext.speculative.policies.draft_length import draft_length_policy
 
 __all__ = ["CLaSpDrafter", "LayerDPResult", "layer_dp", "run_layers", "uniform_skip_set"]
@@ -345,12 +345,7 @@ class CLaSpDrafter(Drafter):
                 self.stats["draft_forwards"] += 1
                 self.stats["draft_layer_calls"] += len(keep)
                 scores = processors(cur_ids, out.logits[:, -1].float())
-                p = torch.softmax(scores, dim=-1)
-                if state.do_sample:
-                    tok = torch.multinomial(p, 1)[:, 0]
-                    probs.append(p[0])
-                else:
-                    tok = scores.argmax(-1)
+                tok, p = pick_draft_token(scores, state.do_sample, probs)
                 tokens.append(int(tok))
                 cur_ids = torch.cat([cur_ids, tok[:, None]], dim=1)
                 cur_mask = torch.cat([cur_mask, cur_mask.new_ones((1, 1))], dim=1)

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.tree import DraftTree
-from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, pick_draft_token
 from hf_decoding_ext.speculative.policies.draft_length import SCHEDULES, DraftLengthPolicy, draft_length_policy
 
 
@@ -207,12 +207,7 @@ class DraftModelDrafter(Drafter):
             if self.keep_logits:
                 kept.append(logits[0])
             scores = processors(cur_ids, logits)
-            p = torch.softmax(scores, dim=-1)
-            if state.do_sample:
-                tok = torch.multinomial(p, 1)[:, 0]
-                probs.append(p[0])
-            else:
-                tok = scores.argmax(-1)
+            tok, p = pick_draft_token(scores, state.do_sample, probs)
             tokens.append(int(tok))
             cur_ids = torch.cat([cur_ids, tok[:, None]], dim=1)
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones((1, 1))], dim=1)

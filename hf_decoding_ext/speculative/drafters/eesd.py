@@ -18,7 +18,7 @@ from hf_decoding_ext.core.anatomy import (
     layer_subset_model,
 )
 from hf_decoding_ext.core.tree import DraftTree
-from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, pick_draft_token
 from hf_decoding_ext.speculative.heads.exit_head import ExitHead, shipped_exit_head_path
 from hf_decoding_ext.speculative.policies.draft_length import ConstantLength, DraftLengthPolicy
 from hf_decoding_ext.speculative.policies.thompson import ThompsonLength
@@ -254,12 +254,7 @@ class EESDDrafter(Drafter):
             logits = self._draft_logits(state, new, pos)
             pos += new.shape[1]
             scores = processors(cur, logits[None])
-            p = torch.softmax(scores, dim=-1)
-            if state.do_sample:
-                tok = torch.multinomial(p, 1)[:, 0]
-                probs.append(p[0])
-            else:
-                tok = scores.argmax(-1)
+            tok, p = pick_draft_token(scores, state.do_sample, probs)
             tokens.append(int(tok))
             new = tok[:, None]
             cur = torch.cat([cur, new], dim=1)

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.anatomy import decoder, decoder_layers
 from hf_decoding_ext.core.tree import DraftTree
-from hf_decoding_ext.speculative.drafters.base import Draft, Drafter
+from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, pick_draft_token
 
 
 # ------------------------------------------------------------------------------------------------------ probe
@@ -235,12 +235,7 @@ class SparseToDenseDrafter(Drafter):
                 out = model(input_ids=new, position_ids=pos, cache=cache, use_cache=True,
                             logits_to_keep=1, return_dict=True)
                 scores = processors(cur_ids, out.logits[:, -1].float())
-                p = torch.softmax(scores, dim=-1)
-                if state.do_sample:
-                    tok = torch.multinomial(p, 1)[:, 0]
-                    probs.append(p[0])
-                else:
-                    tok = scores.argmax(-1)
+                tok, p = pick_draft_token(scores, state.do_sample, probs)
                 tokens.append(int(tok))
                 cur_ids = torch.cat([cur_ids, tok[:, None]], dim=1)
                 new = tok[:, None]
