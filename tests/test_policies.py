@@ -126,7 +126,8 @@ def _brute_force_choices(accuracies, num_nodes, max_depth=None):
 
 def test_choices_from_accuracies_equal_the_best_first_tree_and_brute_force():
     rng = random.Random(4)
-    tables = [json.loads(p.read_text())["head_accuracies"] for p in sorted(data_path("heads").glob("*/config.json"))]
+    configs = [json.loads(p.read_text()) for p in sorted(data_path("heads").glob("*/config.json"))]
+    tables = [c["head_accuracies"] for c in configs if "head_accuracies" in c]  # the draft heads (not the exit head)
     assert len(tables) >= 4
     tables = [[row[:4] for row in table[:3]] for table in tables]  # keep brute force small
     tables += [[[rng.choice([0.5, 0.25, 0.1, rng.random()]) for _ in range(rng.randint(1, 3))]
