@@ -1080,7 +1080,7 @@ METHODS: list[MethodSpec] = [
            "still reads all 134.5M weights: at best it saves 15/26/41% of a step at 2k/4k/8k tokens (fp32 KV), "
            "so break-even needs per-token acceptance of at least 0.85/0.74/0.59 (0.87/0.76/0.60 at K=256) "
            "against 0.63, 0.33, 0.33 measured at K=256 (2k, 4k, 8k); helper's memory-traffic accounting, no "
-           "wall-clock measured; wall clock 0.92x same-kernel greedy [0.90-0.93], 6 benchmark prompts x 64 tokens x 2 interleaved passes, fp32 (results/self_speed.json); 0.80x [0.78-0.81] on 2,048- and 4,096-token inputs (results/self_long_speed.json)")),
+           "wall-clock measured; wall clock 0.92x same-kernel greedy [0.90-0.93], 6 benchmark prompts x 64 tokens x 2 interleaved passes, fp32 (results/self_speed.json); 0.80x [0.78-0.81] on 2,048- and 4,096-token inputs (results/self_long_speed.json); 0.77x [0.68-0.87] on a 7,680-token input (results/self_long8k_speed.json)")),
 ]
 # fmt: on
 
