@@ -12,6 +12,8 @@ import torch
 from hf_decoding_ext.core.anatomy import decoder_layers, early_exit, exit_logits, lm_head, num_layers
 from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
+from hf_decoding_ext.speculative.policies.draft_length import (  # noqa: F401 - re-exported
+    break_even_acceptance, expected_tokens)
 
 COSTS = ("layers", "parameters")
 """Cost models of the Token-per-Layer objective: ``"layers"`` (the paper's: a draft token costs ``E`` layers, a
@@ -25,17 +27,6 @@ position of the path is a trial)."""
 
 
 # ------------------------------------------------------------------------------------------------ the objective
-def expected_tokens(alpha: float, draft_length: int) -> float:
-    """Expected tokens per round ``(1 - a^(d+1)) / (1 - a)`` (``d`` drafts, each accepted with probability ``a``
-    given the previous ones; the bonus token included), computed as ``sum_{k=0}^{d} a^k`` (exact at ``a = 1``).
-
-    Example:
-        >>> expected_tokens(0.5, 2)
-        1.75
-    """
-    return float(sum(alpha ** k for k in range(draft_length + 1)))
-
-
 def token_per_layer(alpha: float, draft_length: int, exit_cost: float, verify_cost: float) -> float:
     """DEL's Token-per-Layer ``TPL(E, d) = [(1 - a_E^(d+1)) / (1 - a_E)] / (d * c_E + c_L)``: expected tokens of a
     round over its cost, a draft token costing ``exit_cost`` (``c_E``; the paper: ``E`` layers) and the verification
@@ -69,28 +60,6 @@ def best_exit(alphas, exit_costs, verify_cost: float, max_draft_length: int, min
         raise ValueError(f"no candidate: alphas={dict(alphas)!r}, draft lengths {min_draft_length}.."
                          f"{max_draft_length}")
     return best
-
-
-def break_even_acceptance(cost_fraction: float, draft_length: int, verify_cost: float = 1.0) -> float:
-    """The per-token acceptance ``a`` at which a linear draft of ``draft_length`` tokens, each costing
-    ``cost_fraction`` of a full forward, with a verification costing ``verify_cost`` forwards, breaks even with plain
-    decoding: ``(1 - a^(d+1)) / (1 - a) = d * cost_fraction + verify_cost`` (bisection; ``1.0`` when even full
-    acceptance does not pay).
-
-    Example:
-        >>> round(break_even_acceptance(0.5, 1), 3)  # 1 + a = 1.5
-        0.5
-    """
-    if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
-        raise ValueError(f"draft_length must be a positive integer, got {draft_length!r}")
-    need = draft_length * cost_fraction + verify_cost
-    if expected_tokens(1.0, draft_length) <= need:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if expected_tokens(mid, draft_length) < need else (lo, mid)
-    return (lo + hi) / 2
 
 
 def parameter_costs(model) -> dict:

@@ -20,7 +20,8 @@ from hf_decoding_ext.core.anatomy import (
 from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, pick_draft_token
 from hf_decoding_ext.speculative.heads.exit_head import ExitHead, shipped_exit_head_path
-from hf_decoding_ext.speculative.policies.draft_length import ConstantLength, DraftLengthPolicy
+from hf_decoding_ext.speculative.policies.draft_length import (  # noqa: F401 - break_even_acceptance re-exported
+    ConstantLength, DraftLengthPolicy, break_even_acceptance)
 from hf_decoding_ext.speculative.policies.thompson import ThompsonLength
 
 __all__ = ["EESDDrafter", "draft_cost_fraction", "break_even_acceptance"]
@@ -47,26 +48,6 @@ def draft_cost_fraction(model, exit_layer: int, extra_layers: int = 1) -> float:
     layer_mean = sum(per_layer) / len(per_layer)
     draft = sum(per_layer[:exit_layer]) + extra_layers * layer_mean + head
     return draft / full
-
-
-def break_even_acceptance(cost: float, length: int, verify_cost: float = 1.0) -> float:
-    """The per-token acceptance rate ``a`` at which a chain of ``length`` draft tokens, each costing ``cost`` full
-    forwards, plus one verification costing ``verify_cost`` forwards, yields as many tokens per unit of cost as plain
-    decoding: ``(1 - a ** (length + 1)) / (1 - a) = length * cost + verify_cost`` (bisection; ``1.0`` if even full
-    acceptance does not break even).
-
-    Example:
-        >>> round(break_even_acceptance(0.4, 4, 1.1), 3)  # doctest: +SKIP
-    """
-    target = length * cost + verify_cost
-    if length + 1 <= target:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        tokens = (1 - mid ** (length + 1)) / (1 - mid) if mid < 1 else length + 1
-        lo, hi = (mid, hi) if tokens < target else (lo, mid)
-    return (lo + hi) / 2
 
 
 class EESDDrafter(Drafter):

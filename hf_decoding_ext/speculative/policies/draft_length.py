@@ -143,3 +143,36 @@ def draft_length_policy(schedule: str, num_tokens: int, confidence_threshold: fl
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
     return SCHEDULES[schedule](num_tokens, confidence_threshold)
+
+
+def expected_tokens(alpha: float, draft_length: int) -> float:
+    """Expected tokens per round ``(1 - a^(d+1)) / (1 - a)`` (``d`` drafts, each accepted with probability ``a``
+    given the previous ones; the bonus token included), computed as ``sum_{k=0}^{d} a^k`` (exact at ``a = 1``).
+
+    Example:
+        >>> expected_tokens(0.5, 2)
+        1.75
+    """
+    return float(sum(alpha ** k for k in range(draft_length + 1)))
+
+
+def break_even_acceptance(cost_fraction: float, draft_length: int, verify_cost: float = 1.0) -> float:
+    """The per-token acceptance ``a`` at which a linear draft of ``draft_length`` tokens, each costing
+    ``cost_fraction`` of a full forward, with a verification costing ``verify_cost`` forwards, breaks even with plain
+    decoding: ``(1 - a^(d+1)) / (1 - a) = d * cost_fraction + verify_cost`` (bisection; ``1.0`` when even full
+    acceptance does not pay). Used by the self-speculative drafters' cost reports (DEL, EESD).
+
+    Example:
+        >>> round(break_even_acceptance(0.5, 1), 3)  # 1 + a = 1.5
+        0.5
+    """
+    if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
+        raise ValueError(f"draft_length must be a positive integer, got {draft_length!r}")
+    need = draft_length * cost_fraction + verify_cost
+    if expected_tokens(1.0, draft_length) <= need:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, draft_length) < need else (lo, mid)
+    return (lo + hi) / 2
