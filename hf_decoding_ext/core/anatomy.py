@@ -700,6 +700,17 @@ def skip_sublayers(model, attention: Iterable[int] = (), mlp: Iterable[int] = ()
     return SubLayerSkipView(model, attention=attention, mlp=mlp, share_cache=share_cache)
 
 
+def layer_parameters(model) -> list[int]:
+    """Parameter count of each decoder layer of ``model``, in order: the unit of the self-drafting methods' cost
+    accounting in parameters touched (a weight-bandwidth-bound decode step reads each layer's weights once).
+
+    Example:
+        >>> layer_parameters(model)[0]  # about 3.54M for SmolLM2-135M  # doctest: +SKIP
+        3540096
+    """
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+
+
 def sublayer_parameters(model) -> dict[str, int]:
     """Parameter counts of ``model``'s parts, for the cost of a sub-layer-skipping view in parameters touched:
     ``{"head": LM head (the embeddings too when untied), "norm": final norm, "attention": [per layer, with its

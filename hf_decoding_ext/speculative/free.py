@@ -15,6 +15,7 @@ from hf_decoding_ext.core.anatomy import (
     OutputCapture,
     decoder,
     decoder_layers,
+    layer_parameters,
     layer_subset_model,
     lm_head,
     num_layers,
@@ -400,7 +401,7 @@ class FREEDecoding(DecodingLoop):
             self.refit()  # once per sample, before decoding it (the official schedule)
 
         # weight reads (parameters) of each pass, for the cost accounting
-        layer_params = [sum(p.numel() for p in blk.parameters()) for blk in layers]
+        layer_params = layer_parameters(model)
         head_params = sum(p.numel() for p in head_module.parameters())
         exit_params = head_params
         if head is not None and isinstance(head, torch.nn.Module):

@@ -13,6 +13,7 @@ from hf_decoding_ext.core.anatomy import (
     decoder,
     decoder_layers,
     final_norm,
+    layer_parameters,
     num_layers,
     skip_layers,
 )
@@ -402,8 +403,7 @@ class CLaSpDrafter(Drafter):
             >>> drafter.cost_fractions(model)["draft_token"]  # doctest: +SKIP
             0.79
         """
-        layers = decoder_layers(model)
-        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        per_layer = layer_parameters(model)
         head = model.get_output_embeddings().weight.numel() + sum(p.numel() for p in final_norm(model).parameters())
         full = sum(per_layer) + head
         skip = self.skip if self.skip is not None else ()

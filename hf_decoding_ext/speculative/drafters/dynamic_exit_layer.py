@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from hf_decoding_ext.core.anatomy import decoder_layers, early_exit, exit_logits, lm_head, num_layers
+from hf_decoding_ext.core.anatomy import early_exit, exit_logits, layer_parameters, lm_head, num_layers
 from hf_decoding_ext.core.tree import DraftTree
 from hf_decoding_ext.speculative.drafters.base import Draft, Drafter, VerifyResult
 from hf_decoding_ext.speculative.policies.draft_length import (  # noqa: F401 - re-exported
@@ -66,7 +66,7 @@ def parameter_costs(model) -> dict:
     """Parameters touched per token: ``layers`` (one count per decoder layer), ``head`` (the LM head's weight, read
     whole for every token; the embedding lookup reads one row and is not counted) and ``total`` (all decoder layers
     + the head: one full forward)."""
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+    layers = layer_parameters(model)
     head = lm_head(model).weight.numel()
     return {"layers": layers, "head": head, "total": sum(layers) + head}
 

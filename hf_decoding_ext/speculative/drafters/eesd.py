@@ -9,12 +9,13 @@ import torch
 
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.anatomy import (
-    _NORM_NAMES,
     LayerSubsetCache,
+    _NORM_NAMES,
     crop_layers,
     decoder,
     decoder_layers,
     exit_logits,
+    layer_parameters,
     layer_subset_model,
 )
 from hf_decoding_ext.core.tree import DraftTree
@@ -38,8 +39,7 @@ def draft_cost_fraction(model, exit_layer: int, extra_layers: int = 1) -> float:
         >>> draft_cost_fraction(model, 6)  # SmolLM2-135M: (7 x 3.54M + 28.3M) / 134.5M  # doctest: +SKIP
         0.395
     """
-    layers = decoder_layers(model)
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    per_layer = layer_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight.numel()
     emb = model.get_input_embeddings().weight
