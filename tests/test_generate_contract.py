@@ -69,7 +69,7 @@ def test_user_cache_is_used_and_output_unchanged(tiny_llama, char_tokenizer, tin
     seq = torch.cat([out.sequences, out.sequences[:, -1:]], dim=1)  # a next turn of one token
     assert prefilled <= cache.get_seq_length() <= out.sequences.shape[1]
     rows = cache.layers[0].keys.shape[0] if cache.get_seq_length() else seq.shape[0]
-    if name == "lexical-dba":  # a beam search: the cache holds the beams, as generate()'s beam search returns it
+    if name in ("lexical-dba", "diverse-beam-search"):  # beam searches: the cache holds the beams, as generate()'s does
         assert rows == seq.shape[0] * loop.num_beams
         return
     seq = seq[:rows]  # superposed returns several drafts of one prompt row; the cache follows the first
