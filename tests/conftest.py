@@ -223,6 +223,7 @@ TINY_COMPONENT_PARAMS = {
     "exact-extractive": dict(context="hello world, this is the tiny test"),
     "sketch-guided": dict(sketch="hello", regex=_TINY_REGEX, instruction=None, chat=False),
     "lexical-dba": dict(constraints=["is"], num_beams=2),
+    "diverse-beam-search": dict(num_beams=2, num_beam_groups=2, diversity_penalty=0.5),
     "swift": dict(context_window=4, max_draft_len=3),
     "clasp": dict(),
     "del": dict(max_draft_length=3),
@@ -230,6 +231,12 @@ TINY_COMPONENT_PARAMS = {
     "d3": dict(),
     "eesd": dict(head="untrained", exit_layer=1),
     "free": dict(exit_layer=1, adaptive=False),  # adaptive: the threshold is refitted between calls by design
+    "infalign": dict(n=2, num_reference=3, seed=0),
+    "mbr": dict(n=3, utility="chrf", seed=0),
+    "quality-aware": dict(n=3, strategy="t-rr+mbr", shortlist=2, seed=0),
+    "consensus-game": dict(n=2, iterations=20, seed=0),
+    "lattice": dict(beam_size=2, ngram_suffix=2),
+    "daemon": dict(n=2, seed=0, weights={"rep": 1.0, "coh": 0.5, "info": 0.1, "len": -0.05}),
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the
 :func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""

@@ -137,6 +137,55 @@ def encode_prompts(tokenizer, prompts, chat: bool | None = None, device=None):
     return enc
 
 
+_SENTINEL = "\u2063TASK-INPUT\u2063"
+_ANSWER = "\u2063ANSWER\u2063"
+
+
+def _chat_frame(tokenizer) -> tuple[str, str, str] | None:
+    """``(prefix, user_header, suffix)`` of the chat template: what precedes the only user message, what precedes a
+    user message after an assistant turn, and what follows the last user message (the generation prompt)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        one = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                            add_generation_prompt=True)
+        two = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": _ANSWER},
+                                             {"role": "user", "content": _SENTINEL}], tokenize=False,
+                                            add_generation_prompt=True)
+    except Exception:  # templates may refuse some conversations; then no chat framing is recognised
+        return None
+    if one.count(_SENTINEL) != 1 or two.count(_SENTINEL) != 1 or two.count(_ANSWER) != 1:
+        return None
+    prefix, suffix = one.split(_SENTINEL)
+    header = two.split(_SENTINEL)[0].split(_ANSWER)[1]
+    return prefix, header, suffix
+
+
+def task_input_from_prompt(tokenizer, prompt_ids) -> str:
+    """The task input (the last user message) of a prompt, given as token ids without padding.
+
+    For a chat-formatted prompt the text of the last user turn is cut out of the decoded prompt using the
+    tokenizer's chat template; otherwise the decoded prompt (special tokens dropped) is returned, stripped. Pass
+    ``task_input=`` to :class:`SketchGuidedDecoding` instead when the prompt holds more than the task input.
+    """
+    ids = [int(t) for t in prompt_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    frame = _chat_frame(tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    if frame is not None:
+        prefix, header, suffix = frame
+        body = text
+        if bos and body.startswith(bos) and not prefix.startswith(bos):
+            body = body[len(bos):]
+        if body.endswith(suffix):
+            if header and header in body:  # a user turn after other turns: the last one
+                return body[body.rfind(header) + len(header):len(body) - len(suffix)]
+            if body.startswith(prefix):
+                return body[len(prefix):len(body) - len(suffix)]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
 def truncated_model(model, num_layers: int):
     """A causal LM made of the embeddings, first ``num_layers`` decoder layers, final norm and LM head of ``model``.
 

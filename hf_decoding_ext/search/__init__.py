@@ -1,5 +1,10 @@
-"""Search and reranking loops (candidate pools and selectors, step-level search guided by values and rewards).
+"""Search and reranking loops (candidate pools and selectors; step-level search guided by values and rewards).
 
-Empty in this release: the methods of the search issues (MBR, best-of-N, A*-decoding, ...) are built here as
-configurations of :mod:`hf_decoding_ext.core.rollout` and :mod:`hf_decoding_ext.core.scoring`.
+Issue 21 (candidate pools and selectors): :mod:`~hf_decoding_ext.search.mbr` (minimum Bayes risk),
+:mod:`~hf_decoding_ext.search.quality_aware` (N-best reranking and MBR), :mod:`~hf_decoding_ext.search.infalign`
+(best-/worst-of-N under a calibrated reward), :mod:`~hf_decoding_ext.search.daemon` (sampling-importance-resampling
+toward human-text metrics), :mod:`~hf_decoding_ext.search.consensus_game` (equilibrium ranking),
+:mod:`~hf_decoding_ext.search.diverse_beam_search` and :mod:`~hf_decoding_ext.search.lattice` (pool generators).
+The rerankers are :class:`~hf_decoding_ext.core.candidates.RerankingLoop` subclasses; their utilities and scorers are
+in :mod:`hf_decoding_ext.core.scoring`. Step-level searches (A*, phi-decoding, CARDS, TQ*, PG-TD) are not built yet.
 """

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+from hf_decoding_ext.core.models import task_input_from_prompt  # noqa: F401 - re-exported (moved to core)
 from hf_decoding_ext.core.rows import broadcast_rows
 from hf_decoding_ext.structured.json_schema import GrammarConstrainedLogitsProcessor
 from hf_decoding_ext.structured.grammar import Grammar, as_grammar, choices as choices_grammar, compile_grammar, eos_ids_of
@@ -28,8 +29,6 @@ DEFAULT_INSTRUCTION = (
 """Task description placed before the demonstrations (the paper's prompt opens with one, e.g. "you will be provided
 with a draft ... Your task is to correct the annotations")."""
 
-_SENTINEL = "\u2063SGCD-TASK-INPUT\u2063"
-_ANSWER = "\u2063SGCD-ANSWER\u2063"
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -105,51 +104,6 @@ def build_refinement_prompt(tokenizer, task_input: str, sketch: str | None, demo
     blocks = [f"{user}\nOutput:\n" + (answer if answer is not None else "") for user, answer in turns]
     text = "\n\n".join(blocks)
     return f"{instruction}\n\n{text}" if instruction else text
-
-
-def _chat_frame(tokenizer) -> tuple[str, str, str] | None:
-    """``(prefix, user_header, suffix)`` of the chat template: what precedes the only user message, what precedes a
-    user message after an assistant turn, and what follows the last user message (the generation prompt)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return None
-    try:
-        one = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                            add_generation_prompt=True)
-        two = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
-                                             {"role": "assistant", "content": _ANSWER},
-                                             {"role": "user", "content": _SENTINEL}], tokenize=False,
-                                            add_generation_prompt=True)
-    except Exception:  # templates may refuse some conversations; then no chat framing is recognised
-        return None
-    if one.count(_SENTINEL) != 1 or two.count(_SENTINEL) != 1 or two.count(_ANSWER) != 1:
-        return None
-    prefix, suffix = one.split(_SENTINEL)
-    header = two.split(_SENTINEL)[0].split(_ANSWER)[1]
-    return prefix, header, suffix
-
-
-def task_input_from_prompt(tokenizer, prompt_ids) -> str:
-    """The task input (the last user message) of a prompt, given as token ids without padding.
-
-    For a chat-formatted prompt the text of the last user turn is cut out of the decoded prompt using the
-    tokenizer's chat template; otherwise the decoded prompt (special tokens dropped) is returned, stripped. Pass
-    ``task_input=`` to :class:`SketchGuidedDecoding` instead when the prompt holds more than the task input.
-    """
-    ids = [int(t) for t in prompt_ids]
-    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    frame = _chat_frame(tokenizer)
-    bos = getattr(tokenizer, "bos_token", None)
-    if frame is not None:
-        prefix, header, suffix = frame
-        body = text
-        if bos and body.startswith(bos) and not prefix.startswith(bos):
-            body = body[len(bos):]
-        if body.endswith(suffix):
-            if header and header in body:  # a user turn after other turns: the last one
-                return body[body.rfind(header) + len(header):len(body) - len(suffix)]
-            if body.startswith(prefix):
-                return body[len(prefix):len(body) - len(suffix)]
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
 
 
 # ------------------------------------------------------------------------------------------------ the loop
