@@ -48,6 +48,7 @@ from hf_decoding_ext.bench.quality import continuation_surprise
 from hf_decoding_ext.bench.run import write_json
 from hf_decoding_ext.bench.speed import GREEDY_KWARGS, cut_at_eos, encode_prompt, eos_token_ids, result_header
 from hf_decoding_ext.core.models import load_model
+from hf_decoding_ext.core.scoring import rouge_l
 from hf_decoding_ext.plug import generate_kwargs
 from hf_decoding_ext.registry import get_method, list_methods
 from hf_decoding_ext.speculative.d3 import d3_cost
@@ -57,19 +58,6 @@ from hf_decoding_ext.speculative.policies.draft_length import break_even_accepta
 SPEED_FILES = {"float32": "results/self_speed.json", "bfloat16": "results/self_speed_bfloat16.json"}
 SPEED_KEYS = ("speed_ratio_same_kernel", "speed_ratio_same_kernel_min", "speed_ratio_same_kernel_max",
               "speed_ratio", "tokens_per_s", "tokens_per_forward", "match_baseline_rate")
-
-
-def rouge_l(hyp, ref) -> float:
-    """Token-level ROUGE-L F1 (longest common subsequence), as ``tests/test_free.py`` computes it."""
-    row = [0] * (len(ref) + 1)
-    for x in hyp:
-        prev = 0
-        for j, y in enumerate(ref):
-            cur = row[j + 1]
-            row[j + 1] = prev + 1 if x == y else max(row[j + 1], row[j])
-            prev = cur
-    lcs = row[-1]
-    return 0.0 if not lcs else 2 * lcs / (len(hyp) + len(ref))
 
 
 def mean_log_prob(model, prompt_ids, tokens) -> float | None:

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from hf_decoding_ext.core.anatomy import exit_logits
+from hf_decoding_ext.core.scoring import rouge_l
 from hf_decoding_ext.speculative.free import (
     BetaMixture1D,
     FREEDecoding,
@@ -375,19 +376,6 @@ def test_real_model_threshold_one_is_greedy_and_sync_is_exact(smollm):
         torch.testing.assert_close(logits, full[position], atol=2e-3, rtol=1e-3)
 
 
-def _rouge_l(hyp, ref):
-    """Token-level ROUGE-L F1 (longest common subsequence)."""
-    row = [0] * (len(ref) + 1)
-    for x in hyp:
-        prev = 0
-        for j, y in enumerate(ref):
-            cur = row[j + 1]
-            row[j + 1] = prev + 1 if x == y else max(row[j + 1], row[j])
-            prev = cur
-    lcs = row[-1]
-    return 0.0 if not lcs else 2 * lcs / (len(hyp) + len(ref))
-
-
 @pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.parametrize("exit_head", ["plain", None])
@@ -415,7 +403,7 @@ def test_real_model_shallow_fraction_quality_and_cost(smollm, exit_head):
         shallow += s["shallow_tokens"]
         tokens += s["tokens"]
         weight += s["weight_fraction"] * s["tokens"]
-        rouge += _rouge_l(out, ref) / len(rows)
+        rouge += rouge_l(out, ref) / len(rows)
         agree += sum(a == b for a, b in zip(out, ref)) / len(ref) / len(rows)
     print(f"FREE {loop.exit_kind} exit @{loop.stats['exit_layer']}: shallow fraction {shallow / tokens:.3f}, ROUGE-L "
           f"vs greedy {rouge:.3f}, positional agreement {agree:.3f}, weight reads/token {weight / tokens:.3f} of a "
