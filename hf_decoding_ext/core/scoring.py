@@ -299,6 +299,48 @@ def model_token_log_probs(model, prompt_ids, candidates: list[torch.Tensor], bat
     return out
 
 
+@torch.no_grad()
+def continuation_token_log_probs(model, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                                 batch_size: int = 8) -> list[torch.Tensor]:
+    """Per-token log-probabilities ``log p_model(c_t | prefix, c_<t)`` of each continuation after its *own* prefix
+    (unlike :func:`model_token_log_probs`, whose candidates share one prompt): one float32 CPU tensor per pair, empty
+    for an empty continuation. Pairs run in batches of ``batch_size`` with left padding and explicit positions; only
+    the continuation positions' logits are computed.
+
+    Example:
+        >>> lp = continuation_token_log_probs(model, [[5, 6], [7]], [[8, 9], [10]])  # doctest: +SKIP
+        >>> [t.shape for t in lp]  # doctest: +SKIP
+        [torch.Size([2]), torch.Size([1])]
+    """
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(continuations)} continuations")
+    batch_size = _check_batch_size(batch_size)
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = [torch.zeros(0) for _ in continuations]
+    todo = [i for i, c in enumerate(continuations) if len(c)]
+    if any(len(prefixes[i]) == 0 for i in todo):
+        raise ValueError("every prefix needs at least one token")
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        seqs = [list(prefixes[i]) + list(continuations[i]) for i in idx]
+        width = max(len(q) for q in seqs)
+        keep = max(len(continuations[i]) for i in idx) + 1
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[r, width - len(q):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       use_cache=False, logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()  # (rows, keep, vocab): positions width-keep .. width-1
+        for r, i in enumerate(idx):
+            n = len(continuations[i])
+            target = ids[r, width - n:]
+            out[i] = logp[r, keep - 1 - n:keep - 1].gather(-1, target[:, None]).squeeze(-1)
+    return out
+
+
 class LogProbScorer(Scorer):
     r"""Scores a candidate by its log-probability given the prompt:
     :math:`\sum_t \log p(y_t \mid x, y_{<t})` (plus :math:`\log p(\mathrm{eos} \mid x, y)` with ``end_token_ids``).

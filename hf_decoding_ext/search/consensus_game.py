@@ -40,6 +40,7 @@ import torch
 
 from hf_decoding_ext.core.candidates import CandidatePool, RerankingLoop, Selection
 from hf_decoding_ext.core.loop import GenerationState
+from hf_decoding_ext.core.scoring import continuation_token_log_probs
 
 CORRECT, INCORRECT = 0, 1
 """Index of the correctness values ``v`` in every policy tensor (generator rows, discriminator columns)."""
@@ -374,39 +375,13 @@ def _prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
     return ids
 
 
-@torch.no_grad()
 def continuation_logprobs(model, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
                           batch_size: int = 8) -> torch.Tensor:
     """``log p_model(continuation | prefix)`` (summed over the continuation's tokens) for each pair, ``(m,)``
-    float64. Batched with left padding; an empty continuation scores 0."""
-    if len(prefixes) != len(continuations):
-        raise ValueError(f"{len(prefixes)} prefixes for {len(continuations)} continuations")
-    device = next(model.parameters()).device
-    out = torch.zeros(len(prefixes), dtype=torch.float64)
-    for start in range(0, len(prefixes), batch_size):
-        rows = list(range(start, min(start + batch_size, len(prefixes))))
-        seqs = [list(prefixes[i]) + list(continuations[i]) for i in rows]
-        if any(len(prefixes[i]) == 0 for i in rows):
-            raise ValueError("every prefix needs at least one token")
-        width = max(len(s) for s in seqs)
-        keep = max(len(continuations[i]) for i in rows) + 1
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[j, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       use_cache=False, logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)  # (rows, keep, vocab): positions width-keep .. width-1
-        for j, i in enumerate(rows):
-            c = len(continuations[i])
-            if c == 0:
-                continue
-            targets = ids[j, width - c:].to(device)
-            pred = logp[j, keep - c - 1:keep - 1]  # the positions predicting the continuation's tokens
-            out[i] = pred.gather(-1, targets[:, None]).sum().double().cpu()
-    return out
+    float64. Batched with left padding (:func:`~hf_decoding_ext.core.scoring.continuation_token_log_probs`); an empty
+    continuation scores 0."""
+    per_token = continuation_token_log_probs(model, prefixes, continuations, batch_size)
+    return torch.tensor([float(t.sum().double()) if t.numel() else 0.0 for t in per_token], dtype=torch.float64)
 
 
 def lm_scores(model, tokenizer, question: str, answers: Sequence[str] | None = None, *,

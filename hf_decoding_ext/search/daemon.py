@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from hf_decoding_ext.core.candidates import CandidatePool, RerankingLoop, Selection
 from hf_decoding_ext.core.loop import GenerationState
+from hf_decoding_ext.core.scoring import continuation_token_log_probs
 from hf_decoding_ext.core.resources import data_path
 
 __all__ = [
@@ -169,33 +170,11 @@ def _mean_hidden(model, seqs: list[list[int]], batch_size: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
 def _continuation_nll(model, prefixes: list[list[int]], conts: list[list[int]], batch_size: int) -> torch.Tensor:
     """Mean per-token negative log-likelihood of each continuation given its prefix, ``(n,)`` float64 (0 when the
-    continuation is empty). Left padding with explicit positions, logits only for the continuation positions."""
-    device = next(model.parameters()).device
-    out = torch.zeros(len(conts), dtype=torch.float64)
-    todo = [i for i, c in enumerate(conts) if c]
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
-        seqs = [list(prefixes[i]) + list(conts[i]) for i in idx]
-        width = max(len(s) for s in seqs)
-        keep = max(len(conts[i]) for i in idx) + 1
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       use_cache=False, logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()  # (b, keep, vocab): position j predicts token width-keep+j+1
-        for r, i in enumerate(idx):
-            n = len(conts[i])
-            target = torch.tensor(conts[i])
-            rows = logp[r, keep - 1 - n:keep - 1]  # the n positions before each continuation token
-            out[i] = -rows.gather(1, target[:, None]).double().mean()
-    return out
+    continuation is empty), from :func:`~hf_decoding_ext.core.scoring.continuation_token_log_probs`."""
+    per_token = continuation_token_log_probs(model, prefixes, conts, batch_size)
+    return torch.tensor([float(-t.double().mean()) if t.numel() else 0.0 for t in per_token], dtype=torch.float64)
 
 
 @torch.no_grad()
