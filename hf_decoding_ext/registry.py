@@ -1218,6 +1218,66 @@ METHODS: list[MethodSpec] = [
                     "answers: ER 0.227 vs first sample 0.455; the dynamics converge and G/D top-1 agreement goes "
                     "0.30 to 1.00")),
     # <<< ENTRY consensus-game
+    # >>> ENTRY a-star (owned by its helper: edit only between these markers)
+    _m(name="a-star", aliases=('a*-decoding',),
+       title="A*-Decoding: Token-Efficient Inference Scaling",
+       arxiv="2505.13672", family="search", kind="decoding_loop",
+       target="hf_decoding_ext.search.a_star:AStarDecoding", lossless=False, needs_training=False,
+       status="experimental", do_sample=True,
+       defaults={},
+       summary="PLACEHOLDER: being implemented (issue 22)",
+       effect="not measurable here", effect_note="PLACEHOLDER"),
+    # <<< ENTRY a-star
+    # >>> ENTRY phi-decoding (owned by its helper: edit only between these markers)
+    _m(name="phi-decoding", aliases=('adaptive foresight sampling', 'φ-decoding'),
+       title="φ-Decoding: Adaptive Foresight Sampling for Balanced Inference-Time Exploration and Exploitation",
+       arxiv="2503.13288", family="search", kind="decoding_loop",
+       target="hf_decoding_ext.search.phi_decoding:PhiDecoding", lossless=False, needs_training=False,
+       status="experimental", do_sample=True,
+       defaults={},
+       summary="PLACEHOLDER: being implemented (issue 22)",
+       effect="not measurable here", effect_note="PLACEHOLDER"),
+    # <<< ENTRY phi-decoding
+    # >>> ENTRY cards (owned by its helper: edit only between these markers)
+    _m(name="cards", aliases=('cascade reward sampling',),
+       title="Cascade Reward Sampling for Efficient Decoding-Time Alignment",
+       arxiv="2406.16306", family="search", kind="decoding_loop",
+       target="hf_decoding_ext.search.cards:CascadeRewardSampling", lossless=False, needs_training=False,
+       status="experimental", do_sample=True,
+       defaults={},
+       summary="PLACEHOLDER: being implemented (issue 22)",
+       effect="not measurable here", effect_note="PLACEHOLDER"),
+    # <<< ENTRY cards
+    # >>> ENTRY transfer-q-star (owned by its helper: edit only between these markers)
+    _m(name="transfer-q-star", aliases=('tq*', 'tq-star'),
+       title="Transfer Q Star: Principled Decoding for LLM Alignment",
+       arxiv="2405.20495", family="search", kind="decoding_loop",
+       target="hf_decoding_ext.search.transfer_q_star:TransferQStarDecoding", lossless=False, needs_training=False,
+       status="experimental", do_sample=False,
+       defaults={},
+       summary="PLACEHOLDER: being implemented (issue 22)",
+       effect="not measurable here", effect_note="PLACEHOLDER"),
+    # <<< ENTRY transfer-q-star
+    # >>> ENTRY pg-td (owned by its helper: edit only between these markers)
+    _m(name="pg-td", aliases=('planning-guided transformer decoding', 'planning guided decoding'),
+       title="Planning with Large Language Models for Code Generation",
+       arxiv="2303.05510", family="search", kind="decoding_loop",
+       target="hf_decoding_ext.search.pg_td:PlanningGuidedTransformerDecoding", lossless=False, needs_training=False,
+       status="experimental", do_sample=False,
+       defaults={},
+       summary="PLACEHOLDER: being implemented (issue 22)",
+       effect="not measurable here", effect_note="PLACEHOLDER"),
+    # <<< ENTRY pg-td
+    # >>> ENTRY skeleton-graph-decoding (owned by its helper: edit only between these markers)
+    _m(name="skeleton-graph-decoding", aliases=('adaptive skeleton graph decoding', 'sgd'),
+       title="Adaptive Skeleton Graph Decoding",
+       arxiv="2402.12280", family="search", kind="decoding_loop",
+       target="hf_decoding_ext.search.skeleton_graph:SkeletonGraphDecoding", lossless=False, needs_training=False,
+       status="experimental", do_sample=False,
+       defaults={},
+       summary="PLACEHOLDER: being implemented (issue 22)",
+       effect="not measurable here", effect_note="PLACEHOLDER"),
+    # <<< ENTRY skeleton-graph-decoding
 ]
 # fmt: on
 

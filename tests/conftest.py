@@ -237,6 +237,12 @@ TINY_COMPONENT_PARAMS = {
     "consensus-game": dict(n=2, iterations=20, seed=0),
     "lattice": dict(beam_size=2, ngram_suffix=2),
     "daemon": dict(n=2, seed=0, weights={"rep": 1.0, "coh": 0.5, "info": 0.1, "len": -0.05}),
+    "a-star": dict(),  # TINY-PARAMS a-star (owned by its helper)
+    "phi-decoding": dict(),  # TINY-PARAMS phi-decoding (owned by its helper)
+    "cards": dict(),  # TINY-PARAMS cards (owned by its helper)
+    "transfer-q-star": dict(),  # TINY-PARAMS transfer-q-star (owned by its helper)
+    "pg-td": dict(),  # TINY-PARAMS pg-td (owned by its helper)
+    "skeleton-graph-decoding": dict(),  # TINY-PARAMS skeleton-graph-decoding (owned by its helper)
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the
 :func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""

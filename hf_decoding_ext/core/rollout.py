@@ -318,7 +318,8 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
             generator: torch.Generator | None = None, max_tokens: int | None = None,
             stop_token_ids: Iterable[int] | None = None, stop_strings: str | Sequence[str] = (), tokenizer=None,
             stop_on_eos: bool = True, use_stopping_criteria: bool = False, return_steps: bool = False,
-            keep_processor_states: bool = False) -> Rollout:
+            keep_processor_states: bool = False,
+            end_before: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Rollout:
     r"""Roll out ``k`` continuations of each of the state's ``rows`` in one batch, each until its own end.
 
     The rows are branched (:class:`Branch`: a copy of their cache, the state is left untouched) and every running
@@ -333,7 +334,9 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
       contains one of ``stop_strings`` (a step delimiter such as ``"\n\n"``; needs ``tokenizer``);
     * ``"cap"``: ``max_tokens`` tokens;
 
-    the ending token included. Ended continuations leave the batch. At least one of ``max_tokens`` and
+    the ending token included. ``end_before`` adds a test on the *next* token's distribution: a running
+    continuation of ``length >= 1`` tokens whose raw next-token logits make ``end_before(logits, length)`` true ends
+    there (``"stop"``) without drawing that token (e.g. CARDS' entropy-triggered segment boundary). Ended continuations leave the batch. At least one of ``max_tokens`` and
     ``use_stopping_criteria`` bounds the rollout.
 
     Args:
@@ -357,6 +360,8 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
         return_steps: also return the per-token processed scores and raw logits (:attr:`Rollout.step_scores`).
         keep_processor_states: also return the state's processors as each continuation left them
             (:attr:`Rollout.processor_states`).
+        end_before: ``(raw_logits (n_running, vocab), length) -> (n_running,) bool``: end these continuations before
+            their next token (see above).
 
     Returns:
         a :class:`Rollout`.
@@ -410,6 +415,21 @@ def rollout(state: GenerationState, k: int = 1, *, rows: Sequence[int] | torch.T
     proc_states: list | None = [None] * n if keep_processor_states else None
     step = 0
     while True:
+        if end_before is not None and step > 0:
+            fire = torch.as_tensor(end_before(raw, step), dtype=torch.bool, device=device).reshape(-1)
+            if fire.shape[0] != active.shape[0]:
+                raise ValueError(f"end_before must return {active.shape[0]} flags, got {fire.shape[0]}")
+            if bool(fire.any()):
+                for j in fire.nonzero().flatten().tolist():
+                    ends[int(active[j])] = END_STOP
+                    if proc_states is not None:
+                        proc_states[int(active[j])] = lifecycle.fork(branch.processors, torch.tensor([j]))
+                if bool(fire.all()):
+                    break
+                keep = (~fire).nonzero().flatten()
+                branch.keep(keep)
+                active = active[keep]
+                raw = raw[keep]
         raw_logp = torch.log_softmax(raw, dim=-1)  # before the hook, which may work in place
         if step == 0 and scores is not None:
             proc = scores.repeat_interleave(k, dim=0)

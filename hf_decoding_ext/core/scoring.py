@@ -1111,3 +1111,28 @@ class CallableScorer(Scorer):
                 raise ValueError(f"the scoring function returned {v!r} for candidate {i}; expected a number")
             out.append(float(v))
         return torch.tensor(out, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- toy rewards
+_VADER = None
+
+
+def vader_reward(text: str) -> float:
+    """VADER compound sentiment of ``text`` in ``[-1, 1]`` (Hutto and Gilbert, ICWSM 2014; ``vaderSentiment``,
+    lexicon bundled, nothing downloaded): the offline toy reward standing in for the papers' learned reward
+    models (InfAlign, CARDS, TQ*). Empty text scores 0.
+
+    Example:
+        >>> vader_reward("What a wonderful, happy day!") > 0.5
+        True
+        >>> vader_reward("")
+        0.0
+    """
+    global _VADER
+    if not isinstance(text, str):
+        raise ValueError(f"vader_reward scores text, got {type(text).__name__}")
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return float(_VADER.polarity_scores(text)["compound"]) if text.strip() else 0.0

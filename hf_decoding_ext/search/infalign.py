@@ -31,7 +31,7 @@ from hf_decoding_ext.core.candidates import (
     sample_pool,
 )
 from hf_decoding_ext.core.loop import GenerationState
-from hf_decoding_ext.core.scoring import CallableScorer, Scorer
+from hf_decoding_ext.core.scoring import CallableScorer, Scorer, vader_reward
 
 MODES = ("best", "worst")
 TIES = ("half", "le", "lt")
@@ -39,30 +39,6 @@ TRANSFORMS = ("exp", "identity", "none")
 
 
 # ------------------------------------------------------------------------------------------------- rewards
-_VADER = None
-
-
-def vader_reward(text: str) -> float:
-    """VADER compound sentiment of ``text`` in ``[-1, 1]`` (Hutto and Gilbert, ICWSM 2014; ``vaderSentiment``,
-    lexicon bundled, nothing downloaded): the offline toy reward standing in for the paper's learned reward models.
-    Empty text scores 0.
-
-    Example:
-        >>> vader_reward("What a wonderful, happy day!") > 0.5
-        True
-        >>> vader_reward("")
-        0.0
-    """
-    global _VADER
-    if not isinstance(text, str):
-        raise ValueError(f"vader_reward scores text, got {type(text).__name__}")
-    if _VADER is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        _VADER = SentimentIntensityAnalyzer()
-    return float(_VADER.polarity_scores(text)["compound"]) if text.strip() else 0.0
-
-
 class RewardScorer(CallableScorer):
     """A reward model as a :class:`~hf_decoding_ext.core.scoring.Scorer`: any callable ``reward(text) -> float``
     (``reward(text, prompt) -> float`` with ``uses_prompt=True``), applied to each candidate decoded with
