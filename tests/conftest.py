@@ -237,12 +237,12 @@ TINY_COMPONENT_PARAMS = {
     "consensus-game": dict(n=2, iterations=20, seed=0),
     "lattice": dict(beam_size=2, ngram_suffix=2),
     "daemon": dict(n=2, seed=0, weights={"rep": 1.0, "coh": 0.5, "info": 0.1, "len": -0.05}),
-    "a-star": dict(),  # TINY-PARAMS a-star (owned by its helper)
-    "phi-decoding": dict(),  # TINY-PARAMS phi-decoding (owned by its helper)
-    "cards": dict(),  # TINY-PARAMS cards (owned by its helper)
-    "transfer-q-star": dict(),  # TINY-PARAMS transfer-q-star (owned by its helper)
-    "pg-td": dict(),  # TINY-PARAMS pg-td (owned by its helper)
-    "skeleton-graph-decoding": dict(),  # TINY-PARAMS skeleton-graph-decoding (owned by its helper)
+    "a-star": dict(k=2, max_step_tokens=2, max_generated_tokens=16, seed=0),  # TINY-PARAMS a-star (owned by its helper)
+    "phi-decoding": dict(step_beam_size=2, num_rollout=2, num_foresight=2, delimiter="e", max_step_tokens=3, seed=0),  # TINY-PARAMS phi-decoding (owned by its helper)
+    "cards": dict(reward_threshold=0.1, entropy_threshold=4.7, max_rejections=2, seed=0),  # TINY-PARAMS cards (owned by its helper)
+    "transfer-q-star": dict(num_candidates=2, horizon=2),  # TINY-PARAMS transfer-q-star (owned by its helper)
+    "pg-td": dict(reward=lambda m: lambda p: sum(map(ord, p)) % 9 / 9, rollouts=3, program_format="text"),  # TINY-PARAMS pg-td (owned by its helper)
+    "skeleton-graph-decoding": dict(skeleton=[{"summary": "a", "dependency": [], "difficulty": 1}, {"summary": "b", "dependency": [], "difficulty": 3}, {"summary": "c", "dependency": [1, 2], "difficulty": 3}], max_node_tokens=2, stop_strings=(), small_model="self:1"),  # TINY-PARAMS skeleton-graph-decoding (owned by its helper)
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the
 :func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""

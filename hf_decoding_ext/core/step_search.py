@@ -433,13 +433,14 @@ class StepSearch:
 
     def complete(self, node: SearchNode, k: int = 1, *, do_sample: bool = False,
                  generator: torch.Generator | None = None, max_tokens: int | None = None,
-                 first_tokens: torch.Tensor | None = None) -> Rollout:
+                 first_tokens: torch.Tensor | None = None, return_steps: bool = False) -> Rollout:
         """Roll ``node`` out ``k`` times to the end of the generation (eos or the stopping criteria; at most
         ``max_tokens`` more tokens); returns the :class:`~hf_decoding_ext.core.rollout.Rollout` of the
-        continuations (foresight, rollout values). The node's children are not created."""
+        continuations (foresight, rollout values; with ``return_steps`` also the scores and logits that chose each
+        token). The node's children are not created."""
         if node.complete:
             raise ValueError("the trace is already complete")
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens}
+        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "return_steps": return_steps}
         if first_tokens is not None:
             kwargs["first_tokens"] = torch.as_tensor(first_tokens).reshape(1, k)
         return self._rollout(node, k, do_sample=do_sample, generator=generator, **kwargs)
