@@ -29,11 +29,9 @@ import torch
 
 
 def load_questions(split: str):
-    from hf_decoding_ext.core.resources import data_path
+    from hf_decoding_ext.core.resources import read_jsonl
 
-    lines = data_path("search", "skeleton_questions.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip() and not line.startswith("#")]
-    return [r for r in rows if r["split"] == split]
+    return [r for r in read_jsonl("search", "skeleton_questions.jsonl") if r["split"] == split]
 
 
 def key_point_recall(text: str, points) -> float:

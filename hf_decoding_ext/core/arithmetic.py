@@ -19,12 +19,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import asdict, dataclass
 
-from hf_decoding_ext.core.resources import data_path
+from hf_decoding_ext.core.resources import read_jsonl
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 STATEMENT = re.compile(r"(-?\d+)\s*([+\-*x×])\s*(-?\d+)\s*=\s*(-?\d+)")
@@ -166,14 +165,5 @@ def load_problems(split: str | None = None) -> list[ArithmeticProblem]:
     """The committed problem set (``data/search/arithmetic.jsonl``), optionally one split (``"dev"``/``"test"``)."""
     if split not in (None, "dev", "test"):
         raise ValueError(f"split must be None, 'dev' or 'test', got {split!r}")
-    path = data_path("search", "arithmetic.jsonl")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = ArithmeticProblem(**json.loads(line))
-            if split is None or p.split == split:
-                out.append(p)
-    return out
+    return [p for p in (ArithmeticProblem(**r) for r in read_jsonl("search", "arithmetic.jsonl"))
+            if split is None or p.split == split]

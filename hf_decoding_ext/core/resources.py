@@ -35,9 +35,11 @@ def data_path(*parts: str) -> Path:
 
 
 def read_jsonl(*parts: str) -> list[dict[str, Any]]:
-    """The records of a packaged JSON-lines file (``.jsonl`` or gzip-compressed ``.jsonl.gz``); blank lines skipped."""
+    """The records of a packaged JSON-lines file (``.jsonl`` or gzip-compressed ``.jsonl.gz``); blank lines and
+    ``#`` comment lines (a header saying what the file is) skipped."""
     resource = data_file(*parts)
     raw = resource.read_bytes()
     if parts and parts[-1].endswith(".gz"):
         raw = gzip.decompress(raw)
-    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    lines = (line.strip() for line in raw.decode("utf-8").splitlines())
+    return [json.loads(line) for line in lines if line and not line.startswith("#")]

@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
-from hf_decoding_ext.core.resources import data_path
+from hf_decoding_ext.core.resources import read_jsonl
 from hf_decoding_ext.core.sandbox import Sandbox
 from hf_decoding_ext.core.step_search import (
     SearchNode,
@@ -71,19 +71,9 @@ class ClosedCodeBlockCriteria(StoppingCriteria):
 def load_code_tasks(split: str | None = None) -> list[dict[str, Any]]:
     """The committed toy coding tasks (``data/search/code_tasks.jsonl``: id, split, entry_point, prompt = signature
     + docstring, 2 ``public_tests`` and 2 ``hidden_tests`` asserts), optionally one split (``"dev"``/``"test"``)."""
-    import json
-
     if split not in (None, "dev", "test"):
         raise ValueError(f"split must be None, 'dev' or 'test', got {split!r}")
-    out = []
-    with open(data_path("search", "code_tasks.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                rec = json.loads(line)
-                if split is None or rec["split"] == split:
-                    out.append(rec)
-    return out
+    return [rec for rec in read_jsonl("search", "code_tasks.jsonl") if split is None or rec["split"] == split]
 
 
 def code_task_prompt(task: dict[str, Any]) -> str:
