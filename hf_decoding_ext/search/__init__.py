@@ -6,5 +6,10 @@ Issue 21 (candidate pools and selectors): :mod:`~hf_decoding_ext.search.mbr` (mi
 toward human-text metrics), :mod:`~hf_decoding_ext.search.consensus_game` (equilibrium ranking),
 :mod:`~hf_decoding_ext.search.diverse_beam_search` and :mod:`~hf_decoding_ext.search.lattice` (pool generators).
 The rerankers are :class:`~hf_decoding_ext.core.candidates.RerankingLoop` subclasses; their utilities and scorers are
-in :mod:`hf_decoding_ext.core.scoring`. Step-level searches (A*, phi-decoding, CARDS, TQ*, PG-TD) are not built yet.
+in :mod:`hf_decoding_ext.core.scoring`.
+
+Issue 22 (step-level search on :mod:`hf_decoding_ext.core.step_search`): :mod:`~hf_decoding_ext.search.a_star`,
+:mod:`~hf_decoding_ext.search.phi_decoding`, :mod:`~hf_decoding_ext.search.cards`,
+:mod:`~hf_decoding_ext.search.transfer_q_star`, :mod:`~hf_decoding_ext.search.pg_td` (with
+:mod:`hf_decoding_ext.core.sandbox`) and :mod:`~hf_decoding_ext.search.skeleton_graph`.
 """
