@@ -1136,3 +1136,25 @@ def vader_reward(text: str) -> float:
 
         _VADER = SentimentIntensityAnalyzer()
     return float(_VADER.polarity_scores(text)["compound"]) if text.strip() else 0.0
+
+
+def resolve_reward(reward, tokenizer=None, name: str = "reward"):
+    """A reward argument as a callable: ``"vader"`` is :func:`vader_reward` (it scores text, so ``tokenizer`` must be
+    given to decode the candidates), any callable is returned as it is; anything else is refused with a
+    ``ValueError`` naming the argument ``name``.
+
+    Example:
+        >>> resolve_reward(len) is len
+        True
+        >>> resolve_reward("vader", tokenizer=object()) is vader_reward
+        True
+    """
+    if isinstance(reward, str):
+        if reward != "vader":
+            raise ValueError(f"{name} must be a callable or 'vader', got {reward!r}")
+        if tokenizer is None:
+            raise ValueError(f"the 'vader' {name} scores text: pass the model's tokenizer")
+        return vader_reward
+    if not callable(reward):
+        raise ValueError(f"{name} must be a callable or 'vader', got {type(reward).__name__}")
+    return reward

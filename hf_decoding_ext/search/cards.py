@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
-from hf_decoding_ext.core.scoring import vader_reward
+from hf_decoding_ext.core.scoring import resolve_reward
 from hf_decoding_ext.core.step_search import (
     EntropySegmenter,
     SearchNode,
@@ -194,14 +194,7 @@ class CascadeRewardSampling(DecodingLoop):
                  entropy_threshold: float = 3.0, alpha: float = 0.5, beta: float = 0.7, option: str = "soft",
                  max_rejections: int = 20, min_segment_tokens: int = 4, max_segment_tokens: int = 64,
                  horizon: int | None = None, reward_uses_prompt: bool = False, seed: int | None = None):
-        if isinstance(reward, str):
-            if reward != "vader":
-                raise ValueError(f"reward must be a callable or 'vader', got {reward!r}")
-            if tokenizer is None:
-                raise ValueError("the 'vader' reward scores text: pass the model's tokenizer")
-            reward = vader_reward
-        if not callable(reward):
-            raise ValueError(f"reward must be a callable or 'vader', got {type(reward).__name__}")
+        reward = resolve_reward(reward, tokenizer)
         if not isinstance(reward_threshold, (int, float)) or isinstance(reward_threshold, bool) \
                 or not math.isfinite(reward_threshold):
             raise ValueError(f"reward_threshold must be a finite number, got {reward_threshold!r}")

@@ -31,7 +31,7 @@ from hf_decoding_ext.core.candidates import (
     sample_pool,
 )
 from hf_decoding_ext.core.loop import GenerationState
-from hf_decoding_ext.core.scoring import CallableScorer, Scorer, vader_reward
+from hf_decoding_ext.core.scoring import CallableScorer, Scorer, resolve_reward, vader_reward  # noqa: F401 (vader_reward re-exported)
 
 MODES = ("best", "worst")
 TIES = ("half", "le", "lt")
@@ -60,14 +60,7 @@ class RewardScorer(CallableScorer):
 
     def __init__(self, reward: Callable[..., float] | str = "vader", tokenizer=None, uses_prompt: bool = False,
                  skip_special_tokens: bool = True):
-        if isinstance(reward, str):
-            if reward != "vader":
-                raise ValueError(f"reward must be a callable or 'vader', got {reward!r}")
-            if tokenizer is None:
-                raise ValueError("the 'vader' reward scores text: pass the model's tokenizer")
-            reward = vader_reward
-        if not callable(reward):
-            raise ValueError(f"reward must be a callable or 'vader', got {type(reward).__name__}")
+        reward = resolve_reward(reward, tokenizer)
         if not isinstance(uses_prompt, bool):
             raise ValueError(f"uses_prompt must be a bool, got {uses_prompt!r}")
         self.reward = reward

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 from hf_decoding_ext.core.rollout import rollout
-from hf_decoding_ext.core.scoring import vader_reward
+from hf_decoding_ext.core.scoring import resolve_reward
 from hf_decoding_ext.core.step_search import SearchStats
 
 REWARD_INPUTS = ("response", "full")
@@ -38,18 +38,6 @@ def indirect_q(target_reward: torch.Tensor, baseline_reward: torch.Tensor, scale
         [1.0, 5.4366]
     """
     return torch.exp(scale * (target_reward - baseline_reward)) * target_reward
-
-
-def _check_reward(reward, name: str, tokenizer):
-    if isinstance(reward, str):
-        if reward != "vader":
-            raise ValueError(f"{name} must be a callable or 'vader', got {reward!r}")
-        if tokenizer is None:
-            raise ValueError(f"the 'vader' {name} scores text: pass the model's tokenizer")
-        return vader_reward
-    if not callable(reward):
-        raise ValueError(f"{name} must be a callable or 'vader', got {type(reward).__name__}")
-    return reward
 
 
 class TransferQStarDecoding(DecodingLoop):
@@ -171,9 +159,9 @@ class TransferQStarDecoding(DecodingLoop):
         self.alpha = float(alpha)
         self.num_candidates = num_candidates
         self.horizon = horizon
-        self.reward = _check_reward(reward, "reward", tokenizer)
-        self.baseline_reward = None if baseline_reward is None else _check_reward(baseline_reward, "baseline_reward",
-                                                                                   tokenizer)
+        self.reward = resolve_reward(reward, tokenizer, "reward")
+        self.baseline_reward = (None if baseline_reward is None
+                                else resolve_reward(baseline_reward, tokenizer, "baseline_reward"))
         self.indirect_scale = float(indirect_scale)
         self.baseline_model = baseline_model
         self.tokenizer = tokenizer
