@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 import weakref
@@ -165,14 +166,15 @@ def delimiter_token_ids(tokenizer, delimiter: str) -> frozenset[int]:
     return per_tok[delimiter]
 
 
-class StepSegmenter:
+class StepSegmenter(abc.ABC):
     """Where a step ends. :meth:`rollout_kwargs` gives the stop arguments of
     :func:`~hf_decoding_ext.core.rollout.rollout` that end a sampled step; ``max_tokens`` caps a step's length."""
 
     max_tokens: int = 64
 
+    @abc.abstractmethod
     def rollout_kwargs(self, tokenizer) -> dict[str, Any]:
-        raise NotImplementedError
+        """The stop arguments of :func:`~hf_decoding_ext.core.rollout.rollout` that end a step."""
 
     def split(self, text: str) -> list[str]:
         """Split a decoded trace into its steps (for process-reward scorers); default: one step."""
