@@ -93,7 +93,33 @@ def main(argv=None):
     summary["speedup_sgd_vs_greedy"] = round(summary["greedy"]["seconds"] / summary["sgd"]["seconds"], 3)
     summary["speedup_waves_vs_sequential_nodes"] = round(
         summary["sequential_nodes"]["seconds"] / summary["sgd_nodes"]["seconds"], 3)
+    # the speed protocol: one interleaved run, stock greedy and greedy under the fast CPU kernels, the method under
+    # both kernels, warm-up on a dev question (not measured), 2 passes with spread; transformers has no built-in
+    # skeleton decoding, so plain greedy generate() is the nearest built-in
+    from hf_decoding_ext.bench.speed import GREEDY_KWARGS, benchmark_speed
+
+    rows = [{"id": q["id"], "category": "skeleton", "prompt": q["question"]} for q in questions]
+    warm_rows = [{"id": q["id"], "category": "skeleton", "prompt": q["question"]} for q in load_questions("dev")[:1]]
+
+    def sgd_kwargs(kernels=None):
+        def build():
+            kw = {"custom_generate": SkeletonGraphDecoding(tok, **common), **GREEDY_KWARGS}
+            if kernels:
+                kw["kernels"] = kernels
+            return kw
+        return build
+
+    methods = {"greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+               "skeleton-graph-decoding": sgd_kwargs(), "skeleton-graph-decoding/fast-kernels": sgd_kwargs("auto")}
+    protocol = benchmark_speed(model, tok, methods, rows, max_new_tokens=args.max_answer, repeats=2,
+                               warmup_prompts=warm_rows, same_kernel="greedy/fast-kernels",
+                               tag="skeleton_graph_speed", progress=False)
+    for name, m in protocol["methods"].items():
+        o = m["overall"]
+        print(f"{name:40s} {o['tokens_per_s']:6.1f} tok/s  x{o.get('speed_ratio_same_kernel', float('nan')):.2f} "
+              f"same-kernel  x{o.get('speed_ratio', float('nan')):.2f} stock")
     result = {"method": "skeleton-graph-decoding", "model": "SmolLM2-135M-Instruct", "settings": vars(args),
+              "protocol": protocol,
               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
               "summary": summary, "items": items}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
