@@ -115,7 +115,7 @@ def _cmd_train(args) -> int:
                         max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
                         draft_vocab_size=args.draft_vocab_size or None, work_dir=args.work_dir, log_file=args.log,
                         head_options=parse_params(args.head_param), save_dtype=args.save_dtype, recipe=args.recipe,
-                        **train_options)
+                        budget=args.budget, **train_options)
     print(f"saved {type(head).__name__} to {args.out}; held-out top-1 per depth: "
           f"{head.config.training.get('heldout_top1')}")
     return 0
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--gen-batch-size", type=int, default=16)
     pt.add_argument("--draft-vocab-size", type=int, default=8192, help="0: full vocabulary")
     pt.add_argument("--steps", type=int, default=None)
+    pt.add_argument("--budget", default=None, help="supervised positions to train on instead of --steps: a number or "
+                    "a name (comparison = 600000, small = 150000, smoke = 2000); the same for every arm of a comparison")
     pt.add_argument("--batch-size", type=int, default=None)
     pt.add_argument("--lr", type=float, default=None)
     pt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")

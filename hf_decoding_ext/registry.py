@@ -728,6 +728,106 @@ METHODS: list[MethodSpec] = [
            "0.199, top-3 0.382 vs 0.351, expected "
            "greedy chain 0.32 vs 0.23 "
            "(results/eagle_fspad_ablation.json)")),
+    # >>> ENTRY blockwise-parallel (owned by its helper: edit only between these markers)
+    _m(name="blockwise-parallel", aliases=('BPD', 'Blockwise Parallel Decoding'),
+       title='Blockwise Parallel Decoding for Deep Autoregressive Models',
+       arxiv="1811.03115", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.blockwise:BlockwiseDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY blockwise-parallel
+    # >>> ENTRY blockwise-draft-refinement (owned by its helper: edit only between these markers)
+    _m(name="blockwise-draft-refinement", aliases=('Exploring and Improving Blockwise Parallel Drafts', 'blockwise lattice rescoring'),
+       title='Towards Fast Inference: Exploring and Improving Blockwise Parallel Drafts',
+       arxiv="2404.09221", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.blockwise_refinement:BlockwiseRefinementDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY blockwise-draft-refinement
+    # >>> ENTRY chimera (owned by its helper: edit only between these markers)
+    _m(name="chimera", aliases=('fusing all tokens draft',),
+       title='Chimera: A Lossless Decoding Method for Accelerating Large Language Models Inference by Fusing all Tokens',
+       arxiv="2402.15758", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.chimera:ChimeraDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY chimera
+    # >>> ENTRY clover (owned by its helper: edit only between these markers)
+    _m(name="clover", aliases=('Clover-2', 'regressive lightweight speculative decoding'),
+       title='Clover: Regressive Lightweight Speculative Decoding with Sequential Knowledge',
+       arxiv="2405.00263", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.clover:CloverDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY clover
+    # >>> ENTRY jakiro (owned by its helper: edit only between these markers)
+    _m(name="jakiro", aliases=('decoupled multi-head MoE drafter',),
+       title='Jakiro: Boosting Speculative Decoding with Decoupled Multi-Head via MoE',
+       arxiv="2502.06282", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.jakiro:JakiroDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY jakiro
+    # >>> ENTRY hidden-transfer (owned by its helper: edit only between these markers)
+    _m(name="hidden-transfer", aliases=('parallel decoding via hidden transfer',),
+       title='Parallel Decoding via Hidden Transfer for Lossless Large Language Model Acceleration',
+       arxiv="2404.12022", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.hidden_transfer:HiddenTransferDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY hidden-transfer
+    # >>> ENTRY ppd (owned by its helper: edit only between these markers)
+    _m(name="ppd", aliases=('Parallel Prompt Decoding',),
+       title='Hardware-Aware Parallel Prompt Decoding for Memory-Efficient Acceleration of LLM Inference',
+       arxiv="2405.18628", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.ppd:PPDDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY ppd
+    # >>> ENTRY longspec (owned by its helper: edit only between these markers)
+    _m(name="longspec", aliases=('long-context speculative decoding',),
+       title='LongSpec: Long-Context Lossless Speculative Decoding with Efficient Drafting and Verification',
+       arxiv="2502.17421", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.longspec:LongSpecDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY longspec
+    # >>> ENTRY online-speculative (owned by its helper: edit only between these markers)
+    _m(name="online-speculative", aliases=('OSD', 'online distillation of the draft'),
+       title='Online Speculative Decoding',
+       arxiv="2310.07177", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.online_speculative:OnlineSpeculativeDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY online-speculative
+    # >>> ENTRY vocab-trim (owned by its helper: edit only between these markers)
+    _m(name="vocab-trim", aliases=('VocabTrim vocabulary pruning',),
+       title='VOCABTRIM: Vocabulary Pruning for Efficient Speculative Decoding in LLMs',
+       arxiv="2506.22694", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.vocab_trim:VocabTrimDrafter", lossless=True, needs_training=True,
+       status="experimental", defaults={},
+       summary="PLACEHOLDER: being built (issue 23)",
+       effect="not measurable here",
+       effect_note="PLACEHOLDER"),
+    # <<< ENTRY vocab-trim
     # ------------------------------------------------------------------------------------------- contrastive
     _m(name="cad", aliases=("context-aware decoding",),
        title="Context-aware Decoding Reduces Hallucination in Query-focused Summarization",

@@ -126,7 +126,10 @@ def card(kind: str, speed: dict | None) -> str:
         speed_txt = "Not measured yet.\n"
     speed_txt += SPEED_NOTES.get(kind, "") if m else ""
     own = {k: v for k, v in cfg.items() if k in head.card_config_keys}
-    extra = CARD_SECTIONS[kind]() if kind in CARD_SECTIONS else ""
+    if kind in CARD_SECTIONS:
+        extra = CARD_SECTIONS[kind]()
+    else:  # a head class may add its own sections (deviations from the paper, property figures)
+        extra = head.card_sections() if hasattr(head, "card_sections") else ""
     return f"""---
 license: apache-2.0
 library_name: hf-decoding-ext

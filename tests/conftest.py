@@ -130,6 +130,42 @@ def char_tokenizer():
     return _char_tokenizer()
 
 
+class _DistillCharTokenizer:
+    """Enough of a tokenizer for the distillation pipeline on tiny models (no chat template)."""
+
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [3 + (ord(c) % 120) for c in text]}
+
+
+@pytest.fixture(scope="session")
+def tiny_distill_data(tmp_path_factory):
+    """Self-distillation data of a private tiny Llama (2 layers, hidden 32, vocab 128): 40 prompts, greedy responses
+    of up to 20 tokens, last-layer features, base predictions and the layer-1 hidden states (``layers=(1,)``).
+    Returns ``(model, DistillData)``; the model is the one the features come from (attach heads to it)."""
+    from hf_decoding_ext.training.data import (
+        DistillData,
+        base_predictions,
+        extract_features,
+        extract_layer_features,
+        generate_responses,
+        read_responses,
+    )
+
+    model = _tiny_llama()
+    d = tmp_path_factory.mktemp("tiny_distill")
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i} about {'abc'[i % 3]}" * (1 + i % 2)} for i in range(40)]
+    generate_responses(model, _DistillCharTokenizer(), prompts, d / "r.jsonl", batch_size=8, max_new_tokens=20,
+                       progress=False)
+    features = extract_features(model, read_responses(d / "r.jsonl"), d / "f.safetensors", progress=False)
+    base_predictions(model, features, progress=False)
+    extract_layer_features(model, features, (1,), progress=False)
+    return model, DistillData(features, layers=(1,))
+
+
 def _tiny_heads(kind, model):
     from hf_decoding_ext.speculative.heads.eagle import (
         EagleDrafterConfig,
@@ -215,6 +251,16 @@ TINY_COMPONENT_PARAMS = {
     "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),
     "mlp-speculator": dict(heads=lambda m: _tiny_heads("mlp-speculator", m), max_nodes=4),
     "eagle-fspad": dict(drafter=lambda m: _tiny_heads("eagle", m), max_nodes=4),
+    "blockwise-parallel": dict(),  # TINY-PARAMS blockwise-parallel (owned by its helper)
+    "blockwise-draft-refinement": dict(),  # TINY-PARAMS blockwise-draft-refinement (owned by its helper)
+    "chimera": dict(),  # TINY-PARAMS chimera (owned by its helper)
+    "clover": dict(),  # TINY-PARAMS clover (owned by its helper)
+    "jakiro": dict(),  # TINY-PARAMS jakiro (owned by its helper)
+    "hidden-transfer": dict(),  # TINY-PARAMS hidden-transfer (owned by its helper)
+    "ppd": dict(),  # TINY-PARAMS ppd (owned by its helper)
+    "longspec": dict(),  # TINY-PARAMS longspec (owned by its helper)
+    "online-speculative": dict(),  # TINY-PARAMS online-speculative (owned by its helper)
+    "vocab-trim": dict(),  # TINY-PARAMS vocab-trim (owned by its helper)
     "dola": dict(dola_layers=[0]),
     "lol": dict(amateur=_first_layer, lower_layer=0, instruction=None),
     "speculative-contrastive": dict(amateur="self:1"),

@@ -312,29 +312,38 @@ def test_head_classes_declare_their_kind_drafter_and_training_options():
 
     from hf_decoding_ext.core.resources import data_path
     from hf_decoding_ext.registry import get_method
-    from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, FeatureHeadDrafter, shipped_head_path
+    from hf_decoding_ext.speculative.drafters.base import Drafter
+    from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, shipped_head_path
     from hf_decoding_ext.speculative.heads import head_class, head_classes
     from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel
+    from hf_decoding_ext.training.budget import resolve_budget
 
     classes = head_classes()
-    assert list(classes) == ["medusa", "hydra", "mlp-speculator", "eagle"]
+    assert list(classes)[:4] == ["medusa", "hydra", "mlp-speculator", "eagle"]
     train_fields = {f.name for f in fields(TrainConfig)}
     for kind, cls in classes.items():
         assert issubclass(cls, DraftHeadModel) and cls.head_kind == kind and head_class(kind) is cls
         assert issubclass(cls.config_class, DraftHeadConfig) and cls.config_class is not DraftHeadConfig
         assert cls.display_name and set(cls.training_defaults) <= train_fields
-        assert set(cls.shipped_recipe) - {"head_options", "save_dtype"} <= train_fields
+        assert set(cls.shipped_recipe) - {"head_options", "save_dtype", "budget"} <= train_fields
         assert set(cls.shipped_recipe.get("head_options", {})) <= set(cls.config_class().to_dict())
         assert set(cls.card_config_keys) <= set(cls.config_class().to_dict())
         # the declared drafter runs this head class and is the registered method's component
         drafter = cls.load_drafter_class()
-        assert issubclass(drafter, FeatureHeadDrafter) and get_method(cls.method).target == cls.drafter
+        assert issubclass(drafter, Drafter) and get_method(cls.method).target == cls.drafter
+        if not cls.shipped_name:
+            assert kind not in SHIPPED
+            continue
         # the shipped table is read from the declarations, and the folder holds a checkpoint of this class
         assert SHIPPED[kind] == cls.shipped_name and shipped_head_path(kind) == data_path("heads", cls.shipped_name)
         config = json.loads((shipped_head_path(kind) / "config.json").read_text())
         assert config["model_type"] == cls.config_class.model_type
-        assert config["training"]["steps"] == cls.shipped_recipe["steps"]
-        assert config["training"]["lr"] == cls.shipped_recipe["lr"]
+        if "budget" in cls.shipped_recipe:
+            assert config["training"]["budget"]["positions"] == resolve_budget(cls.shipped_recipe["budget"]).positions
+            assert config["training"]["positions"] >= 0.95 * config["training"]["budget"]["positions"]
+        else:
+            assert config["training"]["steps"] == cls.shipped_recipe["steps"]
+        assert config["training"]["lr"] == cls.shipped_recipe.get("lr", cls.training_defaults.get("lr"))
     with pytest.raises(ValueError, match="unknown head kind 'nope'"):
         head_class("nope")
 
@@ -345,7 +354,7 @@ def test_training_pipeline_reads_the_declarations(tiny_llama, monkeypatch):
 
     for kind, cls in head_classes().items():
         options = recipe_options(kind)
-        assert options == {"train": cls.training_defaults, "head_options": {}, "save_dtype": None}
+        assert options == {"train": cls.training_defaults, "head_options": {}, "save_dtype": None, "budget": None}
         shipped = recipe_options(kind, "shipped")
         assert shipped["train"]["steps"] == cls.shipped_recipe["steps"]
         head = build_head(kind, tiny_llama, "tiny", **shipped["head_options"])

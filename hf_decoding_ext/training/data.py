@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -199,6 +199,101 @@ def base_predictions(model, features_path: str | os.PathLike, *, chunk: int = 40
     return out
 
 
+def layer_features_path(features_path: str | os.PathLike, layer: int) -> Path:
+    """Where the layer-``layer`` hidden states of a feature cache live: ``<stem>.layer<N>.safetensors``."""
+    features_path = Path(features_path)
+    return features_path.with_name(f"{features_path.stem}.layer{int(layer)}.safetensors")
+
+
+@torch.inference_mode()
+def extract_layer_features(model, features_path: str | os.PathLike, layers: tuple[int, ...], *, batch_size: int = 8,
+                           progress: bool = True, log=None) -> list[Path]:
+    """Intermediate hidden states for an existing feature cache, one file per layer
+    (:func:`layer_features_path`, fp16, the same rows as the cached ``hidden``). ``layers`` index
+    ``output_hidden_states`` (``0`` = embeddings, ``i`` = output of decoder layer ``i - 1``; the last index is the
+    final-normed state already cached, so it is refused). Layers whose file exists are skipped; all missing layers
+    come from one pass over the sequences.
+
+    Example:
+        >>> extract_layer_features(model, "work/features-abc.safetensors", (20,))  # doctest: +SKIP
+    """
+    features_path = Path(features_path)
+    n_states = model.config.num_hidden_layers + 1
+    for layer in layers:
+        if not 0 <= int(layer) < model.config.num_hidden_layers:
+            raise ValueError(f"layer must be in [0, {model.config.num_hidden_layers - 1}] (hidden_states index; "
+                             f"the last of the {n_states} is the cached final-normed feature), got {layer!r}")
+    todo = [int(x) for x in dict.fromkeys(layers) if not layer_features_path(features_path, x).exists()]
+    if not todo:
+        return [layer_features_path(features_path, x) for x in layers]
+    t = load_file(str(features_path))
+    off = t["offsets"].tolist()
+    spans = list(zip(off[:-1], off[1:]))
+    order = sorted(range(len(spans)), key=lambda i: spans[i][1] - spans[i][0])
+    out = {layer: torch.zeros(t["hidden"].shape, dtype=torch.float16) for layer in todo}
+    device = model.device
+    bar = tqdm(total=len(spans), desc=f"layers {todo}", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(spans[i][1] - spans[i][0] for i in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            a, b = spans[i]
+            input_ids[j, :b - a] = t["input_ids"][a:b]
+            mask[j, :b - a] = 1
+        res = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    logits_to_keep=1, use_cache=False)
+        for layer in todo:
+            h = res.hidden_states[layer].to(torch.float16).cpu()
+            for j, i in enumerate(chunk):
+                a, b = spans[i]
+                out[layer][a:b] = h[j, :b - a]
+        bar.update(len(chunk))
+        if log is not None:
+            log(f"layer features {min(start + batch_size, len(order))}/{len(order)}")
+    bar.close()
+    for layer in todo:
+        dest = layer_features_path(features_path, layer)
+        tmp = dest.with_suffix(".tmp")
+        save_file({"hidden": out[layer]}, str(tmp), metadata={"layer": str(layer)})
+        os.replace(tmp, dest)
+    return [layer_features_path(features_path, x) for x in layers]
+
+
+def collate_sequences(seqs: list, max_length: int, hidden_size: int, device=None, layers: tuple[int, ...] = ()) -> dict:
+    """Right-padded batch of whole sequences, each cut to its last ``max_length`` tokens: ``input_ids (B, T)``,
+    ``hidden (B, T, H) fp16``, ``valid`` and ``response`` masks ``(B, T)``, ``labels (B, T)`` (the base model's
+    prediction at each position, ``-100`` where absent) and, for each of ``layers``, ``layer<N> (B, T, H) fp16``.
+    The batch format of sequence heads (EAGLE-style drafters and the heads built on them)."""
+    cut = []
+    for s in seqs:
+        n = s.input_ids.shape[0]
+        start = max(0, n - max_length)
+        cut.append((start, s.input_ids[start:], max(0, s.response_start - start)))
+    width = max(ids.shape[0] for _, ids, _ in cut)
+    b = len(cut)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    labels = torch.full((b, width), -100, dtype=torch.long)
+    hid = torch.zeros(b, width, hidden_size, dtype=torch.float16)
+    extra = {layer: torch.zeros(b, width, hidden_size, dtype=torch.float16) for layer in layers}
+    valid = torch.zeros(b, width, dtype=torch.bool)
+    resp = torch.zeros(b, width, dtype=torch.bool)
+    for i, ((start, x, r), s) in enumerate(zip(cut, seqs)):
+        n = x.shape[0]
+        ids[i, :n], hid[i, :n], valid[i, :n] = x, s.hidden[start:], True
+        resp[i, r:n] = True
+        if s.labels is not None:
+            labels[i, :n] = s.labels[s.labels.shape[0] - n:]
+        for layer in layers:
+            if layer not in s.layers:
+                raise ValueError(f"sequence has no layer-{layer} features (load DistillData with layers=({layer},))")
+            extra[layer][i, :n] = s.layers[layer][start:]
+    out = {"input_ids": ids, "hidden": hid, "valid": valid, "response": resp, "labels": labels,
+           **{f"layer{layer}": h for layer, h in extra.items()}}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
 @dataclass
 class Sequence:
     """One training sequence: token ids ``(L,)``, features ``(L, hidden)``, the first response position and, when
@@ -208,6 +303,10 @@ class Sequence:
     hidden: torch.Tensor
     response_start: int
     labels: torch.Tensor | None = None
+    layers: dict = field(default_factory=dict)
+    """``{layer index: (L, hidden) fp16}``: intermediate hidden states when the data was loaded with ``layers=``
+    (index ``i`` is ``hidden_states[i]`` of a transformers forward: ``0`` the embeddings, ``i`` the output of
+    decoder layer ``i - 1``)."""
 
 
 class DistillData:
@@ -219,14 +318,23 @@ class DistillData:
         >>> len(data.train), len(data.heldout)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, heldout_every: int = 10):
+    def __init__(self, path: str | os.PathLike, heldout_every: int = 10, layers: tuple[int, ...] = ()):
         t = load_file(str(path))
+        self.path = Path(path)
         self.hidden_size = t["hidden"].shape[1]
         off = t["offsets"].tolist()
         lab_path = Path(path).with_name(Path(path).stem + ".labels.safetensors")
         labels = load_file(str(lab_path))["labels"] if lab_path.exists() else None
         self.has_labels = labels is not None
-        seqs = [Sequence(t["input_ids"][a:b], t["hidden"][a:b], int(s), None if labels is None else labels[a:b])
+        self.layers = tuple(layers)
+        stored = {}
+        for layer in self.layers:
+            lp = layer_features_path(path, layer)
+            if not lp.exists():
+                raise ValueError(f"no layer-{layer} features next to {path}: run extract_layer_features first")
+            stored[layer] = load_file(str(lp))["hidden"]
+        seqs = [Sequence(t["input_ids"][a:b], t["hidden"][a:b], int(s), None if labels is None else labels[a:b],
+                         {layer: h[a:b] for layer, h in stored.items()})
                 for a, b, s in zip(off[:-1], off[1:], t["response_start"].tolist())]
         self.heldout = [s for i, s in enumerate(seqs) if heldout_every and i % heldout_every == heldout_every - 1]
         self.train = [s for i, s in enumerate(seqs) if not (heldout_every and i % heldout_every == heldout_every - 1)]

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import torch
 
-from hf_decoding_ext.training.data import DistillData, base_predictions, extract_features, generate_responses, read_responses
+from hf_decoding_ext.training.budget import resolve_budget
+from hf_decoding_ext.training.data import (DistillData, base_predictions, extract_features, extract_layer_features,
+                                          generate_responses, read_responses)
 from hf_decoding_ext.training.trainer import TrainConfig, train_head
 
 
 def recipe_options(kind: str, recipe: str = "defaults") -> dict:
     """The options a run of ``recipe`` starts from for head ``kind``, read from the head class's declarations:
-    ``{"train": TrainConfig fields, "head_options": head config options, "save_dtype": dtype name or None}``.
+    ``{"train": TrainConfig fields, "head_options": head config options, "save_dtype": dtype name or None,
+    "budget": a training budget (name or positions, see :mod:`~hf_decoding_ext.training.budget`) or None}``.
 
     Example:
         >>> recipe_options("eagle", "shipped")["head_options"]
@@ -40,7 +43,9 @@ def recipe_options(kind: str, recipe: str = "defaults") -> dict:
     extra = dict(cls.shipped_recipe) if recipe == "shipped" else {}
     head_options = dict(extra.pop("head_options", {}))
     save_dtype = extra.pop("save_dtype", None)
-    return {"train": {**cls.training_defaults, **extra}, "head_options": head_options, "save_dtype": save_dtype}
+    budget = extra.pop("budget", None)
+    return {"train": {**cls.training_defaults, **extra}, "head_options": head_options, "save_dtype": save_dtype,
+            "budget": budget}
 
 
 def _logger(path):
@@ -57,9 +62,10 @@ def _logger(path):
 
 
 def prepare_data(model, tokenizer, base_name: str, *, prompts: int | None = None, max_new_tokens: int = 256,
-                 batch_size: int = 16, work_dir=None, log=None, progress: bool = True) -> DistillData:
+                 batch_size: int = 16, work_dir=None, log=None, progress: bool = True,
+                 layers: tuple[int, ...] = ()) -> DistillData:
     """Responses and features for the first ``prompts`` distillation prompts of each category (cached under
-    ``work_dir``)."""
+    ``work_dir``), with the intermediate hidden states of ``layers`` when asked."""
     from hf_decoding_ext.bench.prompts import load_distill_prompts
     from hf_decoding_ext.core.models import cache_dir
 
@@ -79,7 +85,11 @@ def prepare_data(model, tokenizer, base_name: str, *, prompts: int | None = None
     log(f"stage 2/3: features of {len(answered)} sequences -> {features}")
     extract_features(model, answered, features, batch_size=max(1, batch_size // 2), progress=progress, log=log)
     base_predictions(model, features, progress=progress)
-    return DistillData(features)
+    if layers:
+        log(f"stage 2b/3: layer {list(layers)} features")
+        extract_layer_features(model, features, tuple(layers), batch_size=max(1, batch_size // 2), progress=progress,
+                               log=log)
+    return DistillData(features, layers=tuple(layers))
 
 
 def build_head(kind: str, model, base_name: str, **head_options):
@@ -98,14 +108,16 @@ def build_head(kind: str, model, base_name: str, **head_options):
 def run_training(kind: str, base: str | None = None, out: str = "heads", *, prompts: int | None = None,
                  max_new_tokens: int = 256, gen_batch_size: int = 16, draft_vocab_size: int | None = 8192,
                  work_dir=None, log_file=None, progress: bool = True, head_options: dict | None = None,
-                 save_dtype: str | None = None, recipe: str = "defaults", **train_options):
+                 save_dtype: str | None = None, recipe: str = "defaults", budget=None, **train_options):
     """Train a head of ``kind`` for ``base`` (``None``: the embedded default model) and save it to ``out``.
 
     ``train_options`` are :class:`TrainConfig` fields (``steps``, ``batch_size``, ``lr``, ...); ``head_options``
     the head config's (e.g. ``num_heads``); ``save_dtype`` (e.g. ``"float16"``) stores the final weights in that
     dtype (they are cast to the base model's dtype when attached). They override the options of ``recipe``
     (:func:`recipe_options`: the head class's ``training_defaults``, or with ``"shipped"`` the options its shipped
-    checkpoint was trained with). Returns the trained head.
+    checkpoint was trained with). ``budget`` (a :class:`~hf_decoding_ext.training.budget.TrainingBudget`, a name
+    from :data:`~hf_decoding_ext.training.budget.BUDGETS` or a number of positions) sets ``steps`` from the
+    supervised positions the head's batches carry, for comparisons at an equal budget. Returns the trained head.
     """
     from hf_decoding_ext.core.models import DEFAULT_MODEL, load_model
 
@@ -125,8 +137,16 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
     for p in model.parameters():
         p.requires_grad_(False)
     log(f"base model {base_name}; head {kind}")
+    from hf_decoding_ext.speculative.heads import head_class
+
+    if budget is None and "steps" not in train_options:
+        budget = start["budget"]
+    budget = resolve_budget(budget)
+    if budget is not None and "steps" in train_options:
+        raise ValueError("give either steps or a budget, not both")
     data = prepare_data(model, tokenizer, base_name, prompts=prompts, max_new_tokens=max_new_tokens,
-                        batch_size=gen_batch_size, work_dir=work_dir, log=log, progress=progress)
+                        batch_size=gen_batch_size, work_dir=work_dir, log=log, progress=progress,
+                        layers=head_class(kind).feature_layers)
     log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences, {data.num_tokens} tokens")
     head = build_head(kind, model, base_name, **head_options)
     if draft_vocab_size and draft_vocab_size < head.config.vocab_size:
@@ -136,7 +156,14 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
         head.set_draft_vocab(top)
         head.config.training = {**(head.config.training or {}), "draft_vocab_coverage": round(covered, 4)}
         log(f"draft vocabulary: {draft_vocab_size} tokens cover {covered:.4f} of response tokens")
-    cfg = TrainConfig(**{**start["train"], **train_options})
+    options = {**start["train"], **train_options}
+    if budget is not None:
+        options["steps"] = budget.steps_for(head, data.train, options.get("batch_size", TrainConfig.batch_size),
+                                            seed=options.get("seed", 0))
+        head.config.training = {**(head.config.training or {}), "budget": {"positions": budget.positions,
+                                                                           "label": budget.label}}
+        log(f"budget {budget.positions} positions -> {options['steps']} steps")
+    cfg = TrainConfig(**options)
     head.config.training = {**(head.config.training or {}), "data": {
         "prompts": "hf_decoding_ext/data/prompts/distill.jsonl", "sequences": len(data.train) + len(data.heldout),
         "tokens": data.num_tokens, "max_new_tokens": max_new_tokens, "responses": "greedy, by the base model"}}

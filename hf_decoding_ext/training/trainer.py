@@ -120,6 +120,9 @@ def train_head(head, data: DistillData, out_dir: str | os.PathLike, cfg: TrainCo
     batches = head.train_batches(data.train, cfg.batch_size, seed=cfg.seed)
     for _ in range(start):  # the same batch stream as an uninterrupted run
         next(batches)
+    positions = 0
+    if start and (ckpt / "trainer_state.json").exists():
+        positions = json.loads((ckpt / "trainer_state.json").read_text()).get("positions", 0)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {type(head).__name__}", disable=not progress)
     t0 = time.time()
     with open(log_path, "a") as log:
@@ -127,6 +130,7 @@ def train_head(head, data: DistillData, out_dir: str | os.PathLike, cfg: TrainCo
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, cfg)
             batch = next(batches)
+            positions += head.batch_positions(batch)
             loss, metrics = head.training_loss(batch, t2d)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,13 +141,14 @@ def train_head(head, data: DistillData, out_dir: str | os.PathLike, cfg: TrainCo
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log.write(json.dumps({"step": step + 1, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
-                                      "elapsed_s": round(time.time() - t0, 1), **metrics}) + "\n")
+                                      "positions": positions, "elapsed_s": round(time.time() - t0, 1), **metrics}) + "\n")
                 log.flush()
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 head.save_pretrained(ckpt)
                 save_optimizer(optimizer, ckpt / "optimizer.safetensors", step + 1)
-                (ckpt / "trainer_state.json").write_text(json.dumps({"step": step + 1, "config": asdict(cfg)}))
+                (ckpt / "trainer_state.json").write_text(json.dumps({"step": step + 1, "positions": positions,
+                                                                          "config": asdict(cfg)}))
     bar.close()
     head.eval()
     ev = evaluate_head(head, data.heldout, topk=cfg.eval_topk)
@@ -151,7 +156,8 @@ def train_head(head, data: DistillData, out_dir: str | os.PathLike, cfg: TrainCo
     head.config.tree_choices = [list(c) for c in choices_from_accuracies(ev["accuracies"], cfg.tree_nodes,
                                                                           max_depth=head.depth)]
     head.config.training = {**(head.config.training or {}), "steps": cfg.steps, "batch_size": cfg.batch_size,
-                            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "train_sequences": len(data.train),
+                            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "positions": positions,
+                            "train_sequences": len(data.train),
                             "heldout_sequences": len(data.heldout),
                             "heldout_positions": ev["positions"], "heldout_top1": [round(a, 4) for a in ev["top1"]],
                             "train_seconds": round(time.time() - t0, 1)}

@@ -88,6 +88,10 @@ class DraftHeadModel(PreTrainedModel):
     fields, plus ``head_options`` (head config options) and ``save_dtype``."""
     card_config_keys: tuple[str, ...] = ()
     """Config attributes describing the head's shape, quoted by the model card."""
+    feature_layers: tuple[int, ...] = ()
+    """Intermediate hidden states the head trains on besides the last-layer features (``hidden_states`` indices:
+    ``i`` = output of decoder layer ``i - 1``); the pipeline caches them once
+    (:func:`~hf_decoding_ext.training.data.extract_layer_features`) and batches carry them as ``layer<i>``."""
 
     @classmethod
     def load_drafter_class(cls) -> type:
@@ -129,8 +133,14 @@ class DraftHeadModel(PreTrainedModel):
                              f"{head.weight.shape[0]}")
         p = next(iter(base_model.parameters()))
         self.to(device=p.device, dtype=p.dtype)
-        self._base = {"model_id": id(base_model), "embedding": emb, "lm_head": head, "weight": None}
+        self._base = {"model_id": id(base_model), "embedding": emb, "lm_head": head, "weight": None,
+                      "model": base_model}
         return self
+
+    def target_model(self):
+        """The base model the head is attached to (held by reference: never a submodule, so the head's
+        ``state_dict`` and parameters stay its own). For heads that run part of the target themselves."""
+        return self._require_base()["model"]
 
     @property
     def attached(self) -> bool:
@@ -209,6 +219,17 @@ class DraftHeadModel(PreTrainedModel):
             for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
                 idx = perm[i:i + batch_size]
                 yield {"hidden": hidden[idx].to(self.device), "tokens": tokens[idx].to(self.device)}
+
+    def batch_positions(self, batch: dict) -> int:
+        """Supervised target positions in a training batch (what a
+        :class:`~hf_decoding_ext.training.budget.TrainingBudget` counts): position batches count examples with a
+        depth-1 target, sequence batches their valid positions after the first; a head with another batch format
+        overrides this."""
+        if "tokens" in batch:
+            return int((batch["tokens"][:, 1] >= 0).sum())
+        if "valid" in batch:
+            return int(batch["valid"][:, 1:].sum())
+        raise NotImplementedError(f"{type(self).__name__} must say how many positions a batch supervises")
 
     def eval_batches(self, seqs, batch_size: int):
         from hf_decoding_ext.training.data import position_examples

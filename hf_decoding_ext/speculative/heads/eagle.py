@@ -37,6 +37,7 @@ from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from hf_decoding_ext.core.tree import additive_mask
+from hf_decoding_ext.training.data import collate_sequences
 from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
 
 #: The config options that switch FSPAD's components on; at ``False`` the drafter is plain EAGLE (same fusion layer,
@@ -283,26 +284,7 @@ class EagleDrafterModel(DraftHeadModel):
             yield self._collate(seqs[i:i + per], max_length)
 
     def _collate(self, seqs, max_length: int) -> dict:
-        cut = []
-        for s in seqs:
-            n = s.input_ids.shape[0]
-            start = max(0, n - max_length)
-            cut.append((s.input_ids[start:], s.hidden[start:], max(0, s.response_start - start)))
-        width = max(ids.shape[0] for ids, _, _ in cut)
-        b = len(cut)
-        ids = torch.zeros(b, width, dtype=torch.long)
-        labels = torch.full((b, width), -100, dtype=torch.long)
-        hid = torch.zeros(b, width, self.config.hidden_size, dtype=torch.float16)
-        valid = torch.zeros(b, width, dtype=torch.bool)
-        resp = torch.zeros(b, width, dtype=torch.bool)
-        for i, ((x, h, r), s) in enumerate(zip(cut, seqs)):
-            n = x.shape[0]
-            ids[i, :n], hid[i, :n], valid[i, :n] = x, h, True
-            resp[i, r:n] = True
-            if s.labels is not None:
-                labels[i, :n] = s.labels[s.labels.shape[0] - n:]
-        return {"input_ids": ids.to(self.device), "hidden": hid.to(self.device), "valid": valid.to(self.device),
-                "response": resp.to(self.device), "labels": labels.to(self.device)}
+        return collate_sequences(seqs, max_length, self.config.hidden_size, self.device, self.feature_layers)
 
     def _causal_mask(self, valid: torch.Tensor) -> torch.Tensor:
         t = valid.shape[1]
