@@ -25,7 +25,8 @@ from hf_decoding_ext.registry import METHODS, get_method
 SLIDING = {"mistral"}  # architectures with a sliding-window cache
 ENGINE_LOOPS = {m.name for m in METHODS if m.kind == "candidate_generator"} | {"speculative-contrastive", "fast-cot"}
 REFUSED_ON_SLIDING = ENGINE_LOOPS | {"exact-extractive", "free"}  # tree masks / cache compaction assume full attention
-REFUSED_ARCHITECTURES = {"swift": {"gpt2"}, "eesd": {"gpt2"}}  # sub-layer skipping / the exit head's extra layer
+REFUSED_ARCHITECTURES = {"swift": {"gpt2"}, "eesd": {"gpt2"}, "hidden-transfer": {"gpt2"},
+                         "longspec": {"gpt2"}}  # sub-layer skipping / the exit head's extra layer / upper layers re-entered
 # need Llama-style decoder layers
 LOOPS = sorted(m.name for m in METHODS if m.kind in ("decoding_loop", "candidate_generator"))
 REPEAT = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]]  # prompt-lookup finds matches

@@ -40,6 +40,9 @@ EXPECTED_CLASS = {"medusa": "MedusaDrafter", "hydra": "HydraDrafter", "mlp-specu
                   "chimera": "ChimeraDrafter", "clover": "CloverDrafter", "jakiro": "JakiroDrafter",
                   "hidden-transfer": "HiddenTransferDrafter", "ppd": "PPDDrafter", "longspec": "LongSpecDrafter",
                   "online-speculative": "OnlineSpeculativeDrafter", "vocab-trim": "VocabTrimDrafter"}
+MIN_TOKENS_PER_FORWARD = {"online-speculative": 1.1, "vocab-trim": 1.1}
+"""Methods drafting with the 4-layer distilled draft model instead of a head: it reaches about 1.2 tokens per target
+forward on these prompts (the registry's direct-alignment figure), the heads 1.4-1.6; the default is 1.3."""
 MODEL_CARDS = Path(__file__).parent.parent / "model_cards"
 
 
@@ -66,7 +69,7 @@ def test_greedy_token_identical_over_benchmark_prompts(spec, smollm, greedy_refs
     assert not mismatches, f"{spec.name}: output differs from greedy generate() on {mismatches}"
     # the trained drafter's drafts are used: clearly more than one token per target forward (measured 1.4-1.6 for
     # the shipped heads on these prompts at 5 nodes)
-    assert accepted > 0 and tokens / forwards > 1.3, (spec.name, tokens, forwards)
+    assert accepted > 0 and tokens / forwards > MIN_TOKENS_PER_FORWARD.get(spec.name, 1.3), (spec.name, tokens, forwards)
 
 
 @pytest.mark.parametrize("kind", sorted(SHIPPED))

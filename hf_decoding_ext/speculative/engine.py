@@ -324,16 +324,27 @@ class SpeculativeDecoding(DecodingLoop):
                 pre_top_k = _chunked_top_k(state.model, features, self.drafter.committed_k)
             cache_len = state.cache.get_seq_length()
         block = VerifyBlock.from_tree(draft.tree)
-        if draft.side_tokens is not None and draft.side_tokens.numel():
-            block = block.extend(draft.side_tokens, draft.side_allowed, draft.side_depth)
+        n_side = 0 if draft.side_tokens is None else draft.side_tokens.numel()
+        if n_side:
+            block = block.extend(draft.side_tokens, draft.side_allowed[:, -n_side:], draft.side_depth)
+            if draft.side_allowed.shape[1] == len(draft.tree) + n_side:  # side nodes that also see tree nodes
+                block.allowed[-n_side:, : len(draft.tree)] = draft.side_allowed[:, : len(draft.tree)].bool().cpu()
         committed = state.input_ids[:, cache_len:]
         ids, mask, pos = build_verify_inputs(committed, state.attention_mask, cache_len, block,
                                              dtype=state.model.dtype)
         s = committed.shape[1]
         n_block = block.tokens.shape[0]
         keep = n_block + s if "committed_logits" in needs else n_block + 1
+        inputs = {"input_ids": ids}
+        if draft.side_embeds is not None and n_side:  # side nodes fed by their own input embeddings (PPD)
+            embeds = state.model.get_input_embeddings()(ids)
+            if draft.side_embeds.shape != (n_side, embeds.shape[-1]):
+                raise ValueError(f"side_embeds must be (n_side, hidden) = {(n_side, embeds.shape[-1])}, got "
+                                 f"{tuple(draft.side_embeds.shape)}")
+            embeds[0, -n_side:] = draft.side_embeds.to(embeds.dtype)
+            inputs = {"inputs_embeds": embeds}
         with OutputCapture(norm) as hook:
-            out = state.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
+            out = state.model(**inputs, attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                               use_cache=True, logits_to_keep=keep, return_dict=True,
                               **({"output_hidden_states": True} if want == "all" else {}))
         state.stats["forwards"] += 1

@@ -150,10 +150,10 @@ def run_training(kind: str, base: str | None = None, out: str = "heads", *, prom
     log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences, {data.num_tokens} tokens")
     head = build_head(kind, model, base_name, **head_options)
     if draft_vocab_size and draft_vocab_size < head.config.vocab_size:
-        counts = data.response_token_counts(head.config.vocab_size)
-        top = counts.argsort(descending=True)[:draft_vocab_size]
-        covered = float(counts[top].sum()) / max(1, float(counts.sum()))
-        head.set_draft_vocab(top)
+        from hf_decoding_ext.speculative.vocab_trim import VocabTrim, select_vocab, target_token_counts
+
+        top, covered = select_vocab(target_token_counts(head.config.vocab_size, data), draft_vocab_size)
+        VocabTrim(top).apply(head)  # head.set_draft_vocab(top): VocabTrim (arXiv 2506.22694) on the training data
         head.config.training = {**(head.config.training or {}), "draft_vocab_coverage": round(covered, 4)}
         log(f"draft vocabulary: {draft_vocab_size} tokens cover {covered:.4f} of response tokens")
     options = {**start["train"], **train_options}

@@ -22,6 +22,13 @@ class Draft:
     whose logits are another prediction of the next token at that node (``-1``: none); an acceptance rule with
     ``uses_side_scores`` reads them (Reflective Verification: the same draft token predicted after a reflection
     prompt). Other rules ignore them.
+
+    ``side_allowed`` is ``(m, m)`` (side nodes attend among themselves and to the committed prefix) or
+    ``(m, n + m)``: its first ``n`` columns let side nodes also attend to the ``n`` tree nodes (Parallel Prompt
+    Decoding's prompt tokens attached to candidate nodes). ``side_embeds`` (optional, ``(m, hidden)``) are the input
+    embeddings of the side nodes: the verification forward then feeds ``inputs_embeds`` (the model's embeddings of
+    the block ids, with the side rows replaced) instead of ``input_ids``, and ``side_tokens`` are placeholders
+    (trained prompt tokens of PPD). Nothing changes when it is ``None``.
     """
 
     tree: DraftTree
@@ -30,6 +37,7 @@ class Draft:
     side_depth: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
     side_rows: torch.Tensor | None = None
+    side_embeds: torch.Tensor | None = None
 
 
 @dataclass
