@@ -251,16 +251,16 @@ TINY_COMPONENT_PARAMS = {
     "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),
     "mlp-speculator": dict(heads=lambda m: _tiny_heads("mlp-speculator", m), max_nodes=4),
     "eagle-fspad": dict(drafter=lambda m: _tiny_heads("eagle", m), max_nodes=4),
-    "blockwise-parallel": dict(),  # TINY-PARAMS blockwise-parallel (owned by its helper)
-    "blockwise-draft-refinement": dict(),  # TINY-PARAMS blockwise-draft-refinement (owned by its helper)
-    "chimera": dict(),  # TINY-PARAMS chimera (owned by its helper)
-    "clover": dict(),  # TINY-PARAMS clover (owned by its helper)
-    "jakiro": dict(),  # TINY-PARAMS jakiro (owned by its helper)
-    "hidden-transfer": dict(),  # TINY-PARAMS hidden-transfer (owned by its helper)
-    "ppd": dict(),  # TINY-PARAMS ppd (owned by its helper)
-    "longspec": dict(),  # TINY-PARAMS longspec (owned by its helper)
-    "online-speculative": dict(),  # TINY-PARAMS online-speculative (owned by its helper)
-    "vocab-trim": dict(),  # TINY-PARAMS vocab-trim (owned by its helper)
+    # UNREGISTERED     "blockwise-parallel": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), max_nodes=3),  # TINY-PARAMS blockwise-parallel (owned by its helper)
+    # UNREGISTERED     "blockwise-draft-refinement": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), rescorer="ngram", num_paths=2, max_nodes=4),  # TINY-PARAMS blockwise-draft-refinement (owned by its helper)
+    # UNREGISTERED     "chimera": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.chimera", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS chimera (owned by its helper)
+    # UNREGISTERED     "clover": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.clover", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS clover (owned by its helper)
+    # UNREGISTERED     "jakiro": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.jakiro", fromlist=["untrained_head"]).untrained_head(m, num_draft_tokens=3), max_nodes=4),  # TINY-PARAMS jakiro (owned by its helper)
+    # UNREGISTERED     "hidden-transfer": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.hidden_transfer", fromlist=["x"]).untrained_head(m, num_transfer=3, noise=0.3), max_nodes=4),  # TINY-PARAMS hidden-transfer (owned by its helper)
+    # UNREGISTERED     "ppd": dict(heads="untrained", max_nodes=4, curve="flat"),  # TINY-PARAMS ppd (owned by its helper)
+    # UNREGISTERED     "longspec": dict(drafter=lambda m: __import__("hf_decoding_ext.speculative.drafters.longspec", fromlist=["x"]).untrained_head(m, num_draft_tokens=3, window=4), max_nodes=4),  # TINY-PARAMS longspec (owned by its helper)
+    "online-speculative": dict(assistant="self:1", lr=1e-3),  # TINY-PARAMS online-speculative (owned by its helper)
+    "vocab-trim": dict(drafter="self:1", size=64, calibration=lambda m: torch.arange(m.config.vocab_size)),  # TINY-PARAMS vocab-trim (owned by its helper)
     "dola": dict(dola_layers=[0]),
     "lol": dict(amateur=_first_layer, lower_layer=0, instruction=None),
     "speculative-contrastive": dict(amateur="self:1"),

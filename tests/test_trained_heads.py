@@ -311,7 +311,7 @@ def test_head_classes_declare_their_kind_drafter_and_training_options():
     from dataclasses import fields
 
     from hf_decoding_ext.core.resources import data_path
-    from hf_decoding_ext.registry import get_method
+    from hf_decoding_ext.registry import METHODS, get_method
     from hf_decoding_ext.speculative.drafters.base import Drafter
     from hf_decoding_ext.speculative.drafters.feature_head import SHIPPED, shipped_head_path
     from hf_decoding_ext.speculative.heads import head_class, head_classes
@@ -330,10 +330,13 @@ def test_head_classes_declare_their_kind_drafter_and_training_options():
         assert set(cls.card_config_keys) <= set(cls.config_class().to_dict())
         # the declared drafter runs this head class and is the registered method's component
         drafter = cls.load_drafter_class()
-        assert issubclass(drafter, Drafter) and get_method(cls.method).target == cls.drafter
-        if not cls.shipped_name:
+        assert issubclass(drafter, Drafter)
+        if not cls.shipped_name:  # a kind can be trained before its method is registered (nothing to run yet)
             assert kind not in SHIPPED
+            if cls.method in {m.name for m in METHODS}:
+                assert get_method(cls.method).target == cls.drafter
             continue
+        assert get_method(cls.method).target == cls.drafter
         # the shipped table is read from the declarations, and the folder holds a checkpoint of this class
         assert SHIPPED[kind] == cls.shipped_name and shipped_head_path(kind) == data_path("heads", cls.shipped_name)
         config = json.loads((shipped_head_path(kind) / "config.json").read_text())

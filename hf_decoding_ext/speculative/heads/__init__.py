@@ -27,25 +27,25 @@ HEAD_CLASSES: list[str] = [
     # Issue 23 kinds: each line is uncommented by its author once the class imports and its tiny tests pass
     # (one broken import here breaks every kind).
     # >>> HEAD blockwise
-    # "hf_decoding_ext.speculative.heads.blockwise:BlockwiseHeads",
+    "hf_decoding_ext.speculative.heads.blockwise:BlockwiseHeads",
     # <<< HEAD blockwise
     # >>> HEAD chimera
-    # "hf_decoding_ext.speculative.heads.chimera:ChimeraModel",
+    "hf_decoding_ext.speculative.heads.chimera:ChimeraModel",
     # <<< HEAD chimera
     # >>> HEAD clover
-    # "hf_decoding_ext.speculative.heads.clover:CloverModel",
+    "hf_decoding_ext.speculative.heads.clover:CloverModel",
     # <<< HEAD clover
     # >>> HEAD jakiro
-    # "hf_decoding_ext.speculative.heads.jakiro:JakiroDrafterModel",
+    "hf_decoding_ext.speculative.heads.jakiro:JakiroDrafterModel",
     # <<< HEAD jakiro
     # >>> HEAD hidden-transfer
-    # "hf_decoding_ext.speculative.heads.hidden_transfer:HiddenTransfer",
+    "hf_decoding_ext.speculative.heads.hidden_transfer:HiddenTransfer",
     # <<< HEAD hidden-transfer
     # >>> HEAD ppd
-    # "hf_decoding_ext.speculative.heads.ppd:PromptTokens",
+    "hf_decoding_ext.speculative.heads.ppd:PromptTokens",
     # <<< HEAD ppd
     # >>> HEAD longspec
-    # "hf_decoding_ext.speculative.heads.longspec:LongSpecDrafterModel",
+    "hf_decoding_ext.speculative.heads.longspec:LongSpecDrafterModel",
     # <<< HEAD longspec
 ]
 """``"module:Class"`` of every head class, in the order the kinds are listed."""
