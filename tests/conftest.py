@@ -251,8 +251,8 @@ TINY_COMPONENT_PARAMS = {
     "hydra": dict(heads=lambda m: _tiny_heads("hydra", m), max_nodes=4),
     "mlp-speculator": dict(heads=lambda m: _tiny_heads("mlp-speculator", m), max_nodes=4),
     "eagle-fspad": dict(drafter=lambda m: _tiny_heads("eagle", m), max_nodes=4),
-    # UNREGISTERED     "blockwise-parallel": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), max_nodes=3),  # TINY-PARAMS blockwise-parallel (owned by its helper)
-    # UNREGISTERED     "blockwise-draft-refinement": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), rescorer="ngram", num_paths=2, max_nodes=4),  # TINY-PARAMS blockwise-draft-refinement (owned by its helper)
+    "blockwise-parallel": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), max_nodes=3),  # TINY-PARAMS blockwise-parallel (owned by its helper)
+    "blockwise-draft-refinement": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), rescorer="ngram", num_paths=2, max_nodes=4),  # TINY-PARAMS blockwise-draft-refinement (owned by its helper)
     # UNREGISTERED     "chimera": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.chimera", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS chimera (owned by its helper)
     # UNREGISTERED     "clover": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.clover", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS clover (owned by its helper)
     # UNREGISTERED     "jakiro": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.jakiro", fromlist=["untrained_head"]).untrained_head(m, num_draft_tokens=3), max_nodes=4),  # TINY-PARAMS jakiro (owned by its helper)

@@ -139,7 +139,7 @@ class BlockwiseHeads(DraftHeadModel):
     display_name = "Blockwise Parallel Decoding proposal heads"
     method = "blockwise-parallel"
     drafter = "hf_decoding_ext.speculative.drafters.blockwise:BlockwiseDrafter"
-    shipped_name = None
+    shipped_name = "smollm2-135m-instruct-blockwise"
     training_defaults = {"lr": 1e-3, "batch_size": 256}
     shipped_recipe = {"budget": "comparison", "batch_size": 256, "lr": 2e-3, "weight_decay": 0.01,
                       "head_options": {"block_size": 5, "hidden_per_head": 384}, "save_dtype": "float16"}
