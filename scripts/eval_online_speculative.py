@@ -70,7 +70,6 @@ def main(argv=None) -> dict:
     online = {lr: SpeculativeDecoding(OnlineSpeculativeDrafter.for_model(model, lr=lr)) for lr in lrs}
     per = {"frozen": [], **{f"online_lr{lr:g}": [] for lr in lrs}}
     identical = {k: 0 for k in per}
-    update_seconds = {lr: 0.0 for lr in lrs}
     t_start = time.time()
     for qi, row in enumerate(rows):
         enc = encode_prompts(tok, row["prompt"], chat=False)

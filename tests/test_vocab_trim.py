@@ -8,7 +8,6 @@ import torch
 
 from hf_decoding_ext.speculative import SpeculativeDecoding
 from hf_decoding_ext.speculative.drafters.direct_alignment import init_draft
-from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
 from hf_decoding_ext.speculative.drafters.vocab_trim import VocabTrimDrafter
 from hf_decoding_ext.speculative.vocab_trim import (
     TRANSFORMS,
