@@ -206,10 +206,6 @@ def test_committed_evaluation_shows_the_properties():
 
 def test_relaxed_criterion_by_name_through_the_registry(tiny_llama):
     from hf_decoding_ext import generate_kwargs
-    from hf_decoding_ext.registry import METHODS
-
-    if "blockwise-parallel" not in {m.name for m in METHODS}:
-        pytest.skip("blockwise-parallel is registered once its trained heads ship")
 
     x = torch.tensor([PROMPTS[0]])
     kw = generate_kwargs("blockwise-parallel", model=tiny_llama, heads=tiny_blockwise(tiny_llama, seed=3),

@@ -19,6 +19,8 @@ Both are LOSSY: the output may differ from greedy decoding wherever a non-argmax
 
 from __future__ import annotations
 
+import abc
+
 from hf_decoding_ext.speculative.acceptance import ACCEPTANCE_RULES, register_acceptance_rule
 from hf_decoding_ext.speculative.acceptance.base import AcceptanceRule
 
@@ -34,8 +36,9 @@ class _LongestPassingPrefix(AcceptanceRule):
             raise ValueError(f"{cls.__name__} is a greedy-decoding criterion; use do_sample=False")
         return cls()
 
+    @abc.abstractmethod
     def passes(self, scores, token: int) -> bool:
-        raise NotImplementedError
+        """Whether ``token`` passes the criterion under the target's ``scores`` at its position."""
 
     def accept(self, tree, scores_at, generator=None):
         best: list[int] = []
