@@ -139,9 +139,15 @@ class MethodSpec:
     def parameters(self) -> list[str]:
         """Names of the user-settable constructor parameters."""
         skip = {"self", "model", "tokenizer", "args", "kwargs"}
-        sig = inspect.signature(self.factory())
-        return [p for p in sig.parameters if p not in skip and sig.parameters[p].kind not in (
-            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        cls, fac = self.load(), self.factory()
+        sig = inspect.signature(fac).parameters
+        names = [p for p in sig if p not in skip and sig[p].kind not in variadic]
+        if fac is not cls and any(q.kind is inspect.Parameter.VAR_KEYWORD for q in sig.values()):
+            # a generic ``for_model(model, tokenizer, **kwargs)`` forwards the class's own constructor arguments
+            init = inspect.signature(cls).parameters
+            names += [p for p in init if p not in skip and p not in names and init[p].kind not in variadic]
+        return names
 
     def build(self, model=None, tokenizer=None, **params):
         """Instantiate the component, raising a clear ``ValueError`` on unknown parameters."""

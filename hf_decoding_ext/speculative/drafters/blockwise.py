@@ -42,7 +42,7 @@ class BlockwiseDrafter(FeatureHeadDrafter):
     """
 
     def __init__(self, heads="shipped", max_nodes: int | None = None):
-        head = load_head(heads, BlockwiseHeads, "blockwise")
+        head = load_head(heads, BlockwiseHeads)
         if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
             raise ValueError(f"max_nodes must be a positive integer or None, got {max_nodes!r}")
         length = head.depth if max_nodes is None else min(max_nodes, head.depth)
@@ -50,13 +50,6 @@ class BlockwiseDrafter(FeatureHeadDrafter):
         super().__init__(head, tree_choices=[[0] * d for d in range(1, length + 1)], max_nodes=None)
         self._proposals = None
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", max_nodes: int | None = None) -> BlockwiseDrafter:
-        """Build for ``model`` (the heads are attached to it at the first ``generate()``)."""
-        drafter = cls(heads, max_nodes)
-        if model is not None:
-            drafter.head.attach(model)
-        return drafter
 
     def prepare(self, state, feature, root_token):
         logits = self.head(feature[None].to(self.head.dtype))[:, 0]  # (num_heads, draft_vocab)

@@ -239,18 +239,6 @@ class BlockwiseRefinementDrafter(FeatureHeadDrafter):
         if rescorer in ("neural", "both") and not isinstance(neural_lm, (str, Path)):
             self.neural_scorer = NeuralScorer(neural_lm, context_window)
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", rescorer: str | None = "ngram", top_k: int = 4,
-                  num_paths: int = 1, head_weight: float = 1.0, ngram_weight: float = 0.5,
-                  neural_weight: float = 0.5, ngram="shipped", neural_lm="distilled", max_nodes: int | None = None,
-                  context_window: int = 48) -> BlockwiseRefinementDrafter:
-        """Build for ``model`` (heads attached at once; the neural LM is loaded at the first ``generate()``)."""
-        drafter = cls(heads, rescorer=rescorer, top_k=top_k, num_paths=num_paths, head_weight=head_weight,
-                      ngram_weight=ngram_weight, neural_weight=neural_weight, ngram=ngram, neural_lm=neural_lm,
-                      max_nodes=max_nodes, context_window=context_window)
-        if model is not None:
-            drafter.head.attach(model)
-        return drafter
 
     def begin(self, state) -> None:
         super().begin(state)

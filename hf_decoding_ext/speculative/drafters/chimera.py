@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.drafters.feature_head import FeatureHeadDrafter
 from hf_decoding_ext.speculative.heads.chimera import ChimeraModel
 
 
@@ -34,17 +34,8 @@ class ChimeraDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(ChimeraDrafter("shipped")))  # doctest: +SKIP
     """
 
-    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(heads, ChimeraModel, "chimera"), tree_choices, max_nodes)
+    head_class = ChimeraModel
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> ChimeraDrafter:
-        """Build for ``model`` (the heads are attached to it)."""
-        out = cls(heads, tree_choices, max_nodes)
-        if model is not None:
-            out.head.attach(model)
-        return out
 
     def reset_sequence(self, state) -> None:
         self.cache = self.head.new_cache()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hf_decoding_ext.core.tree import additive_mask
-from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.drafters.feature_head import FeatureHeadDrafter
 from hf_decoding_ext.speculative.heads.clover import CloverModel
 
 
@@ -35,17 +35,8 @@ class CloverDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(CloverDrafter("shipped")))  # doctest: +SKIP
     """
 
-    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(heads, CloverModel, "clover"), tree_choices, max_nodes)
+    head_class = CloverModel
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> CloverDrafter:
-        """Build for ``model`` (the heads are attached to it)."""
-        out = cls(heads, tree_choices, max_nodes)
-        if model is not None:
-            out.head.attach(model)
-        return out
 
     def reset_sequence(self, state) -> None:
         self.cache = self.head.new_cache()

@@ -7,7 +7,7 @@ import torch
 
 from hf_decoding_ext.core.tree import additive_mask
 from hf_decoding_ext.speculative.heads.eagle import EagleDrafterModel
-from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter
 
 
 class EagleDrafter(FeatureHeadDrafter):
@@ -40,17 +40,11 @@ class EagleDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(EagleDrafter("shipped")))  # doctest: +SKIP
     """
 
-    def __init__(self, drafter="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(drafter, EagleDrafterModel, "eagle"), tree_choices, max_nodes)
+    head_class = EagleDrafterModel
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, drafter="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> EagleDrafter:
-        """Build for ``model`` (the drafter is attached to it)."""
-        out = cls(drafter, tree_choices, max_nodes)
-        if model is not None:
-            out.head.attach(model)
-        return out
+    def __init__(self, drafter="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
+        super().__init__(drafter, tree_choices, max_nodes)
+
 
     # ------------------------------------------------------------------------------------------------ state
     def reset_sequence(self, state) -> None:

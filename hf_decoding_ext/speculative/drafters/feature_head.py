@@ -78,10 +78,16 @@ class FeatureHeadDrafter(Drafter):
     """
 
     needs = frozenset({"last_hidden_state"})
+    head_class = None
+    """The :class:`~hf_decoding_ext.speculative.heads.base.DraftHeadModel` subclass the drafter reads: its first
+    argument may then be an instance, ``"shipped"`` (the packaged checkpoint of the class's ``head_kind``), a folder
+    or a Hub id (:func:`load_head`)."""
+    attach_in_for_model = True
+    """Whether :meth:`for_model` attaches the head to the model at once (``False``: at the first ``generate()``)."""
 
-    def __init__(self, head, tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
+    def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
         self.budget = NodeBudget(max_nodes, cpu=CPU_MAX_NODES, accelerator=ACCELERATOR_MAX_NODES)
-        self.head = head
+        self.head = heads if self.head_class is None else load_head(heads, self.head_class)
         self.head.eval()
         self.max_nodes = max_nodes
         self.tree_choices = tree_choices
@@ -89,6 +95,15 @@ class FeatureHeadDrafter(Drafter):
         self.choices = self._resolve_choices(tree_choices)
         self.last_feature: torch.Tensor | None = None
         self._model_id = None
+
+    @classmethod
+    def for_model(cls, model=None, tokenizer=None, **kwargs):
+        """Build for ``model`` with the class's own arguments (``heads``, ``tree_choices``, ``max_nodes``, ...): the
+        head is attached to it now (:attr:`attach_in_for_model`) or at the first ``generate()``."""
+        drafter = cls(**kwargs)
+        if model is not None and cls.attach_in_for_model:
+            drafter.head.attach(model)
+        return drafter
 
     # ------------------------------------------------------------------------------------------------ tree shape
     @property

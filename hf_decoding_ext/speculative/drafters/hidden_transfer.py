@@ -8,7 +8,6 @@ from hf_decoding_ext.speculative.drafters.base import VerifyResult
 from hf_decoding_ext.speculative.drafters.feature_head import (
     DEFAULT_MAX_NODES,
     FeatureHeadDrafter,
-    load_head,
 )
 from hf_decoding_ext.speculative.heads.hidden_transfer import HiddenTransfer
 
@@ -48,17 +47,14 @@ class HiddenTransferDrafter(FeatureHeadDrafter):
 
     needs = frozenset({"all_hidden_states", "target_cache"})
 
+    head_class = HiddenTransfer
+    attach_in_for_model = False  # at the first generate(), which refuses unsupported architectures
+
     def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(heads, HiddenTransfer, "hidden-transfer"), tree_choices, max_nodes)
+        super().__init__(heads, tree_choices, max_nodes)
         self._candidates: torch.Tensor | None = None
         self._cache = None
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> HiddenTransferDrafter:
-        """Build for ``model`` (the head is attached to it at the first ``generate()``, which refuses unsupported
-        architectures with a ``ValueError``)."""
-        return cls(heads, tree_choices, max_nodes)
 
     def reset_sequence(self, state) -> None:
         if state.input_ids.shape[0] != 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_decoding_ext.speculative.heads.hydra import HydraHeads
-from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter
 
 
 class HydraDrafter(FeatureHeadDrafter):
@@ -33,20 +33,14 @@ class HydraDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(HydraDrafter("shipped")))  # doctest: +SKIP
     """
 
+    head_class = HydraHeads
+
     def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(heads, HydraHeads, "hydra"), tree_choices, max_nodes)
+        super().__init__(heads, tree_choices, max_nodes)
         self._feature: torch.Tensor | None = None
         self._root: torch.Tensor | None = None
         self._tokens: dict[tuple[int, ...], int] = {}  # rank path -> drafted token id (this step)
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> HydraDrafter:
-        """Build for ``model`` (the heads are attached to it at the first ``generate()``)."""
-        drafter = cls(heads, tree_choices, max_nodes)
-        if model is not None:
-            drafter.head.attach(model)
-        return drafter
 
     def prepare(self, state, feature, root_token):
         self._feature = feature.to(self.head.dtype)

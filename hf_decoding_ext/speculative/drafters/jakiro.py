@@ -47,6 +47,8 @@ class JakiroDrafter(EagleDrafter):
         ...                      custom_generate=SpeculativeDecoding(JakiroDrafter("shipped")))  # doctest: +SKIP
     """
 
+    head_class = JakiroDrafterModel
+
     def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES,
                  decoupled: bool = True, parallel_depths: int | None = None):
         head = load_head(heads, JakiroDrafterModel, "jakiro")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_decoding_ext.speculative.heads.medusa import MedusaHeads
-from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter
 
 
 class MedusaDrafter(FeatureHeadDrafter):
@@ -33,18 +33,12 @@ class MedusaDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(MedusaDrafter("shipped")))  # doctest: +SKIP
     """
 
+    head_class = MedusaHeads
+
     def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(heads, MedusaHeads, "medusa"), tree_choices, max_nodes)
+        super().__init__(heads, tree_choices, max_nodes)
         self._candidates: torch.Tensor | None = None
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> MedusaDrafter:
-        """Build for ``model`` (the heads are attached to it at the first ``generate()``)."""
-        drafter = cls(heads, tree_choices, max_nodes)
-        if model is not None:
-            drafter.head.attach(model)
-        return drafter
 
     def prepare(self, state, feature, root_token):
         width = max(c[-1] for c in self.choices) + 1

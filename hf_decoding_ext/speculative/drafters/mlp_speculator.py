@@ -6,7 +6,7 @@ import torch
 
 from hf_decoding_ext.speculative.heads.mlp_speculator import MLPSpeculator
 from hf_decoding_ext.core.tree import normalize_choices
-from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter, load_head
+from hf_decoding_ext.speculative.drafters.feature_head import DEFAULT_MAX_NODES, FeatureHeadDrafter
 
 
 class MLPSpeculatorDrafter(FeatureHeadDrafter):
@@ -36,8 +36,10 @@ class MLPSpeculatorDrafter(FeatureHeadDrafter):
         ...                      custom_generate=SpeculativeDecoding(MLPSpeculatorDrafter("shipped")))  # doctest: +SKIP
     """
 
+    head_class = MLPSpeculator
+
     def __init__(self, heads="shipped", tree_choices=None, max_nodes: int | str | None = DEFAULT_MAX_NODES):
-        super().__init__(load_head(heads, MLPSpeculator, "mlp-speculator"), tree_choices, max_nodes)
+        super().__init__(heads, tree_choices, max_nodes)
         self.choices = normalize_choices(self.choices)  # node i of a built tree is choices[i] (build_choice_tree)
         width = max(c[-1] for c in self.choices) + 1
         draft_vocab = int(self.head.d2t.shape[0])
@@ -48,14 +50,6 @@ class MLPSpeculatorDrafter(FeatureHeadDrafter):
         # path of ranks -> (stage state computed at that node, its ranked candidate tokens)
         self._expanded: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @classmethod
-    def for_model(cls, model=None, tokenizer=None, heads="shipped", tree_choices=None,
-                  max_nodes: int | str | None = DEFAULT_MAX_NODES) -> MLPSpeculatorDrafter:
-        """Build for ``model`` (the speculator is attached to it at the first ``generate()``)."""
-        drafter = cls(heads, tree_choices, max_nodes)
-        if model is not None:
-            drafter.head.attach(model)
-        return drafter
 
     def prepare(self, state, feature, root_token):
         self._root_state = self.head.initial_state(feature[None])  # (1, hidden)
