@@ -55,6 +55,73 @@ class DraftHeadConfig(PretrainedConfig):
         self.training = training or {}
 
 
+LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "rms_norm_eps", "max_position_embeddings", "hidden_act")
+"""Base-config keys of one Llama decoder layer's geometry (:meth:`DecoderLayerConfig.from_base_config`)."""
+
+
+class DecoderLayerConfig(DraftHeadConfig):
+    """Configuration of heads that run Llama decoder layers with the base model's layer geometry (EAGLE, Jakiro,
+    LongSpec, Clover, Chimera).
+
+    Args:
+        layer_config: keyword arguments of the Llama decoder layer (``hidden_size``, ``intermediate_size``,
+            ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rms_norm_eps``, ``rope_theta``,
+            ``max_position_embeddings``); by default copied from the base model (:meth:`from_base_config`).
+    """
+
+    layer_keys = LAYER_KEYS
+    """The base-config keys :meth:`from_base_config` copies (a subclass may add some)."""
+
+    def __init__(self, layer_config: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_config = dict(layer_config or {})
+
+    def from_base_config(self, base_config) -> None:
+        """Copy the decoder-layer geometry of the base model (entries already in ``layer_config`` win)."""
+        d = base_config.to_dict()
+        layer = {k: d[k] for k in self.layer_keys if d.get(k) is not None}
+        layer["hidden_size"] = self.hidden_size
+        rope = d.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        if theta is not None:
+            layer["rope_theta"] = float(theta)
+        self.layer_config = {**layer, **self.layer_config}
+
+    def llama_config(self):
+        """A one-layer ``LlamaConfig`` of this geometry (SDPA attention)."""
+        from transformers import LlamaConfig
+
+        lc = {k: v for k, v in self.layer_config.items() if k != "num_hidden_layers"}
+        lc.setdefault("hidden_size", self.hidden_size)
+        lc.setdefault("intermediate_size", 4 * self.hidden_size)
+        lc.setdefault("num_attention_heads", max(1, self.hidden_size // 64))
+        theta = lc.pop("rope_theta", 10000.0)
+        cfg = LlamaConfig(vocab_size=self.vocab_size, num_hidden_layers=1,
+                          rope_parameters={"rope_type": "default", "rope_theta": theta}, **lc)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+class SequenceHeadConfig(DecoderLayerConfig):
+    """Configuration of heads trained on whole sequences with a fixed number of drafted tokens (Clover, Chimera).
+
+    Args:
+        layer_config: see :class:`DecoderLayerConfig`.
+        num_heads: tokens drafted after the root (tree depth).
+        sequence_length: training sequences are cut to their last ``sequence_length`` tokens.
+    """
+
+    def __init__(self, layer_config: dict | None = None, num_heads: int = 4, sequence_length: int = 512, **kwargs):
+        super().__init__(layer_config=layer_config, **kwargs)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+        if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 4:
+            raise ValueError(f"sequence_length must be an integer >= 4, got {sequence_length!r}")
+        self.num_heads = num_heads
+        self.sequence_length = sequence_length
+
+
 class DraftHeadModel(PreTrainedModel):
     """Base class of draft heads (see the module docstring).
 
@@ -205,6 +272,28 @@ class DraftHeadModel(PreTrainedModel):
         """Number of tokens the head drafts after the root (tree depth)."""
         return int(getattr(self.config, self.depth_key))
 
+    @classmethod
+    def untrained(cls, model, noise: float = 0.0, seed: int = 0, **options):
+        """A new head of this class sized for ``model`` (config ``options``; the base decoder-layer geometry where
+        the config copies it) and attached to it; ``noise > 0`` perturbs every weight by a seeded Gaussian (a
+        trained-looking head for mechanism tests). The global random state is left untouched.
+
+        Example:
+            >>> head = CloverModel.untrained(model, num_heads=3)  # doctest: +SKIP
+        """
+        cfg = cls.config_class(hidden_size=model.config.hidden_size,
+                               vocab_size=model.get_output_embeddings().weight.shape[0], **options)
+        if isinstance(cfg, DecoderLayerConfig):
+            cfg.from_base_config(model.config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = cls(cfg).attach(model)
+            if noise:
+                with torch.no_grad():
+                    for p in head.parameters():
+                        p.add_(torch.randn_like(p) * noise)
+        return head.eval()
+
     def train_batches(self, seqs, batch_size: int, seed: int = 0):
         """Endless random mini-batches for :meth:`training_loss`. Position heads (the default) train on single
         positions: ``{"hidden": (B, hidden), "tokens": (B, 1 + depth)}`` (see
@@ -237,6 +326,56 @@ class DraftHeadModel(PreTrainedModel):
         hidden, tokens = position_examples(seqs, self.depth)
         for i in range(0, hidden.shape[0], batch_size):
             yield {"hidden": hidden[i:i + batch_size].to(self.device), "tokens": tokens[i:i + batch_size].to(self.device)}
+
+
+class SequenceBatchesMixin:
+    """Whole-sequence batches (:func:`~hf_decoding_ext.training.data.collate_sequences`, right-padded, cut to the
+    last ``max_length`` tokens: by default the config's ``sequence_length``, else 512) for heads trained by teacher
+    forcing over sequences (EAGLE, Jakiro, LongSpec, Clover, Chimera), with the target helpers they share."""
+
+    def _max_length(self, max_length: int | None) -> int:
+        return int(max_length or getattr(self.config, "sequence_length", 512))
+
+    def sequence_batches(self, seqs, batch_size: int, generator: torch.Generator, max_length: int | None = None):
+        """Endless batches of ``batch_size`` sequences in an order reshuffled each pass by ``generator``."""
+        while True:
+            perm = torch.randperm(len(seqs), generator=generator).tolist()
+            for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
+                yield self._collate([seqs[j] for j in perm[i:i + batch_size]], max_length)
+
+    def train_batches(self, seqs, batch_size: int, seed: int = 0, max_length: int | None = None):
+        return self.sequence_batches(seqs, batch_size, torch.Generator().manual_seed(seed), max_length)
+
+    def eval_batches(self, seqs, batch_size: int, max_length: int | None = None):
+        per = max(1, batch_size // 128)
+        for i in range(0, len(seqs), per):
+            yield self._collate(seqs[i:i + per], max_length)
+
+    def _collate(self, seqs, max_length: int | None = None) -> dict:
+        from hf_decoding_ext.training.data import collate_sequences
+
+        return collate_sequences(seqs, self._max_length(max_length), self.config.hidden_size, self.device,
+                                 self.feature_layers)
+
+    @staticmethod
+    def depth_targets(batch: dict, d: int) -> torch.Tensor:
+        """``(B, T)`` target of depth ``d`` at anchor ``j``: the target's greedy token after ``x_{j+d}``
+        (``labels[j + d]``), ``-100`` past the end or where absent."""
+        labels, valid = batch["labels"], batch["valid"]
+        b, t = labels.shape
+        out = torch.full_like(labels, -100)
+        if d < t:
+            ok = valid[:, d:] & valid[:, :t - d] & (labels[:, d:] >= 0)
+            out[:, :t - d] = torch.where(ok, labels[:, d:], torch.full_like(labels[:, d:], -100))
+        return out
+
+    @staticmethod
+    def shifted_ids(ids: torch.Tensor, d: int) -> torch.Tensor:
+        """``ids[:, j + d]`` at anchor ``j`` (zeros past the end)."""
+        out = torch.zeros_like(ids)
+        if d < ids.shape[1]:
+            out[:, : ids.shape[1] - d] = ids[:, d:]
+        return out
 
 
 class ResBlock(nn.Module):

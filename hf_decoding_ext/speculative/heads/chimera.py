@@ -22,13 +22,8 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from hf_decoding_ext.core.tree import additive_mask
-from hf_decoding_ext.speculative.heads.base import DraftHeadModel, ResBlock
-from hf_decoding_ext.speculative.heads.clover import (
-    SequenceBatchesMixin,
-    SequenceHeadConfig,
-    _results_section,
-    fidelity_markdown,
-)
+from hf_decoding_ext.speculative.heads.base import DraftHeadModel, ResBlock, SequenceBatchesMixin, SequenceHeadConfig
+from hf_decoding_ext.speculative.heads.clover import _results_section, fidelity_markdown
 
 #: ``(component, "follows" | "own reading", source checked, what this library does)``.
 PAPER_FIDELITY = (
@@ -243,13 +238,4 @@ def untrained_head(model, noise: float = 0.0, seed: int = 0, **options) -> Chime
     Example:
         >>> head = untrained_head(model, num_heads=3)  # doctest: +SKIP
     """
-    torch.manual_seed(seed)
-    cfg = ChimeraConfig(hidden_size=model.config.hidden_size,
-                        vocab_size=model.get_output_embeddings().weight.shape[0], **options)
-    cfg.from_base_config(model.config)
-    head = ChimeraModel(cfg).attach(model)
-    if noise:
-        with torch.no_grad():
-            for p in head.parameters():
-                p.add_(torch.randn_like(p) * noise)
-    return head.eval()
+    return ChimeraModel.untrained(model, noise=noise, seed=seed, **options)

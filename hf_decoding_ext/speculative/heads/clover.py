@@ -21,9 +21,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from hf_decoding_ext.core.tree import additive_mask
-from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
-from hf_decoding_ext.speculative.heads.eagle import EagleDrafterConfig
-from hf_decoding_ext.training.data import collate_sequences
+from hf_decoding_ext.speculative.heads.base import DraftHeadModel, ResBlock, SequenceBatchesMixin, SequenceHeadConfig
 
 #: ``(component, "follows" | "own reading", source checked, what this library does)``.
 PAPER_FIDELITY = (
@@ -79,24 +77,6 @@ if __doc__ is not None:
     __doc__ += "\n" + fidelity_markdown()
 
 
-class SequenceHeadConfig(DraftHeadConfig):
-    """Shared configuration of the sequence heads of this module and :mod:`.chimera`: the decoder-layer geometry
-    copied from the base model (``layer_config``), the number of drafted tokens and the training sequence length."""
-
-    def __init__(self, layer_config: dict | None = None, num_heads: int = 4, sequence_length: int = 512, **kwargs):
-        super().__init__(**kwargs)
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
-        if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 4:
-            raise ValueError(f"sequence_length must be an integer >= 4, got {sequence_length!r}")
-        self.layer_config = dict(layer_config or {})
-        self.num_heads = num_heads
-        self.sequence_length = sequence_length
-
-    from_base_config = EagleDrafterConfig.from_base_config
-    llama_config = EagleDrafterConfig.llama_config
-
-
 class CloverConfig(SequenceHeadConfig):
     """Configuration of :class:`CloverModel`.
 
@@ -123,47 +103,6 @@ def causal_allowed(valid: torch.Tensor) -> torch.Tensor:
     t = valid.shape[1]
     eye = torch.eye(t, dtype=torch.bool, device=valid.device)[None]
     return (torch.tril(torch.ones(t, t, dtype=torch.bool, device=valid.device))[None] & valid[:, None, :]) | eye
-
-
-class SequenceBatchesMixin:
-    """Whole-sequence batches (:func:`~hf_decoding_ext.training.data.collate_sequences`) for heads trained by
-    teacher forcing over sequences."""
-
-    def train_batches(self, seqs, batch_size: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(len(seqs), generator=g).tolist()
-            for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
-                yield self._collate([seqs[j] for j in perm[i:i + batch_size]])
-
-    def eval_batches(self, seqs, batch_size: int):
-        per = max(1, batch_size // 128)
-        for i in range(0, len(seqs), per):
-            yield self._collate(seqs[i:i + per])
-
-    def _collate(self, seqs) -> dict:
-        return collate_sequences(seqs, self.config.sequence_length, self.config.hidden_size, self.device,
-                                 self.feature_layers)
-
-    @staticmethod
-    def depth_targets(batch: dict, d: int) -> torch.Tensor:
-        """``(B, T)`` target of depth ``d`` at anchor ``j``: the target's greedy token after ``x_{j+d}``
-        (``labels[j + d]``), ``-100`` past the end or where absent."""
-        labels, valid = batch["labels"], batch["valid"]
-        b, t = labels.shape
-        out = torch.full_like(labels, -100)
-        if d < t:
-            ok = valid[:, d:] & valid[:, :t - d] & (labels[:, d:] >= 0)
-            out[:, :t - d] = torch.where(ok, labels[:, d:], torch.full_like(labels[:, d:], -100))
-        return out
-
-    @staticmethod
-    def shifted_ids(ids: torch.Tensor, d: int) -> torch.Tensor:
-        """``ids[:, j + d]`` at anchor ``j`` (zeros past the end)."""
-        out = torch.zeros_like(ids)
-        if d < ids.shape[1]:
-            out[:, : ids.shape[1] - d] = ids[:, d:]
-        return out
 
 
 class CloverModel(SequenceBatchesMixin, DraftHeadModel):
@@ -332,13 +271,4 @@ def untrained_head(model, noise: float = 0.0, seed: int = 0, **options) -> Clove
     Example:
         >>> head = untrained_head(model, num_heads=3)  # doctest: +SKIP
     """
-    torch.manual_seed(seed)
-    cfg = CloverConfig(hidden_size=model.config.hidden_size,
-                       vocab_size=model.get_output_embeddings().weight.shape[0], **options)
-    cfg.from_base_config(model.config)
-    head = CloverModel(cfg).attach(model)
-    if noise:
-        with torch.no_grad():
-            for p in head.parameters():
-                p.add_(torch.randn_like(p) * noise)
-    return head.eval()
+    return CloverModel.untrained(model, noise=noise, seed=seed, **options)

@@ -33,12 +33,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, LlamaConfig
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from hf_decoding_ext.core.tree import additive_mask
-from hf_decoding_ext.training.data import collate_sequences
-from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel, ResBlock
+from hf_decoding_ext.speculative.heads.base import (
+    LAYER_KEYS,
+    DecoderLayerConfig,
+    DraftHeadModel,
+    ResBlock,
+    SequenceBatchesMixin,
+)
 
 #: The config options that switch FSPAD's components on; at ``False`` the drafter is plain EAGLE (same fusion layer,
 #: decoder layer, loss and feature noise), which is what the ablation (``scripts/ablate_eagle_fspad.py``) compares.
@@ -128,11 +133,10 @@ def fidelity_markdown() -> str:
 if __doc__ is not None:  # None under python -OO
     __doc__ += "\n" + fidelity_markdown()
 
-_LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "rms_norm_eps", "max_position_embeddings", "hidden_act")
+_LAYER_KEYS = LAYER_KEYS  # the name the speculators export reads
 
 
-class EagleDrafterConfig(DraftHeadConfig):
+class EagleDrafterConfig(DecoderLayerConfig):
     """Configuration of :class:`EagleDrafterModel`.
 
     Args:
@@ -155,10 +159,9 @@ class EagleDrafterConfig(DraftHeadConfig):
     def __init__(self, layer_config: dict | None = None, num_draft_tokens: int = 6, feature_sampling: bool = True,
                  fs_expansion: int = 1, partial_alignment: bool = True, cls_weight: float = 0.1,
                  feature_noise: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(layer_config=layer_config, **kwargs)
         if num_draft_tokens < 1 or fs_expansion < 1:
             raise ValueError("num_draft_tokens and fs_expansion must be >= 1")
-        self.layer_config = dict(layer_config or {})
         self.num_draft_tokens = num_draft_tokens
         self.feature_sampling = feature_sampling
         self.fs_expansion = fs_expansion
@@ -166,30 +169,8 @@ class EagleDrafterConfig(DraftHeadConfig):
         self.cls_weight = cls_weight
         self.feature_noise = feature_noise
 
-    def from_base_config(self, base_config) -> None:
-        """Copy the decoder-layer geometry of the base model."""
-        d = base_config.to_dict()
-        layer = {k: d[k] for k in _LAYER_KEYS if d.get(k) is not None}
-        layer["hidden_size"] = self.hidden_size
-        rope = d.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is not None:
-            layer["rope_theta"] = float(theta)
-        self.layer_config = {**layer, **self.layer_config}
 
-    def llama_config(self) -> LlamaConfig:
-        lc = dict(self.layer_config)
-        lc.setdefault("hidden_size", self.hidden_size)
-        lc.setdefault("intermediate_size", 4 * self.hidden_size)
-        lc.setdefault("num_attention_heads", max(1, self.hidden_size // 64))
-        theta = lc.pop("rope_theta", 10000.0)
-        cfg = LlamaConfig(vocab_size=self.vocab_size, num_hidden_layers=1,
-                          rope_parameters={"rope_type": "default", "rope_theta": theta}, **lc)
-        cfg._attn_implementation = "sdpa"
-        return cfg
-
-
-class EagleDrafterModel(DraftHeadModel):
+class EagleDrafterModel(SequenceBatchesMixin, DraftHeadModel):
     """EAGLE-style one-layer feature drafter with FSPAD's feature sampling and partial alignment (module docstring).
 
     ``forward(features, input_ids, position_ids, attention_mask, cache)`` maps the target features ``f_p``
@@ -270,22 +251,6 @@ class EagleDrafterModel(DraftHeadModel):
         return DynamicCache(config=self.layers[0].self_attn.config)
 
     # ------------------------------------------------------------------------------------------------ training
-    def train_batches(self, seqs, batch_size: int, seed: int = 0, max_length: int = 512):
-        """Endless random batches of whole sequences (right-padded, cut to the last ``max_length`` tokens)."""
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(len(seqs), generator=g).tolist()
-            for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
-                yield self._collate([seqs[j] for j in perm[i:i + batch_size]], max_length)
-
-    def eval_batches(self, seqs, batch_size: int, max_length: int = 512):
-        per = max(1, batch_size // 128)
-        for i in range(0, len(seqs), per):
-            yield self._collate(seqs[i:i + per], max_length)
-
-    def _collate(self, seqs, max_length: int) -> dict:
-        return collate_sequences(seqs, max_length, self.config.hidden_size, self.device, self.feature_layers)
-
     def _causal_mask(self, valid: torch.Tensor) -> torch.Tensor:
         t = valid.shape[1]
         allowed = torch.tril(torch.ones(t, t, dtype=torch.bool, device=valid.device))[None] & valid[:, None, :]

@@ -332,10 +332,5 @@ def untrained_head(model, seed: int = 0, **options) -> JakiroDrafterModel:
         >>> from hf_decoding_ext.speculative.heads.jakiro import untrained_head
         >>> head = untrained_head(model)  # doctest: +SKIP
     """
-    cfg = JakiroConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size, **options)
-    cfg.from_base_config(model.config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = JakiroDrafterModel(cfg)
-    return head.attach(model)
+    return JakiroDrafterModel.untrained(model, seed=seed, **options)
 

@@ -34,7 +34,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -42,7 +41,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from hf_decoding_ext.speculative.heads.base import DraftHeadConfig, DraftHeadModel
+from hf_decoding_ext.speculative.heads.base import LAYER_KEYS, DecoderLayerConfig, DraftHeadModel, SequenceBatchesMixin
 from hf_decoding_ext.training.data import collate_sequences
 
 PAPER_FIDELITY = (
@@ -203,11 +202,7 @@ def supports(model) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- config
-_LAYER_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "rms_norm_eps", "max_position_embeddings", "hidden_act", "num_hidden_layers")
-
-
-class LongSpecConfig(DraftHeadConfig):
+class LongSpecConfig(DecoderLayerConfig):
     """Configuration of :class:`LongSpecDrafterModel`.
 
     Args:
@@ -224,11 +219,12 @@ class LongSpecConfig(DraftHeadConfig):
     """
 
     model_type = "hf_decoding_ext_longspec"
+    layer_keys = (*LAYER_KEYS, "num_hidden_layers")  # the base depth names the cached training feature's layer
 
     def __init__(self, layer_config: dict | None = None, num_draft_tokens: int = 5, window: int = 64,
                  anchor_size: int = 4, max_offset: int | None = None, anchor_offset: bool = True,
                  init_from_target: bool = False, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(layer_config=layer_config, **kwargs)
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         if window < 1:
@@ -237,7 +233,6 @@ class LongSpecConfig(DraftHeadConfig):
             raise ValueError(f"anchor_size must be >= 0, got {anchor_size}")
         if max_offset is not None and max_offset < 1:
             raise ValueError(f"max_offset must be >= 1, got {max_offset}")
-        self.layer_config = dict(layer_config or {})
         self.num_draft_tokens = num_draft_tokens
         self.window = window
         self.anchor_size = anchor_size
@@ -246,27 +241,10 @@ class LongSpecConfig(DraftHeadConfig):
         self.init_from_target = init_from_target
 
     def from_base_config(self, base_config) -> None:
-        """Copy the decoder-layer geometry of the base model."""
-        d = base_config.to_dict()
-        layer = {k: d[k] for k in _LAYER_KEYS if d.get(k) is not None}
-        layer["hidden_size"] = self.hidden_size
-        rope = d.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta"))
-        if theta is not None:
-            layer["rope_theta"] = float(theta)
-        self.layer_config = {**layer, **self.layer_config}
+        """Copy the decoder-layer geometry of the base model (and its maximum position as ``max_offset``)."""
+        super().from_base_config(base_config)
         if self.max_offset is None:
-            self.max_offset = int(layer.get("max_position_embeddings", 8192))
-
-    def llama_config(self) -> LlamaConfig:
-        lc = dict(self.layer_config)
-        lc.pop("num_hidden_layers", None)
-        lc.setdefault("hidden_size", self.hidden_size)
-        lc.setdefault("intermediate_size", 4 * self.hidden_size)
-        lc.setdefault("num_attention_heads", max(1, self.hidden_size // 64))
-        theta = lc.pop("rope_theta", 10000.0)
-        return LlamaConfig(vocab_size=self.vocab_size, num_hidden_layers=1,
-                           rope_parameters={"rope_type": "default", "rope_theta": theta}, **lc)
+            self.max_offset = int(self.layer_config.get("max_position_embeddings", 8192))
 
     @property
     def target_layer(self) -> int:
@@ -278,7 +256,7 @@ class LongSpecConfig(DraftHeadConfig):
 
 
 # ---------------------------------------------------------------------------------------------------- model
-class LongSpecDrafterModel(DraftHeadModel):
+class LongSpecDrafterModel(SequenceBatchesMixin, DraftHeadModel):
     """LongSpec's constant-memory draft layer (module docstring; LongSpec, arXiv 2502.17421).
 
     ``forward(input_ids, position_ids, target_k, target_v, self_mask, cross_mask)`` runs the layer teacher-forced
@@ -453,31 +431,25 @@ class LongSpecDrafterModel(DraftHeadModel):
         return self.finish(h, oc)
 
     # ------------------------------------------------------------------------------------------------ training
-    def train_batches(self, seqs, batch_size: int, seed: int = 0, max_length: int = 512):
+    def train_batches(self, seqs, batch_size: int, seed: int = 0, max_length: int | None = None):
         """Endless random batches of whole sequences (right-padded, cut to the last ``max_length`` tokens), each
         with its anchor-offset positions and per-position tree-depth lags."""
         g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(len(seqs), generator=g).tolist()
-            for i in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
-                batch = self._collate([seqs[j] for j in perm[i:i + batch_size]], max_length)
-                b, t = batch["input_ids"].shape
-                if self.config.anchor_offset:
-                    top = max(int(self.config.max_offset or t), t)
-                    pos = anchor_offset_positions(t, self.config.anchor_size, top, g, b)
-                else:
-                    pos = torch.arange(t)[None].repeat(b, 1)
-                batch["positions"] = pos.to(self.device)
-                batch["lag"] = torch.randint(0, self.depth, (b, t), generator=g).to(self.device)
-                yield batch
+        for batch in self.sequence_batches(seqs, batch_size, g, max_length):
+            b, t = batch["input_ids"].shape
+            if self.config.anchor_offset:
+                top = max(int(self.config.max_offset or t), t)
+                pos = anchor_offset_positions(t, self.config.anchor_size, top, g, b)
+            else:
+                pos = torch.arange(t)[None].repeat(b, 1)
+            batch["positions"] = pos.to(self.device)
+            batch["lag"] = torch.randint(0, self.depth, (b, t), generator=g).to(self.device)
+            yield batch
 
-    def eval_batches(self, seqs, batch_size: int, max_length: int = 512):
-        per = max(1, batch_size // 128)
-        for i in range(0, len(seqs), per):
-            yield self._collate(seqs[i:i + per], max_length)
-
-    def _collate(self, seqs, max_length: int) -> dict:
-        return collate_sequences(seqs, max_length, self.config.hidden_size, self.device, (self.config.target_layer,))
+    def _collate(self, seqs, max_length: int | None = None) -> dict:
+        # the config's target layer (the class's feature_layers names SmolLM2-135M's, for the pipeline's cache)
+        return collate_sequences(seqs, self._max_length(max_length), self.config.hidden_size, self.device,
+                                 (self.config.target_layer,))
 
     def _masks(self, valid: torch.Tensor, lag: torch.Tensor):
         """Self mask: key ``j`` in ``[p - lag - window, p]``; cross mask: target entry ``j <= p - 1 - lag``."""
