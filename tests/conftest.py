@@ -253,7 +253,7 @@ TINY_COMPONENT_PARAMS = {
     "eagle-fspad": dict(drafter=lambda m: _tiny_heads("eagle", m), max_nodes=4),
     "blockwise-parallel": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), max_nodes=3),  # TINY-PARAMS blockwise-parallel (owned by its helper)
     "blockwise-draft-refinement": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.blockwise", fromlist=["x"]).random_blockwise_heads(m), rescorer="ngram", num_paths=2, max_nodes=4),  # TINY-PARAMS blockwise-draft-refinement (owned by its helper)
-    # UNREGISTERED     "chimera": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.chimera", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS chimera (owned by its helper)
+    "chimera": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.chimera", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS chimera (owned by its helper)
     "clover": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.clover", fromlist=["x"]).untrained_head(m, num_heads=3, noise=0.3), max_nodes=4),  # TINY-PARAMS clover (owned by its helper)
     # UNREGISTERED     "jakiro": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.jakiro", fromlist=["untrained_head"]).untrained_head(m, num_draft_tokens=3), max_nodes=4),  # TINY-PARAMS jakiro (owned by its helper)
     # UNREGISTERED     "hidden-transfer": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.hidden_transfer", fromlist=["x"]).untrained_head(m, num_transfer=3, noise=0.3), max_nodes=4),  # TINY-PARAMS hidden-transfer (owned by its helper)

@@ -110,7 +110,7 @@ class ChimeraModel(SequenceBatchesMixin, DraftHeadModel):
     display_name = "Chimera draft model (trigram encoder, full-context decoder, residual heads)"
     method = "chimera"
     drafter = "hf_decoding_ext.speculative.drafters.chimera:ChimeraDrafter"
-    shipped_name = None
+    shipped_name = "smollm2-135m-instruct-chimera"
     training_defaults = {"lr": 1e-3, "batch_size": 8}  # batch_size counts sequences
     # equal budget with the Medusa/EAGLE baselines (600k positions); sequences cut to 256 tokens to keep the queue
     # job short (the per-position cost is dominated by the 4 depths x 8192-row lm_head, as for Medusa)
