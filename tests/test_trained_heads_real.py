@@ -38,7 +38,8 @@ EXPECTED_CLASS = {"medusa": "MedusaDrafter", "hydra": "HydraDrafter", "mlp-specu
                   # issue 23 (registered so far; the trained kinds are registered once their checkpoints ship)
                   "blockwise-parallel": "BlockwiseDrafter", "blockwise-draft-refinement": "BlockwiseRefinementDrafter",
                   "online-speculative": "OnlineSpeculativeDrafter", "vocab-trim": "VocabTrimDrafter",
-                  "clover": "CloverDrafter", "chimera": "ChimeraDrafter"}
+                  "clover": "CloverDrafter", "chimera": "ChimeraDrafter",
+                  "jakiro": "JakiroDrafter"}
 MIN_TOKENS_PER_FORWARD = {"online-speculative": 1.1, "vocab-trim": 1.1, "blockwise-parallel": 1.15,
                           "blockwise-draft-refinement": 1.15}
 """Methods drafting with the 4-layer distilled draft model instead of a head reach about 1.2 tokens per target

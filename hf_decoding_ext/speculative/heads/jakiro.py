@@ -206,7 +206,7 @@ class JakiroDrafterModel(EagleDrafterModel):
     display_name = "Jakiro decoupled MoE feature drafter"
     method = "jakiro"
     drafter = "hf_decoding_ext.speculative.drafters.jakiro:JakiroDrafter"
-    shipped_name = None
+    shipped_name = "smollm2-135m-instruct-jakiro"
     training_defaults = {"lr": 5e-4, "batch_size": 8}
     # Same recipe as the EAGLE baseline (/work/distill/baselines/eagle-600k: eagle's shipped recipe at the
     # "comparison" budget of 600k positions, ~300 steps of 8 sequences): lr, weight decay, batch, cls_weight, fp16.
