@@ -19,12 +19,56 @@ This module imports nothing from the method families; loaders of a particular sm
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
+
+# ----------------------------------------------------------------- text helpers for methods that read the generated text
+Decoder = Callable[[Sequence[int]], str]
+
+
+def make_decoder(tokenizer=None, decode: Decoder | None = None) -> Decoder:
+    """A ``list[int] -> str`` decoder: ``decode`` itself, else ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    Raises:
+        ValueError: when neither is given, or ``decode`` is not callable.
+    """
+    if decode is not None:
+        if not callable(decode):
+            raise ValueError(f"decode must be a callable mapping a list of token ids to text, got {decode!r}")
+        return decode
+    if tokenizer is None or not hasattr(tokenizer, "decode"):
+        raise ValueError(f"a tokenizer (with .decode) or a decode callable is needed to read the generated text, got "
+                         f"tokenizer={tokenizer!r}")
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def decode_tail(decode: Decoder, input_ids: torch.Tensor, start: int, k: int) -> str:
+    """Decoded text of the last ``k`` tokens of row 0 of ``input_ids`` that lie at positions ``>= start`` (e.g. the
+    generated part: ``start = prompt length``); ``""`` when there are none."""
+    lo = max(start, input_ids.shape[1] - k)
+    return decode(input_ids[0, lo:].tolist()) if lo < input_ids.shape[1] else ""
+
+
+SENTENCE_END = re.compile(r"(\n|[.!?][\"')\]]*\s*)$")
+"""End of a sentence: text ending with a newline, or with ``.``, ``!`` or ``?`` (optionally followed by closing
+quotes/brackets and whitespace)."""
+
+
+def sentence_ends(text: str) -> bool:
+    """True when ``text`` (the decoded tail of the generated tokens) ends a sentence (:data:`SENTENCE_END`): the next
+    token starts a new sentence. A digit followed by a point at the end of a token ("3." before "14") also counts:
+    a known false positive of a rule that cannot look ahead."""
+    return bool(SENTENCE_END.search(text))
+
+
+# --------------------------------------------------------------------------------------------- FoReaL
+
 
 MODELS = ("small", "large")
 """The two roles a :class:`RouterLoop` routes between."""
