@@ -141,11 +141,16 @@ def test_fidelity_list_names_the_three_components():
 
 
 def test_committed_property_figures():
-    path = ROOT / "results" / "clover_chimera_eval.json"
-    if not path.exists():
-        pytest.skip("results/clover_chimera_eval.json not produced yet (queue job clover-chimera-eval)")
-    res = json.loads(path.read_text())
+    """The committed equal-budget run: every output token-identical to greedy; the registry's verdict is the one the
+    figures give (later-depth accuracy above Medusa's at every depth 2-4)."""
+    from hf_decoding_ext.registry import get_method
+
+    res = json.loads((ROOT / "results" / "clover_chimera_eval.json").read_text())
     s = res["summary"]["clover"]
+    assert res["summary"]["all_token_identical"]
+    holds = all(c > m for c, m in zip(s["depth2plus_top1_clover"], s["depth2plus_top1_medusa"]))
+    assert s["reproduced"] == holds
+    assert get_method("clover").effect == ("reproduced" if holds else "not reproduced")
     assert s["depth2plus_top1_clover"] and s["depth2plus_top1_medusa"]
     # equal budget: the same supervised positions (steps are set from a per-batch estimate: within 5%)
     assert abs(s["positions_clover"] - s["positions_medusa"]) <= 0.05 * s["positions_medusa"]
