@@ -11,6 +11,7 @@ Examples::
     hf-decoding-ext train medusa --base smollm2-135m-instruct --out heads/medusa --steps 2000 --log train.log
     hf-decoding-ext train eagle --recipe shipped --out heads/eagle
     hf-decoding-ext publish eagle --repo-id <user>/smollm2-135m-instruct-eagle-fspad
+    hf-decoding-ext finetune --objective ntp --mode lora --extra-token "<|mask|>" --out finetuned/ntp --steps 1000
 """
 
 from __future__ import annotations
@@ -118,6 +119,28 @@ def _cmd_train(args) -> int:
                         budget=args.budget, **train_options)
     print(f"saved {type(head).__name__} to {args.out}; held-out top-1 per depth: "
           f"{head.config.training.get('heldout_top1')}")
+    return 0
+
+
+def finetune_options(args) -> dict[str, Any]:
+    """The :class:`~hf_decoding_ext.training.finetune.FineTuneConfig` fields given on the ``finetune`` command line."""
+    return {k: v for k, v in dict(steps=args.steps, budget=args.budget, batch_size=args.batch_size,
+                                  grad_accum=args.grad_accum, max_length=args.max_length, lr=args.lr,
+                                  weight_decay=args.weight_decay, warmup=args.warmup, mode=args.mode,
+                                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                  lora_target_modules=tuple(args.lora_target) if args.lora_target else None,
+                                  extra_tokens=tuple(args.extra_token) if args.extra_token else None,
+                                  checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                  save_dtype=args.save_dtype).items() if v is not None}
+
+
+def _cmd_finetune(args) -> int:
+    from hf_decoding_ext.training.finetune import run_finetune
+
+    run_finetune(args.base, args.out, objective=args.objective, prompts=args.prompts,
+                 max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, work_dir=args.work_dir,
+                 log_file=args.log, agreement_prompts=args.agreement_prompts, **finetune_options(args))
+    print(f"saved the fine-tuned model ({args.mode}) to {args.out}")
     return 0
 
 
@@ -253,6 +276,34 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--log", default=None, help="progress log file")
     pt.add_argument("--save-dtype", default=None, help="store the final weights in this dtype, e.g. float16")
     pt.set_defaults(func=_cmd_train)
+
+    pf = sub.add_parser("finetune", help="fine-tune the base model itself (full or LoRA) with a method's objective")
+    pf.add_argument("--objective", default="ntp", help="a name from training.finetune.OBJECTIVES (ntp, ...)")
+    pf.add_argument("--mode", choices=("full", "lora"), default="lora")
+    pf.add_argument("--base", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
+    pf.add_argument("--out", required=True, help="output folder (a rerun resumes from OUT/checkpoint)")
+    pf.add_argument("--extra-token", action="append", help="special token to add, e.g. '<|mask|>' (repeatable)")
+    pf.add_argument("--lora-rank", type=int, default=None)
+    pf.add_argument("--lora-alpha", type=float, default=None)
+    pf.add_argument("--lora-target", nargs="+", default=None, help="module names (default: attention and MLP)")
+    pf.add_argument("--prompts", type=int, default=None, help="distillation prompts per category (default: all)")
+    pf.add_argument("--max-new-tokens", type=int, default=256)
+    pf.add_argument("--gen-batch-size", type=int, default=16)
+    pf.add_argument("--steps", type=int, default=None)
+    pf.add_argument("--budget", default=None, help="supervised positions instead of --steps (number or name)")
+    pf.add_argument("--batch-size", type=int, default=None)
+    pf.add_argument("--grad-accum", type=int, default=None)
+    pf.add_argument("--max-length", type=int, default=None)
+    pf.add_argument("--lr", type=float, default=None)
+    pf.add_argument("--weight-decay", type=float, default=None)
+    pf.add_argument("--warmup", type=int, default=None)
+    pf.add_argument("--checkpoint-every", type=int, default=None)
+    pf.add_argument("--seed", type=int, default=None)
+    pf.add_argument("--save-dtype", default=None, help="e.g. bfloat16")
+    pf.add_argument("--agreement-prompts", type=int, default=20, help="held-out prompts for the greedy agreement")
+    pf.add_argument("--work-dir", default=None)
+    pf.add_argument("--log", default=None, help="stage log file (the JSON-lines log is OUT/train_log.jsonl)")
+    pf.set_defaults(func=_cmd_finetune)
 
     pp = sub.add_parser("publish", help="upload a trained head (shipped kind or folder) to the Hugging Face Hub")
     pp.add_argument("head", help="a shipped head kind (see `train --help`) or a checkpoint folder")

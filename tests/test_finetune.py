@@ -315,3 +315,20 @@ def test_full_save_dtype_keeps_the_tie(tmp_path):
     torch.testing.assert_close(emb.float(), model.get_input_embeddings().weight.to(torch.bfloat16).float())
     assert AutoTokenizer.from_pretrained(tmp_path).convert_tokens_to_ids(MASK) == 128
     _no_pickles(tmp_path)
+
+
+def test_cli_finetune_builds_a_valid_config(monkeypatch):
+    """`hf-decoding-ext finetune ...` passes every option it was given, as FineTuneConfig fields, to run_finetune."""
+    from hf_decoding_ext import cli
+    from hf_decoding_ext.training import finetune as ft
+
+    seen = {}
+    monkeypatch.setattr(ft, "run_finetune", lambda base, out, **kw: seen.update(base=base, out=out, **kw))
+    args = ["finetune", "--mode", "full", "--out", "x", "--extra-token", "<|mask|>", "--extra-token", "<|blk|>",
+            "--steps", "7", "--lr", "1e-4", "--lora-target", "q_proj", "v_proj", "--objective", "ntp"]
+    assert cli.main(args) == 0
+    assert seen["out"] == "x" and seen["objective"] == "ntp" and seen["agreement_prompts"] == 20
+    cfg = ft.FineTuneConfig(**{k: seen[k] for k in ("steps", "lr", "mode", "extra_tokens", "lora_target_modules")})
+    assert (cfg.steps, cfg.lr, cfg.mode) == (7, 1e-4, "full")
+    assert cfg.extra_tokens == ("<|mask|>", "<|blk|>") and cfg.lora_target_modules == ("q_proj", "v_proj")
+    assert "batch_size" not in seen  # options not given keep the config's defaults
