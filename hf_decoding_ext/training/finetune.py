@@ -711,6 +711,22 @@ OBJECTIVES: dict = {"ntp": next_token_loss}
 ``(loss_fn, batches)`` where ``batches(data, config, tokenizer) -> batches_or_data`` builds the method's own batches.
 Methods register theirs here (e.g. ``OBJECTIVES["space"] = (space_loss, space_batches)``)."""
 
+OBJECTIVE_MODULES = {"space": "hf_decoding_ext.speculative.space"}
+"""Objectives registered by a method's module, imported on first use by :func:`run_finetune` (``training`` imports
+nothing from the method families at import time)."""
+
+
+def resolve_objective(name: str):
+    """The :data:`OBJECTIVES` entry ``name``, importing the method module that registers it
+    (:data:`OBJECTIVE_MODULES`) on first use; ``ValueError`` for an unknown name."""
+    if name not in OBJECTIVES and name in OBJECTIVE_MODULES:
+        import importlib
+
+        importlib.import_module(OBJECTIVE_MODULES[name])
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(set(OBJECTIVES) | set(OBJECTIVE_MODULES))}, got {name!r}")
+    return OBJECTIVES[name]
+
 
 def run_finetune(base: str | None = None, out: str = "finetuned", *, objective: str = "ntp",
                  prompts: int | None = None, max_new_tokens: int = 256, gen_batch_size: int = 16, work_dir=None,
@@ -730,8 +746,7 @@ def run_finetune(base: str | None = None, out: str = "finetuned", *, objective: 
     unknown = sorted(set(config_options) - valid)
     if unknown:
         raise ValueError(f"unknown fine-tuning option(s) {unknown}; valid: {sorted(valid)}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    resolve_objective(objective)
     cfg = FineTuneConfig(**config_options)
     log = _logger(log_file)
     base_name = base or DEFAULT_MODEL
