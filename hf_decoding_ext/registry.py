@@ -739,31 +739,37 @@ METHODS: list[MethodSpec] = [
        title='Blockwise Parallel Decoding for Deep Autoregressive Models',
        arxiv="1811.03115", family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.blockwise:BlockwiseDrafter", lossless=True, needs_training=True,
-       status="experimental", defaults={"heads": "shipped"},
+       status="done", defaults={"heads": "shipped"},
        summary=("block_size - 1 proposal heads (one shared feed-forward layer split per head, residual, the base "
                 "lm_head as vocabulary projection) on the frozen target; predict, verify in one target forward, "
                 "accept the longest prefix equal to the argmax (lossless; the relaxed top-k and distance criteria, "
                 "engine acceptance blockwise-top-k / blockwise-distance, are lossy); shipped heads (4, 600k "
-                "positions). Experimental until the real-model evaluation (scripts/eval_blockwise.py) has run"),
-       effect="not measurable here",
-       effect_note=("evaluation pending; at the equal 600k-position budget on the same distillation data the heads' "
-                    "held-out top-1 per depth is 0.385, 0.226, 0.175, 0.128 against the Medusa baseline's 0.371, "
-                    "0.205, 0.145, 0.118 (checkpoint config); mechanism verified on tiny models (token-identical "
-                    "to greedy on tiny Llama and GPT-2, one target forward per block) in tests/test_blockwise.py")),
+                "positions)"),
+       effect="reproduced",
+       effect_note=("fewer target iterations with the output unchanged, as the paper's frozen-base heads, but smaller "
+                    "than its up to 2x: block efficiency 1.268 tokens per target forward (block size 5, 12 "
+                    "interleaved benchmark prompts x 40 tokens, 12/12 token-identical to greedy); at the equal "
+                    "600k-position budget the heads' held-out top-1 per depth is .385 .226 .175 .128 against the "
+                    "Medusa baseline's .371 .205 .145 .118; results/blockwise_eval.json")),
     # <<< ENTRY blockwise-parallel
     # >>> ENTRY blockwise-draft-refinement (owned by its helper: edit only between these markers)
     _m(name="blockwise-draft-refinement", aliases=('Exploring and Improving Blockwise Parallel Drafts', 'blockwise lattice rescoring', 'blockwise refinement'),
        title='Towards Fast Inference: Exploring and Improving Blockwise Parallel Drafts',
        arxiv="2404.09221", family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.blockwise_refinement:BlockwiseRefinementDrafter", lossless=True, needs_training=True,
-       status="experimental", defaults={"heads": "shipped", "rescorer": "ngram", "num_paths": 1},
+       status="done", defaults={"heads": "shipped", "rescorer": "ngram", "num_paths": 1},
        summary=("top-k lattice of the blockwise heads rescored by a 4-gram LM of the target's own greedy outputs "
                 "and/or the distilled small draft LM, interpolated with the head log-probabilities; the p best "
-                "paths verified as a trie (lossless). Experimental until its evaluation has run"),
-       effect="not measurable here",
-       effect_note=("not measured yet: scripts/eval_blockwise.py (queued) tunes the weights on distillation prompts and compares rescored with raw drafts at equal "
-                    "node count on benchmark prompts; mechanism verified on tiny models in "
-                    "tests/test_blockwise_refinement.py")),
+                "paths verified as a trie (lossless)"),
+       effect="not reproduced",
+       effect_note=("rescored against raw drafts of the same blockwise heads at the same node count (weights tuned on "
+                    "6 distillation prompts, measured on 12 benchmark prompts x 40 tokens, all token-identical): "
+                    "4-gram rescoring gives 1.282 tokens per forward against 1.268 on the chain (per-prompt mean "
+                    "difference +0.012, se 0.026) and 1.337 against 1.318 on the 8-node trie (+0.002, se 0.029), "
+                    "within noise; the distilled small LM -0.023 / -0.038; the paper reports +5-21% block "
+                    "efficiency. On the distillation prompts the "
+                    "4-gram (built from the target's outputs on those prompts) reached 2.17: it memorises rather "
+                    "than generalises at this data size; results/blockwise_eval.json")),
     # <<< ENTRY blockwise-draft-refinement
     # >>> ENTRY chimera (owned by its helper: edit only between these markers)
     _m(name="chimera", aliases=('fusing all tokens draft',),

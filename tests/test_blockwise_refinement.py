@@ -131,16 +131,16 @@ def test_shipped_ngram_is_rebuilt_deterministically_from_the_target_outputs():
         assert (rebuilt.ngram_counts[n] == shipped.ngram_counts[n]).all()
 
 
-def test_committed_evaluation_rescored_beats_raw():
-    path = ROOT / "results" / "blockwise_eval.json"
-    if not path.exists():
-        pytest.skip("results/blockwise_eval.json not committed yet (scripts/eval_blockwise.py is queued)")
-    res = json.loads(path.read_text())
+def test_committed_evaluation_and_the_registry_verdict():
+    """The committed run (weights tuned on distillation prompts, measured on benchmark prompts): every arm lossless;
+    the registry says "reproduced" only if the registered default rescorer (the n-gram) beats the raw drafts by more
+    than two standard errors of the paired per-prompt difference, for the chain and for the trie."""
+    from hf_decoding_ext.registry import get_method
+
+    res = json.loads((ROOT / "results" / "blockwise_eval.json").read_text())
     arms = res["arms"]
     for name, s in arms.items():  # lossless: every arm token-identical up to floating-point near-ties
         assert s["identical"] + s["near_tie_divergences"] == s["prompts"], name
-    # same heads, same node count: the best rescored drafts beat the raw ones
-    for shape in ("chain", "trie"):
-        best = max(arms[f"{shape}/{r}"]["block_efficiency"] for r in ("ngram", "neural", "both"))
-        raw = arms["bpd" if shape == "chain" else "trie/raw"]
-        assert best > raw["block_efficiency"], shape
+    cmp = res["comparisons"]
+    holds = all(c["mean_diff"] > 2 * c["se"] for c in (cmp["chain/ngram - bpd"], cmp["trie/ngram - trie/raw"]))
+    assert get_method("blockwise-draft-refinement").effect == ("reproduced" if holds else "not reproduced")
