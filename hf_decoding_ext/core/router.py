@@ -18,6 +18,7 @@ This module imports nothing from the method families; loaders of a particular sm
 
 from __future__ import annotations
 
+import abc
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -173,6 +174,7 @@ class RouterLoop(DecodingLoop):
     def begin(self, state: GenerationState, run: RouterRun) -> None:
         """Start of a call (per-run state goes in ``run.extra``)."""
 
+    @abc.abstractmethod
     def choose(self, state: GenerationState, run: RouterRun, small_logits: torch.Tensor | None):
         """Which model produces next: ``"small"`` or ``"large"`` for one token, or ``(model, n)`` for a span of ``n``
         tokens (``n >= 1``; :meth:`choose` is asked again after the span, or earlier if generation stops).
@@ -184,7 +186,6 @@ class RouterLoop(DecodingLoop):
             small_logits: the small model's raw float32 next-token logits ``(1, vocab)`` when
                 :attr:`small_logits_every_step`, else ``None``.
         """
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- public
     def summary(self) -> dict[str, Any]:
