@@ -35,7 +35,7 @@ PAPER_FIDELITY (deviations from the official code):
    example; the dataclass default 64 fails SpecKV's own odd-kernel assertion); SpecPC ``max_capacity_prompt`` 512
    (1024), ``window_size`` 32 (64), ``kernel_size`` 32 (64), ``neighbor_tokens`` 32 (= kernel, as officially).
 2. Lookahead tokens are always drafted greedily (the official SpecKV passes the caller's sampling arguments to the
-   draft's ``generate()``; its own code marks sampling as a TODO).
+   draft's ``generate()``; its own code leaves sampling unimplemented).
 3. Only the ``max`` reduction and ``max`` pooling (the official defaults) are implemented.
 4. SpecKV's sparse (vertical-slash, MInference) prefill of the target is not built: the target prefills with its
    normal dense attention; only the KV dropping is reproduced. ``prefill_window_size`` / ``prefill_vertical_size``

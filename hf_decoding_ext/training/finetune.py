@@ -226,22 +226,38 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-class NewRowsEmbedding(nn.Module):
-    """A frozen embedding whose rows ``ids`` come from a trainable ``new_rows`` parameter (LoRA mode)."""
+class _NewRows(nn.Module):
+    """A frozen layer (embedding or output projection) whose rows ``ids`` are replaced by a trainable ``new_rows``
+    parameter (LoRA mode); ``new_rows`` is shared between the two when the embeddings are tied."""
 
-    def __init__(self, base: nn.Embedding, ids: list[int]):
+    def __init__(self, base: nn.Module, ids: list[int], new_rows: nn.Parameter | None = None):
         super().__init__()
         self.base = base
-        base.weight.requires_grad_(False)
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device), persistent=False)
-        slot = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=base.weight.device)
-        slot[self.ids] = torch.arange(len(ids), device=base.weight.device)
-        self.register_buffer("slot", slot, persistent=False)
-        self.new_rows = nn.Parameter(base.weight[self.ids].detach().clone())
+        self.tied = new_rows is not None
+        self.new_rows = new_rows if new_rows is not None else nn.Parameter(base.weight[self.ids].detach().clone())
 
     @property
     def weight(self):
         return self.base.weight
+
+    def merged(self) -> nn.Module:
+        """The base layer with the new rows written into it."""
+        with torch.no_grad():
+            self.base.weight[self.ids] = self.new_rows.to(self.base.weight.dtype)
+        return self.base
+
+
+class NewRowsEmbedding(_NewRows):
+    """A frozen embedding whose rows ``ids`` come from a trainable ``new_rows`` parameter (LoRA mode)."""
+
+    def __init__(self, base: nn.Embedding, ids: list[int]):
+        super().__init__(base, ids)
+        slot = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=base.weight.device)
+        slot[self.ids] = torch.arange(len(ids), device=base.weight.device)
+        self.register_buffer("slot", slot, persistent=False)
 
     @property
     def num_embeddings(self):
@@ -257,28 +273,10 @@ class NewRowsEmbedding(nn.Module):
         hit = slot >= 0
         return torch.where(hit[..., None], self.new_rows[slot.clamp(min=0)].to(out.dtype), out)
 
-    def merged(self) -> nn.Module:
-        with torch.no_grad():
-            self.base.weight[self.ids] = self.new_rows.to(self.base.weight.dtype)
-        return self.base
 
-
-class NewRowsLinear(nn.Module):
+class NewRowsLinear(_NewRows):
     """A frozen output layer whose logits of ``ids`` use the trainable ``new_rows`` (shared with the input embedding
     wrapper when the embeddings are tied)."""
-
-    def __init__(self, base: nn.Linear, ids: list[int], new_rows: nn.Parameter | None = None):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device), persistent=False)
-        self.tied = new_rows is not None
-        self.new_rows = new_rows if new_rows is not None else nn.Parameter(base.weight[self.ids].detach().clone())
-
-    @property
-    def weight(self):
-        return self.base.weight
 
     @property
     def bias(self):
@@ -290,11 +288,6 @@ class NewRowsLinear(nn.Module):
         if self.base.bias is not None:
             new = new + self.base.bias[self.ids]
         return logits.index_copy(-1, self.ids, new.to(logits.dtype))
-
-    def merged(self) -> nn.Module:
-        with torch.no_grad():
-            self.base.weight[self.ids] = self.new_rows.to(self.base.weight.dtype)
-        return self.base
 
 
 def _set_module(model, name: str, module: nn.Module) -> None:
