@@ -42,6 +42,7 @@ FAMILY_FOLDERS = {
     "structured": "structured",
     "search": "search",
     "collaboration": "collaboration",
+    "fine-tuned": "speculative",  # methods that fine-tune the served model itself (issue 24: SPACE, LUD, SBD, S2D)
 }
 """Family -> folder of ``hf_decoding_ext`` that holds its methods' modules."""
 
@@ -1563,6 +1564,12 @@ METHODS: list[MethodSpec] = [
                     "(0.76x); on the same skeleton the node waves took 1.56 s against 1.93 s one node at a time "
                     "(1.23x, 20 against 33 forwards).")),
     # <<< ENTRY skeleton-graph-decoding
+    # >>> ENTRY lexical-unit-decoding (owned by its helper: edit only between these markers)
+    # <<< ENTRY lexical-unit-decoding
+    # >>> ENTRY set-block-decoding (owned by its helper: edit only between these markers)
+    # <<< ENTRY set-block-decoding
+    # >>> ENTRY s2d (owned by its helper: edit only between these markers)
+    # <<< ENTRY s2d
 ]
 # fmt: on
 
