@@ -704,7 +704,8 @@ OBJECTIVES: dict = {"ntp": next_token_loss}
 ``(loss_fn, batches)`` where ``batches(data, config, tokenizer) -> batches_or_data`` builds the method's own batches.
 Methods register theirs here (e.g. ``OBJECTIVES["space"] = (space_loss, space_batches)``)."""
 
-OBJECTIVE_MODULES = {"space": "hf_decoding_ext.speculative.space", "s2d": "hf_decoding_ext.speculative.s2d"}
+OBJECTIVE_MODULES = {"space": "hf_decoding_ext.speculative.space", "s2d": "hf_decoding_ext.speculative.s2d",
+                     "sbd": "hf_decoding_ext.speculative.set_block_decoding"}
 """Objectives registered by a method's module, imported on first use by :func:`run_finetune` (``training`` imports
 nothing from the method families at import time)."""
 
