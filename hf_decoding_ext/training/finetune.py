@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -701,11 +702,13 @@ def agreement_with(original, finetuned, tokenizer, prompts, max_new_tokens: int 
 # ------------------------------------------------------------------------------------------------ end-to-end (CLI)
 OBJECTIVES: dict = {"ntp": next_token_loss}
 """Named objectives of :func:`run_finetune` (``hf-decoding-ext finetune --objective NAME``): ``loss_fn`` or
-``(loss_fn, batches)`` where ``batches(data, config, tokenizer) -> batches_or_data`` builds the method's own batches.
+``(loss_fn, batches)`` where ``batches(data, config, tokenizer) -> batches_or_data`` builds the method's own batches
+(a builder with a ``model`` keyword also receives the original model, before fine-tuning).
 Methods register theirs here (e.g. ``OBJECTIVES["space"] = (space_loss, space_batches)``)."""
 
 OBJECTIVE_MODULES = {"space": "hf_decoding_ext.speculative.space", "s2d": "hf_decoding_ext.speculative.s2d",
-                     "sbd": "hf_decoding_ext.speculative.set_block_decoding"}
+                     "sbd": "hf_decoding_ext.speculative.set_block_decoding",
+                     "lud": "hf_decoding_ext.speculative.lud"}
 """Objectives registered by a method's module, imported on first use by :func:`run_finetune` (``training`` imports
 nothing from the method families at import time)."""
 
@@ -751,7 +754,12 @@ def run_finetune(base: str | None = None, out: str = "finetuned", *, objective: 
     log(f"data: {len(data.train)} train / {len(data.heldout)} held-out sequences; fine-tuning {cfg}")
     spec = OBJECTIVES[objective]
     loss_fn, make_batches = spec if isinstance(spec, tuple) else (spec, None)
-    source = make_batches(data, cfg, tokenizer) if make_batches else data
+    if make_batches is None:
+        source = data
+    elif "model" in inspect.signature(make_batches).parameters:  # builders that read the original model
+        source = make_batches(data, cfg, tokenizer, model=model)
+    else:
+        source = make_batches(data, cfg, tokenizer)
     torch.set_grad_enabled(True)
     tuned = finetune(model, tokenizer, source, loss_fn, out, cfg, progress=progress)
     if agreement_prompts:
