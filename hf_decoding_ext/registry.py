@@ -1565,10 +1565,65 @@ METHODS: list[MethodSpec] = [
                     "(1.23x, 20 against 33 forwards).")),
     # <<< ENTRY skeleton-graph-decoding
     # >>> ENTRY lexical-unit-decoding (owned by its helper: edit only between these markers)
+    # UNREGISTERED     _m(name="lexical-unit-decoding", aliases=("lud", "lexical units decoding"),
+    # UNREGISTERED        title="Decoding at the Speed of Thought: Harnessing Parallel Decoding of Lexical Units for LLMs",
+    # UNREGISTERED        arxiv="2405.15208", family="fine-tuned", kind="decoding_loop",
+    # UNREGISTERED        target="hf_decoding_ext.speculative.lud:LUDDecoding", lossless=False, needs_training=True,
+    # UNREGISTERED        status="experimental", do_sample=False, defaults={"k": 4, "threshold": 0.9},
+    # UNREGISTERED        summary=("The model itself is fine-tuned on lexical-unit data (objective 'lud': runs of tokens the original "
+    # UNREGISTERED                 "model predicts with probability >= 0.7 each, up to 4, marked on its own greedy responses; examples cut "
+    # UNREGISTERED                 "at a unit with 4 added placeholder tokens labelled with the unit's tokens, then an end-of-unit label); "
+    # UNREGISTERED                 "decoding appends 3 placeholders after the committed tokens, predicts 4 tokens in one forward and "
+    # UNREGISTERED                 "accepts the leading parallel ones above the confidence threshold (adaptive span, repetition control, "
+    # UNREGISTERED                 "at least the greedy token); placeholder KV dropped and accepted tokens re-fed (exact cache). Greedy, "
+    # UNREGISTERED                 "batch 1; lossy against the original model. Experimental: the LUD fine-tune of the default model is "
+    # UNREGISTERED                 "not shipped yet."),
+    # UNREGISTERED        effect="not measurable here",
+    # UNREGISTERED        effect_note=("Pending the queue fine-tune (objective lud): scripts/eval_lud.py writes lud_eval.json under results/: "
+    # UNREGISTERED                     "(forwards per token over the threshold sweep, agreement with the original model's greedy output, "
+    # UNREGISTERED                     "extractive-QA answer rate). Mechanism verified on tiny models (tests/test_lud.py): threshold >= 1 "
+    # UNREGISTERED                     "equals greedy generate(), the cache equals a causal recompute, and a seconds-long toy pipeline "
+    # UNREGISTERED                     "(original -> units -> LUD fine-tune) gives 1.3-1.6 tokens per forward at threshold 0.3.")),
     # <<< ENTRY lexical-unit-decoding
     # >>> ENTRY set-block-decoding (owned by its helper: edit only between these markers)
+    # UNREGISTERED     _m(name="set-block-decoding", aliases=("sbd",),
+    # UNREGISTERED        title="Set Block Decoding is a Language Model Inference Accelerator",
+    # UNREGISTERED        arxiv="2509.04185", family="fine-tuned", kind="decoding_loop",
+    # UNREGISTERED        target="hf_decoding_ext.speculative.set_block_decoding:SetBlockDecoding", lossless=False, needs_training=True,
+    # UNREGISTERED        status="experimental", defaults={"block_size": 16, "gamma": 0.35},
+    # UNREGISTERED        summary=("The model itself is fine-tuned with next-token prediction plus masked-token prediction on a future block "
+    # UNREGISTERED                 "(objective 'sbd': a noisy copy of the sequence, blocks of 2..16 with random masks, causal past and "
+    # UNREGISTERED                 "bidirectional block, one added mask token); decoding puts 16 masks per block and each forward reveals "
+    # UNREGISTERED                 "the lowest-entropy positions chosen by the Entropy-Bounded sampler (threshold gamma), then caches the "
+    # UNREGISTERED                 "finished block causally (exact KV). Greedy or sampling, batch 1; lossy against the original model. "
+    # UNREGISTERED                 "Experimental: the SBD fine-tune of the default model (and its NTP control of equal steps) is not "
+    # UNREGISTERED                 "shipped yet."),
+    # UNREGISTERED        effect="not measurable here",
+    # UNREGISTERED        effect_note=("Pending the queue fine-tunes (sbd and its ntp control, scripts/eval_set_block_decoding.py writes "
+    # UNREGISTERED                     "results/set_block_decoding_eval.json: forwards per token over the gamma sweep, agreement with the "
+    # UNREGISTERED                     "original model's greedy output and a small task metric against the NTP control). Mechanism verified "
+    # UNREGISTERED                     "on tiny models: committed-block KV equals a causal recompute, the loop equals a cache-free "
+    # UNREGISTERED                     "reference, and a 300-step tiny fine-tune gives 0.51 forwards per token at gamma 1 (blocks of 8).")),
     # <<< ENTRY set-block-decoding
     # >>> ENTRY s2d (owned by its helper: edit only between these markers)
+    # UNREGISTERED     _m(name="s2d", aliases=("sorted speculative decoding",),
+    # UNREGISTERED        title="S2D: Sorted Speculative Decoding For More Efficient Deployment of Nested Large Language Models",
+    # UNREGISTERED        arxiv="2407.01955", family="fine-tuned", kind="candidate_generator",
+    # UNREGISTERED        target="hf_decoding_ext.speculative.s2d:S2DDrafter", lossless=True, needs_training=True,
+    # UNREGISTERED        status="experimental", defaults={"draft": "shipped"},
+    # UNREGISTERED        summary=("One sorted draft (the default model's first 12 layers with a SoFT LoRA adapter: the mean "
+    # UNREGISTERED                 "cross-entropy of the nested sub-models of 6, 9 and 12 layers, sharing the final norm and LM head, on "
+    # UNREGISTERED                 "the model's own greedy responses) drafts chains with an adaptive exit: per token the shallowest "
+    # UNREGISTERED                 "sub-model whose top probability reaches the threshold (0.8) emits it, the skipped layers' KV filled "
+    # UNREGISTERED                 "lazily and exactly; the engine verifies (lossless) for any target sharing the tokenizer (the default "
+    # UNREGISTERED                 "model or a fine-tuned variant). Experimental: the SoFT adapter is not trained and shipped yet."),
+    # UNREGISTERED        effect="not measurable here",
+    # UNREGISTERED        effect_note=("Pending the SoFT fine-tune in the queue: scripts/eval_s2d.py writes results/s2d_eval.json "
+    # UNREGISTERED                     "(acceptance of each sorted sub-model against the same-depth untrained truncation, the "
+    # UNREGISTERED                     "threshold sweep's draft cost at equal acceptance, tokens per target forward, a second target). "
+    # UNREGISTERED                     "Mechanism verified on tiny models (tests/test_s2d.py): token-identical to greedy on Llama, Qwen2 "
+    # UNREGISTERED                     "and GPT-2, lazy KV of early exits equal to a causal recompute, a seconds-long SoFT lowering every "
+    # UNREGISTERED                     "sub-model's loss and lifting each above its untrained truncation.")),
     # <<< ENTRY s2d
 ]
 # fmt: on
