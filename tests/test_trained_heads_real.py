@@ -39,7 +39,7 @@ EXPECTED_CLASS = {"medusa": "MedusaDrafter", "hydra": "HydraDrafter", "mlp-specu
                   "blockwise-parallel": "BlockwiseDrafter", "blockwise-draft-refinement": "BlockwiseRefinementDrafter",
                   "online-speculative": "OnlineSpeculativeDrafter", "vocab-trim": "VocabTrimDrafter",
                   "clover": "CloverDrafter", "chimera": "ChimeraDrafter",
-                  "jakiro": "JakiroDrafter"}
+                  "jakiro": "JakiroDrafter", "hidden-transfer": "HiddenTransferDrafter"}
 MIN_TOKENS_PER_FORWARD = {"online-speculative": 1.1, "vocab-trim": 1.1, "blockwise-parallel": 1.15,
                           "blockwise-draft-refinement": 1.15}
 """Methods drafting with the 4-layer distilled draft model instead of a head reach about 1.2 tokens per target

@@ -160,7 +160,7 @@ class HiddenTransfer(DraftHeadModel):
     display_name = "Hidden Transfer layers (pseudo hidden states through the frozen upper layers)"
     method = "hidden-transfer"
     drafter = "hf_decoding_ext.speculative.drafters.hidden_transfer:HiddenTransferDrafter"
-    shipped_name = None
+    shipped_name = "smollm2-135m-instruct-hidden-transfer"
     feature_layers = (20,)
     """The layer the pipeline caches for the default model (``transfer_layer=None`` resolves to 20 of its 30
     layers); an instance declares its own ``transfer_layer``."""
@@ -169,7 +169,7 @@ class HiddenTransfer(DraftHeadModel):
                       "log_every": 5, "checkpoint_every": 50,
                       "head_options": {"num_transfer": 4, "anchors_per_sequence": 64},
                       "save_dtype": "float16"}
-    """Budget 32k supervised positions (125 steps of 4 sequences x 64 anchors), not the 150k "small" budget: each
+    """Budget 32k supervised positions (152 steps of 4 sequences x up to 64 anchors), not the 150k "small" budget: each
     position backpropagates through the 10 frozen upper layers (4 pseudo tokens) after a no-grad context pass, and
     the training-queue job also runs the one-off layer-20 feature pass over the 296k cached tokens (~7 min on the
     2-core machine); at 150k the job would take an estimated ~30 min uncontended, above the queue's ~10-12 min per job. The Medusa baseline
