@@ -288,13 +288,13 @@ def test_momentum_reduces_repetition_and_is_fast(smollm):
     n_new = 128
     proc = MomentumLogitsProcessor.for_model(model, tokenizer)  # paper defaults: k=5, alpha=0.2, R(d)=d, depth<=5
 
-    def run(processors):
+    def run(processors, n=n_new):
         t0 = time.perf_counter()
-        out = model.generate(**enc, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+        out = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                              logits_processor=processors)
         return time.perf_counter() - t0, out[:, enc.input_ids.shape[1]:]
 
-    run([proc])  # warm-up
+    run([proc], 16)  # warm-up (a short run: kernels and the processor's caches)
     times = {"greedy": [], "momentum": []}
     outs = {}
     for _ in range(2):  # interleaved
