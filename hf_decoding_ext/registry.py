@@ -857,24 +857,25 @@ METHODS: list[MethodSpec] = [
                     "target's own sequence; token-identical greedy on tiny Llama and Qwen2).")),
     # <<< ENTRY hidden-transfer
     # >>> ENTRY ppd (owned by its helper: edit only between these markers)
-    # UNREGISTERED     _m(name="ppd", aliases=('Parallel Prompt Decoding',),
-    # UNREGISTERED        title='Hardware-Aware Parallel Prompt Decoding for Memory-Efficient Acceleration of LLM Inference',
-    # UNREGISTERED        arxiv="2405.18628", family="trained-heads", kind="candidate_generator",
-    # UNREGISTERED        target="hf_decoding_ext.speculative.drafters.ppd:PPDDrafter", lossless=True, needs_training=True,
-    # UNREGISTERED        status="experimental", defaults={"heads": "untrained"},
-    # UNREGISTERED        summary="The target drafts for itself: 3 trained prompt-token embeddings (1728 floats, base frozen) fed after "
-    # UNREGISTERED                "the root and the likely tree nodes in every verification forward (side nodes with their own input "
-    # UNREGISTERED                "embeddings, never accepted) rank the next step's candidates; a dynamic sparse tree whose nodes "
-    # UNREGISTERED                "carry prompt tokens, sized from this machine's measured verify-cost curve. Experimental: the "
-    # UNREGISTERED                "trained checkpoint is not shipped yet (queue jobs ppd-train, ppd-eval pending), so the default "
-    # UNREGISTERED                "runs untrained prompt tokens (lossless, few accepted tokens)",
-    # UNREGISTERED        effect="not measurable here",
-    # UNREGISTERED        effect_note="Pending: the trained-against-untrained comparison (tokens per target forward on 12 "
-    # UNREGISTERED                    "interleaved prompts x 64 tokens, same pinned tree) is written by scripts/eval_ppd.py in the "
-    # UNREGISTERED                    "queue job ppd-eval after ppd-train. Measured without generation: on the packaged 2-core CPU curve the "
-    # UNREGISTERED                    "hardware-aware tree is 1 candidate node plus 1 prompt token (3 tokens per verification) against "
-    # UNREGISTERED                    "20 nodes with 63 prompt tokens (84 tokens) on a flat accelerator-like curve and 105 in the "
-    # UNREGISTERED                    "paper's Vicuna-7B GPU tree (tests/test_ppd.py)."),
+    _m(name="ppd", aliases=('Parallel Prompt Decoding',),
+       title='Hardware-Aware Parallel Prompt Decoding for Memory-Efficient Acceleration of LLM Inference',
+       arxiv="2405.18628", family="trained-heads", kind="candidate_generator",
+       target="hf_decoding_ext.speculative.drafters.ppd:PPDDrafter", lossless=True, needs_training=True,
+       status="done", defaults={"heads": "shipped"},
+       summary="The target drafts for itself: 3 trained prompt-token embeddings (1728 floats, base frozen) fed after "
+               "the root and the likely tree nodes in every verification forward (side nodes with their own input "
+               "embeddings, never accepted) rank the next step's candidates; a dynamic sparse tree whose nodes "
+               "carry prompt tokens, sized from this machine's measured verify-cost curve. Shipped prompt tokens "
+               "trained 50 steps (4.9k anchors, 3 minutes on this CPU; the paper: 16 A100 hours).",
+       effect="reproduced",
+       effect_note="Trained against untrained prompt tokens (same mean-embedding initialisation, same pinned 10-node "
+                   "tree, 12 interleaved benchmark prompts x 64 tokens; results/ppd_eval.json): 1.584 against 1.489 "
+                   "tokens per target forward (paired difference +0.095, se 0.022; trained ahead on 10 of 12 "
+                   "prompts), shipped Medusa heads 1.530 at the same size; each arm's own hardware-aware tree on "
+                   "this CPU: 1.377 against 1.255. All 48 runs token-identical to greedy. Hardware-aware tree on this "
+                   "machine's measured verify-cost curve: 5 candidate nodes with 2 prompt tokens (8 tokens per "
+                   "verification) against 20 nodes and 62 prompt tokens (83 tokens) on a flat accelerator-like "
+                   "curve and the paper's 105-token Vicuna-7B GPU tree."),
     # <<< ENTRY ppd
     # >>> ENTRY longspec (owned by its helper: edit only between these markers)
     # UNREGISTERED     _m(name="longspec", aliases=('long-context speculative decoding',),

@@ -108,7 +108,7 @@ class PromptTokens(DraftHeadModel):
     display_name = "Parallel Prompt Decoding prompt tokens"
     method = "ppd"
     drafter = "hf_decoding_ext.speculative.drafters.ppd:PPDDrafter"
-    shipped_name = None
+    shipped_name = "smollm2-135m-instruct-ppd"
     training_defaults = {"lr": 1e-2, "batch_size": 2, "warmup": 10, "log_every": 5, "checkpoint_every": 50,
                          "tree_nodes": 16}
     shipped_recipe = {"steps": 50, "batch_size": 2, "lr": 1e-2, "weight_decay": 0.0, "warmup": 5, "log_every": 5,
