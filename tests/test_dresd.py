@@ -143,9 +143,10 @@ class _SuffixRetrievalDrafter(Drafter):
 
 @pytest.mark.real_model
 def test_dense_retrieval_accepts_more_than_exact_suffix_retrieval_real_model(smollm):
-    """Greedy on 8 benchmark prompts x 64 tokens, the same 16-node budget and the same text (the default model's
+    """Greedy on 8 benchmark prompts x 32 tokens, the same 16-node budget and the same text (the default model's
     greedy responses to the distillation prompts): DReSD accepts more draft tokens per step than REST-style
-    exact-suffix retrieval (the paper: +65% accepted length). Greedy token identity: test_speculative_lossless.py."""
+    exact-suffix retrieval (the paper: +65% accepted length; measured 0.20 against 0.12, and 0.22 against 0.15 at
+    64 tokens). Greedy token identity: test_speculative_lossless.py."""
     from hf_decoding_ext.bench.prompts import interleaved_prompts
     from hf_decoding_ext.bench.speed import encode_prompt
 
@@ -161,7 +162,7 @@ def test_dense_retrieval_accepts_more_than_exact_suffix_retrieval_real_model(smo
         for row in interleaved_prompts(8):
             enc = encode_prompt(row, tokenizer)
             loop = SpeculativeDecoding(drafter)
-            model.generate(**enc, max_new_tokens=64, do_sample=False, custom_generate=loop)
+            model.generate(**enc, max_new_tokens=32, do_sample=False, custom_generate=loop)
             accepted += sum(s.accepted for s in loop.last_stats)
             steps += len(loop.last_stats)
         figures[name] = accepted / steps

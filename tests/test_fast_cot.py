@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from hf_decoding_ext.speculative.fast_cot import FastCoTDecoding
 
@@ -44,6 +45,22 @@ def test_glance_then_answer_prompt(tiny_model):
     for bad in ({"budget": 0}, {"window": 0}, {"glance": "yes"}, {"budget": 3}):  # text prompt without tokenizer
         with pytest.raises(ValueError):
             FastCoTDecoding(**bad)
+
+
+class _StopAfterTheAnswer(StoppingCriteria):
+    """A stopping criterion for a Fast CoT run: once the glance and the answer prompt are inserted, stop after
+    ``n`` answer tokens (the test reads only those; decoding on to ``max_new_tokens`` changes none of them, nor
+    the forwards counted up to them)."""
+
+    def __init__(self, loop, answer_len: int, n: int = 8):
+        self.loop, self.answer_len, self.n, self.start = loop, answer_len, n, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.loop.glance_tokens and self.start is None:
+            self.start = input_ids.shape[1] - 1  # called right after the first inserted glance token
+        done = (self.start is not None
+                and input_ids.shape[1] >= self.start + len(self.loop.glance_tokens) + self.answer_len + self.n)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def _last_number(text: str):
@@ -79,8 +96,9 @@ def test_fewer_forwards_to_the_answer_at_a_measured_accuracy_change_real_model(s
         figures["greedy"][0] += int(answer_after(out) == row["answer"])
         figures["greedy"][1] += out.shape[1] - n + 8
         loop = FastCoTDecoding(budget=24, window=8, answer_prompt=answer_ids)
+        stop = StoppingCriteriaList([_StopAfterTheAnswer(loop, len(answer_ids))])  # nothing later is read
         out = model.generate(**enc, max_new_tokens=96 + 8 + 8 + len(answer_ids), do_sample=False,
-                             custom_generate=loop)
+                             custom_generate=loop, stopping_criteria=stop)
         if loop.glance_tokens:  # the budget ran out: the answer follows the inserted prompt
             k = n + sum(s.appended for s in loop.last_stats[:loop.reasoning_forwards]) + len(loop.glance_tokens)
             k += len(answer_ids)

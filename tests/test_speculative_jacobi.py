@@ -126,7 +126,8 @@ def test_sampling_keeps_the_target_distribution(case, n):
 @pytest.mark.real_model
 def test_more_tokens_per_forward_than_greedy_jacobi_under_sampling_real_model(smollm):
     """At T=1 SJD's probabilistic acceptance keeps window tokens that exact-match Jacobi iteration rejects: more
-    tokens per target forward than the greedy-only Jacobi window of the same size under sampling."""
+    tokens per target forward than the greedy-only Jacobi window of the same size under sampling (4 prompts x 32
+    tokens: measured 1.11 against 1.02; 1.12 against 1.01 at 64 tokens)."""
     from hf_decoding_ext.bench.prompts import interleaved_prompts
     from hf_decoding_ext.bench.speed import encode_prompt
 
@@ -138,7 +139,7 @@ def test_more_tokens_per_forward_than_greedy_jacobi_under_sampling_real_model(sm
         for i, row in enumerate(interleaved_prompts(4)):
             loop = SpeculativeDecoding(make())
             torch.manual_seed(i)
-            model.generate(**encode_prompt(row, tokenizer), max_new_tokens=64, do_sample=True, top_k=0,
+            model.generate(**encode_prompt(row, tokenizer), max_new_tokens=32, do_sample=True, top_k=0,
                            top_p=1.0, temperature=1.0, custom_generate=loop)
             s = loop.summary()
             tokens, steps = tokens + s["tokens"], steps + s["steps"]

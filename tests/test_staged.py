@@ -134,9 +134,10 @@ def test_argument_checks():
 
 @pytest.mark.real_model
 def test_real_model_staged_tree(smollm):
-    """Default model, distilled draft, copy-heavy prompts, 48 greedy tokens: token-identical to greedy; stage 2 cuts
+    """Default model, distilled draft, copy-heavy prompts, 32 greedy tokens: token-identical to greedy; stage 2 cuts
     draft-model forwards per accepted token; the tree commits more tokens per target forward than a chain of the
-    same node budget."""
+    same node budget (measured: 13.4 against 16.1 draft forwards per accepted token, 1.33 against 1.16 tokens per
+    target forward; 13.6 against 16.5 and 1.34 against 1.20 at 48 tokens)."""
     from hf_decoding_ext.bench.prompts import load_prompts
     from hf_decoding_ext.core.models import encode_prompts
 
@@ -144,14 +145,14 @@ def test_real_model_staged_tree(smollm):
     draft = StagedSpeculativeDrafter.load_assistant(model, "distilled")
     rows = load_prompts(categories=["summarization", "rag_qa"], per_category=1)
     encs = [encode_prompts(tokenizer, row["prompt"]) for row in rows]
-    refs = [model.generate(**enc, max_new_tokens=48, do_sample=False) for enc in encs]
+    refs = [model.generate(**enc, max_new_tokens=32, do_sample=False) for enc in encs]
     figures = {}
     for name, kwargs in (("tree", {}), ("tree-no-stage2", {"stage2": False}), ("chain", {"top_k": 1})):
         drafter = StagedSpeculativeDrafter(draft, **{"num_nodes": 8, "max_depth": 8, "top_k": 3, **kwargs})
         loop = SpeculativeDecoding(drafter)
         totals, tokens, forwards = dict.fromkeys(drafter.STAT_KEYS, 0), 0, 0
         for row, enc, ref in zip(rows, encs, refs):
-            out = model.generate(**enc, max_new_tokens=48, do_sample=False, custom_generate=loop)
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False, custom_generate=loop)
             assert torch.equal(out, ref), (name, row["id"])
             for k in totals:
                 totals[k] += drafter.stats[k]

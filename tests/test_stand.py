@@ -211,6 +211,8 @@ def _stand_tokens_per_forward(smollm, stochastic: bool, share: bool, trajectorie
         loop = SpeculativeDecoding(drafter)
         for t in range(trajectories):
             if not share:
+                if not t:  # uncounted, and its store is cleared before the next: not run (the seeds stay per t)
+                    continue
                 drafter.reset()
             torch.manual_seed(100 * i + t)
             model.generate(**enc, max_new_tokens=n_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=0.6,

@@ -109,8 +109,11 @@ def test_rsd_s_accepts_more_than_single_draft_at_t1_real_model(smollm, draft):
 
 def test_dyspec_beats_a_fixed_tree_at_the_same_budget_real_model(smollm, draft):
     """DySpec's best-first tree of 8 nodes accepts more per target forward than a fixed 8-node tree (two chains of
-    four), at T=1."""
-    dyspec = _tokens_per_forward(smollm, lambda: DySpecDrafter(draft, num_nodes=8, max_depth=6), "speculative")
-    fixed = _tokens_per_forward(smollm, lambda: DraftModelTreeDrafter(draft, branching=(2, 1, 1, 1)), "speculative")
+    four), at T=1, over 4 prompts x 32 tokens (measured 1.29 against 1.21; 1.31 against 1.24 at 64 tokens, and
+    DySpec ahead at every length from 24 to 64 tokens on these seeds)."""
+    dyspec = _tokens_per_forward(smollm, lambda: DySpecDrafter(draft, num_nodes=8, max_depth=6), "speculative",
+                                 n_tokens=32)
+    fixed = _tokens_per_forward(smollm, lambda: DraftModelTreeDrafter(draft, branching=(2, 1, 1, 1)), "speculative",
+                                n_tokens=32)
     print(f"tokens per target forward at T=1: DySpec {dyspec:.3f}, fixed tree {fixed:.3f}")
     assert dyspec > fixed, (dyspec, fixed)
