@@ -258,7 +258,7 @@ TINY_COMPONENT_PARAMS = {
     "jakiro": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.jakiro", fromlist=["untrained_head"]).untrained_head(m, num_draft_tokens=3), max_nodes=4),  # TINY-PARAMS jakiro (owned by its helper)
     "hidden-transfer": dict(heads=lambda m: __import__("hf_decoding_ext.speculative.heads.hidden_transfer", fromlist=["x"]).untrained_head(m, num_transfer=3, noise=0.3), max_nodes=4),  # TINY-PARAMS hidden-transfer (owned by its helper)
     "ppd": dict(heads="untrained", max_nodes=4, curve="flat"),  # TINY-PARAMS ppd (owned by its helper)
-    # UNREGISTERED     "longspec": dict(drafter=lambda m: __import__("hf_decoding_ext.speculative.drafters.longspec", fromlist=["x"]).untrained_head(m, num_draft_tokens=3, window=4), max_nodes=4),  # TINY-PARAMS longspec (owned by its helper)
+    "longspec": dict(drafter=lambda m: __import__("hf_decoding_ext.speculative.drafters.longspec", fromlist=["x"]).untrained_head(m, num_draft_tokens=3, window=4), max_nodes=4),  # TINY-PARAMS longspec (owned by its helper)
     "online-speculative": dict(assistant="self:1", lr=1e-3),  # TINY-PARAMS online-speculative (owned by its helper)
     "vocab-trim": dict(drafter="self:1", size=64, calibration=lambda m: torch.arange(m.config.vocab_size)),  # TINY-PARAMS vocab-trim (owned by its helper)
     "dola": dict(dola_layers=[0]),

@@ -277,7 +277,7 @@ class LongSpecDrafterModel(SequenceBatchesMixin, DraftHeadModel):
     display_name = "LongSpec constant-memory draft layer (sliding-window self-attention + cross-attention)"
     method = "longspec"
     drafter = "hf_decoding_ext.speculative.drafters.longspec:LongSpecDrafter"
-    shipped_name = None
+    shipped_name = "smollm2-135m-instruct-longspec"
     feature_layers = (29,)  # input of SmolLM2-135M's last (30th) decoder layer: its keys/values are recomputed
     training_defaults = {"lr": 5e-4, "batch_size": 8}  # batch_size counts sequences
     # budget "small" (150k positions), not "comparison": queued behind the other helpers' jobs, the layer-29 feature
