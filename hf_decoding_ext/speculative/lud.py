@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
@@ -252,7 +251,7 @@ def lud_batches(data, config, tokenizer, *, model=None, confidences=None, k: int
     (``run_finetune`` passes the original model, before fine-tuning, to builders with a ``model`` keyword). The
     placeholder token is appended to ``config.extra_tokens`` so :func:`finetune` adds it before the stream starts.
     Statistics of the marking are in the returned callable's ``unit_stats``."""
-    from hf_decoding_ext.training.finetune import _get
+    from hf_decoding_ext.training.finetune import _get, added_token_stream, training_sequences
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"k must be an int >= 2, got {k!r}")
@@ -260,37 +259,21 @@ def lud_batches(data, config, tokenizer, *, model=None, confidences=None, k: int
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
     if not 0.0 <= float(p_unit) <= 1.0:
         raise ValueError(f"p_unit must be in [0, 1], got {p_unit!r}")
-    if placeholder_token not in config.extra_tokens:
-        config.extra_tokens = tuple(config.extra_tokens) + (placeholder_token,)
-    seqs = list(data.train if hasattr(data, "train") and hasattr(data, "heldout") else data)
-    if not seqs:
-        raise ValueError("no training sequences")
+    seqs = training_sequences(data)
     if confidences is None:
-        confidences = load_or_compute_confidences(data, seqs, model,
-                                                  progress=True)
+        confidences = load_or_compute_confidences(data, seqs, model, progress=True)
     if len(confidences) != len(seqs):
         raise ValueError(f"{len(confidences)} confidence rows for {len(seqs)} sequences")
     units = [lexical_units(c, int(_get(s, "response_start")), alpha, k) for c, s in zip(confidences, seqs)]
     lengths = [m for us in units for _, m in us]
     n_tok = sum(lengths)
 
-    def stream(seed: int):
-        if placeholder_token not in tokenizer.get_vocab():
-            raise ValueError(f"the tokenizer has no {placeholder_token!r}: add it first (add_special_tokens)")
-        ph = int(tokenizer.convert_tokens_to_ids(placeholder_token))
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = 0 if pad is None else int(pad)
-        rng = random.Random(seed)
-        epoch = 0
-        while True:
-            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-            for i in range(0, len(order), config.batch_size):
-                chunk = order[i:i + config.batch_size]
-                yield collate_units([unit_example(_get(seqs[j], "input_ids"), _get(seqs[j], "response_start"),
-                                                  units[j], ph, k, p_unit, rng, config.train_on_prompt)
-                                     for j in chunk], pad, ph, config.max_length)
-            epoch += 1
+    def make_batch(indices, ph, pad, rng):
+        return collate_units([unit_example(_get(seqs[j], "input_ids"), _get(seqs[j], "response_start"), units[j], ph,
+                                           k, p_unit, rng, config.train_on_prompt) for j in indices],
+                             pad, ph, config.max_length)
 
+    stream = added_token_stream(seqs, config, tokenizer, placeholder_token, make_batch)
     stream.unit_stats = {"sequences": len(seqs), "response_tokens": n_tok, "units": len(lengths),
                          "tokens_per_unit": n_tok / max(1, len(lengths)),
                          "units_ge2": sum(1 for m in lengths if m >= 2), "alpha": float(alpha), "k": k}
@@ -302,17 +285,9 @@ def lud_loss(model, batch):
     response before the group, the unit's first token from the last real token, then the unit's tokens / end labels
     from the placeholders). Metrics: ``tokens``, ``placeholder_tokens`` (positions predicted from a placeholder) and
     ``placeholder_acc`` (their argmax accuracy)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-    metrics = {"tokens": int((labels != -100).sum())}
-    if "placeholder_token_id" in batch:
-        from_ph = (batch["input_ids"][:, :-1] == batch["placeholder_token_id"]) & (labels != -100)
-        n = int(from_ph.sum())
-        metrics["placeholder_tokens"] = n
-        if n:
-            metrics["placeholder_acc"] = float((logits.argmax(-1)[from_ph] == labels[from_ph]).float().mean())
-    return loss, metrics
+    from hf_decoding_ext.training.finetune import next_token_loss
+
+    return next_token_loss(model, batch, marker="placeholder")
 
 
 def _register() -> None:

@@ -162,37 +162,22 @@ def sbd_batches(data, config, tokenizer, *, block_size=DEFAULT_TRAIN_BLOCK_SIZES
 
     ``mask_token`` is appended to ``config.extra_tokens`` when missing, so :func:`finetune` adds it to the tokenizer
     and the model before the stream starts; its id is read from the tokenizer when the stream starts."""
-    from hf_decoding_ext.training.finetune import _get
+    from hf_decoding_ext.training.finetune import _get, added_token_stream, training_sequences
 
     lo, hi = _check_block_size(block_size)
-    if mask_token not in config.extra_tokens:
-        config.extra_tokens = tuple(config.extra_tokens) + (mask_token,)
-    seqs = list(data.train if hasattr(data, "train") and hasattr(data, "heldout") else data)
-    if not seqs:
-        raise ValueError("no training sequences")
+    seqs = training_sequences(data)
 
-    def stream(seed: int):
-        if mask_token not in tokenizer.get_vocab():
-            raise ValueError(f"the tokenizer has no {mask_token!r}: add it first (add_special_tokens)")
-        mask_id = int(tokenizer.convert_tokens_to_ids(mask_token))
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = 0 if pad is None else int(pad)
-        rng = random.Random(seed)
-        epoch = 0
-        while True:
-            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-            for i in range(0, len(order), config.batch_size):
-                k = rng.randint(lo, hi)
-                rows = []
-                for j in order[i:i + config.batch_size]:
-                    ids = _get(seqs[j], "input_ids")
-                    ids = (ids.tolist() if torch.is_tensor(ids) else list(ids))[:config.max_length]
-                    rs = min(int(_get(seqs[j], "response_start")), len(ids))
-                    rows.append(sbd_example(ids, rs, mask_id, k, rng, config.train_on_prompt))
-                yield collate_sbd(rows, pad)
-            epoch += 1
+    def make_batch(indices, mask_id, pad, rng):
+        k = rng.randint(lo, hi)
+        rows = []
+        for j in indices:
+            ids = _get(seqs[j], "input_ids")
+            ids = (ids.tolist() if torch.is_tensor(ids) else list(ids))[:config.max_length]
+            rs = min(int(_get(seqs[j], "response_start")), len(ids))
+            rows.append(sbd_example(ids, rs, mask_id, k, rng, config.train_on_prompt))
+        return collate_sbd(rows, pad)
 
-    return stream
+    return added_token_stream(seqs, config, tokenizer, mask_token, make_batch)
 
 
 def sbd_loss(model, batch):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 
 from hf_decoding_ext.core import lifecycle
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
@@ -99,36 +98,20 @@ def space_batches(data, config, tokenizer, *, k: int = DEFAULT_K, p_sar: float =
 
     ``mask_token`` is appended to ``config.extra_tokens`` when missing, so :func:`finetune` adds it to the tokenizer
     and the model before the stream starts; its id is read from the tokenizer when the stream starts."""
-    from hf_decoding_ext.training.finetune import _get
+    from hf_decoding_ext.training.finetune import _get, added_token_stream, training_sequences
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not 0.0 <= float(p_sar) <= 1.0:
         raise ValueError(f"p_sar must be in [0, 1], got {p_sar!r}")
-    if mask_token not in config.extra_tokens:
-        config.extra_tokens = tuple(config.extra_tokens) + (mask_token,)
-    seqs = list(data.train if hasattr(data, "train") and hasattr(data, "heldout") else data)
-    if not seqs:
-        raise ValueError("no training sequences")
+    seqs = training_sequences(data)
 
-    def stream(seed: int):
-        if mask_token not in tokenizer.get_vocab():
-            raise ValueError(f"the tokenizer has no {mask_token!r}: add it first (add_special_tokens)")
-        mask_id = int(tokenizer.convert_tokens_to_ids(mask_token))
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = 0 if pad is None else int(pad)
-        rng = random.Random(seed)
-        epoch = 0
-        while True:
-            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-            for i in range(0, len(order), config.batch_size):
-                chunk = [seqs[j] for j in order[i:i + config.batch_size]]
-                yield collate_sar([sar_example(_get(s, "input_ids"), _get(s, "response_start"), mask_id, k, p_sar,
-                                               rng, config.train_on_prompt) for s in chunk],
-                                  pad, mask_id, config.max_length)
-            epoch += 1
+    def make_batch(indices, mask_id, pad, rng):
+        return collate_sar([sar_example(_get(seqs[j], "input_ids"), _get(seqs[j], "response_start"), mask_id, k,
+                                        p_sar, rng, config.train_on_prompt) for j in indices],
+                           pad, mask_id, config.max_length)
 
-    return stream
+    return added_token_stream(seqs, config, tokenizer, mask_token, make_batch)
 
 
 def space_loss(model, batch):
@@ -136,17 +119,9 @@ def space_loss(model, batch):
     response before the group, then the group's tokens, each mask predicting the token after its position).
     Metrics: ``tokens``, ``mask_tokens`` (positions predicted from a mask input) and ``mask_acc`` (their argmax
     accuracy)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-    metrics = {"tokens": int((labels != -100).sum())}
-    if "mask_token_id" in batch:
-        from_mask = (batch["input_ids"][:, :-1] == batch["mask_token_id"]) & (labels != -100)
-        n = int(from_mask.sum())
-        metrics["mask_tokens"] = n
-        if n:
-            metrics["mask_acc"] = float((logits.argmax(-1)[from_mask] == labels[from_mask]).float().mean())
-    return loss, metrics
+    from hf_decoding_ext.training.finetune import next_token_loss
+
+    return next_token_loss(model, batch, marker="mask")
 
 
 def _register() -> None:

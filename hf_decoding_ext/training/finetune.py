@@ -469,14 +469,62 @@ def _to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def next_token_loss(model, batch):
+def next_token_loss(model, batch, marker: str | None = None):
     """The plain causal-LM objective (mean cross-entropy of ``labels`` shifted by one): the control every method's
-    objective is compared with, and the objective of the tests."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    objective is compared with, and the objective of the tests.
+
+    With ``marker`` (e.g. ``"mask"``) and ``batch[f"{marker}_token_id"]`` present, the positions whose input is that
+    added token are also reported: ``{marker}_tokens`` (how many carry a label) and ``{marker}_acc`` (their argmax
+    accuracy), for the objectives that teach the model a new token (SPACE's mask, LUD's placeholder)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100)
-    return loss, {"tokens": int((labels != -100).sum())}
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    metrics = {"tokens": int((labels != -100).sum())}
+    if marker is not None and f"{marker}_token_id" in batch:
+        marked = (batch["input_ids"][:, :-1] == batch[f"{marker}_token_id"]) & (labels != -100)
+        n = int(marked.sum())
+        metrics[f"{marker}_tokens"] = n
+        if n:
+            metrics[f"{marker}_acc"] = float((logits.argmax(-1)[marked] == labels[marked]).float().mean())
+    return loss, metrics
+
+
+def training_sequences(data) -> list:
+    """The sequences a batch builder trains on: the train split of a ``DistillData`` (anything with ``train`` and
+    ``heldout``), else ``data`` itself (sequences with ``input_ids``/``response_start``); ``ValueError`` when empty."""
+    seqs = list(data.train if hasattr(data, "train") and hasattr(data, "heldout") else data)
+    if not seqs:
+        raise ValueError("no training sequences")
+    return seqs
+
+
+def added_token_stream(seqs, config: FineTuneConfig, tokenizer, token: str, make_batch):
+    """The ``seed -> endless iterator`` batch stream of an objective that adds ``token`` to the model.
+
+    ``token`` is appended to ``config.extra_tokens`` when missing, so :func:`finetune` adds it to the tokenizer and
+    the model before the stream starts; its id is read from the tokenizer when the stream starts. Each epoch shuffles
+    ``seqs`` (seeded by ``seed`` and the epoch) and cuts them into chunks of ``config.batch_size`` sequence indices;
+    ``make_batch(indices, token_id, pad_id, rng)`` builds each batch (``rng``: a ``random.Random(seed)``)."""
+    import random
+
+    if token not in config.extra_tokens:
+        config.extra_tokens = tuple(config.extra_tokens) + (token,)
+
+    def stream(seed: int):
+        if token not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {token!r}: add it first (add_special_tokens)")
+        token_id = int(tokenizer.convert_tokens_to_ids(token))
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = 0 if pad is None else int(pad)
+        rng = random.Random(seed)
+        epoch = 0
+        while True:
+            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+            for i in range(0, len(order), config.batch_size):
+                yield make_batch(order[i:i + config.batch_size], token_id, pad, rng)
+            epoch += 1
+
+    return stream
 
 
 # ---------------------------------------------------------------------------------------------------------- training
