@@ -300,18 +300,15 @@ _register()
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def resolve_placeholder_id(model, tokenizer=None, placeholder_token: str = PLACEHOLDER_TOKEN) -> int:
-    """The placeholder id of a LUD model: ``model.config.decoding_ext_added_tokens[placeholder_token]`` (set by
-    ``add_special_tokens``), else the tokenizer's id for it. ``ValueError`` when absent."""
-    from hf_decoding_ext.training.finetune import NEW_TOKENS_ATTR
+def resolve_placeholder_id(model, tokenizer=None, placeholder_token: str = PLACEHOLDER_TOKEN,
+                           explicit: int | None = None) -> int:
+    """The placeholder id of a LUD model: ``explicit``, else ``model.config.decoding_ext_added_tokens[placeholder_token]``
+    (set by ``add_special_tokens``), else the tokenizer's id for it. ``ValueError`` when absent or outside the
+    model's vocabulary."""
+    from hf_decoding_ext.training.finetune import added_token_id
 
-    pid = (getattr(model.config, NEW_TOKENS_ATTR, None) or {}).get(placeholder_token)
-    if pid is None and tokenizer is not None:
-        pid = tokenizer.get_vocab().get(placeholder_token)
-    if pid is None:
-        raise ValueError(f"the model has no LUD placeholder token ({placeholder_token!r}): fine-tune it with the "
-                         "'lud' objective (load_lud_model) or pass placeholder_token_id=")
-    return int(pid)
+    return added_token_id(model, tokenizer, placeholder_token, explicit=explicit, what="LUD placeholder token",
+                          hint=": fine-tune it with the 'lud' objective (load_lud_model) or pass placeholder_token_id=")
 
 
 def load_lud_model(path=None, base: str | None = None, dtype=torch.float32, device=None):
@@ -319,28 +316,10 @@ def load_lud_model(path=None, base: str | None = None, dtype=torch.float32, devi
     ``hf_decoding_ext/data/finetuned/lexical-unit-decoding``): a LoRA adapter (``adapter.safetensors``, loaded into
     the original ``base`` model with the placeholder token added, then merged) or a full checkpoint
     (``config.json``). ``ValueError`` when ``path`` holds neither."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hf_decoding_ext.training.finetune import load_finetuned
 
-    from hf_decoding_ext.core.models import load_model
-    from hf_decoding_ext.training.finetune import ADAPTER_FILE, add_special_tokens, load_lora
-
-    path = Path(path) if path is not None else SHIPPED_DIR
-    if (path / ADAPTER_FILE).exists():
-        model, tokenizer = load_model(base, dtype=dtype, device=device)
-        add_special_tokens(model, tokenizer, [PLACEHOLDER_TOKEN])
-        load_lora(model, path, merge=True)
-        return model.eval(), tokenizer
-    if (path / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        if device is not None:
-            model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        return model, tokenizer
-    raise ValueError(f"no LUD fine-tune at {str(path)!r} (neither {ADAPTER_FILE} nor config.json): run "
-                     "`hf-decoding-ext finetune --objective lud` first")
+    return load_finetuned(path if path is not None else SHIPPED_DIR, [PLACEHOLDER_TOKEN], base, dtype, device,
+                          what="LUD fine-tune", hint=": run `hf-decoding-ext finetune --objective lud` first")
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -406,12 +385,7 @@ class LUDDecoding(DecodingLoop):
                                 **kwargs)
 
     def _placeholder(self, model) -> int:
-        pid = (self.placeholder_token_id if self.placeholder_token_id is not None
-               else resolve_placeholder_id(model, self.tokenizer))
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if not 0 <= pid < vocab:
-            raise ValueError(f"placeholder_token_id {pid} is outside the model's vocabulary ({vocab})")
-        return pid
+        return resolve_placeholder_id(model, self.tokenizer, explicit=self.placeholder_token_id)
 
     def run(self, state: GenerationState):
         if lifecycle.has_stateful(state.logits_processor):

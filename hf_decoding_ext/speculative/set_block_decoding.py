@@ -216,46 +216,28 @@ _register()
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def resolve_mask_token_id(model, tokenizer=None, mask_token: str = MASK_TOKEN) -> int:
-    """The mask id of an SBD model: ``model.config.decoding_ext_added_tokens[mask_token]`` (set by
-    ``add_special_tokens``), else ``model.config.sbd_mask_token_id``, else the tokenizer's ``mask_token``.
-    ``ValueError`` when none is found."""
-    from hf_decoding_ext.training.finetune import NEW_TOKENS_ATTR
+def resolve_mask_token_id(model, tokenizer=None, mask_token: str = MASK_TOKEN, explicit: int | None = None) -> int:
+    """The mask id of an SBD model: ``explicit``, else ``model.config.decoding_ext_added_tokens[mask_token]`` (set by
+    ``add_special_tokens``), else ``model.config.sbd_mask_token_id``, else the tokenizer's id for it. ``ValueError``
+    when none is found or it is outside the model's vocabulary."""
+    from hf_decoding_ext.training.finetune import added_token_id
 
-    mid = (getattr(model.config, NEW_TOKENS_ATTR, None) or {}).get(mask_token)
-    if mid is None:
-        mid = getattr(model.config, "sbd_mask_token_id", None)
-    if mid is None and tokenizer is not None:
-        mid = tokenizer.get_vocab().get(mask_token)
-    if mid is None:
-        raise ValueError(f"the model has no SBD mask token ({mask_token!r}): fine-tune it with the 'sbd' objective "
-                         "(load_sbd_model for the shipped one) or pass mask_token_id=")
-    return int(mid)
+    return added_token_id(model, tokenizer, mask_token, explicit=explicit, config_attr="sbd_mask_token_id",
+                          what="SBD mask token", hint=": fine-tune it with the 'sbd' objective (load_sbd_model for "
+                          "the shipped one) or pass mask_token_id=")
 
 
 def load_sbd_model(path: str | Path | None = None, base: str | None = None, dtype=torch.float32):
     """``(model, tokenizer)``: the base model (``None``: the embedded default) with the SBD mask token added and the
     SBD LoRA adapter at ``path`` (default :data:`SHIPPED_DIR`) merged in; a folder holding a full fine-tune
     (``config.json``, written by ``finetune --mode full``) is loaded as is. ``ValueError`` when nothing is there."""
-    from hf_decoding_ext.core.models import load_model
-    from hf_decoding_ext.training.finetune import (
-        ADAPTER_FILE,
-        add_special_tokens,
-        load_lora,
-    )
+    from hf_decoding_ext.training.finetune import load_finetuned
 
-    path = Path(path) if path is not None else SHIPPED_DIR
-    if (path / "config.json").exists() and not (path / ADAPTER_FILE).exists():
-        model, tokenizer = load_model(str(path), dtype=dtype)
-    elif (path / ADAPTER_FILE).exists() or path.suffix == ".safetensors":
-        model, tokenizer = load_model(base, dtype=dtype)
-        add_special_tokens(model, tokenizer, [MASK_TOKEN])
-        load_lora(model, path, merge=True)
-    else:
-        raise ValueError(f"no SBD fine-tune at {path} (the adapter is not shipped yet): train one with "
-                         "`python -m hf_decoding_ext finetune --objective sbd ...` and pass its folder")
+    model, tokenizer = load_finetuned(path if path is not None else SHIPPED_DIR, [MASK_TOKEN], base, dtype,
+                                      what="SBD fine-tune", hint=" (the adapter is not shipped yet): train one with "
+                                      "`python -m hf_decoding_ext finetune --objective sbd ...` and pass its folder")
     resolve_mask_token_id(model, tokenizer)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -333,11 +315,7 @@ class SetBlockDecoding(DecodingLoop):
         self.last_stats: dict = {}
 
     def _mask_id(self, model) -> int:
-        mid = self.mask_token_id if self.mask_token_id is not None else resolve_mask_token_id(model, self.tokenizer)
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if not 0 <= mid < vocab:
-            raise ValueError(f"mask_token_id {mid} is outside the model's vocabulary ({vocab})")
-        return mid
+        return resolve_mask_token_id(model, self.tokenizer, explicit=self.mask_token_id)
 
     @staticmethod
     def _eos_ids(state: GenerationState) -> set[int]:

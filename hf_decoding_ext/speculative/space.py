@@ -134,22 +134,15 @@ _register()
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
-def resolve_mask_token_id(model, tokenizer=None, mask_token: str = MASK_TOKEN) -> int:
-    """The mask id of a SPACE model: ``model.config.decoding_ext_added_tokens[mask_token]`` (set by
-    ``add_special_tokens``), else ``model.config.space_mask_token_id``, else the tokenizer's ``mask_token``.
+def resolve_mask_token_id(model, tokenizer=None, mask_token: str = MASK_TOKEN, explicit: int | None = None) -> int:
+    """The mask id of a SPACE model: ``explicit``, else ``model.config.decoding_ext_added_tokens[mask_token]`` (set by
+    ``add_special_tokens``), else ``model.config.space_mask_token_id``, else the tokenizer's id for it.
     ``ValueError`` when none is found or it is outside the model's vocabulary."""
-    from hf_decoding_ext.training.finetune import NEW_TOKENS_ATTR
+    from hf_decoding_ext.training.finetune import added_token_id
 
-    mid = (getattr(model.config, NEW_TOKENS_ATTR, None) or {}).get(mask_token)
-    if mid is None:
-        mid = getattr(model.config, "space_mask_token_id", None)
-    if mid is None and tokenizer is not None:
-        vocab = tokenizer.get_vocab()
-        mid = vocab.get(mask_token)
-    if mid is None:
-        raise ValueError(f"the model has no SPACE mask token ({mask_token!r}): fine-tune it with the 'space' objective "
-                         "(add_special_tokens) or pass mask_token_id=")
-    return int(mid)
+    return added_token_id(model, tokenizer, mask_token, explicit=explicit, config_attr="space_mask_token_id",
+                          what="SPACE mask token",
+                          hint=": fine-tune it with the 'space' objective (add_special_tokens) or pass mask_token_id=")
 
 
 class SPACEDecoding(DecodingLoop):
@@ -206,11 +199,7 @@ class SPACEDecoding(DecodingLoop):
                                 **kwargs)
 
     def _mask_id(self, model) -> int:
-        mid = self.mask_token_id if self.mask_token_id is not None else resolve_mask_token_id(model, self.tokenizer)
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if not 0 <= mid < vocab:
-            raise ValueError(f"mask_token_id {mid} is outside the model's vocabulary ({vocab})")
-        return mid
+        return resolve_mask_token_id(model, self.tokenizer, explicit=self.mask_token_id)
 
     def _block(self, cands: torch.Tensor, mask_id: int) -> VerifyBlock:
         k, a = self.k, cands.shape[0]

@@ -417,6 +417,47 @@ def sequence_batches(seqs, batch_size: int, *, seed: int = 0, pad_id: int = 0, m
         epoch += 1
 
 
+def load_finetuned(path: str | os.PathLike, tokens=(), base: str | None = None, dtype=torch.float32, device=None,
+                   what: str = "fine-tune", hint: str = ""):
+    """``(model, tokenizer)`` of a fine-tuned variant at ``path``: a LoRA adapter (:data:`ADAPTER_FILE` in the folder,
+    or a ``.safetensors`` file) loaded into ``base`` (``None``: the embedded default model) after adding ``tokens``
+    (:func:`add_special_tokens`), then merged; or a full checkpoint (``config.json``, ``finetune --mode full``).
+    ``ValueError`` naming ``what`` (and ``hint``) when ``path`` holds neither."""
+    from hf_decoding_ext.core.models import load_model
+
+    path = Path(path)
+    if (path / ADAPTER_FILE).exists() or path.suffix == ".safetensors":
+        model, tokenizer = load_model(base, dtype=dtype, device=device)
+        add_special_tokens(model, tokenizer, list(tokens))
+        load_lora(model, path, merge=True)
+    elif (path / "config.json").exists():
+        model, tokenizer = load_model(str(path), dtype=dtype, device=device)
+    else:
+        raise ValueError(f"no {what} at {str(path)!r} (neither {ADAPTER_FILE} nor config.json){hint}")
+    return model.eval(), tokenizer
+
+
+def added_token_id(model, tokenizer, token: str, *, explicit: int | None = None, config_attr: str | None = None,
+                   what: str = "added token", hint: str = "") -> int:
+    """The id of an added ``token`` in ``model``: ``explicit`` when given, else
+    ``model.config.decoding_ext_added_tokens[token]`` (set by :func:`add_special_tokens`), else
+    ``model.config.<config_attr>``, else the tokenizer's id for ``token``. ``ValueError`` (naming ``what``, with
+    ``hint``) when none is found or the id is outside the model's vocabulary."""
+    tid = explicit
+    if tid is None:
+        tid = (getattr(model.config, NEW_TOKENS_ATTR, None) or {}).get(token)
+    if tid is None and config_attr is not None:
+        tid = getattr(model.config, config_attr, None)
+    if tid is None and tokenizer is not None:
+        tid = tokenizer.get_vocab().get(token)
+    if tid is None:
+        raise ValueError(f"the model has no {what} ({token!r}){hint}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if not 0 <= int(tid) < vocab:
+        raise ValueError(f"{what} id {tid} is outside the model's vocabulary ({vocab})")
+    return int(tid)
+
+
 def _get(s, key):
     return s[key] if isinstance(s, dict) else getattr(s, key)
 
