@@ -83,6 +83,18 @@ def _tiny_mistral():
     return MistralForCausalLM(cfg).eval()
 
 
+def assert_cache_equals_recompute(model, cache, ids, atol: float = 1e-4):
+    """A decoding loop's KV ``cache`` holds exactly what a causal forward over ``ids`` (``(1, n)``) computes."""
+    from transformers import DynamicCache
+
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=ref, use_cache=True)
+    for la, lb in zip(cache.layers, ref.layers):
+        torch.testing.assert_close(la.keys, lb.keys, atol=atol, rtol=atol)
+        torch.testing.assert_close(la.values, lb.values, atol=atol, rtol=atol)
+
+
 def _char_tokenizer():
     """A fast byte-level tokenizer of exactly 128 tokens for the tiny models: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2,
     ``<unk>`` 3, the printable ASCII characters one token each, then a few multi-character tokens (never produced by

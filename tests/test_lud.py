@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import _char_tokenizer, _tiny_gpt2, _tiny_llama
+from conftest import _char_tokenizer, _tiny_gpt2, _tiny_llama, assert_cache_equals_recompute
 from transformers import DynamicCache
 
 from hf_decoding_ext.speculative.lud import (
@@ -284,12 +284,7 @@ def test_cache_equals_causal_recompute(arch, pipeline):
     assert max(loop.last_stats["accepted_per_step"]) > 1  # spans were accepted, so placeholders were cropped
     n = cache.get_seq_length()
     assert out.shape[1] - DEFAULT_K <= n < out.shape[1]  # committed tokens only; the last span is fed next time
-    ref = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=out[:, :n], cache=ref, use_cache=True)
-    for la, lb in zip(cache.layers, ref.layers):
-        torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(la.values, lb.values, atol=1e-4, rtol=1e-4)
+    assert_cache_equals_recompute(model, cache, out[:, :n], atol=1e-4)
 
 
 def test_prefilled_user_cache(pipeline):

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import _char_tokenizer, _tiny_gpt2, _tiny_llama
+from conftest import _char_tokenizer, _tiny_gpt2, _tiny_llama, assert_cache_equals_recompute
 from transformers import DynamicCache
 
 from hf_decoding_ext.core.entropy import entropy
@@ -255,12 +255,7 @@ def test_committed_blocks_are_cached_exactly(arch, gamma):
     n = cache.get_seq_length()
     assert out.shape[1] - 4 <= n < out.shape[1]  # everything but the last block, which is never fed back
     assert n > len(PROMPTS[0]) + 4  # at least two generated blocks are cached
-    ref = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=out[:, :n], cache=ref, use_cache=True)
-    for la, lb in zip(cache.layers, ref.layers):
-        torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(la.values, lb.values, atol=1e-5, rtol=1e-5)
+    assert_cache_equals_recompute(model, cache, out[:, :n], atol=1e-5)
 
 
 def test_gamma_zero_reveals_one_position_per_forward():

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import _char_tokenizer, _tiny_gpt2, _tiny_llama
+from conftest import _char_tokenizer, _tiny_gpt2, _tiny_llama, assert_cache_equals_recompute
 
 from hf_decoding_ext.speculative.space import (
     DEFAULT_K,
@@ -116,12 +116,7 @@ def test_cache_equals_recomputation(arch, trained):
     out = _space(model, prompt, SPACEDecoding(), max_new_tokens=20, cache=cache)
     n = cache.get_seq_length()
     assert out.shape[1] - 2 <= n <= out.shape[1]  # committed tokens only (the last one is fed next step)
-    ref = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=out[:, :n], cache=ref, use_cache=True)
-    for la, lb in zip(cache.layers, ref.layers):
-        torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(la.values, lb.values, atol=1e-4, rtol=1e-4)
+    assert_cache_equals_recompute(model, cache, out[:, :n], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ (c) speed-up

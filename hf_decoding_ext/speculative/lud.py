@@ -302,8 +302,9 @@ _register()
 # ------------------------------------------------------------------------------------------------------ model
 def resolve_placeholder_id(model, tokenizer=None, placeholder_token: str = PLACEHOLDER_TOKEN,
                            explicit: int | None = None) -> int:
-    """The placeholder id of a LUD model: ``explicit``, else ``model.config.decoding_ext_added_tokens[placeholder_token]``
-    (set by ``add_special_tokens``), else the tokenizer's id for it. ``ValueError`` when absent or outside the
+    """The placeholder id of a LUD model: ``explicit``, else
+    ``model.config.decoding_ext_added_tokens[placeholder_token]`` (set by ``add_special_tokens``), else the
+    tokenizer's id for it. ``ValueError`` when absent or outside the
     model's vocabulary."""
     from hf_decoding_ext.training.finetune import added_token_id
 
