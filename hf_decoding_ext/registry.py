@@ -922,17 +922,21 @@ METHODS: list[MethodSpec] = [
        title='VOCABTRIM: Vocabulary Pruning for Efficient Speculative Decoding in LLMs',
        arxiv="2506.22694", family="trained-heads", kind="candidate_generator",
        target="hf_decoding_ext.speculative.drafters.vocab_trim:VocabTrimDrafter", lossless=True, needs_training=True,
-       status="experimental", defaults={"drafter": "distilled", "size": 8192},
-       summary="experimental (real-model measurement pending in the training queue): one shared transform "
-               "(speculative/vocab_trim.py) trims any drafter's LM head to the K tokens the target produces most "
-               "(calibration: the target's own greedy responses); default the distilled draft model at K=8192; "
-               "the training pipeline's draft vocabulary uses the same transform (the trim itself needs no training; the "
-               "drafters it wraps do)",
-       effect="not measurable here",
-       effect_note=("lossless on tiny models and never drafts a trimmed token; output-layer cost per draft token "
-                    "K/V of the full head (exact: 4.7M against 28.3M multiply-accumulates at K=8192 on SmolLM2, "
-                    "the distilled draft 18.9M against 42.5M in total); milliseconds and acceptance change per K "
-                    "(scripts/eval_vocab_trim.py) queued, not run at the deadline")),
+       status="done", defaults={"drafter": "distilled", "size": 8192},
+       summary="one shared transform (speculative/vocab_trim.py) trims any drafter's LM head to the K tokens the "
+               "target produces most (calibration: the target's own greedy responses); default the distilled draft "
+               "model at K=8192; the training pipeline's draft vocabulary uses the same transform (the trim itself "
+               "needs no training; the drafters it wraps do)",
+       effect="reproduced",
+       effect_note=("Lower draft cost at a measured, small acceptance change (results/vocab_trim_eval.json: 8 "
+                    "prompts x 48 tokens, every run token-identical to greedy; K=8192 of 49,152; milliseconds "
+                    "from the queue's machine with nothing else running): the distilled draft's time per drafted "
+                    "token 6.57 against 9.35 ms (0.70x; output layer 4.7M against 28.3M multiply-accumulates) with "
+                    "acceptance .045 against .047 and the same 1.19 tokens per target forward; EAGLE's head 0.31x "
+                    "draft time, acceptance -.003, tokens per forward 1.529 against 1.536; Medusa's heads 0.19x, "
+                    "acceptance +.004. At K=1024 (88% coverage of the calibration tokens) EAGLE loses .050 tokens "
+                    "per forward. The paper's end-to-end speed-up (+16% memory-bound on Llama-3) is not measured "
+                    "here.")),
     # <<< ENTRY vocab-trim
     # ------------------------------------------------------------------------------------------- contrastive
     _m(name="cad", aliases=("context-aware decoding",),

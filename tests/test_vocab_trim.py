@@ -156,7 +156,6 @@ def test_pipeline_uses_the_transform():
     assert "select_vocab(" in src and "VocabTrim(" in src
 
 
-@pytest.mark.skipif(not RESULTS.exists(), reason="results/vocab_trim_eval.json not produced yet (queue job)")
 def test_committed_results_show_lower_draft_cost_and_lossless_outputs():
     data = json.loads(RESULTS.read_text())
     vocab = data["settings"]["vocab"]
@@ -165,4 +164,9 @@ def test_committed_results_show_lower_draft_cost_and_lossless_outputs():
         assert n[0] == n[1], key
         if not key.endswith(f"K={vocab}"):
             assert s["vs_full"]["head_macs_ratio"] < 1
-    assert data["summary"]["distilled/K=8192"]["vs_full"]["head_macs_ratio"] == pytest.approx(8192 / vocab, rel=1e-3)
+    default = data["summary"]["distilled/K=8192"]["vs_full"]
+    assert default["head_macs_ratio"] == pytest.approx(8192 / vocab, rel=1e-3)
+    from hf_decoding_ext.registry import get_method  # the verdict: cheaper drafts at a small acceptance change
+
+    cheaper = default["draft_ms_per_drafted_token_ratio"] < 1 and abs(default["acceptance_change"]) < 0.02
+    assert get_method("vocab-trim").effect == ("reproduced" if cheaper else "not reproduced")
