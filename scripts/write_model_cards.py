@@ -104,7 +104,8 @@ def card(kind: str, speed: dict | None) -> str:
         ref = others.get("repeat-last-token (reference)")
         speed_txt = (f"Measured on CPU (2 cores, fp32, batch 1, greedy, {st['max_new_tokens']} new tokens, "
                      f"{st['n_prompts']} benchmark prompts over 6 categories, {st['repeats']} interleaved passes, "
-                     f"warm-up outside the measured prompts; `results/speed.json`, `scripts/bench_speed.py`):\n\n"
+                     f"warm-up outside the measured prompts; `results/{speed.get('_file', 'speed.json')}`, "
+                     f"`scripts/bench_speed.py`):\n\n"
                      f"- its own speed-up, over greedy decoding with the same CPU kernels: "
                      f"**{m['speed_ratio_same_kernel']:.2f}x** (passes {m['speed_ratio_same_kernel_min']:.2f}-"
                      f"{m['speed_ratio_same_kernel_max']:.2f}; {m['tokens_per_s']:.1f} vs {same['tokens_per_s']:.1f} "
@@ -193,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", action="append", help="only this head kind (repeatable; default: every shipped head)")
     args = ap.parse_args(argv)
     speed = json.loads(Path(args.speed).read_text()) if Path(args.speed).exists() else None
+    if speed is not None:
+        speed["_file"] = Path(args.speed).name
     (ROOT / "model_cards").mkdir(exist_ok=True)
     for kind, name in SHIPPED.items():
         if args.kind and kind not in args.kind:
