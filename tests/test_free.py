@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_cache_equals_recompute
 from transformers import (
     DynamicCache,
     GPT2Config,
@@ -103,21 +104,11 @@ class _Checked(FREEDecoding):
         lengths = [layer.get_seq_length() for layer in state.cache.layers]
         assert lengths == [cur] * len(lengths), lengths
         if self.each_pass:
-            _assert_cache_is_full_forward(self.model, state.input_ids, state.cache, self.tol)
+            assert_cache_equals_recompute(self.model, state.cache, state.input_ids, atol=self.tol)
         for k in range(deep_logits.shape[1]):
             self.deep[first_position + k] = deep_logits[0, k]
         self.pass_ends.append(cur - 1)
         self.checked_passes += 1
-
-
-def _assert_cache_is_full_forward(model, ids, cache, tol):
-    """Every layer of ``cache`` holds the full model's keys/values of ``ids`` (all of them)."""
-    ref = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=ids, cache=ref, use_cache=True)
-    for mine, theirs in zip(cache.layers, ref.layers):
-        torch.testing.assert_close(mine.keys, theirs.keys, atol=tol, rtol=tol)
-        torch.testing.assert_close(mine.values, theirs.values, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -162,7 +153,7 @@ def test_early_exits_emit_the_shallow_argmax_and_cache_is_consistent_afterwards(
     # the shallow layers ran ahead; at the end one deep pass over the stacked tail completes the cache: every layer
     # holds the full model's keys/values of every fed position
     assert loop.stats["final_pass_positions"] == out.sequences.shape[1] - 1
-    _assert_cache_is_full_forward(llama, out.sequences[:, :-1], cache, 1e-5)
+    assert_cache_equals_recompute(llama, cache, out.sequences[:, :-1], atol=1e-5)
     # after a mixed run, greedy generate() resumed from the returned cache continues exactly as from scratch
     loop = FREEDecoding(exit_layer=2, threshold=0.3, adaptive=False, exit_head="plain")
     cache = DynamicCache(config=llama.config)
@@ -369,7 +360,7 @@ def test_real_model_threshold_one_is_greedy_and_sync_is_exact(smollm):
     assert max(loop.stats["pass_sizes"][1:]) > 1
     deep_len = cache.get_seq_length()
     assert deep_len >= max(loop.deep) + 1
-    _assert_cache_is_full_forward(model, out[:, :deep_len], cache, 2e-4)
+    assert_cache_equals_recompute(model, cache, out[:, :deep_len], atol=2e-4)
     with torch.no_grad():
         full = model(out).logits[0].float()
     for position, logits in loop.deep.items():
