@@ -71,7 +71,10 @@ def _cmd_generate(args) -> int:
                          f"valid parameters: {spec.parameters() or 'none'}")
     engine = parse_params(args.engine)
     engine_options(spec, engine)  # fail before loading the model
-    model, tokenizer = load_model(args.model, device=args.device)
+    if spec.served_model:  # a method that fine-tunes its model: its shipped fine-tune, or --model as another one
+        model, tokenizer = spec.load_served_model(args.model, device=args.device)
+    else:
+        model, tokenizer = load_model(args.model, device=args.device)
     gen_kwargs = generate_kwargs(spec, model=model, tokenizer=tokenizer, engine=engine, **params)
     for proc in gen_kwargs.get("logits_processor") or []:  # structured outputs finish within --max-new-tokens
         if callable(getattr(proc, "set_budget", None)) and getattr(proc, "budget", True) is None:

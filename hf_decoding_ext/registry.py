@@ -80,6 +80,10 @@ class MethodSpec:
             only for methods registered by extensions: every shipped method has one.
         effect_note: the committed figure against the baseline (where it comes from) or, for ``"not measurable
             here"``, the reason; required with ``effect`` (no ``|``: it is a Markdown table cell).
+        served_model: for methods that fine-tune the model they run on (family ``"fine-tuned"``): ``"module:function"``
+            of a loader ``f(path=None, device=None) -> (model, tokenizer)`` giving the model the method serves
+            (``path=None``: the shipped fine-tune of the default model; a path: another fine-tune, e.g. the CLI's
+            ``--model``); :meth:`load_served_model` calls it. Empty for methods that run on any model.
     """
 
     name: str
@@ -99,6 +103,7 @@ class MethodSpec:
     engine: dict[str, Any] = field(default_factory=dict)
     effect: str | None = None
     effect_note: str = ""
+    served_model: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -131,6 +136,13 @@ class MethodSpec:
     def load(self):
         """Import and return the component class (or factory)."""
         return import_target(self.target)
+
+    def load_served_model(self, path=None, device=None):
+        """``(model, tokenizer)`` the method runs on: its :attr:`served_model` loader's result (``path=None``: the
+        shipped fine-tune); ``ValueError`` for methods that run on any model (load that with ``load_model``)."""
+        if not self.served_model:
+            raise ValueError(f"method {self.name!r} runs on any model: it has no served_model loader")
+        return import_target(self.served_model)(path, device=device)
 
     def factory(self):
         """The callable that builds the component: ``Class.for_model`` when defined, else the class."""

@@ -9,13 +9,16 @@ one token per forward: what the engine and its kernels give without useful draft
 accelerator of the speculative and trained-heads families exactly as the CLI builds it (one instance reused across
 prompts). Warm-up on distillation prompts (outside the measured set), persistent drafters reset afterwards;
 ``--repeats`` passes; every category with ``--per-category`` prompts. Writes ``<out>/speed.json`` and ``.png``:
-per method ``speed_ratio_same_kernel`` (the headline: the method's own speed-up), ``speed_ratio`` (over stock
+``--dtype bfloat16`` runs the model (and every head and drafter, which follow it) in bfloat16. Per method
+``speed_ratio_same_kernel`` (the headline: the method's own speed-up), ``speed_ratio`` (over stock
 greedy), the per-pass ratios, tokens per target forward and the share of prompts identical to greedy.
 """
 
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from hf_decoding_ext.bench.prompts import load_distill_prompts
 from hf_decoding_ext.bench.references import RepeatLastTokenDrafter
@@ -73,8 +76,10 @@ def main(argv=None) -> int:
                     help="time the draft-model method against transformers' assisted generation instead")
     ap.add_argument("--out", default="results")
     ap.add_argument("--tag", default="speed")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's dtype (heads and drafters follow it); the results JSON records it")
     args = ap.parse_args(argv)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=getattr(torch, args.dtype))
     warm = load_distill_prompts(limit=args.warmup_prompts)[:: 3]
     methods = draft_model_methods(model, tokenizer) if args.draft_model else methods_to_time(model, tokenizer,
                                                                                              args.methods)

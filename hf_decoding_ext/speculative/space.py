@@ -19,6 +19,7 @@ Two parts:
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,8 @@ from hf_decoding_ext.core.tree import VerifyBlock, build_verify_inputs
 
 MASK_TOKEN = "<|space_mask|>"
 """The token SPACE adds (official: a new id, ``--mask_id 32002`` for LLaMA)."""
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "finetuned" / "space"
+"""The shipped SAR fine-tune of the default model (LoRA adapter with the mask token's rows; model card inside)."""
 DEFAULT_K = 5  # official run_sft_multi_node.sh --mask_num 5
 DEFAULT_P_SAR = 0.5  # official --mask_prob 0.5: SAR example with this probability, else the plain AR example
 
@@ -143,6 +146,22 @@ def resolve_mask_token_id(model, tokenizer=None, mask_token: str = MASK_TOKEN, e
     return added_token_id(model, tokenizer, mask_token, explicit=explicit, config_attr="space_mask_token_id",
                           what="SPACE mask token",
                           hint=": fine-tune it with the 'space' objective (add_special_tokens) or pass mask_token_id=")
+
+
+def load_space_model(path=None, device=None, base: str | None = None, dtype=torch.float32):
+    """``(model, tokenizer)`` of a SPACE (SAR) fine-tune: ``path`` = a LoRA adapter folder (loaded into ``base``,
+    default the embedded default model, after adding :data:`MASK_TOKEN`, then merged) or a full checkpoint folder;
+    ``None``: the shipped fine-tune of the default model (:data:`SHIPPED_DIR`). The registry's ``served_model``.
+
+    Example:
+        >>> from hf_decoding_ext.speculative.space import SPACEDecoding, load_space_model
+        >>> model, tokenizer = load_space_model()  # doctest: +SKIP
+        >>> model.generate(**tokenizer("Hi", return_tensors="pt"), custom_generate=SPACEDecoding())  # doctest: +SKIP
+    """
+    from hf_decoding_ext.training.finetune import load_finetuned
+
+    return load_finetuned(path if path is not None else SHIPPED_DIR, [MASK_TOKEN], base, dtype, device,
+                          what="SPACE fine-tune", hint=": train one with `hf-decoding-ext finetune --objective space`")
 
 
 class SPACEDecoding(DecodingLoop):
