@@ -81,7 +81,22 @@ def effect_line(spec) -> str:
     return f"**The paper's effect at this scale: {spec.effect}.** {note}."
 
 
-def card(kind: str, speed: dict | None) -> str:
+def bf16_line(method: str, speed_bf16: dict | None) -> str:
+    """One bullet with the method's figures from a ``--dtype bfloat16`` run of ``scripts/bench_speed.py``."""
+    m = ((speed_bf16 or {}).get("methods", {}).get(method) or {}).get("overall")
+    if not m:
+        return ""
+    st = speed_bf16["settings"]
+    return (f"- in bfloat16 (`results/{speed_bf16['_file']}`: {st['n_prompts']} benchmark prompts x "
+            f"{st['max_new_tokens']} tokens, {st['repeats']} interleaved passes): "
+            f"**{m['speed_ratio_same_kernel']:.2f}x** over greedy with the same kernels (passes "
+            f"{m['speed_ratio_same_kernel_min']:.2f}-{m['speed_ratio_same_kernel_max']:.2f}), "
+            f"{m['tokens_per_forward']:.2f} tokens per target forward, output identical to greedy on "
+            f"{m['match_baseline_rate'] * 100:.0f}% of the prompts (bf16 rounding differs between 1-row and multi-row "
+            f"forwards and flips near-ties, for transformers' prompt lookup too)\n")
+
+
+def card(kind: str, speed: dict | None, speed_bf16: dict | None = None) -> str:
     head = head_class(kind)
     spec = get_method(head.method)
     method, what, title, arxiv = spec.name, head.display_name, spec.title, spec.arxiv
@@ -123,6 +138,7 @@ def card(kind: str, speed: dict | None) -> str:
             speed_txt += (f"- the engine's repeat-last-token reference drafter (no useful drafts, "
                           f"{ref['tokens_per_forward']:.2f} tokens per forward): {ref['speed_ratio_same_kernel']:.2f}x "
                           f"on the same kernels\n")
+        speed_txt += bf16_line(method, speed_bf16)
     else:
         speed_txt = "Not measured yet.\n"
     speed_txt += SPEED_NOTES.get(kind, "") if m else ""
@@ -191,11 +207,15 @@ Lossless acceleration of SmolLM2-135M-Instruct generation with hf-decoding-ext's
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--speed", default=str(ROOT / "results" / "speed.json"))
+    ap.add_argument("--speed-bf16", default=None, help="a --dtype bfloat16 run of bench_speed.py (one more line)")
     ap.add_argument("--kind", action="append", help="only this head kind (repeatable; default: every shipped head)")
     args = ap.parse_args(argv)
     speed = json.loads(Path(args.speed).read_text()) if Path(args.speed).exists() else None
     if speed is not None:
         speed["_file"] = Path(args.speed).name
+    speed_bf16 = json.loads(Path(args.speed_bf16).read_text()) if args.speed_bf16 else None
+    if speed_bf16 is not None:
+        speed_bf16["_file"] = Path(args.speed_bf16).name
     (ROOT / "model_cards").mkdir(exist_ok=True)
     for kind, name in SHIPPED.items():
         if args.kind and kind not in args.kind:
@@ -203,7 +223,7 @@ def main(argv=None) -> int:
         if not (shipped_head_path(kind) / "config.json").exists():
             print(f"skip {kind}: no shipped checkpoint")
             continue
-        text = card(kind, speed)
+        text = card(kind, speed, speed_bf16)
         (ROOT / "model_cards" / f"{name}.md").write_text(text)
         (shipped_head_path(kind) / "README.md").write_text(text)
         print(f"wrote model_cards/{name}.md")
