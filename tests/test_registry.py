@@ -119,6 +119,13 @@ def test_model_cards_show_the_effect():
         line = f"**The paper's effect at this scale: {spec.effect}.** {note}."
         assert line in (cards / f"{name}.md").read_text(), name
         assert line in (shipped_head_path(kind) / "README.md").read_text(), name
+    for spec in METHODS:  # shipped fine-tunes (scripts/write_finetune_cards.py): card and folder README
+        if spec.served_model:
+            note = spec.effect_note[0].upper() + spec.effect_note[1:]
+            line = f"**The paper's effect at this scale: {spec.effect}.** {note}."
+            folder = TESTS.parent / "hf_decoding_ext" / "data" / "finetuned" / spec.name
+            assert line in (cards / f"smollm2-135m-instruct-{spec.name}.md").read_text(), spec.name
+            assert line in (folder / "README.md").read_text(), spec.name
     lol = get_method("lol")
     amateur = (cards / "induced-amateur-smollm2-135m.md").read_text()
     assert f"**LOL's effect at this scale (registry): {lol.effect}.**" in amateur
@@ -386,3 +393,22 @@ def test_engine_options_are_validated():
     with pytest.raises(ValueError, match="candidate generators"):
         generate_kwargs("mirostat-v2", engine={"acceptance": "greedy"})
     assert all(m.engine == {} or m.kind == "candidate_generator" for m in METHODS)
+
+
+def test_fine_tuned_methods_name_the_model_they_serve():
+    """Methods that fine-tune the model they run on (family "fine-tuned") name a served_model loader taking
+    ``(path, device=)``, which the CLI uses instead of the plain default model; other methods have none, and
+    asking them for one is a clear error."""
+    import inspect as _inspect
+
+    from hf_decoding_ext.registry import import_target
+
+    for spec in METHODS:
+        if spec.family == "fine-tuned" and spec.kind == "decoding_loop":
+            assert spec.served_model, spec.name
+            params = _inspect.signature(import_target(spec.served_model)).parameters
+            assert list(params)[0] == "path" and "device" in params, spec.name
+        elif spec.family != "fine-tuned":
+            assert not spec.served_model, spec.name
+    with pytest.raises(ValueError, match="runs on any model"):
+        get_method("mirostat-v2").load_served_model()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,56 @@ def test_run_finetune_finds_the_space_objective(monkeypatch):
     assert loss_fn.__name__ == "space_loss" and batches.__name__ == "space_batches"
     with pytest.raises(ValueError, match="'nope'"):
         ft.resolve_objective("nope")
+
+
+# ------------------------------------------------------------------------------------------------ (e) real model
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "space_eval.json"
+
+
+@pytest.mark.real_model
+def test_real_model_shipped_finetune_lossless_above_one_token_per_forward():
+    """The shipped SAR fine-tune of the default model (hf_decoding_ext/data/finetuned/space): SPACE's output equals
+    the fine-tune's own greedy generate() on 3 benchmark prompts x 32 tokens and it takes more than one token per
+    forward (threshold 1.05; the 18-prompt evaluation measured 1.23, and 1.16 for the untrained
+    mask token: results/space_eval.json decides the comparison); the same loop on the untrained mask token stays near 1."""
+    from hf_decoding_ext.bench.prompts import load_prompts
+    from hf_decoding_ext.core.models import encode_prompts
+    from hf_decoding_ext.speculative.space import load_space_model
+
+    model, tok = load_space_model()
+    loop = SPACEDecoding(tokenizer=tok)
+    tokens = forwards = 0
+    for row in load_prompts(per_category=1)[:3]:
+        x = encode_prompts(tok, row["prompt"])["input_ids"]
+        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_token_id)
+        ref = model.generate(x, **kw)
+        out = model.generate(x, custom_generate=loop, **kw)
+        assert torch.equal(out, ref)
+        tokens += loop.last_stats["tokens"]
+        forwards += loop.last_stats["forwards"]
+    assert tokens / forwards > 1.05, (tokens, forwards)
+
+
+def test_committed_results_decide_the_registry_verdict():
+    """results/space_eval.json (scripts/eval_space.py): SPACE identical to the fine-tune's greedy output on every
+    prompt. The registry's effect (the paper's claim: more tokens per forward at maintained quality) is "reproduced"
+    exactly when SPACE's tokens per forward beat the control (the same loop on the original model with an untrained
+    mask token) by more than two standard errors of the paired per-prompt difference AND the fine-tune keeps the
+    original's quality within the tolerance stated for issue 24: greedy agreement with the original >= 0.5 and the
+    task metric within 1 answer of the original's."""
+    import json
+
+    from hf_decoding_ext.registry import get_method
+
+    res = json.loads(RESULTS.read_text())
+    assert res["space"]["identical_to_greedy"] == 1.0
+    a = res["space"]["per_prompt_tokens_per_forward"]
+    b = res["control_untrained_mask"]["per_prompt_tokens_per_forward"]
+    assert len(a) == len(b) == res["settings"]["prompts"]
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    ft = res["finetuned_greedy"]
+    quality = (ft["agreement_with_original"]["agreement"] >= 0.5
+               and ft["task"]["correct"] >= res["original"]["task"]["correct"] - 1)
+    assert get_method("space").effect == ("reproduced" if mean > 2 * se and quality else "not reproduced")
