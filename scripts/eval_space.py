@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 from hf_decoding_ext.bench.prompts import load_distill_prompts, load_prompts
-from hf_decoding_ext.bench.quality import answer_correct
+from hf_decoding_ext.bench.quality import answers_correct
 from hf_decoding_ext.core.models import encode_prompts, load_model
 from hf_decoding_ext.plug import fast_generate
 from hf_decoding_ext.speculative.space import DEFAULT_K, MASK_TOKEN, SPACEDecoding
-from hf_decoding_ext.training.finetune import add_special_tokens, load_finetuned
+from hf_decoding_ext.training.finetune import token_agreement, add_special_tokens, load_finetuned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,25 +64,9 @@ def decode(model, tokenizer, ids, max_new_tokens, loop=None, kernels=None):
 
 
 def agreement(ref: list[list[int]], hyp: list[list[int]]) -> dict:
-    """Position-wise share of ``ref``'s tokens that ``hyp`` reproduces (up to the longer of the two) and the mean
-    share of ``ref`` before the first mismatch (the rule of ``finetune.agreement_with``)."""
-    same = total = 0
-    prefix = []
-    for x, y in zip(ref, hyp):
-        n = max(len(x), len(y))
-        same += sum(1 for i in range(min(len(x), len(y))) if x[i] == y[i])
-        total += n
-        first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
-        prefix.append(first / len(x) if x else 1.0)
-    return {"agreement": round(same / max(1, total), 4),
-            "prefix_agreement": round(sum(prefix) / max(1, len(prefix)), 4)}
-
-
-def task_score(rows, outputs, tokenizer) -> dict:
-    graded = [answer_correct(r["category"], r.get("answer"), tokenizer.decode(o, skip_special_tokens=True))
-              for r, o in zip(rows, outputs)]
-    graded = [g for g in graded if g is not None]
-    return {"correct": sum(graded), "graded": len(graded)}
+    """:func:`hf_decoding_ext.training.finetune.token_agreement`, rounded, without the per-prompt list."""
+    d = token_agreement(ref, hyp)
+    return {"agreement": round(d["agreement"], 4), "prefix_agreement": round(d["prefix_agreement"], 4)}
 
 
 def run_space(model, tokenizer, prompts, max_new_tokens, k, reference):
@@ -208,11 +192,11 @@ def main(argv=None) -> int:
                                "prompt outside the measured set; speed ratios = mean over passes of the tokens/s "
                                "ratio",
                      "prompt_set": "hf_decoding_ext/data/prompts/benchmark.jsonl"},
-        "original": {"task": task_score(rows, orig_out, tokenizer)},
+        "original": {"task": answers_correct(rows, orig_out, tokenizer)},
         "finetuned_greedy": {"agreement_with_original": agreement(orig_out, tuned_out),
-                             "task": task_score(rows, tuned_out, tokenizer)},
+                             "task": answers_correct(rows, tuned_out, tokenizer)},
         "space": {**space, "agreement_with_original": agreement(orig_out, space_out),
-                  "task": task_score(rows, space_out, tokenizer)},
+                  "task": answers_correct(rows, space_out, tokenizer)},
         "control_untrained_mask": control,
         "timing": timing,
     }

@@ -137,6 +137,15 @@ def answer_correct(category: str, answer: Any, text: str | None) -> bool | None:
     return norm(answer) in norm(text)
 
 
+def answers_correct(rows: Sequence[Mapping[str, Any]], outputs: Sequence[Sequence[int]], tokenizer) -> dict:
+    """``{"correct", "graded"}`` over the rows :func:`answer_correct` can grade (the small task metric of the
+    fine-tuned methods' evaluations): ``outputs`` are the new token ids of each row's continuation."""
+    graded = [answer_correct(r["category"], r.get("answer"), tokenizer.decode(o, skip_special_tokens=True))
+              for r, o in zip(rows, outputs)]
+    graded = [g for g in graded if g is not None]
+    return {"correct": sum(graded), "graded": len(graded)}
+
+
 def benchmark_quality(model, tokenizer, methods: Mapping[str, MethodLike], prompts: list[dict], *,
                       max_new_tokens: int = 128, seed: int = 0, progress: bool = True,
                       model_name: str | None = None, tag: str = "quality", keep_text: bool = True) -> dict[str, Any]:

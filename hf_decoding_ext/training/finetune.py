@@ -774,8 +774,16 @@ def agreement_with(original, finetuned, tokenizer, prompts, max_new_tokens: int 
     (mean share of the original's tokens before the first mismatch), "per_prompt"}``."""
     a = greedy_tokens(original, tokenizer, prompts, max_new_tokens)
     b = greedy_tokens(finetuned, tokenizer, prompts, max_new_tokens)
+    d = token_agreement(a, b)
+    return d if details else d["agreement"]
+
+
+def token_agreement(reference, outputs) -> dict:
+    """The rule of :func:`agreement_with` on ready token lists: ``{"agreement"`` (share of ``reference``'s tokens
+    reproduced position by position, each pair compared up to the longer; a missing token is a mismatch),
+    ``"prefix_agreement"`` (mean share of the reference before the first mismatch), ``"per_prompt"}``."""
     same, total, per, prefix = 0, 0, [], []
-    for x, y in zip(a, b):
+    for x, y in zip(reference, outputs):
         n = max(len(x), len(y))
         s = sum(1 for i in range(min(len(x), len(y))) if x[i] == y[i])
         first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
@@ -783,8 +791,6 @@ def agreement_with(original, finetuned, tokenizer, prompts, max_new_tokens: int 
         per.append(s / n if n else 1.0)
         prefix.append(first / len(x) if x else 1.0)
     agreement = same / total if total else 1.0
-    if not details:
-        return agreement
     return {"agreement": agreement, "prefix_agreement": sum(prefix) / max(1, len(prefix)), "per_prompt": per}
 
 
