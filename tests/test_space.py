@@ -231,8 +231,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "space_eval.json"
 @pytest.mark.real_model
 def test_real_model_shipped_finetune_lossless_above_one_token_per_forward():
     """The shipped SAR fine-tune of the default model (hf_decoding_ext/data/finetuned/space): SPACE's output equals
-    the fine-tune's own greedy generate() on 3 benchmark prompts x 32 tokens and it takes more than one token per
-    forward (threshold 1.05; the 18-prompt evaluation measured 1.23, and 1.16 for the untrained
+    the fine-tune's own greedy generate() on 2 benchmark prompts x 24 tokens and it takes more than one token per
+    forward (measured 48 tokens in 40 forwards, 1.20; threshold 1.05; the 18-prompt evaluation measured 1.23, and 1.16 for the untrained
     mask token: results/space_eval.json decides the comparison); the same loop on the untrained mask token stays near 1."""
     from hf_decoding_ext.bench.prompts import load_prompts
     from hf_decoding_ext.core.models import encode_prompts
@@ -241,9 +241,9 @@ def test_real_model_shipped_finetune_lossless_above_one_token_per_forward():
     model, tok = load_space_model()
     loop = SPACEDecoding(tokenizer=tok)
     tokens = forwards = 0
-    for row in load_prompts(per_category=1)[:3]:
+    for row in load_prompts(per_category=1)[:2]:
         x = encode_prompts(tok, row["prompt"])["input_ids"]
-        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_token_id)
+        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id)
         ref = model.generate(x, **kw)
         out = model.generate(x, custom_generate=loop, **kw)
         assert torch.equal(out, ref)
