@@ -17,6 +17,7 @@ greedy), the per-pass ratios, tokens per target forward and the share of prompts
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -47,6 +48,42 @@ def draft_model_methods(model, tokenizer) -> dict:
     }
 
 
+def s2d_methods(model, tokenizer) -> dict:
+    """``--s2d``: S2D (the shipped sorted draft, adaptive exit) against transformers' assisted generation with the same
+    sorted draft as its assistant (all 12 layers: the nearest built-in, fixed depth) and prompt lookup, both under
+    both kernels, and the engine driving the sorted draft at a fixed depth of 12 (the adaptive exit's own effect)."""
+    from hf_decoding_ext.speculative.s2d import S2DDrafter, load_s2d_draft
+
+    draft = load_s2d_draft(model).to(model.dtype)
+    kw = get_method("s2d").defaults
+    adaptive = {k: v for k, v in kw.items() if k != "draft"}
+    return {
+        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
+        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
+                                                      **GREEDY_KWARGS},
+        "assisted, sorted draft (transformers)": {"assistant_model": draft, **GREEDY_KWARGS},
+        "assisted, sorted draft (transformers)/fast-kernels": {"assistant_model": draft, "kernels": "auto",
+                                                               **GREEDY_KWARGS},
+        "s2d, fixed depth 12": {"custom_generate": SpeculativeDecoding(S2DDrafter(draft, depths=(12,))),
+                                "do_sample": False},
+        "s2d": {"custom_generate": SpeculativeDecoding(S2DDrafter(draft, **adaptive)), "do_sample": False},
+    }
+
+
+def served_methods(method: str, model, tokenizer, params: dict) -> dict:
+    """``--served METHOD``: a fine-tuned method's decoding loop on the model it serves (``model``: the registry's
+    ``served_model``), against that model's greedy ``generate()`` and transformers' prompt lookup under both kernels
+    (the method's own effect is its ratio over that model's greedy with the same kernels)."""
+    return {
+        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
+        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
+                                                      **GREEDY_KWARGS},
+        method: generate_kwargs(method, model=model, tokenizer=tokenizer, **params),
+    }
+
+
 def methods_to_time(model, tokenizer, only=None) -> dict:
     entries = {
         "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
@@ -74,15 +111,32 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=None, help="only these registered methods")
     ap.add_argument("--draft-model", action="store_true",
                     help="time the draft-model method against transformers' assisted generation instead")
+    ap.add_argument("--s2d", action="store_true",
+                    help="time S2D against transformers' assisted generation with its sorted draft instead")
+    ap.add_argument("--served", default=None, metavar="METHOD",
+                    help="time a fine-tuned method on the model it serves (its registry served_model) instead")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter of the --served method (JSON value), repeatable")
     ap.add_argument("--out", default="results")
     ap.add_argument("--tag", default="speed")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the model's dtype (heads and drafters follow it); the results JSON records it")
     args = ap.parse_args(argv)
-    model, tokenizer = load_model(dtype=getattr(torch, args.dtype))
+    if args.served:
+        model, tokenizer = get_method(args.served).load_served_model()
+        model = model.to(getattr(torch, args.dtype))
+    else:
+        model, tokenizer = load_model(dtype=getattr(torch, args.dtype))
     warm = load_distill_prompts(limit=args.warmup_prompts)[:: 3]
-    methods = draft_model_methods(model, tokenizer) if args.draft_model else methods_to_time(model, tokenizer,
-                                                                                             args.methods)
+    if args.served:
+        params = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.param)}
+        methods = served_methods(args.served, model, tokenizer, params)
+    elif args.s2d:
+        methods = s2d_methods(model, tokenizer)
+    elif args.draft_model:
+        methods = draft_model_methods(model, tokenizer)
+    else:
+        methods = methods_to_time(model, tokenizer, args.methods)
     res = run_speed(methods, model, tokenizer,
                     per_category=args.per_category, max_new_tokens=args.max_new_tokens, out_dir=args.out,
                     tag=args.tag, repeats=args.repeats, warmup_prompts=warm, same_kernel="greedy/fast-kernels")

@@ -87,6 +87,33 @@ def summarise(items: list[dict], head_equiv: float) -> dict:
             "draft_ms_per_draft_token": round(1000 * tot["draft_s"] / d, 3), "depth_counts": depth_counts, **tot}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Acceptance and draft cost (layer equivalents per drafted token) of every configuration against the default
+    target: sorted fixed depths next to their untrained truncations, then the adaptive exit's threshold sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = {k: v for k, v in result["summary"].items() if not k.startswith("second/")}
+    names = sorted((k for k in summ if not k.startswith("s2d:")), key=lambda k: (int(k.split(":")[1]), k))
+    names += [k for k in summ if k.startswith("s2d:")]
+    colours = ["grey" if k.startswith("self:") else "tab:blue" if k.startswith("sorted:") else "tab:orange"
+               for k in names]
+    fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
+    ax[0].bar(names, [summ[k]["acceptance"] for k in names], color=colours)
+    ax[0].set_title("acceptance (accepted / drafted)")
+    ax[1].bar(names, [summ[k]["cost_layer_equiv_per_draft_token"] for k in names], color=colours)
+    ax[1].set_title("draft cost per drafted token (layer equivalents)")
+    for a in ax:
+        a.tick_params(axis="x", rotation=60, labelsize=8)
+    fig.suptitle(f"S2D on SmolLM2-135M: {result['prompts']} prompts x {result['max_new_tokens']} tokens "
+                 "(grey: untrained truncation, blue: sorted sub-model, orange: adaptive exit at threshold)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", default=None, help="SoFT adapter folder (default: the shipped one)")
@@ -179,6 +206,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
     print(json.dumps(props, indent=1))
     print(f"wrote {out}")
     return result

