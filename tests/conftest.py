@@ -302,9 +302,9 @@ TINY_COMPONENT_PARAMS = {
     "pg-td": dict(reward=lambda m: lambda p: sum(map(ord, p)) % 9 / 9, rollouts=3, program_format="text"),  # TINY-PARAMS pg-td (owned by its helper)
     "skeleton-graph-decoding": dict(skeleton=[{"summary": "a", "dependency": [], "difficulty": 1}, {"summary": "b", "dependency": [], "difficulty": 3}, {"summary": "c", "dependency": [1, 2], "difficulty": 3}], max_node_tokens=2, stop_strings=(), small_model="self:1"),  # TINY-PARAMS skeleton-graph-decoding (owned by its helper)
     "space": dict(mask_token_id=3, k=2),
-    # UNREGISTERED "lexical-unit-decoding": dict(placeholder_token_id=4, k=3, threshold=0.3),  # TINY-PARAMS lexical-unit-decoding (owned by its helper)
+    "lexical-unit-decoding": dict(placeholder_token_id=4, k=3, threshold=0.3),  # TINY-PARAMS lexical-unit-decoding (owned by its helper)
     # UNREGISTERED "set-block-decoding": dict(block_size=3, gamma=0.5, mask_token_id=3),  # TINY-PARAMS set-block-decoding (owned by its helper)
-    # UNREGISTERED "s2d": dict(draft="self", depths=(1, 2), threshold=0.5, num_tokens=3),  # TINY-PARAMS s2d (owned by its helper)
+    "s2d": dict(draft="self", depths=(1, 2), threshold=0.5, num_tokens=3),  # TINY-PARAMS s2d (owned by its helper)
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the
 :func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""
