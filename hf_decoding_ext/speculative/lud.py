@@ -364,6 +364,7 @@ class LUDDecoding(DecodingLoop):
 
     supports_batch = False
     supports_sampling = False
+    supports_sliding_window = False  # placeholder keys are cropped after each forward
     citation = CITATION
 
     def __init__(self, placeholder_token_id: int | None = None, k: int = DEFAULT_K,
