@@ -33,6 +33,16 @@ from hf_decoding_ext.speculative import SpeculativeDecoding
 FAMILIES = ("speculative", "trained-heads")
 
 
+def reference_arms() -> dict:
+    """Greedy with the methods' kernels (the same-kernel baseline) and transformers' prompt lookup under both kernels."""
+    return {
+        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
+        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
+        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
+                                                      **GREEDY_KWARGS},
+    }
+
+
 def draft_model_methods(model, tokenizer) -> dict:
     """``--draft-model``: the engine's draft-model drafter with its registry assistant, against transformers'
     assisted generation with the same assistant under both kernels (separate table: the assistant's forwards)."""
@@ -58,10 +68,7 @@ def s2d_methods(model, tokenizer) -> dict:
     kw = get_method("s2d").defaults
     adaptive = {k: v for k, v in kw.items() if k != "draft"}
     return {
-        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
-        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
-        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
-                                                      **GREEDY_KWARGS},
+        **reference_arms(),
         "assisted, sorted draft (transformers)": {"assistant_model": draft, **GREEDY_KWARGS},
         "assisted, sorted draft (transformers)/fast-kernels": {"assistant_model": draft, "kernels": "auto",
                                                                **GREEDY_KWARGS},
@@ -76,20 +83,14 @@ def served_methods(method: str, model, tokenizer, params: dict) -> dict:
     ``served_model``), against that model's greedy ``generate()`` and transformers' prompt lookup under both kernels
     (the method's own effect is its ratio over that model's greedy with the same kernels)."""
     return {
-        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
-        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
-        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
-                                                      **GREEDY_KWARGS},
+        **reference_arms(),
         method: generate_kwargs(method, model=model, tokenizer=tokenizer, **params),
     }
 
 
 def methods_to_time(model, tokenizer, only=None) -> dict:
     entries = {
-        "greedy/fast-kernels": {"kernels": "auto", **GREEDY_KWARGS},
-        "prompt-lookup (transformers)": {"prompt_lookup_num_tokens": 10, **GREEDY_KWARGS},
-        "prompt-lookup (transformers)/fast-kernels": {"prompt_lookup_num_tokens": 10, "kernels": "auto",
-                                                      **GREEDY_KWARGS},
+        **reference_arms(),
         "repeat-last-token (reference)": {"custom_generate": SpeculativeDecoding(RepeatLastTokenDrafter()),
                                           "do_sample": False},
     }
