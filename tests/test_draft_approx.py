@@ -4,6 +4,8 @@ validation, batch refusal, and the recomputed attention matching an eager pass."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import perturbed_copy
@@ -122,6 +124,33 @@ def test_specpc_real_scores_select_capacity_and_window(pair):
     kept = loop.kept_indices.tolist()
     assert out.shape[1] == N + 5 and len(kept) == 24 and set(range(N - 8, N)) <= set(kept)
     assert loop.stats["lookahead_tokens"] == 3
+
+
+def test_specpc_skips_the_first_draft_layer_by_default(pair, monkeypatch):
+    """Issue 25: the paper's SpecPC configurations skip the early draft layers (starting_layer_index 8); with layer 0
+    counted, its broad attention outranked the needle of a 2K-token passkey prompt for the 4-layer draft."""
+    import hf_decoding_ext.collaboration.draft_approx as da
+
+    draft = pair[1]
+    ids = _prompt()
+
+    def fake(model_, layer, queries, positions, keys):
+        probs = torch.zeros(model_.config.num_attention_heads, queries.shape[1], keys.shape[2])
+        probs[:, :, 5 if layer == 0 else 40] = 1.0  # layer 0 looks at token 5, layer 1 at token 40
+        return probs
+
+    monkeypatch.setattr(da, "window_attention", fake)
+    default = SpecPC(draft, max_capacity_prompt=24, window_size=8)
+    assert default.starting_layer_index == 1
+    scores, _ = default.score_tokens(ids)
+    assert int(scores.argmax()) == 40 and float(scores[5]) == 0.0
+    every = SpecPC(draft, max_capacity_prompt=24, window_size=8, starting_layer_index=0)
+    scores, _ = every.score_tokens(ids)
+    assert float(scores[5]) > 0.0 and float(scores[40]) > 0.0
+    one_layer = copy.deepcopy(draft)
+    one_layer.model.layers = one_layer.model.layers[:1]
+    one_layer.config.num_hidden_layers = 1
+    assert SpecPC(one_layer, max_capacity_prompt=24, window_size=8).starting_layer_index == 0
 
 
 def test_window_attention_matches_eager(tiny_llama):

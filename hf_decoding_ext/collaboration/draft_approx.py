@@ -14,7 +14,8 @@ approximate future decides what the target keeps of a long prompt:
   the cache and decoding starts by re-running the last prompt token over the compressed cache, as in the official code.
 * :class:`SpecPC` (prompt compression): the draft prefills the prompt (plus ``lookahead_tokens - 1`` greedy tokens);
   its attention from the last ``window_size`` prompt queries (linearly weighted 0..1, official ``weighted_query``) and
-  the lookahead queries, max over heads, queries and layers from ``starting_layer_index``, scores every prompt token;
+  the lookahead queries, max over heads, queries and layers from ``starting_layer_index`` (default: the draft's second
+  layer, the first skipped as in the paper's configurations), scores every prompt token;
   the scores are max-pooled (``kernel_size``), the top tokens are expanded to spans of ``neighbor_tokens`` around
   them (nearest first), the final ``window_size`` tokens are always kept, and the first ``max_capacity_prompt`` of
   that ordered list, in prompt order, form the compressed prompt the target generates from (contiguous positions).
@@ -47,6 +48,14 @@ PAPER_FIDELITY (deviations from the official code):
 7. SpecPC skips the draft when the prompt already fits ``max_capacity_prompt`` (official: runs it and keeps every
    token, same output); ``window_size`` is clamped to the prompt length (official: ValueError).
 8. Batch size 1 only; a prompt with padding (attention-mask zeros) is refused.
+9. SpecPC's ``starting_layer_index`` defaults to 1 (0 for a one-layer draft): the official dataclass default is 0, but
+   the paper configurations read (``cfg/paper/specpc/ruler/04096/*/cmax_1024/niah_single_1.yaml``, both model pairs)
+   set 8, skipping the early draft layers "which attend to many tokens" (8 of Llama-3.2-1B's 16 layers, of
+   Qwen2.5-0.5B's 24). Scaled to the distilled 4-layer draft, measured on six ~1.95K-token passkey prompts that full
+   attention answers (issue 25 diagnosis, results/issue25_diagnosis.md): start 0/1/2/3 retrieved 5/6/5/4 of 6 at
+   ``max_capacity_prompt`` 512 and start 0/1/2 retrieved 0/4/2 of 6 at 256; on five held-out 2K prompts start 0/1
+   retrieved 2/4 of 5 at 512 and 0/2 of 5 at 256. Counting layer 0, its broad attention outranks the needle, whose
+   span is then cut at the capacity.
 
 Example:
     >>> from hf_decoding_ext.collaboration.draft_approx import SpecKV, SpecPC
@@ -372,12 +381,13 @@ class SpecPC(_DraftApprox):
         kernel_size: max-pooling kernel over token scores (official 64; 32 here); 1 disables pooling.
         neighbor_tokens: span kept around each selected token (official default: ``kernel_size``); 0 disables.
         lookahead_tokens: draft tokens whose attention also scores the prompt (official default 1: prompt only).
-        starting_layer_index: first draft layer whose attention counts (official 0).
+        starting_layer_index: first draft layer whose attention counts (official dataclass 0, paper configurations 8;
+            default ``None``: 1, or 0 for a one-layer draft; PAPER_FIDELITY 9).
         weighted_query: weight the window queries linearly from 0 to 1 (official True).
     """
 
     def __init__(self, draft_model, max_capacity_prompt: int = 512, window_size: int = 32, kernel_size: int = 32,
-                 neighbor_tokens: int | None = None, lookahead_tokens: int = 1, starting_layer_index: int = 0,
+                 neighbor_tokens: int | None = None, lookahead_tokens: int = 1, starting_layer_index: int | None = None,
                  weighted_query: bool = True):
         super().__init__(draft_model)
         _positive_int("max_capacity_prompt", max_capacity_prompt)
@@ -386,13 +396,15 @@ class SpecPC(_DraftApprox):
         neighbor_tokens = kernel_size if neighbor_tokens is None else neighbor_tokens
         _positive_int("neighbor_tokens", neighbor_tokens, 0)
         _positive_int("lookahead_tokens", lookahead_tokens)
+        n_layers = len(decoder_layers(draft_model))
+        if starting_layer_index is None:
+            starting_layer_index = min(1, n_layers - 1)
         _positive_int("starting_layer_index", starting_layer_index, 0)
         if window_size > max_capacity_prompt:
             raise ValueError(f"window_size ({window_size!r}) must not exceed max_capacity_prompt "
                              f"({max_capacity_prompt!r}): the window is part of the capacity")
         if not isinstance(weighted_query, bool):
             raise ValueError(f"weighted_query must be a bool, got {weighted_query!r}")  # noqa: TRY004
-        n_layers = len(decoder_layers(draft_model))
         if starting_layer_index >= n_layers:
             raise ValueError(f"starting_layer_index ({starting_layer_index!r}) must be below the draft's {n_layers} "
                              "layers")
