@@ -95,6 +95,13 @@ def _speed_table(speed: dict, what: str) -> str:
 {_speed_rows(speed)}"""
 
 
+def _speed_and_deviations(stem: str, what: str, fidelity) -> tuple[str, str]:
+    """The speed table of ``results/<stem>.json`` (``Speed: not measured.`` when absent) and the deviation list."""
+    path = ROOT / "results" / f"{stem}.json"
+    speed = _speed_table(json.loads(path.read_text()), what) if path.exists() else "Speed: not measured."
+    return speed, "\n".join(f"- {name}: {text}" for name, text in fidelity)
+
+
 def s2d_sections(ev: dict) -> dict:
     """Card sections of the S2D sorted draft from ``results/s2d_eval.json`` and ``results/s2d_speed.json``."""
     from hf_decoding_ext.speculative.s2d import PAPER_FIDELITY
@@ -117,10 +124,7 @@ or `hf-decoding-ext generate --method s2d --prompt "..."`."""
         rows.append(f"| {k} | {v['acceptance']:.3f} | {v['tokens_per_forward']:.3f} | "
                     f"{v['cost_layer_equiv_per_draft_token']:.1f} | {v['draft_ms_per_draft_token']:.1f} | "
                     f"{'yes' if v['identical_all'] else 'NO'} |")
-    speed_path = ROOT / "results" / "s2d_speed.json"
-    speed = _speed_table(json.loads(speed_path.read_text()), "scripts/bench_speed.py --s2d") \
-        if speed_path.exists() else "Speed: not measured."
-    dev = "\n".join(f"- {name}: {text}" for name, text in PAPER_FIDELITY)
+    speed, dev = _speed_and_deviations("s2d_speed", "scripts/bench_speed.py --s2d", PAPER_FIDELITY)
     results = f"""## Evaluation (`results/s2d_eval.json`, `scripts/eval_s2d.py`)
 {ev['prompts']} benchmark prompts written for this repository x {ev['max_new_tokens']} new tokens, greedy, batch 1, fp32, CPU, {ev['num_tokens']} draft tokens per step. `sorted:l`: this draft's sub-model of depth l alone; `self:l`: the original model's first l layers, untrained (the same-depth baseline); `s2d:t`: the adaptive exit at threshold t; `second/...`: the same draft serving a second target ({ev['second_target']}). Draft cost counts decoder-layer applications plus LM-head evaluations ({ev['head_layer_equivalent']:.1f} layer equivalents each).
 
@@ -166,16 +170,54 @@ or `hf-decoding-ext generate --method lexical-unit-decoding --prompt "..."`."""
         rows.append(f"| LUD, threshold {r['threshold']:g} | {r['forwards_per_token']:.3f} | "
                     f"{_agree(r['agreement_with_original'])} | {r['agreement_with_finetuned_greedy']['agreement']:.3f} | "
                     f"{_task(r['task'])} |")
-    speed_path = ROOT / "results" / "lud_speed.json"
-    speed = _speed_table(json.loads(speed_path.read_text()),
-                         "scripts/bench_speed.py --served lexical-unit-decoding") if speed_path.exists() \
-        else "Speed: not measured."
-    dev = "\n".join(f"- {name}: {text}" for name, text in PAPER_FIDELITY)
+    speed, dev = _speed_and_deviations("lud_speed", "scripts/bench_speed.py --served lexical-unit-decoding",
+                                       PAPER_FIDELITY)
     results = f"""## Evaluation (`results/lud_eval.json`, `scripts/eval_lud.py`)
 {st['prompts']} benchmark prompts written for this repository ({st['per_category']} per category) x {st['max_new_tokens']} new tokens, greedy, batch 1, fp32, CPU, window k={st['k']}; the sweep is over the decoding confidence threshold (the paper's knob; 1.0 is the fine-tune's own greedy decoding).
 
 | | forwards per token | agreement with the original's greedy | agreement with the fine-tune's greedy | task (math + RAG answers) |
 |---|---|---|---|---|
+{chr(10).join(rows)}
+
+{speed}
+
+## Deviations from the paper
+{dev}"""
+    return {"usage": usage, "results": results}
+
+
+def sbd_sections(ev: dict) -> dict:
+    """Card sections of the SBD fine-tune from ``results/set_block_decoding_eval.json`` and
+    ``results/sbd_speed.json``."""
+    from hf_decoding_ext.speculative.set_block_decoding import PAPER_FIDELITY
+
+    usage = """```python
+from hf_decoding_ext.core.models import encode_prompts
+from hf_decoding_ext.speculative.set_block_decoding import SetBlockDecoding, load_sbd_model
+
+model, tokenizer = load_sbd_model()  # this adapter merged into the default model, with the mask token
+inputs = encode_prompts(tokenizer, "Explain what a hash table is.")
+loop = SetBlockDecoding(block_size=16, gamma=0.35, tokenizer=tokenizer)
+out = model.generate(**inputs, max_new_tokens=128, do_sample=False, custom_generate=loop)
+print(loop.last_stats["nfe_per_token"])
+```
+or `hf-decoding-ext generate --method set-block-decoding --prompt "..."`."""
+    arms = ev["arms"]
+    names = {"original": "original model, greedy", "ntp": "NTP control fine-tune (equal steps), greedy",
+             "sbd_ar": "this fine-tune, greedy (autoregressive)"}
+    rows = []
+    for key, a in arms.items():
+        label = names.get(key, f"SBD, gamma {key.rsplit('_', 1)[-1]}")
+        rows.append(f"| {label} | {a.get('nfe_per_token', 1.0):.3f} | {a['agreement_with_original']:.3f} | "
+                    f"{a['agreement_with_own_ar'] if 'agreement_with_own_ar' in a else (1.0 if key == 'sbd_ar' else '')} | "
+                    f"{a['task_answer_rate']:.2f} | {1000 * a['seconds_per_token']:.1f} |")
+    speed, dev = _speed_and_deviations("sbd_speed", "scripts/bench_speed.py --served set-block-decoding",
+                                       PAPER_FIDELITY)
+    results = f"""## Evaluation (`results/set_block_decoding_eval.json`, `scripts/eval_set_block_decoding.py`)
+{ev['prompts']} interleaved benchmark prompts written for this repository plus {ev['task_prompts']} math and RAG prompts (the task metric: the expected answer appears in the output) x {ev['max_new_tokens']} new tokens, greedy, batch 1, fp32, CPU, blocks of {ev['block_size']}; the sweep is over the Entropy-Bounded sampler's threshold gamma (the paper's knob). Agreement: the share of the reference's tokens reproduced position by position.
+
+| | forwards per token (NFE) | agreement with the original's greedy | agreement with this fine-tune's greedy | task answer rate | ms per token (sequential loop) |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {speed}
@@ -195,11 +237,15 @@ METHODS = {"space": (space_sections, "hf-decoding-ext finetune --objective space
            "s2d": (s2d_sections, "hf-decoding-ext finetune --objective s2d --mode lora --lora-rank 32 --lora-alpha 64 "
                                  "--prompts 100 --steps 150 --batch-size 8 --max-length 512 --lr 2e-3 --warmup 10 "
                                  "--seed 0 --save-dtype bfloat16 --agreement-prompts 0 --out <dir>, then "
-                                 "`export_sorted_adapter(<dir>, <shipped folder>)`")}
+                                 "`export_sorted_adapter(<dir>, <shipped folder>)`"),
+           "set-block-decoding": (sbd_sections, "hf-decoding-ext finetune --objective sbd --mode lora --lora-rank 16 "
+                                                "--lora-alpha 32 --prompts 100 --steps 80 --batch-size 8 "
+                                                "--max-length 384 --lr 1e-3 --warmup 10 --seed 0 --save-dtype "
+                                                "bfloat16 --agreement-prompts 20 --out <dir>")}
 """Method -> (its card sections from the evaluation JSON, the fine-tuning command that made the shipped adapter)."""
 
 
-EVAL_NAMES = {"lexical-unit-decoding": "lud"}
+EVAL_NAMES = {"lexical-unit-decoding": "lud", "set-block-decoding": "set_block_decoding"}
 """Method -> the stem of its evaluation JSON under ``results/`` when it is not the method's name."""
 
 
