@@ -208,9 +208,10 @@ or `hf-decoding-ext generate --method set-block-decoding --prompt "..."`."""
     rows = []
     for key, a in arms.items():
         label = names.get(key, f"SBD, gamma {key.rsplit('_', 1)[-1]}")
+        own = a.get("agreement_with_own_ar", 1.0 if key == "sbd_ar" else None)
         rows.append(f"| {label} | {a.get('nfe_per_token', 1.0):.3f} | {a['agreement_with_original']:.3f} | "
-                    f"{a['agreement_with_own_ar'] if 'agreement_with_own_ar' in a else (1.0 if key == 'sbd_ar' else '')} | "
-                    f"{a['task_answer_rate']:.2f} | {1000 * a['seconds_per_token']:.1f} |")
+                    f"{'' if own is None else f'{own:.3f}'} | {a['task_answer_rate']:.2f} | "
+                    f"{1000 * a['seconds_per_token']:.1f} |")
     speed, dev = _speed_and_deviations("sbd_speed", "scripts/bench_speed.py --served set-block-decoding",
                                        PAPER_FIDELITY)
     results = f"""## Evaluation (`results/set_block_decoding_eval.json`, `scripts/eval_set_block_decoding.py`)

@@ -303,7 +303,7 @@ TINY_COMPONENT_PARAMS = {
     "skeleton-graph-decoding": dict(skeleton=[{"summary": "a", "dependency": [], "difficulty": 1}, {"summary": "b", "dependency": [], "difficulty": 3}, {"summary": "c", "dependency": [1, 2], "difficulty": 3}], max_node_tokens=2, stop_strings=(), small_model="self:1"),  # TINY-PARAMS skeleton-graph-decoding (owned by its helper)
     "space": dict(mask_token_id=3, k=2),
     "lexical-unit-decoding": dict(placeholder_token_id=4, k=3, threshold=0.3),  # TINY-PARAMS lexical-unit-decoding (owned by its helper)
-    # UNREGISTERED "set-block-decoding": dict(block_size=3, gamma=0.5, mask_token_id=3),  # TINY-PARAMS set-block-decoding (owned by its helper)
+    "set-block-decoding": dict(block_size=3, gamma=0.5, mask_token_id=3),  # TINY-PARAMS set-block-decoding (owned by its helper)
     "s2d": dict(draft="self", depths=(1, 2), threshold=0.5, num_tokens=3),  # TINY-PARAMS s2d (owned by its helper)
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the

@@ -24,7 +24,7 @@ from hf_decoding_ext.registry import METHODS, get_method
 
 SLIDING = {"mistral"}  # architectures with a sliding-window cache
 ENGINE_LOOPS = {m.name for m in METHODS if m.kind == "candidate_generator"} | {"speculative-contrastive", "fast-cot"}
-REFUSED_ON_SLIDING = ENGINE_LOOPS | {"exact-extractive", "free", "space", "lexical-unit-decoding"}  # tree masks / cache compaction assume full attention
+REFUSED_ON_SLIDING = ENGINE_LOOPS | {"exact-extractive", "free", "space", "lexical-unit-decoding", "set-block-decoding"}  # tree masks / cache compaction assume full attention
 REFUSED_ARCHITECTURES = {"swift": {"gpt2"}, "eesd": {"gpt2"}, "hidden-transfer": {"gpt2"},
                          "longspec": {"gpt2"}}  # sub-layer skipping / the exit head's extra layer / upper layers re-entered
 # need Llama-style decoder layers

@@ -6,6 +6,7 @@ model that lowers the MATP loss and brings the forwards per token below 1."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,3 +387,60 @@ def test_load_sbd_model_full_and_lora(trained, tmp_path):
         torch.testing.assert_close(lora_model(x).logits, adapted.eval()(x).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no SBD fine-tune"):
         load_sbd_model(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------------ real model
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.mark.real_model
+def test_real_model_shipped_finetune_reveals_several_tokens_per_forward():
+    """The shipped SBD fine-tune (hf_decoding_ext/data/finetuned/set-block-decoding) on 2 benchmark prompts x 32
+    tokens, blocks of 16: the mask token is there, at gamma 1 the Entropy-Bounded sampler reveals several positions
+    in some forwards (fewer forwards than committed tokens; measured 30 forwards for 34 tokens), and gamma 0 (one
+    reveal per forward) needs at least as many forwards per token. Whether this pays off (the paper's claim) is
+    the results verdict below."""
+    from hf_decoding_ext.bench.prompts import load_prompts
+    from hf_decoding_ext.core.models import encode_prompts
+    from hf_decoding_ext.speculative.set_block_decoding import load_sbd_model
+
+    model, tok = load_sbd_model()
+    assert MASK_TOKEN in tok.get_vocab()
+    totals = {0.0: [0, 0], 1.0: [0, 0]}
+    for row in load_prompts(per_category=1)[:2]:
+        x = encode_prompts(tok, row["prompt"])["input_ids"]
+        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32, pad_token_id=tok.pad_token_id)
+        for gamma, acc in totals.items():
+            loop = SetBlockDecoding(gamma=gamma, tokenizer=tok)
+            out = model.generate(x, custom_generate=loop, **kw)
+            assert out.shape[1] - x.shape[1] == loop.last_stats["tokens"] >= 1
+            acc[0] += loop.last_stats["forwards"]
+            acc[1] += loop.last_stats["tokens"]
+    print("SBD real model (forwards, tokens) per gamma", totals)
+    assert totals[1.0][0] < totals[1.0][1], totals
+    assert totals[0.0][0] / totals[0.0][1] >= totals[1.0][0] / totals[1.0][1], totals
+
+
+def test_committed_results_decide_the_registry_verdict():
+    """results/set_block_decoding_eval.json (scripts/eval_set_block_decoding.py): forwards per token never rise as
+    gamma grows, gamma 0 needs about one forward per token. The registry's effect (the paper's claim: 3-5x fewer
+    forwards than next-token decoding without loss of accuracy against the NTP-fine-tuned control) is "reproduced"
+    exactly when the default gamma needs at most 0.5 forwards per token (at least 2x fewer) AND quality holds within
+    the tolerance stated for issue 24: the task answer rate within 1 answer of the NTP control's and greedy agreement
+    with the SBD model's own autoregressive output >= 0.5."""
+    import json
+
+    from hf_decoding_ext.registry import get_method
+
+    ev = json.loads((RESULTS / "set_block_decoding_eval.json").read_text())
+    arms = ev["arms"]
+    sweep = sorted((float(k.rsplit("_", 1)[1]), a) for k, a in arms.items() if k.startswith("sbd_gamma_"))
+    nfe = [a["nfe_per_token"] for _, a in sweep]
+    assert nfe == sorted(nfe, reverse=True), nfe
+    assert sweep[0][0] == 0 and sweep[0][1]["nfe_per_token"] > 0.9
+    spec = get_method("set-block-decoding")
+    row = arms[f"sbd_gamma_{spec.defaults['gamma']:g}"]
+    one_answer = 1 / ev["task_prompts"]
+    quality = (row["task_answer_rate"] >= arms["ntp"]["task_answer_rate"] - one_answer - 1e-9
+               and row["agreement_with_own_ar"] >= 0.5)
+    assert spec.effect == ("reproduced" if row["nfe_per_token"] <= 0.5 and quality else "not reproduced")

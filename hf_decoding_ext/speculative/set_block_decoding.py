@@ -227,13 +227,13 @@ def resolve_mask_token_id(model, tokenizer=None, mask_token: str = MASK_TOKEN, e
                           "the shipped one) or pass mask_token_id=")
 
 
-def load_sbd_model(path: str | Path | None = None, base: str | None = None, dtype=torch.float32):
+def load_sbd_model(path: str | Path | None = None, base: str | None = None, dtype=torch.float32, device=None):
     """``(model, tokenizer)``: the base model (``None``: the embedded default) with the SBD mask token added and the
     SBD LoRA adapter at ``path`` (default :data:`SHIPPED_DIR`) merged in; a folder holding a full fine-tune
     (``config.json``, written by ``finetune --mode full``) is loaded as is. ``ValueError`` when nothing is there."""
     from hf_decoding_ext.training.finetune import load_finetuned
 
-    model, tokenizer = load_finetuned(path if path is not None else SHIPPED_DIR, [MASK_TOKEN], base, dtype,
+    model, tokenizer = load_finetuned(path if path is not None else SHIPPED_DIR, [MASK_TOKEN], base, dtype, device,
                                       what="SBD fine-tune", hint=" (the adapter is not shipped yet): train one with "
                                       "`python -m hf_decoding_ext finetune --objective sbd ...` and pass its folder")
     resolve_mask_token_id(model, tokenizer)
@@ -290,8 +290,8 @@ class SetBlockDecoding(DecodingLoop):
 
     Example:
         >>> from hf_decoding_ext.speculative.set_block_decoding import SetBlockDecoding, load_sbd_model
-        >>> model, tok = load_sbd_model("/work/distill/finetune/set-block-decoding")  # doctest: +SKIP
-        >>> loop = SetBlockDecoding(block_size=16, gamma=0.35)
+        >>> model, tok = load_sbd_model()  # the shipped SBD fine-tune of the default model  # doctest: +SKIP
+        >>> loop = SetBlockDecoding(block_size=16, gamma=0.35, tokenizer=tok)
         >>> out = model.generate(**tok("Hi", return_tensors="pt"), max_new_tokens=64, do_sample=False,
         ...                      custom_generate=loop)  # doctest: +SKIP
         >>> loop.last_stats["nfe_per_token"]  # doctest: +SKIP
