@@ -82,16 +82,12 @@ def _num(x):
 
 
 def agreement(out: list[int], ref: list[int]) -> dict:
-    """Token-by-position agreement and common-prefix share of ``out`` with the reference ``ref`` (over ``ref``)."""
-    if not ref:
-        return {"token_agreement": None, "prefix_agreement": None}
-    same = sum(a == b for a, b in zip(out, ref))
-    prefix = 0
-    for a, b in zip(out, ref):
-        if a != b:
-            break
-        prefix += 1
-    return {"token_agreement": same / len(ref), "prefix_agreement": prefix / len(ref)}
+    """Token-by-position agreement and common-prefix share of ``out`` with the reference ``ref``: the project's rule,
+    :func:`hf_decoding_ext.training.finetune.token_agreement`, on one prompt."""
+    from hf_decoding_ext.training.finetune import token_agreement
+
+    d = token_agreement([ref], [out])
+    return {"token_agreement": d["agreement"], "prefix_agreement": d["prefix_agreement"]}
 
 
 def passkey_prompt(tokenizer, n_tokens: int, key: str, depth: float) -> torch.Tensor:
@@ -116,21 +112,18 @@ def passkey_prompt(tokenizer, n_tokens: int, key: str, depth: float) -> torch.Te
     return ids
 
 
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
-
-
 def full_attention(model, ids: torch.Tensor, new_tokens: int) -> dict:
     """Greedy answer with the full KV cache, timing the prefill and measuring the cache after it."""
     from transformers import DynamicCache
+
+    from hf_decoding_ext.core.kv import cache_nbytes
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t0
-        kv = cache_bytes(cache)
+        kv = cache_nbytes(cache)
         toks = []
         for _ in range(new_tokens):
             tok = out.logits[:, -1].argmax(-1, keepdim=True)

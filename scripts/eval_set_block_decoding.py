@@ -33,11 +33,9 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "set_block_decoding_eval
 
 
 def _agreement(refs: list[list[int]], outs: list[list[int]]) -> float:
-    same = total = 0
-    for a, b in zip(refs, outs):
-        same += sum(1 for x, y in zip(a, b) if x == y)
-        total += max(len(a), len(b))
-    return round(same / total, 4) if total else 1.0
+    from hf_decoding_ext.training.finetune import token_agreement
+
+    return round(token_agreement(refs, outs)["agreement"], 4)
 
 
 def _task(tokenizer, rows, outs) -> float:

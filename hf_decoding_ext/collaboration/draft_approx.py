@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from hf_decoding_ext.core.anatomy import decoder, decoder_layers
-from hf_decoding_ext.core.kv import check_compactable
+from hf_decoding_ext.core.kv import cache_nbytes, check_compactable
 from hf_decoding_ext.core.loop import DecodingLoop, GenerationState
 
 CITATION = ("Galim, Ewer, Kang, Lee, Koo, Lee, \"Draft-based Approximate Inference for LLMs\", arXiv 2506.08373 "
@@ -251,11 +251,6 @@ class _DraftApprox(DecodingLoop):
             position += 1
 
     @staticmethod
-    def _cache_bytes(cache) -> int:
-        return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                   for layer in cache.layers if getattr(layer, "keys", None) is not None)
-
-    @staticmethod
     def _eos(state: GenerationState):
         eos = state.generation_config.eos_token_id
         if eos is None:
@@ -326,7 +321,7 @@ class SpecKV(_DraftApprox):
             t0 = time.perf_counter()
             out = state.forward(logits_to_keep=1)
             stats.update(prefill_s=time.perf_counter() - t0, kept_kv=n, kept_kv_per_layer=[n] * len(state.cache.layers),
-                         target_kv_bytes=self._cache_bytes(state.cache), draft_s=0.0)
+                         target_kv_bytes=cache_nbytes(state.cache), draft_s=0.0)
             self._decode(state, state.cache, out.logits[:, -1], n)
             return {"draft_approx": stats}
         n_look = max_new if self.lookahead_tokens is None else self.lookahead_tokens
@@ -358,7 +353,7 @@ class SpecKV(_DraftApprox):
         self.kept_indices = keep
         stats.update(compressed=True, prefill_s=time.perf_counter() - t0, kept_kv=self.max_capacity_prompt,
                      kept_kv_per_layer=[int(layer.keys.shape[2]) for layer in cache.layers],
-                     target_kv_bytes=self._cache_bytes(cache))
+                     target_kv_bytes=cache_nbytes(cache))
         state.cache = cache
         with torch.no_grad():
             out = model(input_ids=ids[:, -1:], position_ids=torch.tensor([[n - 1]], device=ids.device),
@@ -479,7 +474,7 @@ class SpecPC(_DraftApprox):
                         logits_to_keep=1)
             state.stats["forwards"] += 1
             stats.update(prefill_s=time.perf_counter() - t0, kept_prompt_tokens=m, kept_indices=kept.tolist(),
-                         target_kv_bytes=self._cache_bytes(cache))
+                         target_kv_bytes=cache_nbytes(cache))
             state.cache = cache
             self._decode(state, cache, out.logits[:, -1].float(), m)
         return {"draft_approx": stats}

@@ -32,3 +32,10 @@ def keep_positions(cache, start: int, indices: torch.Tensor) -> None:
         if length > start + m:
             layer.keys = layer.keys[..., : start + m, :]
             layer.values = layer.values[..., : start + m, :]
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by the keys and values of a layered transformers cache (``cache.layers``; layers not filled yet
+    count 0)."""
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "keys", None) is not None)
