@@ -29,6 +29,11 @@ Per-run statistics are in ``loop.stats`` (and under ``draft_approx`` in a ``retu
 prompt tokens, kept KV entries per layer / kept prompt tokens (and their indices), draft lookahead tokens, the
 target's KV bytes after prefill, and the draft / target prefill times.
 
+The compressed cache does not hold the sequence (SpecKV drops entries, SpecPC's positions are those of the compressed
+prompt), so it is not handed back: after a compressed run the output's ``past_key_values`` (and a cache passed by the
+caller) holds what it held before, an exact prefix (empty for ``generate()``'s own cache); a dense run (the prompt fits
+the capacity) returns the full cache as ``generate()`` does.
+
 PAPER_FIDELITY (deviations from the official code):
 
 1. Budgets scaled to this library's 2-8K-token inputs and 135M model: SpecKV ``max_capacity_prompt`` 256 (official
@@ -88,8 +93,8 @@ def _attention_module(model, idx: int):
     layers = decoder_layers(model)
     attn = getattr(layers[idx], "self_attn", None)
     if attn is None or not hasattr(attn, "q_proj") or getattr(decoder(model), "rotary_emb", None) is None:
-        raise ValueError(f"draft-based approximate inference supports Llama-style attention (self_attn.q_proj and a "
-                         f"rotary_emb), not {type(model).__name__}")
+        raise ValueError(f"unsupported architecture {type(model).__name__}: draft-based approximate inference "
+                         "supports Llama-style attention (self_attn.q_proj and a rotary_emb)")
     return attn
 
 
@@ -311,6 +316,7 @@ class SpecKV(_DraftApprox):
     def run(self, state: GenerationState):
         self._check_prompt(state)
         model = state.model
+        _attention_module(model, 0)  # the target's attention is rescored: refuse other architectures up front
         ids = state.input_ids
         n = ids.shape[1]
         cfg = state.generation_config
@@ -354,13 +360,13 @@ class SpecKV(_DraftApprox):
         stats.update(compressed=True, prefill_s=time.perf_counter() - t0, kept_kv=self.max_capacity_prompt,
                      kept_kv_per_layer=[int(layer.keys.shape[2]) for layer in cache.layers],
                      target_kv_bytes=cache_nbytes(cache))
-        state.cache = cache
         with torch.no_grad():
             out = model(input_ids=ids[:, -1:], position_ids=torch.tensor([[n - 1]], device=ids.device),
                         attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=ids.device),
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             state.stats["forwards"] += 2
             self._decode(state, cache, out.logits[:, -1].float(), n)
+        state.cache = None  # the compressed cache is not the sequence's: the caller's cache is returned unchanged
         return {"draft_approx": stats}
 
 
@@ -451,6 +457,7 @@ class SpecPC(_DraftApprox):
     def run(self, state: GenerationState):
         self._check_prompt(state)
         model = state.model
+        _attention_module(self.draft, self.starting_layer_index)  # the draft's attention scores the prompt
         ids = state.input_ids
         n = ids.shape[1]
         stats = self.stats = {"prompt_tokens": n, "max_capacity_prompt": self.max_capacity_prompt,
@@ -475,8 +482,9 @@ class SpecPC(_DraftApprox):
             state.stats["forwards"] += 1
             stats.update(prefill_s=time.perf_counter() - t0, kept_prompt_tokens=m, kept_indices=kept.tolist(),
                          target_kv_bytes=cache_nbytes(cache))
-            state.cache = cache
             self._decode(state, cache, out.logits[:, -1].float(), m)
+        if m < n:
+            state.cache = None  # the compressed prompt's cache is not the sequence's: the caller's is returned unchanged
         return {"draft_approx": stats}
 
 

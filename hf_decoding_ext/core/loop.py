@@ -323,7 +323,9 @@ class DecodingLoop(abc.ABC):
         if self.needs_uncached_prompt and state.cache.get_seq_length():
             state.cache = DynamicCache(config=model.config)  # a prefilled cache is recomputed, then filled below
         extra = self.run(state) or {}
-        if state.cache is not callers_cache:  # the loop committed a branch's cache: the caller's object receives it
+        if state.cache is None:  # the loop's own cache is approximate (compressed): the caller's stays as it was
+            state.cache = callers_cache
+        elif state.cache is not callers_cache:  # the loop committed a branch's cache: the caller's object receives it
             callers_cache.__dict__.update(state.cache.__dict__)
             state.cache = callers_cache
         return state.finish(**extra)
@@ -413,4 +415,8 @@ class DecodingLoop(abc.ABC):
 
     @abc.abstractmethod
     def run(self, state: GenerationState):
-        """Decode until ``state.done``; may return extra fields for the ``return_dict_in_generate`` output."""
+        """Decode until ``state.done``; may return extra fields for the ``return_dict_in_generate`` output.
+
+        The cache handed back (the output's ``past_key_values``, the caller's cache object) is ``state.cache`` after
+        the run; a loop whose own cache does not hold the sequence exactly (compressed, re-positioned) sets
+        ``state.cache = None`` so that the caller's cache is returned as it was (an exact prefix, possibly empty)."""
