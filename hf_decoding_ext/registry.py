@@ -1686,6 +1686,98 @@ METHODS: list[MethodSpec] = [
                     "transformers' assisted generation with the same draft 0.50x) in fp32 on 12 prompts x 64 tokens "
                     "(results/s2d_eval.json, results/s2d_speed.json); the paper reports speed-ups for 7B-70B targets")),
     # <<< ENTRY s2d
+    # ------------------------------------------------------------------------------------------ collaboration
+    _m(name="entropy-adaptive-decoding", aliases=("ead", "entropy adaptive"),
+       title="Entropy Adaptive Decoding: Dynamic Model Switching for Efficient Inference",
+       arxiv="2502.06833", family="collaboration", kind="decoding_loop",
+       target="hf_decoding_ext.collaboration.entropy_adaptive:EntropyAdaptiveDecoding", lossless=False,
+       needs_training=False, status="done", defaults={"small": "distilled", "threshold": 1.5, "window": 5},
+       summary=("a small model (default: the shipped distilled draft) writes; the served (large) model writes while the "
+                "rolling mean of the small model's next-token entropy over the last 5 tokens exceeds tau (1.5 nats, "
+                "this library's uncalibrated default: the paper's values were not available), back when it falls; "
+                "both caches caught up on one router loop with per-model accounting (out.router); greedy or sampling, "
+                "batch 1, lossy"),
+       effect="not reproduced", effect_note=("not reproduced on the default pair: alone the small model (the shipped distilled 4-layer draft) answers "
+                    "0.00 of the 8 graded math/RAG prompts and the large model 0.25 (96 tokens, greedy); tau = 3.5 / 2.5 / "
+                    "2.0 / 1.5 (default) / 1.0 / 0.5 nats gives the large model 0.00 / 0.01 / 0.08 / 0.30 / 0.77 / 0.95 "
+                    "of the tokens on 14 prompts, token agreement with its own greedy output 0.01 / 0.02 / 0.04 / 0.14 / "
+                    "0.32 / 0.83 and answer rate 0 / 0 / 0 / 0 / 0.25 / 0.25: its answers survive only when it writes 77% "
+                    "of the tokens or more (paper: 96.7% of the 11B model's MATH score with 43% of its tokens); the small "
+                    "model does not write coherent text alone. Rule and figures: scripts/eval_collaboration.py, "
+                    "results/collaboration_eval.json")),
+    _m(name="speculative-thinking", aliases=("spec-thinking",),
+       title="Speculative Thinking: Enhancing Small-Model Reasoning with Large Model Guidance at Inference Time",
+       arxiv="2504.12329", family="collaboration", kind="decoding_loop",
+       target="hf_decoding_ext.collaboration.speculative_thinking:SpeculativeThinking", lossless=False,
+       needs_training=False, status="done", defaults={"small": "distilled", "trigger_window": 2},
+       example={"triggers": ("\n",), "keywords": {  # the demonstration forces a hand-over: with the official
+           # keywords the default small model (which writes only newlines here) is never reflective
+           "verify": ("verify", "think again", "recap", "check"), "negative": ("wait", "alternatively", "hold on",
+                                                                                "another"),
+           "positive": ("yeah", "yes", "final answer", "confident", "\n")}},
+       summary=("the small model writes; after a token completing '\\n\\n' (decoded over the last 2 tokens: "
+                "SmolLM2 writes it as two '\\n' tokens, so the official one-token check never fires) it drafts 20 tokens, and a reflective "
+                "snippet (the official keyword lists) is rewritten by the served (large) model, which also writes 125 "
+                "tokens after a verify keyword and a recap after 15 negative snippets (official budgets, "
+                "uservan/speculative_thinking); batch 1, lossy"),
+       effect="not reproduced", effect_note=("not reproduced on the default pair: with the official trigger and keywords the large model never writes "
+                    "(share 0.00 on 14 prompts x 96 tokens: the small model, the shipped distilled 4-layer draft, writes "
+                    "no reflection keyword, so no snippet is reflective) and the answer rate stays the small model's "
+                    "0.00 of 8 graded math/RAG prompts (large model alone 0.25); forcing every snippet reflective at "
+                    "newline (and space) triggers gives the large model 0.75 (0.87) of the tokens and 0.125 of the "
+                    "answers (paper: 83.2% -> 89.4% on MATH500 for a 1.5B reasoning model guided by 32B). Rule and "
+                    "figures: scripts/eval_collaboration.py, results/collaboration_eval.json")),
+    _m(name="foreal-decoding", aliases=("foreal", "follow the reasoning leader"),
+       title="What makes Reasoning Models Different? Follow the Reasoning Leader for Efficient Decoding",
+       arxiv="2506.06998", family="collaboration", kind="decoding_loop",
+       target="hf_decoding_ext.collaboration.foreal:FoReaLDecoding", lossless=False, needs_training=False,
+       status="done", defaults={"small": "distilled", "n": 8, "p": 0.5, "seed": 0},
+       summary=("at each sentence start a seeded stochastic gate lets the served (leading) model write the first n "
+                "tokens (8) with probability p (0.5; this library's defaults: the paper's were not available); the "
+                "small model (default: the shipped distilled draft) completes the sentence; one router loop, per-model "
+                "accounting; batch 1, lossy"),
+       effect="not reproduced", effect_note=("not reproduced on the default pair: alone the small model (the shipped distilled 4-layer draft) answers "
+                    "0.00 of the 8 graded math/RAG prompts and the large (leading) model 0.25 (96 tokens, greedy); the gate "
+                    "settings (p, n) = (0.5, 4) / (0.5, 8, default) / (1, 4) / (1, 8) / (1, 16) give the leader 0.37 / "
+                    "0.56 / 0.41 / 0.63 / 0.83 of the tokens on 14 prompts, token agreement with its own greedy output "
+                    "0.06 / 0.11 / 0.06 / 0.14 / 0.32 and no answer (paper: 30-50% fewer FLOPs at 86-100% of the "
+                    "performance, where the draft is itself a capable model); here the small model loses each sentence "
+                    "the leader starts. Rule and figures: scripts/eval_collaboration.py, results/collaboration_eval.json")),
+    _m(name="speckv", aliases=("draft-approx kv", "draft-based approximate inference"),
+       title="Draft-based Approximate Inference for LLMs",
+       arxiv="2506.08373", family="collaboration", kind="decoding_loop",
+       target="hf_decoding_ext.collaboration.draft_approx:SpecKV", lossless=False, needs_training=False,
+       status="done", defaults={"draft": "distilled", "max_capacity_prompt": 256},
+       summary=("KV dropping for long prompts: the draft (default: the shipped distilled draft) greedily writes a "
+                "lookahead of max_new_tokens tokens; the served model prefills prompt + lookahead and keeps, per layer "
+                "and KV head, the 256 prompt entries its last window + lookahead queries attend to most (max-pooled, "
+                "kernel 7) with the last 32; decoding continues on the compressed cache (official code "
+                "furiosa-ai/draft-based-approx-llm; no sparse prefill); Llama-style attention, batch 1, lossy"),
+       effect="not reproduced", effect_note=("not reproduced: accuracy and memory hold, prefill time does not. On plain-text passkey prompts (5 "
+                    "keys and depths per size, greedy; full attention finds 1.0 at 2,013 and 3,981 tokens) SpecKV with "
+                    "the shipped distilled draft at capacity = prompt / 4 (512 at 2K, 1024 at 4K, the paper's RULER-4K "
+                    "ratio) finds 0.8 and 1.0 of the keys with 25% and 26% of full attention's KV bytes; at 256 "
+                    "entries 0.8 on both sizes where its window alone (SnapKV, no lookahead) finds 0.6; at 128 0.4 "
+                    "and 0.2. Draft + target prefill 4.9 s against full attention's 4.2 s at 2K and 12.9 s against "
+                    "10.8 s at 4K: the paper's prefill speed-up comes from a sparse (MInference) prefill not built here "
+                    "(end to end (2K and 4K documents and passkey prompts, 32 new tokens, one interleaved run of 2 passes, results/draft_approx_speed.json) SpecKV runs at 0.81x stock greedy's speed at capacity 512 (0.80-0.83) and 0.82x at 1024; it uses the stock kernels, so stock greedy is its same-kernel baseline (the weight-left kernels alone make greedy 1.16x); transformers has no built-in KV dropping). Rule and figures: scripts/eval_collaboration.py, results/collaboration_eval.json")),
+    _m(name="specpc", aliases=("draft-approx pc", "speculative prompt compression"),
+       title="Draft-based Approximate Inference for LLMs",
+       arxiv="2506.08373", family="collaboration", kind="decoding_loop",
+       target="hf_decoding_ext.collaboration.draft_approx:SpecPC", lossless=False, needs_training=False,
+       status="done", defaults={"draft": "distilled", "max_capacity_prompt": 512},
+       summary=("prompt compression for long prompts: the draft's (default: the shipped distilled draft) attention "
+                "from the last 32 prompt positions, from its second layer on, scores every prompt token; the top "
+                "tokens (max-pooled, kernel 32) with 32-token neighbourhoods and the final window, 512 tokens in "
+                "all, form the prompt the served model generates from (official code "
+                "furiosa-ai/draft-based-approx-llm); Llama-style draft, batch 1, lossy"),
+       effect="not reproduced", effect_note=("not reproduced at 4K: on plain-text passkey prompts (5 keys and depths per size, greedy; full attention "
+                    "finds 1.0 at 2,013 and 3,981 tokens) SpecPC with the shipped distilled draft at capacity = prompt / 4 "
+                    "(512 at 2K, 1024 at 4K, the paper's RULER-4K ratio) finds 0.8 of the keys at 2K but 0.6 at 4K "
+                    "(0.6 at every capacity from 256 to 1024: the 4-layer draft's attention misses the same needles), "
+                    "with 25% and 26% of full attention's KV bytes, and draft + target prefill takes 1.4 s against "
+                    "4.2 s at 2K and 3.6 s against 10.8 s at 4K (end to end on the 2K and 4K documents (32 new tokens each, one interleaved run of 2 passes, results/draft_approx_speed.json) SpecPC finishes in 2.54x less time than stock greedy at capacity 512 and 2.03x at 1024 with the stock kernels (greedy with the weight-left kernels 1.20x; transformers has no built-in prompt compression), its output differing from full attention's on every prompt). Rule and figures: "
+                    "scripts/eval_collaboration.py, results/collaboration_eval.json")),
 ]
 # fmt: on
 

@@ -18,7 +18,7 @@ model: SmolLM2-135M-Instruct (``load_model(None)``). Greedy decoding throughout.
    large model's own output stands for it).
 
 2. SpecKV / SpecPC against full attention on synthetic passkey (needle-in-a-haystack) prompts of about 2k and 4k
-   tokens (:func:`passkey_prompt`, plain text: with the chat template full attention itself misses the key at 2k on
+   tokens (:func:`hf_decoding_ext.bench.needle.passkey_prompt`, plain text: with the chat template full attention itself misses the key at 2k on
    half of the needle depths tried): needle accuracy (key substring in the greedy answer), the target's KV bytes
    after prefill and the draft / target prefill seconds, against the compression ratio ``prompt / capacity``.
    SpecKV is also run with ``lookahead_tokens=0`` (its scoring window alone, i.e. SnapKV) to separate the draft's
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -54,9 +53,6 @@ EAD_THRESHOLDS = (math.inf, 3.5, 2.5, 2.0, 1.5, 1.0, 0.5, -math.inf)
 FOREAL_SETTINGS = ((0.0, 8), (0.5, 4), (0.5, 8), (1.0, 4), (1.0, 8), (1.0, 16), (1.0, math.inf))
 NEEDLE_SIZES = (2048, 4096)
 CAPACITIES = (128, 256, 512, 1024)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you "
-          "about the important information there.\n\n")
 
 
 def st_settings():
@@ -67,7 +63,6 @@ def st_settings():
     return (
         ("never (impossible trigger)", {"triggers": ("\x00never\x00",)}),
         ("official (\\n\\n, window 2)", {"trigger_window": 2}),
-        ("trigger \\n", {"triggers": ("\n",)}),
         ("trigger \\n, every snippet reflective", {"triggers": ("\n",), "keywords": every}),
         ("trigger space/\\n, every snippet reflective", {"triggers": (" ", "\n"), "keywords": every}),
     )
@@ -88,28 +83,6 @@ def agreement(out: list[int], ref: list[int]) -> dict:
 
     d = token_agreement([ref], [out])
     return {"token_agreement": d["agreement"], "prefix_agreement": d["prefix_agreement"]}
-
-
-def passkey_prompt(tokenizer, n_tokens: int, key: str, depth: float) -> torch.Tensor:
-    """``(1, <= n_tokens)`` ids of a plain-text passkey prompt: header, filler with the needle sentence
-    ``"The pass key is KEY. Remember it. KEY is the pass key."`` at a sentence boundary at ``depth`` (0..1) of the
-    filler, the question and ``"The pass key is"``, the answer to come."""
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-
-    def build(k):
-        fill = FILLER * k
-        cut = int(len(fill) * depth)
-        cut = fill.rfind(". ", 0, cut) + 2 if cut > 0 else 0
-        text = HEADER + fill[:cut] + needle + fill[cut:] + "\n\nWhat is the pass key? The pass key is"
-        return tokenizer(text, return_tensors="pt").input_ids
-
-    per = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
-    k = max(1, n_tokens // per)
-    ids = build(k)
-    while ids.shape[1] > n_tokens and k > 1:
-        k -= 1
-        ids = build(k)
-    return ids
 
 
 def full_attention(model, ids: torch.Tensor, new_tokens: int) -> dict:
@@ -224,10 +197,10 @@ def handover_sweep(model, tok, small, rows, new_tokens, ead, foreal, st, log) ->
 
 # ------------------------------------------------------------------------------------------------ part 2
 def needle_sweep(model, tok, small, sizes, capacities, n_prompts, new_tokens, snapkv, log) -> dict:
+    from hf_decoding_ext.bench.needle import passkey_cases, passkey_found, passkey_prompt
     from hf_decoding_ext.collaboration.draft_approx import SpecKV, SpecPC
 
-    rng = random.Random(0)
-    cases = [(str(rng.randrange(10000, 100000)), (i + 0.5) / n_prompts) for i in range(n_prompts)]
+    cases = passkey_cases(n_prompts)
     out = {"keys_depths": cases, "capacities": list(capacities), "sizes": {}}
     for size in sizes:
         rows = {"full": [], "speckv": {c: [] for c in capacities}, "specpc": {c: [] for c in capacities}}
@@ -240,7 +213,7 @@ def needle_sweep(model, tok, small, sizes, capacities, n_prompts, new_tokens, sn
             n_tok.append(n)
             full = full_attention(model, ids, new_tokens)
             text = tok.decode(full["tokens"])
-            rows["full"].append({"correct": key in text, "answer": text, "prefill_s": full["prefill_s"],
+            rows["full"].append({"correct": passkey_found(text, key), "answer": text, "prefill_s": full["prefill_s"],
                                  "target_kv_bytes": full["target_kv_bytes"]})
             variants = [("speckv", SpecKV, {}), ("specpc", SpecPC, {})]
             if snapkv:
@@ -255,7 +228,7 @@ def needle_sweep(model, tok, small, sizes, capacities, n_prompts, new_tokens, sn
                                            do_sample=False, custom_generate=loop)
                     text = tok.decode(o[0, n:])
                     st = loop.stats
-                    rows[name][cap].append({"correct": key in text, "answer": text, "draft_s": st.get("draft_s", 0.0),
+                    rows[name][cap].append({"correct": passkey_found(text, key), "answer": text, "draft_s": st.get("draft_s", 0.0),
                                             "prefill_s": st["prefill_s"], "target_kv_bytes": st["target_kv_bytes"],
                                             "lookahead_tokens": st["lookahead_tokens"]})
             log(f"needle {size} key {key} depth {depth:.2f} ({n} tokens): full {rows['full'][-1]['correct']}, "
@@ -279,6 +252,88 @@ def needle_sweep(model, tok, small, sizes, capacities, n_prompts, new_tokens, sn
             summary[name] = [{"capacity": c, "compression_ratio": mean_n / c, **agg(rows[name][c])}
                              for c in capacities if rows[name][c]]
         out["sizes"][str(size)] = summary
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+EAD_RULE = ("reproduced iff a threshold strictly between the endpoints gives the large model at most 50% of the tokens "
+            "and keeps at least 90% of the large model's answer rate (paper: 96.7% of the score with 43% of the tokens, "
+            "92.9% with 25%), the large model answering more than the small one")
+FOREAL_RULE = ("reproduced iff a gate setting strictly between the endpoints gives the large model at most 70% of the "
+               "tokens (30% or more of its compute saved) and keeps at least 86% of the large model's answer rate "
+               "(paper: 30-50% fewer FLOPs at 86-100% of the performance), the large model answering more than the "
+               "small one")
+ST_RULE = ("reproduced iff the official setting (trigger '\\n\\n') answers at least one more graded prompt than the "
+           "small model alone (paper: 83.2% -> 89.4% on MATH500 for the 1.5B model guided by 32B)")
+NEEDLE_RULE = ("reproduced iff at the paper's compression (capacity = prompt / 4, as RULER 4K with capacity 1024) on both "
+               "prompt sizes the needle accuracy is within one prompt of full attention's, the target's KV bytes after "
+               "prefill are at most 30% of full attention's and draft + target prefill takes less time than full "
+               "attention's prefill (the issue's property: accuracy kept while KV memory and prefill time fall). "
+               "SpecKV's prefill speed-up comes from a sparse (MInference) prefill that is not built here, so its dense "
+               "prefill over prompt + lookahead fails the time part by construction; accuracy_and_memory_ok reports the "
+               "other two parts alone")
+
+
+def _between(rows, never, always):
+    return [r for r in rows if r["setting"] not in (never, always)]
+
+
+def _handover_verdict(h, key, never, always, max_share, keep, rule) -> dict:
+    large, small = h["reference"]["large"], h["reference"]["small"]
+    la, sa = large["answer_rate"] or 0.0, small["answer_rate"] or 0.0
+    rows = _between(h[key], never, always)
+    ok = [r for r in rows if r["large_token_share"] <= max_share and (r["answer_rate"] or 0.0) >= keep * la]
+    best = max(rows, key=lambda r: ((r["answer_rate"] or 0.0) - r["large_token_share"]), default=None)
+    return {"reproduced": bool(ok) and la > sa, "rule": rule, "large_answer_rate": la, "small_answer_rate": sa,
+            "meeting_settings": [r["setting"] for r in ok] if la > sa else [],
+            "points": [(r["setting"], round(r["large_token_share"], 3), r["answer_rate"], round(r["token_agreement"], 3))
+                       for r in h[key]],
+            "best": best and best["setting"]}
+
+
+def verdicts(res: dict) -> dict:
+    """The paper-property verdicts (rules :data:`EAD_RULE`, :data:`FOREAL_RULE`, :data:`ST_RULE`,
+    :data:`NEEDLE_RULE`) from a results dict; the registry's ``effect`` fields must agree
+    (tests/test_collaboration_eval.py)."""
+    out = {}
+    h = res.get("handover")
+    if h:
+        out["entropy-adaptive-decoding"] = _handover_verdict(h, "entropy_adaptive", "tau=inf", "tau=-inf", 0.5, 0.9,
+                                                             EAD_RULE)
+        out["foreal-decoding"] = _handover_verdict(h, "foreal", "p=0.0,n=8", "p=1.0,n=inf", 0.7, 0.86, FOREAL_RULE)
+        small = h["reference"]["small"]["answer_rate"] or 0.0
+        graded = h["reference"]["small"]["answers_graded"]
+        official = next(r for r in h["speculative_thinking"] if r["setting"].startswith("official"))
+        gain = round(((official["answer_rate"] or 0.0) - small) * graded)
+        out["speculative-thinking"] = {"reproduced": gain >= 1, "rule": ST_RULE, "answers_gained": gain,
+                                       "official_large_token_share": official["large_token_share"],
+                                       "official_answer_rate": official["answer_rate"], "small_answer_rate": small}
+    n = res.get("needle")
+    if n:
+        for name in ("speckv", "specpc"):
+            per_size, ok_all, mem_all = {}, True, True
+            for size, s in n["sizes"].items():
+                full = s["full"]
+                n_prompts = full["n"]
+                target = int(size) // 4
+                row = next((r for r in s[name] if r["capacity"] == target), None)
+                if row is None:
+                    ok_all = mem_all = False
+                    per_size[size] = None
+                    continue
+                acc_ok = row["accuracy"] >= full["accuracy"] - 1 / n_prompts - 1e-9
+                kv_ok = row["target_kv_bytes"] <= 0.3 * full["target_kv_bytes"]
+                time_s = row["prefill_s"] + row["draft_s"]
+                time_ok = time_s < full["prefill_s"]
+                ok = acc_ok and kv_ok and time_ok
+                ok_all = ok_all and ok
+                mem_all = mem_all and acc_ok and kv_ok
+                per_size[size] = {"capacity": target, "accuracy": row["accuracy"], "full_accuracy": full["accuracy"],
+                                  "kv_fraction": row["target_kv_bytes"] / full["target_kv_bytes"],
+                                  "draft_plus_prefill_s": time_s, "full_prefill_s": full["prefill_s"],
+                                  "accuracy_ok": acc_ok, "kv_ok": kv_ok, "prefill_faster": time_ok, "ok": ok}
+            out[name] = {"reproduced": ok_all, "accuracy_and_memory_ok": mem_all, "rule": NEEDLE_RULE,
+                         "sizes": per_size}
     return out
 
 
@@ -355,7 +410,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-snapkv", action="store_true", help="skip SpecKV with lookahead_tokens=0")
     ap.add_argument("--skip", choices=("handover", "needle"), default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--verdicts", action="store_true",
+                    help="only recompute the verdicts and the plot of an existing JSON (--out or the default)")
     args = ap.parse_args(argv)
+    if args.verdicts:
+        out = Path(args.out) if args.out else OUT
+        res = json.loads(out.read_text())
+        res["verdicts"] = verdicts(res)
+        out.write_text(json.dumps(res, indent=1, default=_num))
+        plot(res, out.with_suffix(".png"))
+        print(json.dumps(res["verdicts"], indent=1))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -363,6 +428,14 @@ def main(argv=None) -> int:
     from hf_decoding_ext.bench.prompts import interleaved_prompts, load_prompts
     from hf_decoding_ext.core.models import load_model
     from hf_decoding_ext.speculative.drafters.draft_model import DraftModelDrafter
+    # every module of the run imported up front: an edit of the checkout during a long run cannot mix versions
+    import hf_decoding_ext.bench.needle  # noqa: F401
+    import hf_decoding_ext.bench.quality  # noqa: F401
+    import hf_decoding_ext.collaboration.draft_approx  # noqa: F401
+    import hf_decoding_ext.collaboration.entropy_adaptive  # noqa: F401
+    import hf_decoding_ext.collaboration.foreal  # noqa: F401
+    import hf_decoding_ext.collaboration.speculative_thinking  # noqa: F401
+    import hf_decoding_ext.training.finetune  # noqa: F401
 
     start = time.perf_counter()
 
@@ -398,6 +471,7 @@ def main(argv=None) -> int:
     if args.skip != "needle":
         res["needle"] = needle_sweep(model, tok, small, sizes, caps, n_needle, needle_new, not args.no_snapkv, log)
     res["seconds"] = time.perf_counter() - start
+    res["verdicts"] = verdicts(res)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=_num))
     plot(res, out.with_suffix(".png"))

@@ -305,6 +305,13 @@ TINY_COMPONENT_PARAMS = {
     "lexical-unit-decoding": dict(placeholder_token_id=4, k=3, threshold=0.3),  # TINY-PARAMS lexical-unit-decoding (owned by its helper)
     "set-block-decoding": dict(block_size=3, gamma=0.5, mask_token_id=3),  # TINY-PARAMS set-block-decoding (owned by its helper)
     "s2d": dict(draft="self", depths=(1, 2), threshold=0.5, num_tokens=3),  # TINY-PARAMS s2d (owned by its helper)
+    "entropy-adaptive-decoding": dict(small="self:1", threshold=4.8, window=2),  # random heads: entropy near ln 128
+    "foreal-decoding": dict(small="self:1", n=2, p=0.5, seed=0),
+    "speculative-thinking": dict(small="self:1", triggers=(" ", "e"), snippet_tokens=2, verify_tokens=2,
+                                 recap_tokens=2, keywords={"verify": ("x",), "negative": ("e", "t"),
+                                                           "positive": ("a",)}),
+    "speckv": dict(draft="self:1", max_capacity_prompt=8, window_size=2, kernel_size=3),
+    "specpc": dict(draft="self:1", max_capacity_prompt=8, window_size=2, kernel_size=2),
 }
 """Small parameters for every registered decoding loop and candidate generator on the tiny models with the
 :func:`char_tokenizer` (callables receive the model: random heads of the model's size, a one-layer amateur)."""

@@ -24,10 +24,12 @@ from hf_decoding_ext.registry import METHODS, get_method
 
 SLIDING = {"mistral"}  # architectures with a sliding-window cache
 ENGINE_LOOPS = {m.name for m in METHODS if m.kind == "candidate_generator"} | {"speculative-contrastive", "fast-cot"}
-REFUSED_ON_SLIDING = ENGINE_LOOPS | {"exact-extractive", "free", "space", "lexical-unit-decoding", "set-block-decoding"}  # tree masks / cache compaction assume full attention
+REFUSED_ON_SLIDING = ENGINE_LOOPS | {"exact-extractive", "free", "space", "lexical-unit-decoding", "set-block-decoding",
+                                     "speckv", "specpc"}  # tree masks / cache compaction assume full attention
 REFUSED_ARCHITECTURES = {"swift": {"gpt2"}, "eesd": {"gpt2"}, "hidden-transfer": {"gpt2"},
-                         "longspec": {"gpt2"}}  # sub-layer skipping / the exit head's extra layer / upper layers re-entered
-# need Llama-style decoder layers
+                         "longspec": {"gpt2"}, "speckv": {"gpt2"}, "specpc": {"gpt2"}}
+# sub-layer skipping / the exit head's extra layer / upper layers re-entered need Llama-style decoder layers; SpecKV
+# and SpecPC rescore rotary attention from captured queries
 LOOPS = sorted(m.name for m in METHODS if m.kind in ("decoding_loop", "candidate_generator"))
 REPEAT = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]]  # prompt-lookup finds matches
 

@@ -55,8 +55,10 @@ def test_speckv_keeps_budget_and_window_per_layer_and_head(pair):
         assert keep.shape == (model.config.num_key_value_heads, 24)
         for head in keep.tolist():
             assert window <= set(head) and len(set(head)) == 24 and max(head) < N - 1
-    # the returned cache: 24 kept entries + the re-run last prompt token + the generated tokens but the last
-    assert out.past_key_values.get_seq_length() == 24 + 1 + 5
+    # the compressed cache: 24 kept entries + the re-run last prompt token + the generated tokens but the last; it is
+    # not the sequence's, so generate()'s own cache is handed back as it was (empty)
+    assert loop.stats["compressed_cache_length"] == 24 + 1 + 5
+    assert out.past_key_values.get_seq_length() == 0
 
 
 def test_speckv_selection_follows_the_scores(pair, monkeypatch):

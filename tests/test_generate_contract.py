@@ -115,8 +115,9 @@ def test_unusable_caches_are_refused(tiny_llama, char_tokenizer, tiny_custom_gen
              cache=_prefilled(tiny_llama, ids, 5))
 
 
-LLAMA_STYLE_ONLY = {"swift", "eesd", "hidden-transfer", "longspec"}
-"""Methods that refuse GPT-2 (sub-layer skipping, the exit head's extra layer; tested in test_architectures.py):
+LLAMA_STYLE_ONLY = {"swift", "eesd", "hidden-transfer", "longspec", "speckv", "specpc"}
+"""Methods that refuse GPT-2 (sub-layer skipping, the exit head's extra layer, recomputed rotary attention scores;
+tested in test_architectures.py):
 their extra-input check runs on the tiny Llama."""
 
 

@@ -1,11 +1,10 @@
-"""Small/large model collaboration loops (entropy-adaptive hand-over, speculative thinking, ...).
+"""Small/large model collaboration loops and draft-based approximate inference (issue 25).
 
-Built on one router loop, :class:`hf_decoding_ext.core.router.RouterLoop`, which keeps both models' caches in step
-and accounts compute per model. :mod:`.entropy_adaptive` (Entropy Adaptive Decoding), :mod:`.foreal`
-(FoReaL-Decoding), :mod:`.speculative_thinking` (Speculative Thinking) and :mod:`.draft_approx` (SpecKV, SpecPC) are
-written and tested on tiny models but not yet registered: the hand-over knobs are not calibrated for the default
-small/large pair, whose small model (the distilled 4-layer draft) writes mostly newlines on its own. SpecKV follows the
-official code; it loses some needles of 2k-token passkey prompts because the draft's lookahead is uninformative
-(newlines), while SpecPC, which skips the draft's first layer by default, keeps them at a 512-token capacity
-(results/issue25_diagnosis.md; scripts/eval_collaboration.py measures both, issue 25).
+The hand-over methods run on one router loop, :class:`hf_decoding_ext.core.router.RouterLoop`, which keeps both models'
+caches in step and accounts compute per model: :mod:`.entropy_adaptive` (Entropy Adaptive Decoding),
+:mod:`.foreal` (FoReaL-Decoding) and :mod:`.speculative_thinking` (Speculative Thinking). :mod:`.draft_approx` holds
+SpecKV and SpecPC, where a draft model decides which KV entries or prompt tokens the target keeps of a long prompt.
+All are registered; on the default pair (the shipped distilled 4-layer draft as the small model, SmolLM2-135M-Instruct
+as the large one) the small model does not write coherent text alone, so the hand-over trade-offs of the papers do
+not show (results/collaboration_eval.json, scripts/eval_collaboration.py).
 """

@@ -27,7 +27,7 @@ extra cost is ``window x length`` dot products per layer. Only Llama-style atten
 
 Per-run statistics are in ``loop.stats`` (and under ``draft_approx`` in a ``return_dict_in_generate`` output):
 prompt tokens, kept KV entries per layer / kept prompt tokens (and their indices), draft lookahead tokens, the
-target's KV bytes after prefill, and the draft / target prefill times.
+target's KV bytes after prefill, the draft / target prefill times and the compressed cache's final length.
 
 The compressed cache does not hold the sequence (SpecKV drops entries, SpecPC's positions are those of the compressed
 prompt), so it is not handed back: after a compressed run the output's ``past_key_values`` (and a cache passed by the
@@ -366,6 +366,7 @@ class SpecKV(_DraftApprox):
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             state.stats["forwards"] += 2
             self._decode(state, cache, out.logits[:, -1].float(), n)
+        stats["compressed_cache_length"] = cache.get_seq_length()
         state.cache = None  # the compressed cache is not the sequence's: the caller's cache is returned unchanged
         return {"draft_approx": stats}
 
@@ -385,6 +386,15 @@ class SpecPC(_DraftApprox):
         starting_layer_index: first draft layer whose attention counts (official dataclass 0, paper configurations 8;
             default ``None``: 1, or 0 for a one-layer draft; PAPER_FIDELITY 9).
         weighted_query: weight the window queries linearly from 0 to 1 (official True).
+
+    Example:
+        >>> loop = SpecPC.for_model(model, max_capacity_prompt=512)  # doctest: +SKIP
+        >>> out = model.generate(**long_inputs, max_new_tokens=32, custom_generate=loop)  # doctest: +SKIP
+        >>> loop.stats["kept_prompt_tokens"]  # doctest: +SKIP
+        512
+        >>> SpecPC(model, window_size=64, max_capacity_prompt=32)  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: window_size (64) must not exceed max_capacity_prompt (32): the window is part of the capacity
     """
 
     def __init__(self, draft_model, max_capacity_prompt: int = 512, window_size: int = 32, kernel_size: int = 32,
@@ -483,6 +493,7 @@ class SpecPC(_DraftApprox):
             stats.update(prefill_s=time.perf_counter() - t0, kept_prompt_tokens=m, kept_indices=kept.tolist(),
                          target_kv_bytes=cache_nbytes(cache))
             self._decode(state, cache, out.logits[:, -1].float(), m)
+        stats["compressed_cache_length"] = cache.get_seq_length() if m < n else 0
         if m < n:
             state.cache = None  # the compressed prompt's cache is not the sequence's: the caller's is returned unchanged
         return {"draft_approx": stats}
